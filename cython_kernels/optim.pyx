@@ -1,0 +1,171 @@
+# cython: language_level=3
+"""Optimizer kernels and the shard-local vector ops of Sandblaster L-BFGS.
+
+All act in place on flat float32 vectors (the canonical parameter layout, or a shard's
+slice of it). Vectors longer than a BLAS int are processed in chunks. dot accumulates in
+float64 (BLAS dsdot) so partial sums over millions of parameters keep their precision.
+"""
+cimport numpy as cnp
+from libc.math cimport sqrtf, isfinite
+
+from blas cimport axpy as blas_axpy, scal as blas_scal, copy as blas_copy, dot64
+from checks cimport check_array, check_shape
+
+cnp.import_array()
+
+# Largest chunk handed to a single BLAS call (BLAS lengths are 32-bit ints).
+cdef Py_ssize_t CHUNK = 1 << 30
+
+
+cdef inline cnp.ndarray _vec(object arr, str name, bint writeable=False):
+    return check_array(arr, name, 1, cnp.NPY_FLOAT32, writeable)
+
+
+cdef inline void _same_length(cnp.ndarray a, str name, Py_ssize_t n) except *:
+    check_shape(a, name, (n,))
+
+
+def sgd_step(param, grad, float lr):
+    """param -= lr * grad."""
+    cdef cnp.ndarray p = _vec(param, "param", True)
+    cdef cnp.ndarray g = _vec(grad, "grad")
+    cdef Py_ssize_t n = p.shape[0], start, m
+    _same_length(g, "grad", n)
+    cdef float* pp = <float*>cnp.PyArray_DATA(p)
+    cdef float* pg = <float*>cnp.PyArray_DATA(g)
+    with nogil:
+        start = 0
+        while start < n:
+            m = min(CHUNK, n - start)
+            blas_axpy(<int>m, -lr, pg + start, pp + start)
+            start += m
+
+
+def momentum_step(param, grad, velocity, float lr, float momentum):
+    """velocity = momentum * velocity + grad; param -= lr * velocity."""
+    cdef cnp.ndarray p = _vec(param, "param", True)
+    cdef cnp.ndarray g = _vec(grad, "grad")
+    cdef cnp.ndarray v = _vec(velocity, "velocity", True)
+    cdef Py_ssize_t n = p.shape[0], i
+    _same_length(g, "grad", n)
+    _same_length(v, "velocity", n)
+    cdef float* pp = <float*>cnp.PyArray_DATA(p)
+    cdef float* pg = <float*>cnp.PyArray_DATA(g)
+    cdef float* pv = <float*>cnp.PyArray_DATA(v)
+    with nogil:
+        for i in range(n):
+            pv[i] = momentum * pv[i] + pg[i]
+            pp[i] -= lr * pv[i]
+
+
+def adagrad_step(param, grad, accum, float lr, float eps=1e-8):
+    """Fused Adagrad: accum += grad**2; param -= lr * grad / (sqrt(accum) + eps).
+
+    The paper's per-parameter rate gamma / sqrt(sum_j g_j^2), in one pass over memory.
+    """
+    cdef cnp.ndarray p = _vec(param, "param", True)
+    cdef cnp.ndarray g = _vec(grad, "grad")
+    cdef cnp.ndarray a = _vec(accum, "accum", True)
+    cdef Py_ssize_t n = p.shape[0], i
+    _same_length(g, "grad", n)
+    _same_length(a, "accum", n)
+    cdef float* pp = <float*>cnp.PyArray_DATA(p)
+    cdef float* pg = <float*>cnp.PyArray_DATA(g)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float gi
+    with nogil:
+        for i in range(n):
+            gi = pg[i]
+            pa[i] += gi * gi
+            pp[i] -= lr * gi / (sqrtf(pa[i]) + eps)
+
+
+def dot(x, y):
+    """sum(x * y), accumulated in float64; returns a Python float."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef cnp.ndarray b = _vec(y, "y")
+    cdef Py_ssize_t n = a.shape[0], start, m
+    _same_length(b, "y", n)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float* pb = <float*>cnp.PyArray_DATA(b)
+    cdef double total = 0.0
+    with nogil:
+        start = 0
+        while start < n:
+            m = min(CHUNK, n - start)
+            total += dot64(<int>m, pa + start, pb + start)
+            start += m
+    return total
+
+
+def axpy(float alpha, x, y):
+    """y += alpha * x."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef cnp.ndarray b = _vec(y, "y", True)
+    cdef Py_ssize_t n = a.shape[0], start, m
+    _same_length(b, "y", n)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float* pb = <float*>cnp.PyArray_DATA(b)
+    with nogil:
+        start = 0
+        while start < n:
+            m = min(CHUNK, n - start)
+            blas_axpy(<int>m, alpha, pa + start, pb + start)
+            start += m
+
+
+def scale(float alpha, x):
+    """x *= alpha."""
+    cdef cnp.ndarray a = _vec(x, "x", True)
+    cdef Py_ssize_t n = a.shape[0], start, m
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    with nogil:
+        start = 0
+        while start < n:
+            m = min(CHUNK, n - start)
+            blas_scal(<int>m, alpha, pa + start)
+            start += m
+
+
+def copy(x, out):
+    """out = x."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef cnp.ndarray b = _vec(out, "out", True)
+    cdef Py_ssize_t n = a.shape[0], start, m
+    _same_length(b, "out", n)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float* pb = <float*>cnp.PyArray_DATA(b)
+    with nogil:
+        start = 0
+        while start < n:
+            m = min(CHUNK, n - start)
+            blas_copy(<int>m, pa + start, pb + start)
+            start += m
+
+
+def multiply(x, y, out):
+    """out = x * y elementwise (out may be x or y)."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef cnp.ndarray b = _vec(y, "y")
+    cdef cnp.ndarray c = _vec(out, "out", True)
+    cdef Py_ssize_t n = a.shape[0], i
+    _same_length(b, "y", n)
+    _same_length(c, "out", n)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float* pb = <float*>cnp.PyArray_DATA(b)
+    cdef float* pc = <float*>cnp.PyArray_DATA(c)
+    with nogil:
+        for i in range(n):
+            pc[i] = pa[i] * pb[i]
+
+
+def count_nonfinite(x):
+    """Number of NaN or Inf entries (a push or drain with any is rejected)."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef Py_ssize_t n = a.shape[0], i, bad = 0
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    with nogil:
+        for i in range(n):
+            if not isfinite(pa[i]):
+                bad += 1
+    return bad
