@@ -1,0 +1,192 @@
+"""The `dbmpi` command line (also `python -m dbmpi`).
+
+Problems with the user's input (config, data, run directory, rank count) end with one line
+`dbmpi: error: ...` and exit status 2; the check is the same on every rank, so under mpiexec
+every rank says the same and exits, none waits for another.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import dbmpi
+from dbmpi import config as configuration
+from dbmpi.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line use that argparse cannot see (e.g. the wrong number of MPI ranks)."""
+
+
+def _world_size_from_launcher() -> int:
+    """The MPI world size announced by the launcher, read without initialising MPI."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            if name == "SLURM_NTASKS" and "SLURM_STEP_ID" not in os.environ:
+                continue  # inside an allocation but not a job step: not an MPI launch
+            return int(value)
+    return 1
+
+
+def _error_types():
+    from dbmpi.data import DatasetError
+    from dbmpi.rundir import RunDirectoryError
+
+    return (ConfigError, DatasetError, RunDirectoryError, UsageError)
+
+
+def cmd_train(args) -> int:
+    from dbmpi.rundir import RunDirectory
+
+    cfg = configuration.load(args.config, args.set)
+    if args.threads is not None:
+        cfg["train"]["threads"] = args.threads
+    algorithm = cfg["train"]["algorithm"]
+    ranks = _world_size_from_launcher()
+    if algorithm == "sgd" and ranks > 1:
+        raise UsageError(
+            f"train.algorithm = \"sgd\" is the single-process baseline but {ranks} MPI ranks were "
+            "started; run it without mpiexec (or with -n 1)")
+    run_path = Path(args.run_dir or cfg["train"]["run_dir"] or RunDirectory.default_path(args.config))
+    cfg["train"]["run_dir"] = str(run_path)
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    from dbmpi import sgd
+
+    run = RunDirectory(run_path)
+    try:
+        run.write_config(cfg)
+        say(f"run directory: {run.path}")
+        summary = sgd.train(cfg, run, say)
+    finally:
+        run.close()
+    say(f"final test accuracy {summary['test_accuracy']:.4f} "
+        f"({summary['steps']} steps, {summary['wall_time_s']:.1f} s); summary in {run.path / 'summary.json'}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from dbmpi.model import Network
+
+    cfg = configuration.load(args.config, args.set, require_train=False)
+    network = Network(cfg["model"])
+    print(network.summary())
+    print(f"forward: {network.flops_per_example() / 1e6:.2f} MFLOP per example")
+    if args.tensors:
+        for tensor in network.tensors:
+            print(f"  {tensor.name:<20} {str(tensor.shape):<24} offset {tensor.offset:>12,}  size {tensor.size:>12,}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from dbmpi import data
+
+    out = Path(args.out or f"data/{args.source}.h5")
+    options = {}
+    if args.source_dir:
+        options["source_dir"] = args.source_dir
+    if args.seed is not None:
+        options["seed"] = args.seed
+    path = data.prepare(args.source, out, **options)
+    with data.open_dataset(path) as dataset:
+        print(f"wrote {path}: {dataset.n_train} train + {dataset.n_test} test examples of shape "
+              f"{tuple(dataset.input_shape)}, {dataset.n_classes} classes")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from dbmpi import data
+
+    with data.open_dataset(args.path) as dataset:
+        info = {
+            "path": str(args.path),
+            "source": dataset.source,
+            "input_shape": list(dataset.input_shape),
+            "n_classes": dataset.n_classes,
+            "class_names": list(dataset.class_names),
+            "n_train": dataset.n_train,
+            "n_test": dataset.n_test,
+        }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_version(_args) -> int:
+    print(f"dbmpi {dbmpi.__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbmpi",
+        description="DistBelief on MPI: train networks with single-replica SGD (more algorithms "
+                    "arrive with Downpour and Sandblaster), prepare data sets, inspect models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train a network described by a TOML config",
+                           description="Train the network of CONFIG with its [train] settings; writes "
+                                       "config.toml, metrics.jsonl and summary.json to a run directory.")
+    train.add_argument("config", help="TOML run configuration (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.learning_rate=0.05 "
+                            "or --set model.layers[0].units=256 (repeatable)")
+    train.add_argument("--run-dir", help="where to write the run (default: train.run_dir, else "
+                                         "runs/<config>-<timestamp>)")
+    train.add_argument("--threads", type=int, help="BLAS threads for this process (default: train.threads)")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.set_defaults(func=cmd_train)
+
+    model = sub.add_parser("model", help="print a network's layers, shapes and parameter counts")
+    model.add_argument("config")
+    model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    model.add_argument("--tensors", action="store_true", help="also list every parameter tensor and "
+                                                              "its range in the canonical vector")
+    model.set_defaults(func=cmd_model)
+
+    data = sub.add_parser("data", help="prepare and inspect HDF5 data sets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    prepare = data_sub.add_parser("prepare", help="write an HDF5 data set from a known source",
+                                  description="Write /train/x, /train/y, /test/x, /test/y to an HDF5 file. "
+                                              "Sources: digits (scikit-learn's bundled 8x8 digits), "
+                                              "fashion-mnist (IDX files from --source-dir).")
+    prepare.add_argument("source", help="digits or fashion-mnist")
+    prepare.add_argument("--out", help="output file (default data/<source>.h5)")
+    prepare.add_argument("--source-dir", help="directory of the raw files (fashion-mnist: default "
+                                              "/usr/share/datasets/fashion-mnist, from Debian's "
+                                              "dataset-fashion-mnist)")
+    prepare.add_argument("--seed", type=int, help="seed of the train/test split (digits)")
+    prepare.set_defaults(func=cmd_data_prepare)
+    info = data_sub.add_parser("info", help="describe an HDF5 data set")
+    info.add_argument("path")
+    info.set_defaults(func=cmd_data_info)
+
+    version = sub.add_parser("version", help="print the dbmpi version")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _error_types() as exc:
+        print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        from dbmpi.sgd import DivergedError
+
+        if not isinstance(exc, DivergedError):
+            raise
+        print(f"dbmpi: error: training diverged: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("dbmpi: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,366 @@
+"""Run configurations: TOML files validated against a schema, with defaults filled in.
+
+A config has three tables: [model] (input shape, seed, [[model.layers]]), [data] (the HDF5
+dataset file) and [train] (algorithm and its settings). Every key is checked: an unknown
+key, a missing field, a wrong type or a value out of range raises ConfigError naming the
+key (`model.layers[2].units`), so a typo never silently falls back to a default.
+Validation is pure and deterministic, so every MPI rank reaches the same verdict.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
+OUTPUT_LAYERS = ("softmax", "logistic")
+ALGORITHMS = ("sgd",)
+OPTIMIZERS = ("sgd", "momentum", "adagrad")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a table: its check, and its default (REQUIRED when there is none)."""
+
+    check: Callable[[str, Any], Any]
+    default: Any = None
+    required: bool = False
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(key, value):
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def nonnegative_int(key, value):
+    if not _is_int(value) or value < 0:
+        raise ConfigError(f"{key}: must be a non-negative integer, got {value!r}")
+    return value
+
+
+def odd_positive_int(key, value):
+    positive_int(key, value)
+    if value % 2 == 0:
+        raise ConfigError(f"{key}: must be odd (a window centred on each unit), got {value}")
+    return value
+
+
+def positive_float(key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def unit_interval(key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{key}: must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def nonnegative_number(key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key}: must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def boolean(key, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def string(key, value):
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def one_of(*choices):
+    def check(key, value):
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return check
+
+
+def shape(key, value):
+    if not isinstance(value, list) or not 1 <= len(value) <= 3:
+        raise ConfigError(f"{key}: must be a list of 1 to 3 positive integers, got {value!r}")
+    for i, dim in enumerate(value):
+        positive_int(f"{key}[{i}]", dim)
+    return list(value)
+
+
+def optional(check):
+    def maybe(key, value):
+        return None if value is None else check(key, value)
+
+    return maybe
+
+
+LAYER_FIELDS: dict[str, dict[str, Field]] = {
+    "dense": {
+        "units": Field(positive_int, required=True),
+        "activation": Field(one_of(*ACTIVATIONS), required=True),
+    },
+    "local": {
+        "filters": Field(positive_int, required=True),
+        "kernel": Field(positive_int, required=True),
+        "stride": Field(positive_int, 1),
+        "activation": Field(one_of(*ACTIVATIONS), required=True),
+    },
+    "l2pool": {
+        "size": Field(positive_int, required=True),
+        "stride": Field(optional(positive_int), None),  # None: equal to size
+        "eps": Field(positive_float, 1e-6),
+    },
+    "lcn": {
+        "size": Field(odd_positive_int, required=True),
+        "eps": Field(positive_float, 1e-2),
+    },
+    "softmax": {"units": Field(positive_int, required=True)},
+    "logistic": {"units": Field(positive_int, required=True)},
+}
+LAYER_COMMON = {"type": Field(string, required=True), "name": Field(optional(string), None)}
+
+MODEL_FIELDS = {
+    "name": Field(string, "model"),
+    "input_shape": Field(shape, required=True),
+    "seed": Field(nonnegative_int, 0),
+    "layers": Field(None, required=True),  # checked by _check_layers
+}
+DATA_FIELDS = {
+    "path": Field(string, required=True),
+    # A built-in source ("digits", "fashion-mnist") to prepare `path` from when it is missing.
+    "source": Field(optional(string), None),
+    "source_dir": Field(optional(string), None),
+}
+TRAIN_FIELDS = {
+    "algorithm": Field(one_of(*ALGORITHMS), required=True),
+    "optimizer": Field(one_of(*OPTIMIZERS), "sgd"),
+    "learning_rate": Field(positive_float, required=True),
+    "momentum": Field(unit_interval, 0.9),
+    "adagrad_eps": Field(positive_float, 1e-8),
+    # Adagrad accumulators start here, so the first steps are not huge.
+    "adagrad_initial": Field(nonnegative_number, 0.1),
+    "batch_size": Field(positive_int, 128),
+    "epochs": Field(optional(positive_float), None),
+    "steps": Field(optional(positive_int), None),
+    "seed": Field(nonnegative_int, 0),
+    "log_every": Field(positive_int, 100),
+    "eval_every": Field(optional(positive_int), None),  # None: once per epoch
+    "eval_batch_size": Field(positive_int, 1000),
+    "run_dir": Field(optional(string), None),
+    "threads": Field(positive_int, 1),
+    # Plain SGD only: apply the update inside the weight-gradient GEMM (no gradient pass).
+    "fused_update": Field(boolean, True),
+}
+
+
+SECTIONS = {"model": MODEL_FIELDS, "data": DATA_FIELDS, "train": TRAIN_FIELDS}
+
+
+def _check_table(where: str, table: Any, fields: dict[str, Field]) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table, got {type(table).__name__}")
+    for key in table:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}.{key}: unknown key (known keys: {known})")
+    out = {}
+    for key, field in fields.items():
+        full = f"{where}.{key}"
+        if key not in table or table[key] is None:
+            if field.required:
+                raise ConfigError(f"{full}: missing (required)")
+            out[key] = copy.deepcopy(field.default)
+        elif field.check is None:
+            out[key] = table[key]
+        else:
+            out[key] = field.check(full, table[key])
+    return out
+
+
+def _check_layers(layers: Any) -> list[dict]:
+    if not isinstance(layers, list) or not layers:
+        raise ConfigError("model.layers: must be a non-empty array of tables ([[model.layers]])")
+    checked = []
+    for i, layer in enumerate(layers):
+        where = f"model.layers[{i}]"
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{where}: must be a table, got {type(layer).__name__}")
+        if "type" not in layer:
+            raise ConfigError(f"{where}.type: missing (required; one of {', '.join(LAYER_FIELDS)})")
+        kind = layer["type"]
+        if kind not in LAYER_FIELDS:
+            raise ConfigError(
+                f"{where}.type: unknown layer type {kind!r} (expected one of {', '.join(LAYER_FIELDS)})"
+            )
+        fields = {**LAYER_COMMON, **LAYER_FIELDS[kind]}
+        entry = _check_table(where, layer, fields)
+        if entry["name"] is None:
+            entry["name"] = f"{kind}{i}"
+        if entry["type"] == "l2pool" and entry["stride"] is None:
+            entry["stride"] = entry["size"]
+        checked.append(entry)
+    names = [entry["name"] for entry in checked]
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ConfigError(f"model.layers[{i}].name: only letters, digits, '_' and '-' allowed, got {name!r}")
+        if names.index(name) != i:
+            raise ConfigError(f"model.layers[{i}].name: duplicate layer name {name!r}")
+    for i, entry in enumerate(checked[:-1]):
+        if entry["type"] in OUTPUT_LAYERS:
+            raise ConfigError(f"model.layers[{i}].type: output layer {entry['type']!r} must be the last layer")
+    if checked[-1]["type"] not in OUTPUT_LAYERS:
+        raise ConfigError(
+            f"model.layers[{len(checked) - 1}].type: the last layer must be an output layer "
+            f"({', '.join(OUTPUT_LAYERS)}), got {checked[-1]['type']!r}"
+        )
+    return checked
+
+
+def validate(raw: dict, *, require_train: bool = True) -> dict:
+    """Check a parsed config and return a new dict with every default filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: must be a table")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown table (known tables: {', '.join(SECTIONS)})")
+    if "model" not in raw:
+        raise ConfigError("model: missing (required table [model])")
+    resolved = {"model": _check_table("model", raw["model"], MODEL_FIELDS)}
+    resolved["model"]["layers"] = _check_layers(raw["model"]["layers"])
+    for section in ("data", "train"):
+        if section in raw:
+            resolved[section] = _check_table(section, raw[section], SECTIONS[section])
+        elif require_train:
+            raise ConfigError(f"{section}: missing (required table [{section}])")
+    train = resolved.get("train")
+    if train is not None:
+        if train["epochs"] is None and train["steps"] is None:
+            raise ConfigError("train.epochs: give train.epochs or train.steps (the training budget)")
+        if train["epochs"] is not None and train["steps"] is not None:
+            raise ConfigError("train.steps: give train.epochs or train.steps, not both")
+    return resolved
+
+
+def parse_toml(text: str, origin: str = "config") -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: a TOML literal (1, 0.5, true, "x", [1, 2]) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)(?:\[(\d+)\])?$")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set section.key=value` overrides (layers addressed as model.layers[1].units)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.learning_rate=0.1")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts):
+            match = _PATH_PART.match(part)
+            if not match:
+                raise ConfigError(f"--set {key}: cannot parse key part {part!r}")
+            name, index = match.group(1), match.group(2)
+            last = depth == len(parts) - 1
+            if index is not None:
+                seq = node.get(name) if isinstance(node, dict) else None
+                if not isinstance(seq, list) or int(index) >= len(seq):
+                    raise ConfigError(f"--set {key}: {name}[{index}] does not exist")
+                if last:
+                    seq[int(index)] = _parse_value(value)
+                else:
+                    node = seq[int(index)]
+            elif last:
+                node[name] = _parse_value(value)
+            else:
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {key}: {name} is not a table")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | None = None, *, require_train: bool = True) -> dict:
+    """Read, override and validate a TOML config; every failure is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    try:
+        raw = apply_overrides(parse_toml(text, str(path)), overrides or [])
+        return validate(raw, require_train=require_train)
+    except ConfigError as exc:
+        message = str(exc)
+        if message.startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {message}") from None
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps(config: dict) -> str:
+    """Write a resolved config back as TOML (None values are left out: they mean 'default')."""
+    lines = []
+    for section, table in config.items():
+        arrays = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if key not in arrays and value is not None:
+                lines.append(f"{key} = {_toml_scalar(value)}")
+        lines.append("")
+        for key, items in arrays.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines.extend(f"{k} = {_toml_scalar(v)}" for k, v in item.items() if v is not None)
+                lines.append("")
+    return "\n".join(lines)

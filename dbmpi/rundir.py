@@ -1,0 +1,73 @@
+"""A run directory: the resolved config, metrics as JSON lines, and a final summary.
+
+Every file is written atomically (temp file, fsync, rename) so a crash never leaves a
+half-written config or summary; metrics.jsonl is appended and flushed line by line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from dbmpi import config as configuration
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path so that readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunDirectoryError(ValueError):
+    """The run directory cannot be used (it already holds a run, or is not writable)."""
+
+
+class RunDirectory:
+    """The files of one training run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if (self.path / "metrics.jsonl").exists():
+            raise RunDirectoryError(
+                f"{self.path}: already holds a run (metrics.jsonl exists); "
+                "choose another --run-dir or remove it")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirectoryError(f"{self.path}: cannot create run directory: {exc.strerror}") from None
+        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        self.started = time.time()
+
+    @staticmethod
+    def default_path(config_path: str | Path) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{Path(config_path).stem}-{stamp}"
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / "config.toml", configuration.dumps(config))
+
+    def log(self, record: dict) -> None:
+        """Append one metrics record (a JSON object per line), stamped with wall time."""
+        record = {"time": round(time.time() - self.started, 4), **record}
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
+    def close(self) -> None:
+        self._metrics.close()

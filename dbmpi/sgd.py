@@ -1,0 +1,118 @@
+"""Conventional single-replica SGD: the paper's baseline, one process, no parameter server.
+
+Plain SGD (its update fused into the backward GEMMs), momentum or Adagrad over the whole
+canonical parameter vector. Reads the whole training split into memory, shuffles it each
+epoch with a seeded generator, logs metrics as JSON lines and evaluates on the test split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from dbmpi import data as datasets
+from dbmpi.config import ConfigError
+from dbmpi.model import Network
+from dbmpi.optimizers import make_optimizer
+from dbmpi.rundir import RunDirectory
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
+    """Open the config's dataset (preparing a built-in source on demand) and check it fits."""
+    path = data_cfg["path"]
+    if data_cfg.get("source") and not Path(path).exists():
+        options = {"source_dir": data_cfg["source_dir"]} if data_cfg.get("source_dir") else {}
+        datasets.prepare(data_cfg["source"], path, **options)
+    dataset = datasets.open_dataset(path)
+    try:
+        _check_fits(dataset, network, path)
+    except ConfigError:
+        dataset.close()
+        raise
+    return dataset
+
+
+def _check_fits(dataset, network, path):
+    if math.prod(dataset.input_shape) != math.prod(network.input_shape):
+        raise ConfigError(
+            f"model.input_shape: {list(network.input_shape)} does not match the examples of "
+            f"{path}, which have shape {list(dataset.input_shape)}")
+    if dataset.n_classes > network.n_classes:
+        raise ConfigError(
+            f"model.layers[{len(network.layers) - 1}].units: {network.n_classes} outputs but "
+            f"{path} has {dataset.n_classes} classes")
+
+
+def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print) -> dict:
+    """Train with [train] algorithm = "sgd"; returns the summary also written to summary.json."""
+    tcfg = cfg["train"]
+    network = Network(cfg["model"])
+    with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
+        with open_training_data(cfg["data"], network) as dataset:
+            train_x, train_y = dataset.load("train")
+            test_x, test_y = dataset.load("test")
+        return _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say)
+
+
+def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
+    n = len(train_x)
+    batch = min(tcfg["batch_size"], n)
+    steps_per_epoch = n // batch
+    total = tcfg["steps"] or max(1, round(tcfg["epochs"] * steps_per_epoch))
+    eval_every = tcfg["eval_every"] or steps_per_epoch
+    fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
+    optimizer = None if fused else make_optimizer(tcfg, network.n_params)
+    lr = tcfg["learning_rate"]
+    rng = np.random.default_rng(tcfg["seed"])
+    order, cursor, epoch = rng.permutation(n), 0, 0
+
+    say(network.summary())
+    say(f"training: {n} examples, batch {batch}, {total} steps "
+        f"({total / steps_per_epoch:.2f} epochs), optimizer {tcfg['optimizer']}, lr {lr}")
+    started = window_start = time.perf_counter()
+    window_loss, window_steps = 0.0, 0
+    test_loss = test_acc = float("nan")
+    for step in range(1, total + 1):
+        if cursor + batch > n:
+            order, cursor, epoch = rng.permutation(n), 0, epoch + 1
+        index = np.sort(order[cursor:cursor + batch])
+        cursor += batch
+        xb, yb = train_x[index], train_y[index]
+        if fused:
+            loss = network.sgd_step(xb, yb, lr)
+        else:
+            loss = network.loss_and_grad(xb, yb)
+            optimizer.step(network.params, network.grad)
+        if not math.isfinite(loss):
+            raise DivergedError(f"step {step}: loss is {loss}; lower train.learning_rate")
+        window_loss += loss
+        window_steps += 1
+        if step % tcfg["log_every"] == 0 or step == total:
+            now = time.perf_counter()
+            rate = window_steps * batch / max(now - window_start, 1e-9)
+            record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                      "loss": window_loss / window_steps, "samples_per_s": round(rate, 1)}
+            run.log(record)
+            say(f"step {step:>7}/{total}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
+                f"{rate:9.0f} samples/s")
+            window_start, window_loss, window_steps = now, 0.0, 0
+        if step % eval_every == 0 or step == total:
+            test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+            run.log({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                     "test_loss": test_loss, "test_accuracy": test_acc})
+            say(f"step {step:>7}/{total}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+    elapsed = time.perf_counter() - started
+    summary = {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": total,
+               "epochs": round(total / steps_per_epoch, 4), "batch_size": batch,
+               "wall_time_s": round(elapsed, 3), "samples_per_s": round(total * batch / elapsed, 1),
+               "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params}
+    run.write_json("summary.json", summary)
+    return summary
