@@ -1,0 +1,448 @@
+"""Tests for dbmpi.data: IDX parsing, preparing digits / Fashion-MNIST, atomic writes, reading.
+
+Real files in tmp_path throughout; nothing here needs dbmpi's compiled kernels.
+"""
+import gzip
+import os
+import struct
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dbmpi import data
+from dbmpi.data import DatasetError
+
+FASHION_DIR = Path(data.FASHION_MNIST_DIR)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def idx_bytes(arr: np.ndarray, code: int) -> bytes:
+    be = arr.astype(arr.dtype.newbyteorder(">"))
+    header = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + be.tobytes()
+
+
+def small_dataset(out, n_train=10, n_test=4, n_classes=3, shape=(2, 2, 1)):
+    rng = np.random.default_rng(1)
+    tx = rng.random((n_train, *shape), dtype=np.float32)
+    ty = (np.arange(n_train) % n_classes).astype(np.int32)
+    vx = rng.random((n_test, *shape), dtype=np.float32)
+    vy = (np.arange(n_test) % n_classes).astype(np.int32)
+    data.write_dataset(out, tx, ty, vx, vy, attrs={"source": "test", "n_classes": n_classes})
+    return tx, ty, vx, vy
+
+
+def leftovers(directory):
+    return sorted(p.name for p in Path(directory).iterdir() if ".tmp-" in p.name)
+
+
+def test_module_is_pure_python():
+    """dbmpi.data must import without dbmpi's compiled kernels."""
+    import subprocess
+    code = "import sys, dbmpi.data; assert 'dbmpi.kernels' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(data.__file__).parents[1])})
+
+
+# ------------------------------------------------------------------------------- read_idx
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dtype,code", [
+    (np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B),
+    (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E),
+])
+def test_read_idx_roundtrip(tmp_path, gz, dtype, code):
+    arr = (np.arange(2 * 3 * 4) - 5).astype(dtype).reshape(2, 3, 4)
+    if dtype == np.uint8:
+        arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    raw = idx_bytes(arr, code)
+    path = tmp_path / ("a.idx.gz" if gz else "a.idx")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    got = data.read_idx(path)
+    assert got.dtype == np.dtype(dtype) and got.dtype.isnative
+    np.testing.assert_array_equal(got, arr)
+
+
+def test_read_idx_gzip_detected_by_magic_not_extension(tmp_path):
+    arr = np.arange(6, dtype=np.uint8)
+    path = tmp_path / "labels-idx1-ubyte"  # no .gz, but compressed
+    path.write_bytes(gzip.compress(idx_bytes(arr, 0x08)))
+    np.testing.assert_array_equal(data.read_idx(path), arr)
+
+
+def test_read_idx_truncated_names_path_and_sizes(tmp_path):
+    raw = idx_bytes(np.zeros((3, 4, 4), np.uint8), 0x08)
+    path = tmp_path / "trunc-idx3-ubyte"
+    path.write_bytes(raw[:-5])
+    with pytest.raises(DatasetError) as e:
+        data.read_idx(path)
+    msg = str(e.value)
+    assert str(path) in msg and "truncated" in msg and "48" in msg and "43" in msg
+
+
+def test_read_idx_truncated_gzip(tmp_path):
+    raw = gzip.compress(idx_bytes(np.arange(1000, dtype=np.uint8), 0x08))
+    path = tmp_path / "t.gz"
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DatasetError, match="truncated") as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
+
+
+def test_read_idx_trailing_bytes(tmp_path):
+    path = tmp_path / "long"
+    path.write_bytes(idx_bytes(np.zeros(4, np.uint8), 0x08) + b"xx")
+    with pytest.raises(DatasetError, match="trailing"):
+        data.read_idx(path)
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"\x08\x03\x00\x00\x00\x00\x00\x01", "magic"),
+    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "type code"),
+    (b"\x00\x00", "header"),
+    (b"\x00\x00\x08\x02\x00\x00\x00\x01", "header"),
+])
+def test_read_idx_bad_header(tmp_path, content, problem):
+    path = tmp_path / "bad.idx"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=problem) as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
+
+
+def test_read_idx_missing_file(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        data.read_idx(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------- digits
+
+def test_prepare_digits(tmp_path):
+    out = data.prepare_digits(tmp_path / "sub" / "digits.h5")  # parent is created
+    assert out == tmp_path / "sub" / "digits.h5" and out.is_file()
+    with data.open_dataset(out) as ds:
+        assert ds.source == "digits" and ds.n_classes == 10
+        assert ds.class_names == [str(i) for i in range(10)]
+        assert ds.input_shape == (8, 8, 1)
+        assert ds.n_train + ds.n_test == 1797
+        assert ds.n_test == pytest.approx(0.2 * 1797, abs=10)
+        for split, n in (("train", ds.n_train), ("test", ds.n_test)):
+            x, y = ds.load(split)
+            assert x.shape == (n, 8, 8, 1) and x.dtype == np.float32 and x.flags.c_contiguous
+            assert y.shape == (n,) and y.dtype == np.int32
+            assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() == 1.0
+            assert y.min() >= 0 and y.max() <= 9
+            assert set(np.unique(y)) == set(range(10))  # stratified: every class on both sides
+        _, ytr = ds.load("train")
+        _, yte = ds.load("test")
+        # Class proportions agree between splits (stratification).
+        ptr, pte = np.bincount(ytr) / ytr.size, np.bincount(yte) / yte.size
+        assert np.abs(ptr - pte).max() < 0.01
+        a = ds.attrs
+        assert a["format"] == "dbmpi-dataset" and a["format_version"] == 1
+        assert a["layout"] == "NHWC" and a["input_shape"] == [8, 8, 1]
+        assert a["n_train"] == ds.n_train and a["n_test"] == ds.n_test
+        assert "16" in a["scaling"] and a["x_range"] == [0.0, 1.0]
+    with h5py.File(out, "r") as f:
+        for key in ("/train/x", "/train/y", "/test/x", "/test/y"):
+            assert f[key].attrs["description"]
+            assert f[key].compression is None
+    # Pixels are exact multiples of 1/16.
+    with data.open_dataset(out) as ds:
+        x, _ = ds.load("train")
+        np.testing.assert_array_equal(x * 16, np.round(x * 16))
+
+
+def test_prepare_digits_deterministic(tmp_path):
+    a = data.prepare_digits(tmp_path / "a.h5", seed=3)
+    b = data.prepare_digits(tmp_path / "b.h5", seed=3)
+    c = data.prepare_digits(tmp_path / "c.h5", seed=4)
+    assert a.read_bytes() == b.read_bytes()  # reproducible files: no timestamps
+    with data.open_dataset(a) as da, data.open_dataset(b) as db, data.open_dataset(c) as dc:
+        for split in ("train", "test"):
+            xa, ya = da.load(split)
+            xb, yb = db.load(split)
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+        assert not np.array_equal(da.load("test")[1], dc.load("test")[1])
+
+
+def test_prepare_digits_test_fraction(tmp_path):
+    with data.open_dataset(data.prepare_digits(tmp_path / "d.h5", test_fraction=0.5)) as ds:
+        assert abs(ds.n_test - 1797 / 2) <= 10
+    with pytest.raises(DatasetError, match="test_fraction"):
+        data.prepare_digits(tmp_path / "e.h5", test_fraction=1.0)
+
+
+def test_prepare_digits_without_sklearn(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DatasetError, match="pip install scikit-learn"):
+        data.prepare_digits(tmp_path / "d.h5")
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_prepare_dispatch(tmp_path):
+    assert set(data.SOURCES) == {"digits", "fashion-mnist"}
+    out = data.prepare("digits", tmp_path / "d.h5", seed=1)
+    with data.open_dataset(out) as ds:
+        assert ds.source == "digits"
+    with pytest.raises(DatasetError) as e:
+        data.prepare("cifar", tmp_path / "c.h5")
+    assert "cifar" in str(e.value) and "digits" in str(e.value) and "fashion-mnist" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- fashion-mnist
+
+@pytest.fixture
+def fashion_dir():
+    if not FASHION_DIR.is_dir():
+        reason = (f"{FASHION_DIR} not found (apt-get install dataset-fashion-mnist); "
+                  "set DBMPI_REQUIRE_DATA=1 to make this a failure")
+        if os.environ.get("DBMPI_REQUIRE_DATA") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return FASHION_DIR
+
+
+def test_prepare_fashion_mnist_real(tmp_path, fashion_dir):
+    out = data.prepare("fashion-mnist", tmp_path / "fm.h5", source_dir=fashion_dir)
+    with data.open_dataset(out) as ds:
+        assert (ds.n_train, ds.n_test) == (60000, 10000)
+        assert ds.input_shape == (28, 28, 1) and ds.n_classes == 10
+        assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+        assert ds.source == "fashion-mnist"
+        x, y = ds.load("train")
+        assert x.shape == (60000, 28, 28, 1) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() == 1.0
+        np.testing.assert_array_equal(np.bincount(y, minlength=10), np.full(10, 6000))
+        xt, yt = ds.load("test")
+        assert xt.shape == (10000, 28, 28, 1)
+        np.testing.assert_array_equal(np.bincount(yt, minlength=10), np.full(10, 1000))
+        # Same pixels as the raw IDX file.
+        raw = data.read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
+        np.testing.assert_array_equal(np.round(xt[:50, :, :, 0] * 255).astype(np.uint8), raw[:50])
+
+
+def _write_fake_fashion(d, n_train=6, n_test=4, gz=True, label_fix=None):
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        if label_fix:
+            labels = label_fix(prefix, labels)
+        for name, arr in ((f"{prefix}-images-idx3-ubyte", imgs), (f"{prefix}-labels-idx1-ubyte", labels)):
+            raw = idx_bytes(arr, 0x08)
+            if gz:
+                (d / (name + ".gz")).write_bytes(gzip.compress(raw))
+            else:
+                (d / name).write_bytes(raw)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_prepare_fashion_mnist_small_source(tmp_path, gz):
+    src = tmp_path / "src"
+    _write_fake_fashion(src, gz=gz)
+    with data.open_dataset(data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)) as ds:
+        assert (ds.n_train, ds.n_test, ds.input_shape) == (6, 4, (28, 28, 1))
+
+
+def test_prepare_fashion_mnist_missing_source(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert "nowhere" in msg and "apt-get install dataset-fashion-mnist" in msg and "--source" in msg
+    src = tmp_path / "src"
+    _write_fake_fashion(src)
+    (src / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte"):
+        data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)
+    assert not (tmp_path / "fm.h5").exists()
+
+
+def test_prepare_fashion_mnist_bad_labels(tmp_path):
+    src = tmp_path / "bad-range"
+
+    def bad(prefix, labels):
+        labels[0] = 10
+        return labels
+    _write_fake_fashion(src, label_fix=bad)
+    with pytest.raises(DatasetError, match=r"label 10 outside"):
+        data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)
+
+    src = tmp_path / "bad-count"
+    _write_fake_fashion(src, label_fix=lambda prefix, l: l[:-1] if prefix == "train" else l)
+    with pytest.raises(DatasetError, match="5 labels but .* 6 images"):
+        data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)
+
+
+# ------------------------------------------------------------------------------- atomic writes
+
+def test_write_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "d.h5"
+    real = h5py.Group.create_dataset
+    calls = []
+
+    def failing(self, *args, **kw):
+        calls.append(args[0] if args else kw.get("name"))
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(self, *args, **kw)
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        small_dataset(out)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+    assert len(calls) == 2
+
+
+def test_write_failure_keeps_older_file(tmp_path, monkeypatch):
+    out = tmp_path / "d.h5"
+    small_dataset(out, n_train=7)
+    before = out.read_bytes()
+
+    seen_tmp = []
+
+    class Exploding:
+        """An array-like whose conversion raises: test x is converted after train is written."""
+        shape = (4, 2, 2, 1)
+
+        def __array__(self, dtype=None, copy=None):
+            seen_tmp.extend(leftovers(tmp_path))  # the half-written temp file exists now
+            raise MemoryError("conversion failed")
+
+    tx = np.zeros((10, 2, 2, 1), np.float32)
+    vx = Exploding()
+    with pytest.raises(MemoryError):
+        data.write_dataset(out, tx, np.zeros(10, np.int32), vx, np.zeros(4, np.int32),
+                           attrs={"source": "t", "n_classes": 2})
+    assert seen_tmp == [f".d.h5.tmp-{os.getpid()}"]
+    assert out.read_bytes() == before
+    assert leftovers(tmp_path) == []
+    with data.open_dataset(out) as ds:
+        assert ds.n_train == 7
+
+
+def test_write_replaces_atomically_and_validates(tmp_path):
+    out = tmp_path / "d.h5"
+    small_dataset(out, n_train=5)
+    small_dataset(out, n_train=9)
+    with data.open_dataset(out) as ds:
+        assert ds.n_train == 9
+    assert leftovers(tmp_path) == []
+    x = np.zeros((3, 2), np.float32)
+    with pytest.raises(DatasetError, match="labels outside"):
+        data.write_dataset(tmp_path / "e.h5", x, np.array([0, 1, 5]), x, np.zeros(3, int),
+                           attrs={"source": "t", "n_classes": 2})
+    with pytest.raises(DatasetError, match="input shape"):
+        data.write_dataset(tmp_path / "e.h5", x, np.zeros(3, int), np.zeros((3, 3), np.float32),
+                           np.zeros(3, int), attrs={"source": "t", "n_classes": 2})
+    with pytest.raises(DatasetError, match="n_classes"):
+        data.write_dataset(tmp_path / "e.h5", x, np.zeros(3, int), x, np.zeros(3, int),
+                           attrs={"source": "t"})
+    assert not (tmp_path / "e.h5").exists()
+
+
+# ------------------------------------------------------------------------------- open_dataset errors
+
+def _make(path, mutate):
+    small_dataset(path)
+    with h5py.File(path, "a") as f:
+        mutate(f)
+    return path
+
+
+def _retype(key, dtype):
+    def mutate(f):
+        arr = f[key][()]
+        del f[key]
+        f[key] = arr.astype(dtype)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,problem", [
+    (lambda f: f.__delitem__("/test/y"), "missing dataset /test/y"),
+    (_retype("/train/x", np.float64), "/train/x has dtype float64, expected float32"),
+    (_retype("/test/y", np.int64), "/test/y has dtype int64, expected int32"),
+    (lambda f: (f.__delitem__("/train/y"), f.create_dataset("/train/y", data=np.zeros(9, np.int32))),
+     "length mismatch"),
+    (lambda f: f["/test/y"].__setitem__(0, 3), "labels outside [0, 3)"),
+    (lambda f: f["/train/y"].__setitem__(2, -1), "labels outside [0, 3)"),
+    (lambda f: (f.__delitem__("/test/x"), f.create_dataset("/test/x", data=np.zeros((4, 3, 2, 1), np.float32))),
+     "input shape mismatch"),
+    (lambda f: f.attrs.__delitem__("n_classes"), "n_classes"),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "format_version"),
+])
+def test_open_dataset_errors(tmp_path, mutate, problem):
+    path = _make(tmp_path / "d.h5", mutate)
+    with pytest.raises(DatasetError) as e:
+        data.open_dataset(path)
+    assert problem in str(e.value) and str(path) in str(e.value)
+
+
+def test_open_dataset_not_hdf5(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello\n")
+    with pytest.raises(DatasetError, match="not an HDF5 file") as e:
+        data.open_dataset(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(DatasetError, match="not found"):
+        data.open_dataset(tmp_path / "missing.h5")
+
+
+# ------------------------------------------------------------------------------- load / shards
+
+def test_load_slices(tmp_path):
+    path = tmp_path / "d.h5"
+    tx, ty, vx, vy = small_dataset(path)
+    with data.open_dataset(path) as ds:
+        x, y = ds.load("train", 3, 7)
+        np.testing.assert_array_equal(x, tx[3:7])
+        np.testing.assert_array_equal(y, ty[3:7])
+        assert x.dtype == np.float32 and x.flags.c_contiguous and y.dtype == np.int32
+        x, y = ds.load("test")
+        np.testing.assert_array_equal(x, vx)
+        np.testing.assert_array_equal(y, vy)
+        x, y = ds.load("train", 4, 4)
+        assert x.shape == (0, 2, 2, 1) and y.shape == (0,)
+        with pytest.raises(DatasetError, match="outside"):
+            ds.load("train", 5, 11)
+        with pytest.raises(DatasetError, match="outside"):
+            ds.load("train", -1, 2)
+        with pytest.raises(DatasetError, match="unknown split"):
+            ds.load("valid")
+    with pytest.raises(DatasetError, match="closed"):
+        ds.load("train")
+    ds.close()  # idempotent
+
+
+@pytest.mark.parametrize("n,count", [(10, 3), (10, 1), (10, 10), (14, 4), (60000, 7)])
+def test_shard_range_balanced(tmp_path, n, count):
+    path = tmp_path / "d.h5"
+    small_dataset(path, n_train=n, shape=(1,))
+    with data.open_dataset(path) as ds:
+        ranges = [ds.shard_range("train", i, count) for i in range(count)]
+    sizes = [b - a for a, b in ranges]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(count - 1))
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first n % count are the longer ones
+    if (n, count) == (10, 3):
+        assert ranges == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_shard_range_errors(tmp_path):
+    path = tmp_path / "d.h5"
+    small_dataset(path, n_train=10, n_test=4)
+    with data.open_dataset(path) as ds:
+        with pytest.raises(DatasetError, match="cannot split 4 test rows into 5"):
+            ds.shard_range("test", 0, 5)
+        with pytest.raises(DatasetError, match="shard index"):
+            ds.shard_range("train", 3, 3)
+        with pytest.raises(DatasetError, match="shard count"):
+            ds.shard_range("train", 0, 0)
