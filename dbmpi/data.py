@@ -357,6 +357,13 @@ def prepare(source: str, out, **options) -> Path:
     except (KeyError, TypeError):
         raise DatasetError(f"unknown data source {source!r}; known sources: "
                            f"{', '.join(sorted(SOURCES))}") from None
+    import inspect
+
+    accepted = set(inspect.signature(fn).parameters) - {"out"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise DatasetError(f"{source}: unknown option(s) {', '.join(unknown)}; "
+                           f"this source takes {', '.join(sorted(accepted)) or 'none'}")
     return fn(out, **options)
 
 

@@ -1,0 +1,186 @@
+"""Kernel benchmarks: dbmpi's Cython kernels against numpy matmul (and PyTorch CPU) in one run.
+
+One BLAS thread throughout (set before numpy loads). Each figure is the median of several
+timed repeats after warm-up; ratios compare numbers taken in the same run, because this
+machine is shared and absolute times drift. Prints one JSON object per measurement and, as
+the last line, the summary: {"dense_vs_sgemm", "local_vs_sgemm", "mlp_step_speedup_vs_torch"}.
+
+    python bench/kernels.py [--quick]
+"""
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+from dbmpi import kernels  # noqa: E402
+from dbmpi.model import Network  # noqa: E402
+
+
+def timeit(fn, repeats, inner=1):
+    """Median seconds per call over `repeats` timings of `inner` calls, after warm-up."""
+    for _ in range(max(2, inner)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def bench_dense(repeats):
+    """Forward + backward of the speech model's hidden layer vs the same three sgemms in numpy."""
+    n, d_in, d_out = 128, 2560, 2560
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    w = (0.02 * rng.standard_normal((d_out, d_in))).astype(np.float32)
+    b = np.zeros(d_out, np.float32)
+    y, gy = np.empty((n, d_out), np.float32), rng.standard_normal((n, d_out)).astype(np.float32)
+    gz, gw, gb, gx = np.empty_like(y), np.empty_like(w), np.empty_like(b), np.empty_like(x)
+
+    def ours():
+        kernels.dense_forward(x, w, b, y, "sigmoid")
+        kernels.dense_backward(x, w, y, gy, gz, gw, gb, gx, "sigmoid")
+
+    def numpy_sgemm():
+        np.matmul(x, w.T, out=y)
+        np.matmul(gy, w, out=gx)
+        np.matmul(gy.T, x, out=gw)
+
+    flops = 3 * 2 * n * d_in * d_out
+    t_ours, t_np = timeit(ours, repeats), timeit(numpy_sgemm, repeats)
+    return emit({"bench": "dense_fwd_bwd", "shape": [n, d_in, d_out], "activation": "sigmoid",
+                 "dbmpi_gflops": flops / t_ours / 1e9, "numpy_sgemm_gflops": flops / t_np / 1e9,
+                 "dbmpi_ms": t_ours * 1e3, "numpy_ms": t_np * 1e3, "ratio": t_np / t_ours})
+
+
+def bench_local(repeats):
+    """Locally connected layer (the image model's second stage) vs numpy batched matmul on the
+    same per-position GEMM shapes (which skips the patch gathers the layer must do)."""
+    n, rows, cols, maps, k, filters = 128, 12, 12, 8, 5, 16
+    out_r, out_c, patch = rows - k + 1, cols - k + 1, k * k * maps
+    positions = out_r * out_c
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, rows, cols, maps)).astype(np.float32)
+    w = (0.05 * rng.standard_normal((out_r, out_c, filters, patch))).astype(np.float32)
+    b = np.zeros((out_r, out_c, filters), np.float32)
+    y = np.empty((n, out_r, out_c, filters), np.float32)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gz, gw, gb, gx = np.empty_like(y), np.empty_like(w), np.empty_like(b), np.empty_like(x)
+
+    def ours():
+        kernels.local_forward(x, w, b, y, k, 1, "identity")
+        kernels.local_backward(x, w, y, gy, gz, gw, gb, gx, k, 1, "identity")
+
+    p = rng.standard_normal((positions, n, patch)).astype(np.float32)
+    wp = w.reshape(positions, filters, patch)
+    yp = np.empty((positions, n, filters), np.float32)
+    gyp = rng.standard_normal(yp.shape).astype(np.float32)
+    gp, gwp = np.empty_like(p), np.empty_like(wp)
+
+    def numpy_sgemm():
+        np.matmul(p, wp.transpose(0, 2, 1), out=yp)
+        np.matmul(gyp, wp, out=gp)
+        np.matmul(gyp.transpose(0, 2, 1), p, out=gwp)
+
+    flops = 3 * 2 * n * positions * patch * filters
+    t_ours, t_np = timeit(ours, repeats), timeit(numpy_sgemm, repeats)
+    return emit({"bench": "local_fwd_bwd", "input": [n, rows, cols, maps], "kernel": k,
+                 "filters": filters, "positions": positions, "gemm_per_position": [n, patch, filters],
+                 "dbmpi_gflops": flops / t_ours / 1e9, "numpy_batched_matmul_gflops": flops / t_np / 1e9,
+                 "dbmpi_ms": t_ours * 1e3, "numpy_ms": t_np * 1e3, "ratio": t_np / t_ours})
+
+
+MLP = """
+[model]
+input_shape = [784]
+[[model.layers]]
+type = "dense"
+units = 512
+activation = "relu"
+[[model.layers]]
+type = "dense"
+units = 512
+activation = "relu"
+[[model.layers]]
+type = "softmax"
+units = 10
+"""
+
+
+def bench_mlp_step(repeats):
+    """One SGD step (forward, loss, backward, update) of 784-512-512-10 at batch 128."""
+    n, lr = 128, 0.01
+    rng = np.random.default_rng(2)
+    x = rng.random((n, 784)).astype(np.float32)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    net = Network.from_string(MLP)
+    fused_ms = timeit(lambda: net.sgd_step(x, labels, lr), repeats, inner=20) * 1e3
+
+    def unfused():
+        net.loss_and_grad(x, labels)
+        kernels.sgd_step(net.params, net.grad, lr)
+
+    unfused_ms = timeit(unfused, repeats, inner=20) * 1e3
+    record = {"bench": "mlp_step", "batch": n, "layers": [784, 512, 512, 10],
+              "dbmpi_fused_ms": fused_ms, "dbmpi_unfused_ms": unfused_ms,
+              "torch_ms": None, "torch_version": None, "speedup_vs_torch": None}
+    try:
+        import torch
+    except ImportError:
+        return emit(record)
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(tx), ty).backward()
+        opt.step()
+
+    torch_ms = timeit(torch_step, repeats, inner=20) * 1e3
+    record.update(torch_ms=torch_ms, torch_version=torch.__version__,
+                  torch_threads=torch.get_num_threads(), speedup_vs_torch=torch_ms / fused_ms,
+                  unfused_speedup_vs_torch=torch_ms / unfused_ms)
+    return emit(record)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 15
+    with threadpool_limits(limits=1):
+        blas = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+        emit({"bench": "environment", "python": platform.python_version(), "numpy": np.__version__,
+              "machine": platform.machine(), "processor": platform.processor() or None, "blas": blas})
+        dense = bench_dense(repeats)
+        local = bench_local(repeats)
+        mlp = bench_mlp_step(repeats)
+    print(json.dumps({"dense_vs_sgemm": round(dense["ratio"], 3),
+                      "local_vs_sgemm": round(local["ratio"], 3),
+                      "mlp_step_speedup_vs_torch": None if mlp["speedup_vs_torch"] is None
+                      else round(mlp["speedup_vs_torch"], 3)}))
+
+
+if __name__ == "__main__":
+    main()

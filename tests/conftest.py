@@ -1,0 +1,53 @@
+"""Shared test helpers: seeded random arrays and float64 finite differences."""
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng(request):
+    # A seed per test so failures reproduce, different across tests.
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+def randn(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def numeric_grad(f, x, eps=1e-6):
+    """Central finite differences of a scalar float64 function at float64 array x."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.empty_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f(x)
+        flat[i] = old - eps
+        minus = f(x)
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def assert_close(actual, expected, rtol=1e-3, atol=1e-4, name="value"):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = np.abs(actual - expected)
+    bad = err > atol * scale + rtol * np.abs(expected)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.size} entries differ; "
+                           f"max abs err {err.max():.3g} (scale {scale:.3g})")
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def require_fashion():
+    """Skip when Debian's dataset-fashion-mnist is absent, unless CI demands the data."""
+    if not os.path.isdir(FASHION_DIR):
+        if os.environ.get("DBMPI_REQUIRE_DATA") == "1":
+            pytest.fail(f"{FASHION_DIR} missing: apt-get install dataset-fashion-mnist")
+        pytest.skip(f"{FASHION_DIR} missing (apt-get install dataset-fashion-mnist)")

@@ -1,0 +1,130 @@
+"""Config validation: every malformed config gives one clear error naming the key."""
+import textwrap
+
+import pytest
+
+from dbmpi import config
+from dbmpi.config import ConfigError
+
+GOOD = """
+[model]
+input_shape = [8, 8, 1]
+
+[[model.layers]]
+type = "dense"
+units = 16
+activation = "relu"
+
+[[model.layers]]
+type = "softmax"
+units = 10
+
+[data]
+path = "data/digits.h5"
+
+[train]
+algorithm = "sgd"
+learning_rate = 0.1
+epochs = 1
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_config_gets_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD))
+    assert cfg["train"]["batch_size"] == 128
+    assert cfg["train"]["optimizer"] == "sgd"
+    assert cfg["model"]["layers"][0]["name"] == "dense0"
+    assert cfg["model"]["layers"][1]["name"] == "softmax1"
+
+
+@pytest.mark.parametrize("old,new,key,words", [
+    ('type = "dense"', 'type = "conv"', "model.layers[0].type", "unknown layer type 'conv'"),
+    ('units = 16', 'units = -16', "model.layers[0].units", "positive integer"),
+    ('units = 16', 'units = 0', "model.layers[0].units", "positive integer"),
+    ('units = 16', 'units = 1.5', "model.layers[0].units", "positive integer"),
+    ('units = 16\n', '', "model.layers[0].units", "missing"),
+    ('activation = "relu"', 'activation = "swish"', "model.layers[0].activation", "must be one of"),
+    ('activation = "relu"', 'activaton = "relu"', "model.layers[0].activaton", "unknown key"),
+    ('units = 10', 'units = 10\nsize = 3', "model.layers[1].size", "unknown key"),
+    ('input_shape = [8, 8, 1]', 'input_shape = [8, -8, 1]', "model.input_shape[1]", "positive integer"),
+    ('input_shape = [8, 8, 1]', '', "model.input_shape", "missing"),
+    ('learning_rate = 0.1', 'learning_rate = -0.1', "train.learning_rate", "positive number"),
+    ('algorithm = "sgd"', 'algorithm = "adam"', "train.algorithm", "must be one of"),
+    ('epochs = 1', '', "train.epochs", "give train.epochs or train.steps"),
+    ('epochs = 1', 'epochs = 1\nsteps = 5', "train.steps", "not both"),
+    ('[data]', '[dataa]', "dataa", "unknown table"),
+    ('path = "data/digits.h5"', 'path = 3', "data.path", "non-empty string"),
+])
+def test_bad_config_names_the_key(tmp_path, old, new, key, words):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}:"), message
+    assert words in message
+    assert "\n" not in message
+
+
+def test_output_layer_must_be_last(tmp_path):
+    text = GOOD.replace('type = "dense"', 'type = "softmax"').replace('activation = "relu"\n', "")
+    with pytest.raises(ConfigError, match=r"model.layers\[0\].type: output layer 'softmax' must be the last"):
+        config.load(write(tmp_path, text))
+    text = GOOD.replace('type = "softmax"', 'type = "dense"\nactivation = "relu"')
+    with pytest.raises(ConfigError, match=r"model.layers\[1\].type: the last layer must be an output layer"):
+        config.load(write(tmp_path, text))
+
+
+def test_syntax_error_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, GOOD + "\n[model\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_even_lcn_size_and_duplicate_names(tmp_path):
+    text = GOOD.replace('input_shape = [8, 8, 1]', 'input_shape = [8, 8, 1]').replace(
+        '[[model.layers]]\ntype = "dense"', '[[model.layers]]\ntype = "lcn"\nsize = 4\n\n[[model.layers]]\ntype = "dense"', 1)
+    with pytest.raises(ConfigError, match=r"model.layers\[0\].size: must be odd"):
+        config.load(write(tmp_path, text))
+    text = GOOD.replace('units = 16', 'units = 16\nname = "same"').replace('units = 10', 'units = 10\nname = "same"')
+    with pytest.raises(ConfigError, match=r"model.layers\[1\].name: duplicate layer name 'same'"):
+        config.load(write(tmp_path, text))
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, GOOD)
+    cfg = config.load(path, ["train.learning_rate=0.5", "model.layers[0].units=32",
+                             'train.optimizer="adagrad"', "train.optimizer=momentum"])
+    assert cfg["train"]["learning_rate"] == 0.5
+    assert cfg["model"]["layers"][0]["units"] == 32
+    assert cfg["train"]["optimizer"] == "momentum"
+    with pytest.raises(ConfigError, match=r"model.layers\[5\] does not exist"):
+        config.load(path, ["model.layers[5].units=3"])
+    with pytest.raises(ConfigError, match="train.batch_size: must be a positive integer"):
+        config.load(path, ["train.batch_size=-3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load(path, ["train.batch_size"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD))
+    again = tmp_path / "again.toml"
+    again.write_text(config.dumps(cfg))
+    assert config.load(again) == cfg
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.toml"))
+    assert len(files) >= 4
+    for path in files:
+        config.load(path, require_train=False)
