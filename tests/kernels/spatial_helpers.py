@@ -1,0 +1,84 @@
+"""Helpers shared by the spatial kernel tests (local, pooling, lcn): float64 activations,
+central differences, tolerant comparison and the bad-argument variants every kernel must
+reject. A plain module (not a conftest) so it cannot clash with other conftest files."""
+import numpy as np
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
+
+
+def activate64(z, activation):
+    """float64 reference of the kernels' activations."""
+    if activation == "identity":
+        return z
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if activation == "tanh":
+        return np.tanh(z)
+    if activation == "relu":
+        return np.maximum(z, 0.0)
+    raise ValueError(activation)
+
+
+def randn(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def numeric_grad(loss, arr, step=1e-6):
+    """Central differences of the scalar loss() w.r.t. every element of the float64 array
+    arr, which loss() reads; arr is perturbed in place and restored."""
+    grad = np.empty_like(arr)
+    flat = arr.reshape(-1)
+    gflat = grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + step
+        up = loss()
+        flat[i] = old - step
+        down = loss()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * step)
+    return grad
+
+
+def assert_close(got, want, rtol=1e-3, atol=1e-4, name="value"):
+    """|got - want| <= atol * max(1, max|want|) + rtol * |want|, elementwise."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = np.abs(got - want)
+    bad = ~(err <= atol * scale + rtol * np.abs(want))
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.size} entries differ; "
+                           f"max abs err {err.max():.3g} (scale {scale:.3g})")
+
+
+def bad_variants(arr, output=False, shaped=True):
+    """(label, bad value) pairs a kernel must reject for the argument arr: wrong type,
+    dtype, rank, layout (same shape, non-contiguous), shape (when shaped: its shape is
+    fixed by the other arguments), and read-only for outputs."""
+    out = [
+        ("list", arr.tolist()),
+        ("dtype", arr.astype(np.float64)),
+        ("ndim", arr[None].copy()),
+        ("noncontig", np.zeros(arr.shape[:-1] + (2 * arr.shape[-1],), np.float32)[..., ::2]),
+    ]
+    if shaped:
+        out.append(("shape", np.zeros(arr.shape[:-1] + (arr.shape[-1] + 1,), np.float32)))
+    if output:
+        ro = arr.copy()
+        ro.flags.writeable = False
+        out.append(("readonly", ro))
+    return out
+
+
+def bad_argument_cases(args, outputs, primary=()):
+    """pytest parameters (name, label, value) for every array argument in the dict args;
+    outputs get the read-only variant, primary arguments (which set the geometry) no
+    wrong-shape variant."""
+    cases = []
+    for name, value in args.items():
+        if isinstance(value, np.ndarray):
+            for label, bad in bad_variants(value, output=name in outputs,
+                                             shaped=name not in primary):
+                cases.append((name, label, bad))
+    return cases
