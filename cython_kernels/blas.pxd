@@ -1,7 +1,7 @@
 # Thin row-major wrappers over scipy.linalg.cython_blas (column-major Fortran BLAS).
 # A row-major matrix is the transpose of the same memory read column-major, so
 # row-major C = op(A) op(B) is computed as column-major C^T = op(B)^T op(A)^T.
-from scipy.linalg.cython_blas cimport sgemm, saxpy, sscal, scopy, dsdot
+from scipy.linalg.cython_blas cimport sgemm, saxpy, sscal, scopy
 
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, float alpha,
@@ -12,9 +12,6 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, float alp
     cdef char tb = b'T' if trans_b else b'N'
     if m == 0 or n == 0:
         return
-    if k == 0:
-        # BLAS skips A and B when k == 0 but still scales C by beta.
-        pass
     sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 
@@ -35,8 +32,3 @@ cdef inline void copy(int n, const float* x, float* y) noexcept nogil:
     cdef int one = 1
     scopy(&n, <float*>x, &one, y, &one)
 
-
-cdef inline double dot64(int n, const float* x, const float* y) noexcept nogil:
-    """sum(x * y) accumulated in float64."""
-    cdef int one = 1
-    return dsdot(&n, <float*>x, &one, <float*>y, &one)

@@ -92,7 +92,11 @@ def dense_backward(x, w, y, gy, gz, gw, gb, gx=None, activation="identity",
             for j in range(n_out):
                 bias_sum[j] += row[j]
         for j in range(n_out):
-            pgb[j] = <float>(beta * pgb[j] + scale * bias_sum[j])
+            # Not beta * gb when beta is 0: stale NaN in an overwritten gb must not survive.
+            if accumulate:
+                pgb[j] = <float>(pgb[j] + scale * bias_sum[j])
+            else:
+                pgb[j] = <float>(scale * bias_sum[j])
         gemm(True, False, n_out, n_in, n, scale, pgz, n_out, px, n_in, beta, pgw, n_in)
     free(bias_sum)
     return gx

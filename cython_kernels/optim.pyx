@@ -2,13 +2,13 @@
 """Optimizer kernels and the shard-local vector ops of Sandblaster L-BFGS.
 
 All act in place on flat float32 vectors (the canonical parameter layout, or a shard's
-slice of it). Vectors longer than a BLAS int are processed in chunks. dot accumulates in
-float64 (BLAS dsdot) so partial sums over millions of parameters keep their precision.
+slice of it). Vectors longer than a BLAS int are processed in chunks. dot multiplies and
+accumulates in float64 so partial sums over millions of parameters keep their precision.
 """
 cimport numpy as cnp
 from libc.math cimport sqrtf, isfinite
 
-from blas cimport axpy as blas_axpy, scal as blas_scal, copy as blas_copy, dot64
+from blas cimport axpy as blas_axpy, scal as blas_scal, copy as blas_copy
 from checks cimport check_array, check_shape
 
 cnp.import_array()
@@ -80,21 +80,34 @@ def adagrad_step(param, grad, accum, float lr, float eps=1e-8):
             pp[i] -= lr * gi / (sqrtf(pa[i]) + eps)
 
 
+cdef double _dot_f64(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
+    """Products and sums in float64 (BLAS dsdot may multiply in float32); four
+    independent accumulators so the adds pipeline instead of waiting on each other."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 += <double>a[i] * <double>b[i]
+        s1 += <double>a[i + 1] * <double>b[i + 1]
+        s2 += <double>a[i + 2] * <double>b[i + 2]
+        s3 += <double>a[i + 3] * <double>b[i + 3]
+        i += 4
+    while i < n:
+        s0 += <double>a[i] * <double>b[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
 def dot(x, y):
-    """sum(x * y), accumulated in float64; returns a Python float."""
+    """sum(x * y) with products and sums in float64; returns a Python float."""
     cdef cnp.ndarray a = _vec(x, "x")
     cdef cnp.ndarray b = _vec(y, "y")
-    cdef Py_ssize_t n = a.shape[0], start, m
+    cdef Py_ssize_t n = a.shape[0]
     _same_length(b, "y", n)
     cdef float* pa = <float*>cnp.PyArray_DATA(a)
     cdef float* pb = <float*>cnp.PyArray_DATA(b)
-    cdef double total = 0.0
+    cdef double total
     with nogil:
-        start = 0
-        while start < n:
-            m = min(CHUNK, n - start)
-            total += dot64(<int>m, pa + start, pb + start)
-            start += m
+        total = _dot_f64(pa, pb, n)
     return total
 
 

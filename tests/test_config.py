@@ -105,7 +105,7 @@ def test_overrides(tmp_path):
     assert cfg["train"]["learning_rate"] == 0.5
     assert cfg["model"]["layers"][0]["units"] == 32
     assert cfg["train"]["optimizer"] == "momentum"
-    with pytest.raises(ConfigError, match=r"model.layers\[5\] does not exist"):
+    with pytest.raises(ConfigError, match=r"--set model.layers\[5\].units: layers\[5\] does not exist"):
         config.load(path, ["model.layers[5].units=3"])
     with pytest.raises(ConfigError, match="train.batch_size: must be a positive integer"):
         config.load(path, ["train.batch_size=-3"])

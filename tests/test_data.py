@@ -40,14 +40,6 @@ def leftovers(directory):
     return sorted(p.name for p in Path(directory).iterdir() if ".tmp-" in p.name)
 
 
-def test_module_is_pure_python():
-    """dbmpi.data must import without dbmpi's compiled kernels."""
-    import subprocess
-    code = "import sys, dbmpi.data; assert 'dbmpi.kernels' not in sys.modules, sorted(sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={**os.environ, "PYTHONPATH": str(Path(data.__file__).parents[1])})
-
-
 # ------------------------------------------------------------------------------- read_idx
 
 @pytest.mark.parametrize("gz", [False, True])
