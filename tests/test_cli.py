@@ -1,0 +1,111 @@
+"""The command line: help, subcommands, and one clear error line for bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None, timeout=120, module=True):
+    cmd = [sys.executable, "-m", "dbmpi", *map(str, args)] if module else ["dbmpi", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("train", "model", "data", "version"):
+        assert command in result.stdout
+    for sub in (["train", "--help"], ["data", "prepare", "--help"], ["model", "--help"]):
+        assert run(*sub).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("dbmpi") is None, reason="dbmpi console script not on PATH")
+def test_console_script_matches_module():
+    assert run("version", module=False).stdout == run("version").stdout
+    assert run("version").stdout.startswith("dbmpi ")
+
+
+def test_model_summary_of_the_speech_model():
+    result = run("model", ROOT / "configs/speech.toml", "--tensors")
+    assert result.returncode == 0, result.stderr
+    assert "41,777,152 parameters" in result.stdout
+    assert "softmax4.W" in result.stdout and "(8192, 2560)" in result.stdout
+
+
+def test_data_prepare_and_info(tmp_path):
+    result = run("data", "prepare", "digits", "--out", tmp_path / "d.h5", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1438 train + 359 test" in result.stdout
+    info = json.loads(run("data", "info", tmp_path / "d.h5").stdout)
+    assert info["n_classes"] == 10 and info["input_shape"] == [8, 8, 1]
+
+
+def error_line(result):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dbmpi: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_bad_config_gives_one_error_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "configs/mlp_digits.toml").read_text().replace('type = "dense"', 'type = "conv"', 1))
+    line = error_line(run("train", bad, "--run-dir", tmp_path / "r"))
+    assert "model.layers[0].type: unknown layer type 'conv'" in line
+    assert not (tmp_path / "r").exists()  # nothing written for a config that cannot run
+
+
+def test_bad_data_errors(tmp_path):
+    line = error_line(run("data", "prepare", "mnist-2", "--out", tmp_path / "x.h5"))
+    assert "unknown data source 'mnist-2'" in line
+    line = error_line(run("data", "prepare", "fashion-mnist", "--source-dir", tmp_path / "none",
+                          "--out", tmp_path / "x.h5"))
+    assert "dataset-fashion-mnist" in line
+    not_hdf5 = tmp_path / "x.h5"
+    not_hdf5.write_text("hello")
+    assert "x.h5" in error_line(run("data", "info", not_hdf5))
+    line = error_line(run("data", "prepare", "fashion-mnist", "--seed", "3", "--out", tmp_path / "y.h5"))
+    assert "unknown option(s) seed" in line
+
+
+def test_mismatched_model_and_data(tmp_path):
+    line = error_line(run("train", ROOT / "configs/mlp_fashion.toml", "--run-dir", tmp_path / "r",
+                          "--set", f"data.path={tmp_path / 'd.h5'}", "--set", "data.source=digits"))
+    assert "model.input_shape: [784] does not match" in line
+
+
+def test_run_directory_is_never_overwritten(tmp_path):
+    args = ("train", ROOT / "configs/mlp_digits.toml", "--run-dir", tmp_path / "r", "--quiet",
+            "--set", "train.steps=5", "--set", f"data.path={tmp_path / 'd.h5'}")
+    assert run(*args).returncode == 0
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert "already holds a run" in error_line(run(*args))
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
+    """The single-process baseline refuses several ranks: same message on each, no hang."""
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    if not mpiexec.exists():
+        mpiexec = shutil.which("mpiexec")
+    if not mpiexec:
+        pytest.skip("no mpiexec")
+    start = time.monotonic()
+    result = subprocess.run(
+        [str(mpiexec), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
+         str(ROOT / "configs/mlp_digits.toml"), "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    lines = [l for l in result.stderr.splitlines() if l.startswith("dbmpi: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], result.stderr
+    assert "2 MPI ranks" in lines[0]
+    assert not (tmp_path / "r").exists()
