@@ -289,6 +289,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.learning_rate=0.1")
         key, value = item.split("=", 1)
+        # The budget is epochs or steps: overriding one replaces the other.
+        for given, other in (("train.steps", "epochs"), ("train.epochs", "steps")):
+            if key.strip() == given and isinstance(raw.get("train"), dict):
+                raw["train"].pop(other, None)
         parts = key.strip().split(".")
         node = raw
         for depth, part in enumerate(parts):

@@ -128,3 +128,11 @@ def test_shipped_configs_are_valid():
     assert len(files) >= 4
     for path in files:
         config.load(path, require_train=False)
+
+
+def test_overriding_the_budget_replaces_the_other_kind(tmp_path):
+    path = write(tmp_path, GOOD)
+    cfg = config.load(path, ["train.steps=7"])
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["epochs"] is None
+    cfg = config.load(write(tmp_path, GOOD.replace("epochs = 1", "steps = 9")), ["train.epochs=2"])
+    assert cfg["train"]["epochs"] == 2 and cfg["train"]["steps"] is None
