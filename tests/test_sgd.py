@@ -79,3 +79,16 @@ def test_divergence_is_reported(tmp_path):
     assert result.returncode == 1
     assert "dbmpi: error: training diverged" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_locally_connected_image_model_learns_fashion_mnist(tmp_path):
+    """The paper's image recipe (local, L2 pool, LCN, twice) trains through every spatial kernel."""
+    require_fashion()
+    run_dir = tmp_path / "run"
+    result = dbmpi("train", ROOT / "configs/image_local.toml", "--run-dir", run_dir, "--threads", "2",
+                   "--set", "train.steps=400", "--set", f"data.path={tmp_path / 'fashion.h5'}",
+                   cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.78, summary

@@ -1,0 +1,30 @@
+"""Packaging: the import-time check for unbuilt kernels, and the build metadata."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unbuilt_kernels_say_how_to_build(tmp_path):
+    # A copy of the package without its compiled modules, first on the path.
+    shutil.copytree(ROOT / "dbmpi", tmp_path / "dbmpi",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    result = subprocess.run([sys.executable, "-c", "import dbmpi"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "compiled kernels (dbmpi._kernels.*) are not built" in result.stderr
+    assert "pip install -e ." in result.stderr
+
+
+def test_every_pyx_is_an_extension_the_package_imports():
+    import dbmpi._kernels as built
+
+    sources = sorted(p.stem for p in (ROOT / "cython_kernels").glob("*.pyx"))
+    assert sources == ["dense", "lcn", "local", "optim", "outputs", "pooling"]
+    compiled = {p.name.split(".")[0] for p in Path(built.__file__).parent.iterdir() if p.suffix in (".so", ".pyd")}
+    assert set(sources) <= compiled
+    kernels_py = (ROOT / "dbmpi" / "kernels.py").read_text()
+    for stem in sources:
+        assert f"dbmpi._kernels.{stem} import" in kernels_py
