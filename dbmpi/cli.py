@@ -36,9 +36,10 @@ def _world_size_from_launcher() -> int:
 
 def _error_types():
     from dbmpi.data import DatasetError
+    from dbmpi.layout import LayoutError
     from dbmpi.rundir import RunDirectoryError
 
-    return (ConfigError, DatasetError, RunDirectoryError, UsageError)
+    return (ConfigError, DatasetError, LayoutError, RunDirectoryError, UsageError)
 
 
 def cmd_train(args) -> int:
@@ -53,9 +54,11 @@ def cmd_train(args) -> int:
         raise UsageError(
             f"train.algorithm = \"sgd\" is the single-process baseline but {ranks} MPI ranks were "
             "started; run it without mpiexec (or with -n 1)")
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    if algorithm == "downpour":
+        return _train_distributed(args, cfg, say)
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or RunDirectory.default_path(args.config))
     cfg["train"]["run_dir"] = str(run_path)
-    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     from dbmpi import sgd
 
     run = RunDirectory(run_path)
@@ -67,6 +70,25 @@ def cmd_train(args) -> int:
         run.close()
     say(f"final test accuracy {summary['test_accuracy']:.4f} "
         f"({summary['steps']} steps, {summary['wall_time_s']:.1f} s); summary in {run.path / 'summary.json'}")
+    return 0
+
+
+def _train_distributed(args, cfg, say) -> int:
+    """Downpour under mpiexec: every rank runs this; the lead prints and writes the run."""
+    from mpi4py import MPI
+
+    from dbmpi import downpour
+    from dbmpi.rundir import RunDirectory
+
+    comm = MPI.COMM_WORLD
+    # Every rank must agree on the run directory: the lead's timestamp decides.
+    default = str(RunDirectory.default_path(args.config)) if comm.rank == 0 else None
+    run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
+    cfg["train"]["run_dir"] = str(run_path)
+    summary = downpour.run(cfg, run_path, comm, say)
+    if summary is not None:
+        say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
+            f"({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
     return 0
 
 

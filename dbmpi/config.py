@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
 OUTPUT_LAYERS = ("softmax", "logistic")
-ALGORITHMS = ("sgd",)
+ALGORITHMS = ("sgd", "downpour")
 OPTIMIZERS = ("sgd", "momentum", "adagrad")
 
 
@@ -173,6 +173,16 @@ TRAIN_FIELDS = {
     "threads": Field(positive_int, 1),
     # Plain SGD only: apply the update inside the weight-gradient GEMM (no gradient pass).
     "fused_update": Field(boolean, True),
+    # Downpour: the rank layout and the replicas' fetch/push rhythm.
+    "n_shards": Field(positive_int, 1),
+    "n_replicas": Field(positive_int, 1),
+    "n_partitions": Field(positive_int, 1),
+    "n_fetch": Field(positive_int, 1),
+    "n_push": Field(positive_int, 1),
+    "warmstart_steps": Field(nonnegative_int, 0),
+    # Apply each gradient to the replica's own copy between fetches (the paper's client).
+    "local_learning_rate": Field(optional(positive_float), None),
+    "time_budget_s": Field(optional(positive_float), None),
 }
 
 
@@ -257,7 +267,7 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
             raise ConfigError(f"{section}: missing (required table [{section}])")
     train = resolved.get("train")
     if train is not None:
-        if train["epochs"] is None and train["steps"] is None:
+        if train["epochs"] is None and train["steps"] is None and train["time_budget_s"] is None:
             raise ConfigError("train.epochs: give train.epochs or train.steps (the training budget)")
         if train["epochs"] is not None and train["steps"] is not None:
             raise ConfigError("train.steps: give train.epochs or train.steps, not both")

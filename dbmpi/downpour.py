@@ -1,0 +1,318 @@
+"""Downpour SGD: asynchronous model replicas around a sharded parameter server.
+
+Every worker rank is a model replica (partitions arrive with model parallelism). Each reads
+only its own slice of the training data, with the next minibatch prepared by a helper
+thread, and runs the paper's client loop: every `n_fetch` steps fetch the parameters from
+the shards, compute a minibatch gradient, add it to the accrued gradient (and optionally
+apply it to its own copy), every `n_push` steps push the accrued gradient. Shards apply the
+updates themselves (dbmpi.parameter_server). Replica 0 trains alone for `warmstart_steps`
+before the others start. A replica stops after its step budget (or epochs over its slice)
+or its time budget, pushes what it has accrued and tells the shards; the shards stop once
+every replica has. The lead rank (replica 0) prints progress, writes the run directory and
+evaluates the parameters as the shards hold them at the end.
+
+Input is validated identically on every rank before the first collective call, so a bad
+config, layout, data file or run directory ends every rank with the same message.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from dbmpi import data as datasets
+from dbmpi import kernels
+from dbmpi.config import ConfigError
+from dbmpi.layout import Layout, LayoutError, layout_for
+from dbmpi.model import Network
+from dbmpi.optimizers import make_optimizer
+from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label
+from dbmpi.rundir import RunDirectory, RunDirectoryError, atomic_write_text
+from dbmpi.topology import Topology
+
+AGREED_ERRORS = (ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
+
+
+def agree(comm: MPI.Intracomm, action: Callable[[], object], root: int = 0):
+    """Run `action` on `root` and share its outcome: every rank returns the same value or
+    raises the same error, so no rank is left waiting on one that gave up."""
+    outcome = None
+    if comm.rank == root:
+        try:
+            outcome = ("ok", action())
+        except AGREED_ERRORS as exc:
+            outcome = ("error", type(exc).__name__, str(exc))
+    outcome = comm.bcast(outcome, root=root)
+    if outcome[0] == "error":
+        kind = {cls.__name__: cls for cls in AGREED_ERRORS}[outcome[1]]
+        raise kind(outcome[2])
+    return outcome[1]
+
+
+class Minibatches:
+    """Shuffled minibatches of one replica's slice; the next one is gathered in a thread
+    while the current one is used (numpy's copies release the GIL)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int):
+        self.x, self.y, self.batch = x, y, batch
+        self.rng = np.random.default_rng(seed)
+        self.order, self.cursor = self.rng.permutation(len(x)), 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbmpi-prefetch")
+        self.future = self.pool.submit(self._make)
+
+    def _make(self):
+        if self.cursor + self.batch > len(self.x):
+            self.order, self.cursor = self.rng.permutation(len(self.x)), 0
+        index = np.sort(self.order[self.cursor:self.cursor + self.batch])
+        self.cursor += self.batch
+        return np.take(self.x, index, axis=0), np.take(self.y, index, axis=0)
+
+    def next(self):
+        batch = self.future.result()
+        self.future = self.pool.submit(self._make)
+        return batch
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare_and_check_data(cfg: dict, network: Network) -> dict:
+    """On the root: prepare a built-in source if needed, open the file, check it fits."""
+    from dbmpi.sgd import open_training_data
+
+    with open_training_data(cfg["data"], network) as dataset:
+        return {"n_train": dataset.n_train, "n_test": dataset.n_test}
+
+
+def _make_run_directory(cfg: dict, run_path: Path, layout: Layout) -> RunDirectory:
+    run = RunDirectory(run_path)
+    run.write_config(cfg)
+    atomic_write_text(run.path / "layout.json", layout.to_json())
+    return run
+
+
+def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
+        say: Callable[[str], None] = print) -> dict | None:
+    """Train with algorithm = "downpour" on every rank of `comm`; the lead returns the summary."""
+    tcfg = cfg["train"]
+    network = Network(cfg["model"])
+    layout = layout_for(tcfg, network.n_params)
+    layout.check_world(comm.size)  # same verdict on every rank, before any collective
+    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network))
+    if tcfg["n_replicas"] > data_info["n_train"]:
+        raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
+                          f"{data_info['n_train']} training examples")
+    made: list[RunDirectory] = []  # only the lead makes and writes the run directory
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout)))
+    run_dir = made[0] if made else None
+    lead_say = say if comm.rank == 0 else (lambda _msg: None)
+
+    # From here on every rank is committed: an error on one rank ends the job.
+    try:
+        topo = Topology(layout, comm)
+        with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
+            summary = _run(cfg, network, layout, topo, run_dir, lead_say)
+        topo.free()
+        return summary
+    except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
+        abort_on_error(comm, exc)
+
+
+def _run(cfg, network, layout, topo, run_dir, say):
+    tcfg = cfg["train"]
+    role = topo.role
+    if topo.is_lead:
+        say(network.summary())
+        say(layout.describe(tcfg["optimizer"]))
+        say(f"run directory: {run_dir.path}")
+    windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
+    records: list[dict] = []
+    final_slice = np.empty(0, np.float32)
+    if role.is_shard:
+        lo, hi = layout.shard_ranges[role.shard]
+        shard = Shard(windows, role.shard, network.params[lo:hi],
+                      make_optimizer(tcfg, hi - lo))
+        topo.world.Barrier()  # every shard has published its initial slice
+        stats = shard.serve()
+        shard.close()
+        final_slice = shard.work
+        records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
+                        "updates": stats.updates, "pushes": stats.pushes, "drains": stats.drains,
+                        "dropped": stats.dropped, "rejected": stats.rejected,
+                        "staleness_histogram": {bucket_label(b): n for b, n in
+                                                enumerate(stats.staleness_histogram) if n},
+                        "pushes_by_replica": stats.pushes_by_replica,
+                        "first_push_version": stats.first_push_version,
+                        "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3)})
+    else:
+        topo.world.Barrier()
+        records.extend(_replica(cfg, network, layout, topo, windows, run_dir, say))
+    windows.free()
+
+    # The parameters as the shards hold them, gathered at the lead for the final evaluation.
+    final = np.empty(network.n_params if topo.is_lead else 0, np.float32)
+    counts = [0] * layout.n_workers + [layout.shard_size(k) for k in range(layout.n_shards)]
+    displs = [0] * layout.n_workers + [lo for lo, _ in layout.shard_ranges]
+    topo.window.Gatherv(final_slice, [final, counts, displs, MPI.FLOAT], root=0)
+    gathered = topo.world.gather(records, root=0)
+    if not topo.is_lead:
+        return None
+    return _finish(cfg, network, layout, final, gathered, run_dir, say)
+
+
+def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
+    tcfg = cfg["train"]
+    replica, n_replicas = topo.role.replica, layout.n_replicas
+    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+        start, stop = dataset.shard_range("train", replica, n_replicas)
+        x, y = dataset.load("train", start, stop)
+    batch = min(tcfg["batch_size"], len(x))
+    steps_per_epoch = max(1, len(x) // batch)
+    if tcfg["steps"] is not None:
+        budget = tcfg["steps"]
+    elif tcfg["epochs"] is not None:
+        budget = max(1, round(tcfg["epochs"] * steps_per_epoch))
+    else:
+        budget = math.inf
+    deadline = time.perf_counter() + tcfg["time_budget_s"] if tcfg["time_budget_s"] else math.inf
+    n_fetch, n_push = tcfg["n_fetch"], tcfg["n_push"]
+    local_lr = tcfg["local_learning_rate"]
+    warmstart = tcfg["warmstart_steps"] if n_replicas > 1 else 0
+    log_every = tcfg["log_every"]
+    eval_every = tcfg["eval_every"] if topo.is_lead else None
+    test = None
+    if eval_every:
+        with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+            test = dataset.load("test")
+
+    client = ShardClient(windows, replica, 0, network.n_params)
+    batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica)
+    accrued = [np.zeros(network.n_params, np.float32), np.zeros(network.n_params, np.float32)]
+    current = 0
+    records: list[dict] = []
+    if topo.is_lead:
+        say(f"downpour: {n_replicas} replicas x {len(x)} examples each, batch {batch}, "
+            f"budget {budget} steps per replica, n_fetch {n_fetch}, n_push {n_push}, "
+            f"warmstart {warmstart} steps, shard optimizer {tcfg['optimizer']} lr {tcfg['learning_rate']}")
+
+    def train_steps(first: int, count: float, phase: str) -> int:
+        nonlocal current
+        step = first
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        staleness_seen = len(client.staleness)
+        while step < first + count and time.perf_counter() < deadline:
+            if step % n_fetch == 0:
+                client.fetch(network.params)
+            xb, yb = batches.next()
+            loss = network.loss_and_grad(xb, yb)
+            kernels.axpy(1.0, network.grad, accrued[current])
+            if local_lr:
+                kernels.sgd_step(network.params, network.grad, local_lr)
+            step += 1
+            if step % n_push == 0:
+                client.push(accrued[current])
+                current ^= 1
+                accrued[current][:] = 0.0  # its push completed when this one started
+            window_loss += loss
+            window_steps += 1
+            if step % log_every == 0:
+                now = time.perf_counter()
+                recent = client.staleness[staleness_seen:]
+                staleness_seen = len(client.staleness)
+                record = {"kind": "train", "rank": topo.rank, "replica": replica, "phase": phase,
+                          "step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "loss": window_loss / window_steps,
+                          "samples_per_s": round(window_steps * batch / max(now - window_start, 1e-9), 1),
+                          "staleness": (sum(recent) / len(recent)) if recent else None,
+                          "pushes": client.pushes, "rejected": client.rejected}
+                if topo.is_lead:
+                    record["shard_updates"] = client.shard_versions()
+                    run_dir.log(record)
+                    say(f"[{phase}] step {step:>7}  loss {record['loss']:.4f}  "
+                        f"{record['samples_per_s']:8.0f} samples/s (replica 0)  "
+                        f"shard updates {sum(record['shard_updates'])}  "
+                        f"staleness {record['staleness'] if record['staleness'] is None else round(record['staleness'], 2)}")
+                else:
+                    records.append(record)
+                window_loss, window_steps, window_start = 0.0, 0, now
+            if eval_every and step % eval_every == 0:
+                test_loss, test_acc = network.evaluate(test[0], test[1], tcfg["eval_batch_size"])
+                record = {"kind": "eval", "source": "replica 0", "step": step,
+                          "test_loss": test_loss, "test_accuracy": test_acc}
+                run_dir.log(record)
+                say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
+        return step
+
+    started = time.perf_counter()
+    step = 0
+    if warmstart:
+        if replica == 0:
+            step = train_steps(0, warmstart, "warmstart")
+            say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
+        release = topo.workers.Ibarrier()
+        while not release.Test():
+            time.sleep(1e-3)
+    step = train_steps(step, budget, "downpour")
+    if step % n_push != 0:  # push what was accrued since the last push
+        client.push(accrued[current])
+    client.finish()
+    elapsed = time.perf_counter() - started
+    client.close()
+    batches.close()
+    staleness = client.staleness
+    records.append({"kind": "replica", "rank": topo.rank, "replica": replica, "steps": step,
+                    "wall_s": round(elapsed, 3), "samples_per_s": round(step * batch / max(elapsed, 1e-9), 1),
+                    "pushes": client.pushes, "rejected": client.rejected,
+                    "bytes_fetched": client.bytes_fetched, "bytes_pushed": client.bytes_pushed,
+                    "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
+                    "examples": int(x.shape[0]), "batch": batch})
+    return records
+
+
+def _finish(cfg, network, layout, final, gathered, run_dir, say):
+    tcfg = cfg["train"]
+    network.params[:] = final
+    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+        test_x, test_y = dataset.load("test")
+    test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+    records = [r for per_rank in gathered for r in per_rank]
+    for record in records:
+        run_dir.log(record)
+    run_dir.log({"kind": "eval", "source": "shards", "test_loss": test_loss, "test_accuracy": test_acc})
+    replicas = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: r["replica"])
+    shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
+    wall = max(r["wall_s"] for r in replicas)
+    summary = {
+        "algorithm": "downpour", "optimizer": tcfg["optimizer"], "layout": layout.to_dict(),
+        "n_fetch": tcfg["n_fetch"], "n_push": tcfg["n_push"], "warmstart_steps": tcfg["warmstart_steps"],
+        "steps_by_replica": [r["steps"] for r in replicas],
+        "samples_per_s": round(sum(r["steps"] * r["batch"] for r in replicas) / wall, 1),
+        "wall_time_s": wall,
+        "updates_by_shard": [s["updates"] for s in shards],
+        "pushes_rejected": sum(r["rejected"] for r in replicas),
+        "drains_dropped": sum(s["dropped"] for s in shards),
+        "mean_staleness": _mean([r["mean_staleness"] for r in replicas if r["mean_staleness"] is not None]),
+        "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
+    }
+    run_dir.write_json("summary.json", summary)
+    run_dir.close()
+    say(f"shards applied {summary['updates_by_shard']} updates; replicas ran {summary['steps_by_replica']} "
+        f"steps; {summary['pushes_rejected']} pushes rejected, {summary['drains_dropped']} drains dropped")
+    return summary
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def abort_on_error(comm: MPI.Intracomm, exc: BaseException) -> None:
+    """An unexpected error on one rank ends the whole job instead of leaving peers waiting."""
+    print(f"dbmpi: error on rank {comm.rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    comm.Abort(1)

@@ -1,0 +1,343 @@
+"""Downpour's sharded parameter server on one-sided MPI RMA windows.
+
+Each shard exposes three windows made by `MPI.Win.Allocate` on the window communicator
+(shards and workers; a worker exposes zero bytes):
+
+- `params` (float32, disp_unit 4): the shard's slice of the canonical parameter vector;
+- `inbox` (float32): the gradients replicas push, summed in place;
+- `control` (int64, disp_unit 8): counters (version, pushes, ...) and a staleness histogram.
+
+Workers open one passive-target epoch per window (`Lock_all`) for the whole run and complete
+each operation with `Flush` or a request. A fetch is `Rget_accumulate(NO_OP)` of the
+replica's segments; a push is `Raccumulate(SUM)` into the inbox, flushed, then counted.
+
+Why every concurrent access is well-defined. MPI lets accumulate operations on the same
+location run concurrently when they use the same operation or MPI_NO_OP (the default
+`accumulate_ops = same_op_no_op`), and each is atomic per element of a predefined type.
+Every access to shard memory, the shard's own included, is such an operation; the shard
+never loads or stores its window memory directly:
+
+- inbox: workers `Accumulate(SUM)`; the shard drains it with `Get_accumulate(NO_OP)`, then
+  `Accumulate(SUM)` of the negated values it read. A push that lands between the two stays
+  in the inbox for the next drain, so no update is lost or counted twice;
+- params: the shard updates a private working copy and publishes it with
+  `Accumulate(REPLACE)`; workers read with `Get_accumulate(NO_OP)`. Every element a fetch
+  returns is a value that element held (never a torn value), though one fetch may mix
+  elements from before and after an update: the loose consistency Downpour accepts;
+- control: only `Fetch_and_op` with SUM or NO_OP.
+
+Cost (bench/rma.py): with MPICH's shared-memory path these run at memcpy-like speed, so the
+well-defined choice costs little over plain Get/Put.
+
+The shard loop polls its push counter through MPI (each poll is an RMA call, which also
+drives progress of passive-target operations on implementations without a progress
+thread) and sleeps with exponential back-off when idle, so it never spins a core.
+NaN or Inf never reach the parameters: replicas withhold non-finite pushes and count them;
+a shard that still drains a non-finite value drops that drain and counts it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from dbmpi import kernels
+from dbmpi.layout import Layout, Segment
+
+# Control window layout (int64 slots).
+VERSION = 0  # updates the shard applied
+PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
+WORKERS_DONE = 2  # workers that finished for good
+REJECTED = 3  # pushes replicas withheld because the gradient was not finite
+DROPPED = 4  # drains the shard dropped because they were not finite
+DRAINS = 5  # drains that found data
+N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
+HIST = 8
+
+
+def control_size(n_replicas: int) -> int:
+    """int64 slots: the fixed counters, the histogram, then per-replica pushes and the
+    shard version (+1) at each replica's first push (0 until it pushes)."""
+    return HIST + N_BUCKETS + 2 * n_replicas
+
+
+def pushes_by_replica(replica: int) -> int:
+    return HIST + N_BUCKETS + 2 * replica
+
+
+def first_push_version(replica: int) -> int:
+    return HIST + N_BUCKETS + 2 * replica + 1
+
+
+def staleness_bucket(staleness: int) -> int:
+    """Histogram bucket: 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ... capped at N_BUCKETS - 1."""
+    return min(max(int(staleness), 0).bit_length(), N_BUCKETS - 1)
+
+
+def bucket_label(bucket: int) -> str:
+    if bucket <= 1:
+        return str(bucket)
+    lo, hi = 2 ** (bucket - 1), 2**bucket - 1
+    return f">={lo}" if bucket == N_BUCKETS - 1 else f"{lo}-{hi}"
+
+
+_ZERO = np.zeros(1, np.int64)
+# MPI ignores the origin buffer of a NO_OP read; a zero-count origin keeps it disjoint
+# from the result buffer (the target must then be given explicitly).
+NO_ORIGIN = [None, 0, MPI.FLOAT]
+
+
+class ParameterWindows:
+    """The params, inbox and control windows of every shard (collective over `comm`)."""
+
+    def __init__(self, comm: MPI.Intracomm, layout: Layout, shard: int | None):
+        self.comm = comm
+        self.layout = layout
+        n = layout.shard_size(shard) if shard is not None else 0
+        n_control = control_size(layout.n_replicas) if shard is not None else 0
+        self.params = MPI.Win.Allocate(4 * n, 4, comm=comm)
+        self.inbox = MPI.Win.Allocate(4 * n, 4, comm=comm)
+        self.control = MPI.Win.Allocate(8 * n_control, 8, comm=comm)
+        if shard is not None:
+            # Zero the fresh windows before anyone can reach them (a barrier follows).
+            np.frombuffer(self.inbox.tomemory(), np.float32)[:] = 0
+            np.frombuffer(self.control.tomemory(), np.int64)[:] = 0
+            np.frombuffer(self.params.tomemory(), np.float32)[:] = 0
+
+    def windows(self):
+        return (self.params, self.inbox, self.control)
+
+    def free(self) -> None:
+        for win in self.windows():
+            win.Free()
+
+
+def _fetch_op(win: MPI.Win, rank: int, slot: int, value: np.ndarray, op) -> int:
+    result = np.empty(1, np.int64)
+    win.Fetch_and_op(value, result, rank, slot, op)
+    win.Flush(rank)
+    return int(result[0])
+
+
+def read_counter(win: MPI.Win, rank: int, slot: int) -> int:
+    """Atomically read one int64 control slot (inside an open access epoch)."""
+    return _fetch_op(win, rank, slot, _ZERO, MPI.NO_OP)
+
+
+def add_counter(win: MPI.Win, rank: int, slot: int, amount: int = 1) -> int:
+    """Atomically add to one int64 control slot; returns the old value."""
+    return _fetch_op(win, rank, slot, np.array([amount], np.int64), MPI.SUM)
+
+
+@dataclass
+class ShardStats:
+    """What a shard reports at the end of a run."""
+
+    shard: int
+    updates: int = 0
+    pushes: int = 0
+    drains: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    staleness_histogram: list[int] = field(default_factory=list)
+    pushes_by_replica: list[int] = field(default_factory=list)
+    first_push_version: list[int] = field(default_factory=list)
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class Shard:
+    """One parameter-server shard: drains its inbox and applies the update itself."""
+
+    def __init__(self, windows: ParameterWindows, index: int, initial: np.ndarray, optimizer,
+                 poll_min_s: float = 5e-5, poll_max_s: float = 2e-3):
+        self.windows = windows
+        self.layout = windows.layout
+        self.index = index
+        self.me = windows.comm.rank
+        self.optimizer = optimizer
+        self.work = np.array(initial, dtype=np.float32, copy=True)  # private working copy
+        self.drained = np.empty_like(self.work)
+        self.negated = np.empty_like(self.work)
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        self.stats = ShardStats(shard=index)
+        for win in windows.windows():
+            win.Lock_all()
+        self._publish()
+
+    # Self-targeted RMA --------------------------------------------------------------------
+    def _publish(self) -> None:
+        """Make the working copy visible to fetches (element-atomic REPLACE)."""
+        self.windows.params.Accumulate(self.work, self.me, op=MPI.REPLACE)
+        self.windows.params.Flush(self.me)
+
+    def _drain(self) -> bool:
+        """Move the inbox into self.drained atomically; False when it held nothing."""
+        inbox = self.windows.inbox
+        inbox.Get_accumulate(NO_ORIGIN, self.drained, self.me, target=(0, self.drained.size, MPI.FLOAT),
+                             op=MPI.NO_OP)
+        inbox.Flush(self.me)
+        if not self.drained.any():
+            return False
+        np.negative(self.drained, out=self.negated)
+        inbox.Accumulate(self.negated, self.me, op=MPI.SUM)
+        inbox.Flush(self.me)
+        return True
+
+    def _counter(self, slot: int) -> int:
+        return read_counter(self.windows.control, self.me, slot)
+
+    # The loop -----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Drain once and apply the update if there was a finite gradient; True if applied."""
+        if not self._drain():
+            return False
+        control = self.windows.control
+        add_counter(control, self.me, DRAINS)
+        if kernels.count_nonfinite(self.drained):
+            add_counter(control, self.me, DROPPED)
+            return False
+        self.optimizer.step(self.work, self.drained)
+        self._publish()
+        add_counter(control, self.me, VERSION)
+        return True
+
+    def serve(self) -> ShardStats:
+        """Apply pushes until every worker has finished and the inbox is empty."""
+        started = time.perf_counter()
+        n_workers = self.layout.n_workers
+        seen, backoff = 0, self.poll_min_s
+        while True:
+            pushes = self._counter(PUSHES)
+            if pushes != seen:
+                seen = pushes
+                t0 = time.perf_counter()
+                self.step()
+                self.stats.busy_s += time.perf_counter() - t0
+                backoff = self.poll_min_s
+                continue
+            if self._counter(WORKERS_DONE) >= n_workers:
+                # Workers flush every push before they count themselves done: one last
+                # look at the counter and the inbox, then stop.
+                if self._counter(PUSHES) == seen:
+                    self.step()
+                    break
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self.poll_max_s)
+        self.stats.wall_s = time.perf_counter() - started
+        self._collect_stats()
+        return self.stats
+
+    def _collect_stats(self) -> None:
+        control = np.empty(control_size(self.layout.n_replicas), np.int64)
+        win = self.windows.control
+        win.Get_accumulate([None, 0, MPI.INT64_T], control, self.me, target=(0, control.size, MPI.INT64_T),
+                           op=MPI.NO_OP)
+        win.Flush(self.me)
+        s = self.stats
+        s.updates, s.pushes, s.drains = int(control[VERSION]), int(control[PUSHES]), int(control[DRAINS])
+        s.dropped, s.rejected = int(control[DROPPED]), int(control[REJECTED])
+        s.staleness_histogram = control[HIST:HIST + N_BUCKETS].tolist()
+        s.pushes_by_replica = [int(control[pushes_by_replica(r)]) for r in range(self.layout.n_replicas)]
+        s.first_push_version = [int(control[first_push_version(r)]) - 1 for r in range(self.layout.n_replicas)]
+
+    def close(self) -> None:
+        for win in self.windows.windows():
+            win.Unlock_all()
+
+
+class ShardClient:
+    """A worker's view of the shards that hold its parameter range."""
+
+    def __init__(self, windows: ParameterWindows, replica: int, start: int, stop: int):
+        self.windows = windows
+        self.layout = windows.layout
+        self.replica = replica
+        self.start, self.stop = start, stop
+        self.segments: list[Segment] = self.layout.segments(start, stop)
+        self.ranks = [self.layout.shard_rank(seg.shard) for seg in self.segments]
+        self.versions = np.zeros(len(self.segments), np.int64)  # shard versions at last fetch
+        self.pushes = 0
+        self.rejected = 0
+        self.bytes_fetched = 0
+        self.bytes_pushed = 0
+        self.staleness: list[int] = []
+        self._pending: list[MPI.Request] = []
+        self._pending_staleness = False
+        for win in windows.windows():
+            win.Lock_all()
+
+    def fetch(self, out: np.ndarray) -> None:
+        """Read the current parameters of [start, stop) into `out` (one-sided, element-atomic)."""
+        self.finish_push()
+        control, params = self.windows.control, self.windows.params
+        for i, rank in enumerate(self.ranks):
+            self.versions[i] = read_counter(control, rank, VERSION)
+        requests = []
+        for seg, rank in zip(self.segments, self.ranks):
+            view = out[seg.local_offset:seg.local_offset + seg.count]
+            requests.append(params.Rget_accumulate(NO_ORIGIN, view, rank,
+                                                   target=(seg.shard_offset, seg.count, MPI.FLOAT),
+                                                   op=MPI.NO_OP))
+        MPI.Request.Waitall(requests)
+        self.bytes_fetched += 4 * (self.stop - self.start)
+
+    def push(self, grad: np.ndarray) -> bool:
+        """Start adding `grad` (the accrued gradient of [start, stop)) into the shards' inboxes.
+
+        A non-finite gradient is withheld and counted instead. The push completes in
+        finish_push (called by the next fetch or push), so it overlaps the next step's
+        compute; `grad` must not change until then.
+        """
+        self.finish_push()
+        if kernels.count_nonfinite(grad):
+            self.rejected += 1
+            add_counter(self.windows.control, self.ranks[0], REJECTED)
+            return False
+        inbox = self.windows.inbox
+        for seg, rank in zip(self.segments, self.ranks):
+            view = grad[seg.local_offset:seg.local_offset + seg.count]
+            self._pending.append(inbox.Raccumulate(view, rank, target=(seg.shard_offset, seg.count, MPI.FLOAT),
+                                                   op=MPI.SUM))
+        self._pending_staleness = True
+        self.bytes_pushed += 4 * (self.stop - self.start)
+        return True
+
+    def finish_push(self) -> None:
+        """Complete an outstanding push at the shards, then count it there."""
+        if not self._pending_staleness:
+            return
+        MPI.Request.Waitall(self._pending)
+        self._pending.clear()
+        inbox, control = self.windows.inbox, self.windows.control
+        for rank in self.ranks:
+            inbox.Flush(rank)  # the data is in the inbox before the counter says so
+        for i, rank in enumerate(self.ranks):
+            now = read_counter(control, rank, VERSION)
+            staleness = now - int(self.versions[i])
+            self.staleness.append(staleness)
+            add_counter(control, rank, HIST + staleness_bucket(staleness))
+            if add_counter(control, rank, pushes_by_replica(self.replica)) == 0:
+                add_counter(control, rank, first_push_version(self.replica), now + 1)
+            add_counter(control, rank, PUSHES)
+        self.pushes += 1
+        self._pending_staleness = False
+
+    def shard_versions(self) -> list[int]:
+        """The update count of every shard (for progress lines)."""
+        return [read_counter(self.windows.control, self.layout.shard_rank(k), VERSION)
+                for k in range(self.layout.n_shards)]
+
+    def finish(self) -> None:
+        """Complete everything and tell every shard this worker is done."""
+        self.finish_push()
+        control = self.windows.control
+        for k in range(self.layout.n_shards):
+            add_counter(control, self.layout.shard_rank(k), WORKERS_DONE)
+
+    def close(self) -> None:
+        for win in self.windows.windows():
+            win.Unlock_all()
