@@ -105,6 +105,31 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dbmpi.layout import Layout, layout_for
+    from dbmpi.model import Network
+
+    cfg = configuration.load(args.config, args.set)
+    network = Network(cfg["model"])
+    tcfg = cfg["train"]
+    if tcfg["algorithm"] == "sgd":
+        print(network.summary())
+        print(f"train.algorithm = \"sgd\": one process holding all {network.n_params:,} parameters; "
+              "no MPI layout")
+        return 0
+    layout = layout_for(tcfg, network.n_params)
+    if args.n is not None:
+        layout.check_world(args.n)
+    print(network.summary())
+    print(layout.describe(tcfg["optimizer"]))
+    print(f"per step and replica: fetch {4 * network.n_params / 2**20:.2f} MiB every "
+          f"{tcfg['n_fetch']} step(s), push {4 * network.n_params / 2**20:.2f} MiB every "
+          f"{tcfg['n_push']} step(s)")
+    if args.json:
+        print(layout.to_json(), end="")
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from dbmpi import data
 
@@ -164,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="BLAS threads for this process (default: train.threads)")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="print the rank layout of a run without MPI",
+                          description="Print the ranks, their roles, the parameter range each shard "
+                                      "owns and the memory each rank holds. With -n, check that N "
+                                      "ranks is what the layout needs.")
+    plan.add_argument("config")
+    plan.add_argument("-n", type=int, help="the number of MPI ranks you intend to start")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="also print the layout as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     model = sub.add_parser("model", help="print a network's layers, shapes and parameter counts")
     model.add_argument("config")

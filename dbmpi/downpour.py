@@ -33,7 +33,7 @@ from dbmpi.config import ConfigError
 from dbmpi.layout import Layout, LayoutError, layout_for
 from dbmpi.model import Network
 from dbmpi.optimizers import make_optimizer
-from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label
+from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label, gather_parameters
 from dbmpi.rundir import RunDirectory, RunDirectoryError, atomic_write_text
 from dbmpi.topology import Topology
 
@@ -149,7 +149,7 @@ def _run(cfg, network, layout, topo, run_dir, say):
                         "staleness_histogram": {bucket_label(b): n for b, n in
                                                 enumerate(stats.staleness_histogram) if n},
                         "pushes_by_replica": stats.pushes_by_replica,
-                        "first_push_version": stats.first_push_version,
+                        "first_push_after": stats.first_push_after,
                         "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3)})
     else:
         topo.world.Barrier()
@@ -157,10 +157,7 @@ def _run(cfg, network, layout, topo, run_dir, say):
     windows.free()
 
     # The parameters as the shards hold them, gathered at the lead for the final evaluation.
-    final = np.empty(network.n_params if topo.is_lead else 0, np.float32)
-    counts = [0] * layout.n_workers + [layout.shard_size(k) for k in range(layout.n_shards)]
-    displs = [0] * layout.n_workers + [lo for lo, _ in layout.shard_ranges]
-    topo.window.Gatherv(final_slice, [final, counts, displs, MPI.FLOAT], root=0)
+    final = gather_parameters(topo.window, layout, final_slice, root=0)
     gathered = topo.world.gather(records, root=0)
     if not topo.is_lead:
         return None

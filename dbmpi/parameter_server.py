@@ -33,7 +33,10 @@ The shard loop polls its push counter through MPI (each poll is an RMA call, whi
 drives progress of passive-target operations on implementations without a progress
 thread) and sleeps with exponential back-off when idle, so it never spins a core.
 NaN or Inf never reach the parameters: replicas withhold non-finite pushes and count them;
-a shard that still drains a non-finite value drops that drain and counts it.
+a shard that still drains a non-finite value drops that drain and counts it. (Such a value
+cannot be cleared from the inbox with the operations allowed concurrently with SUM, so a
+shard that ever drains one keeps dropping the affected drains: the parameters stay finite
+and the counters say so. Only a push that bypasses the replica's check can cause this.)
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ HIST = 8
 
 
 def control_size(n_replicas: int) -> int:
-    """int64 slots: the fixed counters, the histogram, then per-replica pushes and the
-    shard version (+1) at each replica's first push (0 until it pushes)."""
+    """int64 slots: the fixed counters, the histogram, then per replica its pushes and the
+    number of pushes (of anyone) the shard had received before its first one, plus one
+    (0 until it pushes): the record that shows warmstart was honoured."""
     return HIST + N_BUCKETS + 2 * n_replicas
 
 
@@ -67,7 +71,7 @@ def pushes_by_replica(replica: int) -> int:
     return HIST + N_BUCKETS + 2 * replica
 
 
-def first_push_version(replica: int) -> int:
+def first_push_after(replica: int) -> int:
     return HIST + N_BUCKETS + 2 * replica + 1
 
 
@@ -143,7 +147,7 @@ class ShardStats:
     rejected: int = 0
     staleness_histogram: list[int] = field(default_factory=list)
     pushes_by_replica: list[int] = field(default_factory=list)
-    first_push_version: list[int] = field(default_factory=list)
+    first_push_after: list[int] = field(default_factory=list)
     busy_s: float = 0.0
     wall_s: float = 0.0
 
@@ -242,7 +246,7 @@ class Shard:
         s.dropped, s.rejected = int(control[DROPPED]), int(control[REJECTED])
         s.staleness_histogram = control[HIST:HIST + N_BUCKETS].tolist()
         s.pushes_by_replica = [int(control[pushes_by_replica(r)]) for r in range(self.layout.n_replicas)]
-        s.first_push_version = [int(control[first_push_version(r)]) - 1 for r in range(self.layout.n_replicas)]
+        s.first_push_after = [int(control[first_push_after(r)]) - 1 for r in range(self.layout.n_replicas)]
 
     def close(self) -> None:
         for win in self.windows.windows():
@@ -316,13 +320,13 @@ class ShardClient:
         for rank in self.ranks:
             inbox.Flush(rank)  # the data is in the inbox before the counter says so
         for i, rank in enumerate(self.ranks):
-            now = read_counter(control, rank, VERSION)
-            staleness = now - int(self.versions[i])
+            staleness = read_counter(control, rank, VERSION) - int(self.versions[i])
             self.staleness.append(staleness)
             add_counter(control, rank, HIST + staleness_bucket(staleness))
-            if add_counter(control, rank, pushes_by_replica(self.replica)) == 0:
-                add_counter(control, rank, first_push_version(self.replica), now + 1)
-            add_counter(control, rank, PUSHES)
+            first = add_counter(control, rank, pushes_by_replica(self.replica)) == 0
+            before = add_counter(control, rank, PUSHES)  # last: the shard may drain from here on
+            if first:
+                add_counter(control, rank, first_push_after(self.replica), before + 1)
         self.pushes += 1
         self._pending_staleness = False
 
@@ -341,3 +345,17 @@ class ShardClient:
     def close(self) -> None:
         for win in self.windows.windows():
             win.Unlock_all()
+
+
+def gather_parameters(comm: MPI.Intracomm, layout: Layout, my_slice: np.ndarray, root: int = 0):
+    """Collect every shard's slice into the full canonical vector at `root` (collective
+    over the window communicator; workers contribute nothing). Returns None elsewhere."""
+    full = np.empty(layout.n_params if comm.rank == root else 0, np.float32)
+    counts = [0] * comm.size
+    displs = [0] * comm.size
+    for k, (lo, hi) in enumerate(layout.shard_ranges):
+        counts[layout.shard_rank(k)] = hi - lo
+        displs[layout.shard_rank(k)] = lo
+    send = my_slice if my_slice is not None else np.empty(0, np.float32)
+    comm.Gatherv(send, [full, counts, displs, MPI.FLOAT], root=root)
+    return full if comm.rank == root else None

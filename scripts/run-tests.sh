@@ -9,7 +9,7 @@ bash scripts/install.sh
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 # mpiexec from the environment's own bin (the PyPI MPICH wheel), else from PATH.
 MPIEXEC=$("$PYTHON" -c 'import os, sys; p = os.path.join(os.path.dirname(sys.executable), "mpiexec"); print(p if os.path.exists(p) else "mpiexec")')
-RANKS=${DBMPI_TEST_RANKS:-3}
+RANKS=${DBMPI_TEST_RANKS:-6}
 
 echo "== serial tests"
 "$PYTHON" -m pytest -q "$@" tests

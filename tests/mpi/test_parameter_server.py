@@ -1,0 +1,181 @@
+"""The RMA parameter server under concurrency: no lost updates, no torn reads, no NaN.
+
+Each test carves a communicator of exactly the ranks its layout needs out of COMM_WORLD
+(run with at least 6 ranks to cover every case; ranks left over skip the test).
+"""
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from dbmpi.layout import Layout
+from dbmpi.optimizers import SGD
+from dbmpi.parameter_server import (
+    DROPPED,
+    PUSHES,
+    ParameterWindows,
+    Shard,
+    ShardClient,
+    add_counter,
+    gather_parameters,
+    read_counter,
+)
+
+N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
+
+
+def sub_world(size):
+    """A communicator of the first `size` ranks, or None on the others (collective)."""
+    world = MPI.COMM_WORLD
+    if world.size < size:
+        pytest.skip(f"needs {size} ranks, have {world.size}")
+    comm = world.Split(0 if world.rank < size else MPI.UNDEFINED, world.rank)
+    return None if comm == MPI.COMM_NULL else comm
+
+
+def run_server(comm, layout, initial, worker):
+    """Shards serve with SGD at rate 1; workers run `worker(client)`. Returns the final
+    parameters (at rank 0) and the shard stats (at the shards)."""
+    role = layout.role(comm.rank)
+    windows = ParameterWindows(comm, layout, role.shard if role.is_shard else None)
+    my_slice, stats, result = None, None, None
+    if role.is_shard:
+        lo, hi = layout.shard_ranges[role.shard]
+        shard = Shard(windows, role.shard, initial[lo:hi], SGD(hi - lo, 1.0))
+        comm.Barrier()
+        stats = shard.serve()
+        shard.close()
+        my_slice = shard.work
+    else:
+        comm.Barrier()
+        client = ShardClient(windows, role.replica, 0, layout.n_params)
+        result = worker(client, windows)
+        client.finish()
+        client.close()
+    windows.free()
+    final = gather_parameters(comm, layout, my_slice, root=0)
+    return final, stats, result
+
+
+def integer_gradient(replica, push):
+    """Small integer-valued gradients: every partial sum is exact in float32."""
+    rng = np.random.default_rng([replica, push])
+    return rng.integers(-3, 4, N_PARAMS).astype(np.float32)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n_shards", [1, 2, 3])
+@pytest.mark.parametrize("n_replicas", [1, 2, 3])
+def test_no_lost_updates(n_shards, n_replicas):
+    comm = sub_world(n_shards + n_replicas)
+    if comm is None:
+        return
+    layout = Layout(N_PARAMS, n_shards, n_replicas)
+    initial = np.arange(N_PARAMS, dtype=np.float32)
+    n_pushes = 60
+
+    def worker(client, _windows):
+        total = np.zeros(N_PARAMS, np.float64)
+        buffers = [np.empty(N_PARAMS, np.float32) for _ in range(2)]
+        for i in range(n_pushes):
+            if i % 7 == 0:
+                client.fetch(np.empty(N_PARAMS, np.float32))  # fetches interleave with pushes
+            grad = buffers[i % 2]  # a pending push's buffer is not touched until it completes
+            grad[:] = integer_gradient(client.replica, i)
+            total += grad
+            assert client.push(grad)
+        return total
+
+    final, stats, total = run_server(comm, layout, initial, worker)
+    sums = comm.gather(total, root=0)
+    all_stats = comm.gather(stats, root=0)
+    if comm.rank == 0:
+        expected = initial - sum(s for s in sums if s is not None)
+        np.testing.assert_array_equal(final, expected.astype(np.float32))
+        shard_stats = [s for s in all_stats if s is not None]
+        assert all(s.pushes == n_pushes * n_replicas for s in shard_stats)
+        assert all(s.pushes_by_replica == [n_pushes] * n_replicas for s in shard_stats)
+        assert all(1 <= s.updates <= n_pushes * n_replicas for s in shard_stats)
+        assert all(sum(s.staleness_histogram) == n_pushes * n_replicas for s in shard_stats)
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+def test_concurrent_fetch_returns_values_elements_held():
+    """One replica pushes -1 everywhere (parameters climb 0, 1, 2, ...); the other fetches
+    meanwhile: every element it sees is an integer the element held, never decreasing."""
+    comm = sub_world(4)
+    if comm is None:
+        return
+    layout = Layout(N_PARAMS, 2, 2)
+    n_pushes = 150
+
+    def worker(client, _windows):
+        if client.replica == 0:
+            minus_one = [np.full(N_PARAMS, -1.0, np.float32) for _ in range(2)]
+            for i in range(n_pushes):
+                assert client.push(minus_one[i % 2])
+            return None
+        previous = np.zeros(N_PARAMS, np.float32)
+        seen = np.empty(N_PARAMS, np.float32)
+        fetches = 0
+        while True:
+            client.fetch(seen)
+            fetches += 1
+            assert np.all(seen == np.round(seen)), "a fetched value was never held"
+            assert np.all((seen >= 0) & (seen <= n_pushes))
+            assert np.all(seen >= previous), "an element went backwards"
+            previous[:] = seen
+            if seen.min() == n_pushes or fetches > 20000:
+                return fetches
+
+    final, _stats, fetches = run_server(comm, layout, np.zeros(N_PARAMS, np.float32), worker)
+    if comm.rank == 0:
+        np.testing.assert_array_equal(final, np.full(N_PARAMS, n_pushes, np.float32))
+    if comm.rank == 1:
+        assert fetches >= 1
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_non_finite_gradients_never_reach_the_parameters():
+    comm = sub_world(2)
+    if comm is None:
+        return
+    layout = Layout(N_PARAMS, 1, 1)
+    initial = np.linspace(-1, 1, N_PARAMS).astype(np.float32)
+
+    def worker(client, windows):
+        bad = np.ones(N_PARAMS, np.float32)
+        bad[17] = np.nan
+        assert not client.push(bad)  # withheld by the replica
+        bad[17], bad[500] = 1.0, np.inf
+        assert not client.push(bad)
+        assert client.rejected == 2
+        after = np.empty(N_PARAMS, np.float32)
+        client.fetch(after)
+        np.testing.assert_array_equal(after, initial)
+        # A push that bypasses the replica's check: the shard drops the drain.
+        shard_rank = layout.shard_rank(0)
+        poison = np.zeros(N_PARAMS, np.float32)
+        poison[3] = np.nan
+        windows.inbox.Accumulate(poison, shard_rank, op=MPI.SUM)
+        windows.inbox.Flush(shard_rank)
+        add_counter(windows.control, shard_rank, PUSHES)
+        deadline = time.monotonic() + 30
+        while not read_counter(windows.control, shard_rank, DROPPED) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        client.fetch(after)
+        np.testing.assert_array_equal(after, initial)
+        return None
+
+    final, stats, _ = run_server(comm, layout, initial, worker)
+    if comm.rank == 0:
+        np.testing.assert_array_equal(final, initial)
+    if stats is not None:
+        assert stats.rejected == 2 and stats.dropped >= 1 and stats.updates == 0
+    comm.Free()

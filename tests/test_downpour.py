@@ -1,0 +1,106 @@
+"""Downpour SGD end to end: `mpiexec -n N dbmpi train` in a subprocess, under a timeout."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_fashion
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/downpour_digits.toml"
+
+
+def mpiexec():
+    local = Path(sys.executable).with_name("mpiexec")
+    found = str(local) if local.exists() else shutil.which("mpiexec")
+    if not found:
+        pytest.skip("no mpiexec")
+    return found
+
+
+def launch(n, *args, cwd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "dbmpi", *map(str, args)]
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return result, time.monotonic() - start
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adagrad", 0.05), ("sgd", 0.05)])
+def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
+    run_dir = tmp_path / "run"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", f"train.optimizer={optimizer}",
+                       "--set", f"train.learning_rate={lr}", "--set", "train.epochs=20",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.9, summary
+    assert summary["optimizer"] == optimizer
+    assert summary["layout"]["world_size"] == 4
+    assert all(u > 0 for u in summary["updates_by_shard"])
+    assert summary["pushes_rejected"] == 0 and summary["drains_dropped"] == 0
+    recs = records(run_dir)
+    train = [r for r in recs if r["kind"] == "train"]
+    assert {r["replica"] for r in train} == {0, 1}
+    assert all("staleness" in r and r["samples_per_s"] > 0 for r in train)
+    shards = [r for r in recs if r["kind"] == "shard"]
+    assert sorted(r["shard"] for r in shards) == [0, 1]
+    assert all(sum(r["staleness_histogram"].values()) == r["pushes"] for r in shards)
+    evals = [r for r in recs if r["kind"] == "eval" and r.get("source") == "shards"]
+    assert evals and evals[-1]["test_accuracy"] == summary["test_accuracy"]
+    assert json.loads((run_dir / "layout.json").read_text())["roles"][2] == "shard 0"
+    assert "final test accuracy" in result.stdout
+
+
+def test_warmstart_is_honoured(tmp_path):
+    run_dir = tmp_path / "run"
+    warm = 40
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", f"train.warmstart_steps={warm}",
+                       "--set", "train.steps=60", "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_by_replica"] == [warm + 60, 60]
+    for shard in (r for r in records(run_dir) if r["kind"] == "shard"):
+        # replica 0 pushed first; replica 1's first push came after all of warmstart's pushes
+        assert shard["first_push_after"][0] == 0
+        assert shard["first_push_after"][1] >= warm
+        assert shard["pushes_by_replica"] == [warm + 60, 60]
+
+
+@pytest.mark.parametrize("ranks,overrides,message", [
+    (3, [], "3 MPI ranks were started but the layout needs 2 replica(s) x 1 partition(s) + 2 shard(s) = 4"),
+    (4, ["train.algorithm=hogwild"], "train.algorithm: must be one of"),
+    (4, ["data.path=/nonexistent/x.h5", "data.source=''"], "/nonexistent/x.h5"),
+    (3, ["train.n_shards=20000"], "train.n_shards: 20000 shards for only 17226 parameters"),
+])
+def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, message):
+    sets = [a for o in overrides for a in ("--set", o)]
+    result, elapsed = launch(ranks, "train", CONFIG, "--run-dir", tmp_path / "run", *sets, cwd=tmp_path,
+                             timeout=120)
+    assert result.returncode != 0
+    assert elapsed < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
+    assert len(lines) == ranks and len(set(lines)) == 1, result.stderr[-3000:]
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_downpour_fashion_mnist_mlp_reaches_85_percent(tmp_path):
+    require_fashion()
+    run_dir = tmp_path / "run"
+    result, _ = launch(4, "train", ROOT / "configs/downpour_fashion.toml", "--run-dir", run_dir,
+                       "--set", f"data.path={tmp_path / 'fashion.h5'}", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.85, summary
