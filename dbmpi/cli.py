@@ -230,19 +230,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> None:
+    # One write per line, so lines from several ranks sharing stderr never interleave.
+    sys.stderr.write(f"dbmpi: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _settle_ranks(timeout_s: float = 10.0) -> None:
+    """Under mpiexec, wait (bounded) until every rank has reported its error too: the first
+    rank to exit non-zero may take the job down (python -m mpi4py aborts) before slower
+    ranks have printed. Input errors are found identically on every rank, so all arrive."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size == 1:
+        return
+    import time
+
+    request = mpi.COMM_WORLD.Ibarrier()
+    deadline = time.monotonic() + timeout_s
+    while not request.Test() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _error_types() as exc:
-        print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+        _error(str(exc))
+        _settle_ranks()
         return EXIT_USAGE
     except RuntimeError as exc:
         from dbmpi.sgd import DivergedError
 
         if not isinstance(exc, DivergedError):
             raise
-        print(f"dbmpi: error: training diverged: {exc}", file=sys.stderr, flush=True)
+        _error(f"training diverged: {exc}")
         return 1
     except KeyboardInterrupt:
         print("dbmpi: interrupted", file=sys.stderr)

@@ -311,5 +311,6 @@ def _mean(values):
 
 def abort_on_error(comm: MPI.Intracomm, exc: BaseException) -> None:
     """An unexpected error on one rank ends the whole job instead of leaving peers waiting."""
-    print(f"dbmpi: error on rank {comm.rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"dbmpi: error on rank {comm.rank}: {type(exc).__name__}: {exc}\n")
+    sys.stderr.flush()
     comm.Abort(1)

@@ -79,12 +79,14 @@ def test_warmstart_is_honoured(tmp_path):
 @pytest.mark.parametrize("ranks,overrides,message", [
     (3, [], "3 MPI ranks were started but the layout needs 2 replica(s) x 1 partition(s) + 2 shard(s) = 4"),
     (4, ["train.algorithm=hogwild"], "train.algorithm: must be one of"),
-    (4, ["data.path=/nonexistent/x.h5", "data.source=''"], "/nonexistent/x.h5"),
+    (4, ["data.path=/nonexistent/x.h5"], "/nonexistent/x.h5: data set file not found"),
     (3, ["train.n_shards=20000"], "train.n_shards: 20000 shards for only 17226 parameters"),
 ])
 def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, message):
     sets = [a for o in overrides for a in ("--set", o)]
-    result, elapsed = launch(ranks, "train", CONFIG, "--run-dir", tmp_path / "run", *sets, cwd=tmp_path,
+    config = tmp_path / "no-source.toml"  # without data.source, a missing file is an error
+    config.write_text(CONFIG.read_text().replace('source = "digits"', ""))
+    result, elapsed = launch(ranks, "train", config, "--run-dir", tmp_path / "run", *sets, cwd=tmp_path,
                              timeout=120)
     assert result.returncode != 0
     assert elapsed < 60
