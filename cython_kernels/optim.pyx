@@ -182,3 +182,22 @@ def count_nonfinite(x):
             if not isfinite(pa[i]):
                 bad += 1
     return bad
+
+
+def axpy_count_nonfinite(float alpha, x, y):
+    """y += alpha * x, returning how many entries of the new y are NaN or Inf: a replica
+    accrues its gradient and learns whether the push must be withheld in one pass."""
+    cdef cnp.ndarray a = _vec(x, "x")
+    cdef cnp.ndarray b = _vec(y, "y", True)
+    cdef Py_ssize_t n = a.shape[0], i, bad = 0
+    _same_length(b, "y", n)
+    cdef float* pa = <float*>cnp.PyArray_DATA(a)
+    cdef float* pb = <float*>cnp.PyArray_DATA(b)
+    cdef float v
+    with nogil:
+        for i in range(n):
+            v = pb[i] + alpha * pa[i]
+            pb[i] = v
+            if not isfinite(v):
+                bad += 1
+    return bad

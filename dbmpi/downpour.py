@@ -199,8 +199,10 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
             f"budget {budget} steps per replica, n_fetch {n_fetch}, n_push {n_push}, "
             f"warmstart {warmstart} steps, shard optimizer {tcfg['optimizer']} lr {tcfg['learning_rate']}")
 
+    nonfinite = 0  # NaN/Inf entries in the accrued gradient
+
     def train_steps(first: int, count: float, phase: str) -> int:
-        nonlocal current
+        nonlocal current, nonfinite
         step = first
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
@@ -209,14 +211,15 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
                 client.fetch(network.params)
             xb, yb = batches.next()
             loss = network.loss_and_grad(xb, yb)
-            kernels.axpy(1.0, network.grad, accrued[current])
+            nonfinite += kernels.axpy_count_nonfinite(1.0, network.grad, accrued[current])
             if local_lr:
                 kernels.sgd_step(network.params, network.grad, local_lr)
             step += 1
             if step % n_push == 0:
-                client.push(accrued[current])
+                client.push(accrued[current], nonfinite)
                 current ^= 1
                 accrued[current][:] = 0.0  # its push completed when this one started
+                nonfinite = 0
             window_loss += loss
             window_steps += 1
             if step % log_every == 0:
@@ -258,7 +261,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
             time.sleep(1e-3)
     step = train_steps(step, budget, "downpour")
     if step % n_push != 0:  # push what was accrued since the last push
-        client.push(accrued[current])
+        client.push(accrued[current], nonfinite)
     client.finish()
     elapsed = time.perf_counter() - started
     client.close()

@@ -18,6 +18,7 @@ try:
     from dbmpi._kernels.optim import (
         adagrad_step,
         axpy,
+        axpy_count_nonfinite,
         copy,
         count_nonfinite,
         dot,
@@ -37,6 +38,7 @@ __all__ = [
     "ACTIVATIONS",
     "adagrad_step",
     "axpy",
+    "axpy_count_nonfinite",
     "copy",
     "count_nonfinite",
     "dense_backward",

@@ -289,15 +289,18 @@ class ShardClient:
         MPI.Request.Waitall(requests)
         self.bytes_fetched += 4 * (self.stop - self.start)
 
-    def push(self, grad: np.ndarray) -> bool:
+    def push(self, grad: np.ndarray, nonfinite: int | None = None) -> bool:
         """Start adding `grad` (the accrued gradient of [start, stop)) into the shards' inboxes.
 
-        A non-finite gradient is withheld and counted instead. The push completes in
-        finish_push (called by the next fetch or push), so it overlaps the next step's
-        compute; `grad` must not change until then.
+        A non-finite gradient is withheld and counted instead; `nonfinite`, when the caller
+        already knows it (kernels.axpy_count_nonfinite while accruing), saves a pass. The
+        push completes in finish_push (called by the next push, or finish), so it overlaps
+        the next step's fetch and compute; `grad` must not change until then.
         """
         self.finish_push()
-        if kernels.count_nonfinite(grad):
+        if nonfinite is None:
+            nonfinite = kernels.count_nonfinite(grad)
+        if nonfinite:
             self.rejected += 1
             add_counter(self.windows.control, self.ranks[0], REJECTED)
             return False

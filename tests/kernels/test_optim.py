@@ -66,6 +66,17 @@ def test_vector_ops(rng, n):
     assert np.array_equal(out, y)
 
 
+def test_axpy_count_nonfinite(rng):
+    x, y = randn(rng, 100), randn(rng, 100)
+    expect = y + 0.5 * x.astype(np.float64)
+    assert kernels.axpy_count_nonfinite(0.5, x, y) == 0
+    assert_close(y, expect, rtol=1e-6, atol=1e-7)
+    x[[3, 50]] = [np.nan, np.inf]
+    assert kernels.axpy_count_nonfinite(1.0, x, y) == 2
+    x[:] = 0
+    assert kernels.axpy_count_nonfinite(1.0, x, y) == 2  # non-finite values stay counted in y
+
+
 def test_count_nonfinite():
     x = np.zeros(10, np.float32)
     assert kernels.count_nonfinite(x) == 0
