@@ -1,0 +1,203 @@
+"""Downpour benchmarks, each against a reference measured in the same run.
+
+(b) samples/s against the number of replicas (1, 2, 3; S = 1) on the Fashion-MNIST MLP, with
+    the single-process SGD baseline as reference.
+(c) time to 88% test accuracy on Fashion-MNIST for single-replica SGD, Downpour SGD (R = 2)
+    and Downpour Adagrad (R = 2), against PyTorch CPU SGD (momentum) on the same MLP, data
+    and cores when torch is installed.
+(d) the speech model (42M parameters) on synthetic data: steps/s per replica and the bytes
+    each replica fetches and pushes per step.
+
+Every run is the real command line (`mpiexec -n N dbmpi train ...`) in a subprocess; times
+come from the runs' own metrics. Prints one JSON object per measurement, and last:
+{"samples_per_s_by_replicas", "time_to_88_vs_torch", ...}.
+
+    python bench/downpour.py [--quick] [--skip-speech] [--cores N]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.88
+
+
+def mpiexec():
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else shutil.which("mpiexec")
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def dbmpi_train(config, run_dir, sets, ranks=None, threads=1, timeout=3600):
+    """Run `dbmpi train` (under mpiexec when ranks is given); returns (summary, records)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "dbmpi", "train", str(config), "--run-dir", str(run_dir), "--quiet"]
+    if ranks is not None:
+        cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
+    else:
+        cmd += ["--threads", str(threads)]
+    for item in sets:
+        cmd += ["--set", item]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, records
+
+
+def time_to(records, target):
+    """Wall seconds (from the run's start) of the first evaluation at or above target."""
+    for r in records:
+        if r["kind"] == "eval" and r.get("test_accuracy", 0) >= target:
+            return r["time"]
+    return None
+
+
+def bench_replicas(work, data, steps, cores):
+    base, _ = dbmpi_train(ROOT / "configs/mlp_fashion.toml", work / "b-single",
+                          [f"data.path={data}", f"train.steps={steps}", "train.eval_every=100000"], threads=1)
+    by_replicas = {}
+    for r in (1, 2, 3):
+        summary, _ = dbmpi_train(ROOT / "configs/downpour_fashion.toml", work / f"b-r{r}",
+                                 [f"data.path={data}", f"train.n_replicas={r}", "train.n_shards=1",
+                                  f"train.steps={steps}", "train.warmstart_steps=0"], ranks=r + 1)
+        by_replicas[r] = summary["samples_per_s"]
+        emit({"bench": "downpour_samples_per_s", "replicas": r, "shards": 1, "ranks": r + 1, "cores": cores,
+              "samples_per_s": summary["samples_per_s"], "single_process_sgd_samples_per_s": base["samples_per_s"],
+              "ratio_vs_single": summary["samples_per_s"] / base["samples_per_s"],
+              "mean_staleness": summary["mean_staleness"]})
+    return by_replicas, base["samples_per_s"]
+
+
+def bench_time_to_accuracy(work, data, epochs, eval_every, cores):
+    runs = {}
+    common = [f"data.path={data}", f"train.epochs={epochs}", f"train.eval_every={eval_every}"]
+    summary, records = dbmpi_train(ROOT / "configs/mlp_fashion.toml", work / "c-single", common, threads=cores)
+    runs["single_sgd"] = (time_to(records, TARGET), summary["test_accuracy"], summary["wall_time_s"])
+    for name, opt, lr in (("downpour_sgd_r2", "sgd", 0.02), ("downpour_adagrad_r2", "adagrad", 0.03)):
+        summary, records = dbmpi_train(ROOT / "configs/downpour_fashion.toml", work / f"c-{name}",
+                                       common + [f"train.optimizer={opt}", f"train.learning_rate={lr}",
+                                                 f"train.epochs={2 * epochs}"], ranks=4)
+        runs[name] = (time_to(records, TARGET), summary["test_accuracy"], summary["wall_time_s"])
+    runs["torch_sgd"] = torch_time_to_accuracy(data, epochs, eval_every, cores)
+    for name, (t, acc, wall) in runs.items():
+        emit({"bench": "time_to_accuracy", "run": name, "target": TARGET, "seconds": t,
+              "final_test_accuracy": acc, "wall_s": wall, "cores": cores})
+    return runs
+
+
+def torch_time_to_accuracy(data, epochs, eval_every, cores):
+    try:
+        import torch
+    except ImportError:
+        return (None, None, None)
+    import numpy as np
+
+    from dbmpi.data import open_dataset
+
+    torch.set_num_threads(cores)
+    torch.manual_seed(0)
+    with open_dataset(data) as ds:
+        x, y = ds.load("train")
+        tx, ty = ds.load("test")
+    x, tx = torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(tx.reshape(len(tx), -1))
+    y, ty = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(ty.astype(np.int64))
+    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    start, step, reached = time.perf_counter(), 0, None
+    for _ in range(int(np.ceil(epochs))):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for i in range(0, len(x) - 127, 128):
+            idx = order[i:i + 128]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if step % eval_every == 0:
+                with torch.no_grad():
+                    acc = (model(tx).argmax(1) == ty).float().mean().item()
+                if acc >= TARGET and reached is None:
+                    reached = time.perf_counter() - start
+    with torch.no_grad():
+        acc = (model(tx).argmax(1) == ty).float().mean().item()
+    return (reached, acc, time.perf_counter() - start)
+
+
+def bench_speech(work, steps):
+    from dbmpi import data as datasets
+
+    if "synthetic" not in datasets.SOURCES:
+        return emit({"bench": "speech_downpour", "skipped": "no synthetic data source"})
+    path = work / "speech.h5"
+    datasets.prepare("synthetic", path, config=str(ROOT / "configs/speech.toml"), n_train=4096, n_test=1024)
+    config = work / "speech_downpour.toml"
+    config.write_text((ROOT / "configs/speech.toml").read_text() + f"""
+[data]
+path = "{path}"
+
+[train]
+algorithm = "downpour"
+n_replicas = 2
+n_shards = 2
+optimizer = "adagrad"
+learning_rate = 0.01
+batch_size = 128
+steps = {steps}
+log_every = 1
+""")
+    summary, records = dbmpi_train(config, work / "d-speech", [], ranks=4)
+    replicas = [r for r in records if r["kind"] == "replica"]
+    n_params = summary["n_params"]
+    return emit({"bench": "speech_downpour", "n_params": n_params, "replicas": 2, "shards": 2,
+                 "steps_per_s_by_replica": [round(r["steps"] / r["wall_s"], 3) for r in replicas],
+                 "bytes_fetched_per_step": [r["bytes_fetched"] / r["steps"] for r in replicas],
+                 "bytes_pushed_per_step": [r["bytes_pushed"] / r["steps"] for r in replicas],
+                 "parameter_bytes": 4 * n_params})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test of the script)")
+    parser.add_argument("--skip-speech", action="store_true")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    from dbmpi import data as datasets
+
+    work = Path(tempfile.mkdtemp(prefix="dbmpi-bench-"))
+    try:
+        fashion = work / "fashion.h5"
+        datasets.prepare("fashion-mnist", fashion)
+        steps = 100 if args.quick else 400
+        by_replicas, single = bench_replicas(work, fashion, steps, args.cores)
+        runs = bench_time_to_accuracy(work, fashion, 1 if args.quick else 12, 200 if args.quick else 150,
+                                      args.cores)
+        if not args.skip_speech:
+            bench_speech(work, 2 if args.quick else 6)
+        torch_t = runs["torch_sgd"][0]
+        best = min((t for name, (t, _, _) in runs.items() if name.startswith("downpour") and t), default=None)
+        print(json.dumps({
+            "samples_per_s_by_replicas": {str(r): v for r, v in by_replicas.items()},
+            "single_process_samples_per_s": single,
+            "time_to_88_s": {name: t for name, (t, _, _) in runs.items()},
+            "time_to_88_vs_torch": None if not (torch_t and best) else round(best / torch_t, 3),
+        }), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
