@@ -134,16 +134,30 @@ def cmd_data_prepare(args) -> int:
     from dbmpi import data
 
     out = Path(args.out or f"data/{args.source}.h5")
-    options = {}
-    if args.source_dir:
-        options["source_dir"] = args.source_dir
-    if args.seed is not None:
-        options["seed"] = args.seed
+    # Only the options given are passed, so prepare() rejects one the source does not take.
+    options = {key: getattr(args, attr) for key, attr in PREPARE_OPTIONS.items()
+               if getattr(args, attr) is not None}
     path = data.prepare(args.source, out, **options)
     with data.open_dataset(path) as dataset:
         print(f"wrote {path}: {dataset.n_train} train + {dataset.n_test} test examples of shape "
               f"{tuple(dataset.input_shape)}, {dataset.n_classes} classes")
     return 0
+
+
+# prepare() keyword -> `dbmpi data prepare` argument (argparse dest).
+PREPARE_OPTIONS = {
+    "source_dir": "source_dir",
+    "seed": "seed",
+    "url": "url",
+    "cache_dir": "cache_dir",
+    "config": "prepare_config",
+    "input_shape": "input_shape",
+    "n_classes": "classes",
+    "n_train": "n_train",
+    "n_test": "n_test",
+    "hidden": "hidden",
+    "label_noise": "label_noise",
+}
 
 
 def cmd_data_info(args) -> int:
@@ -210,16 +224,36 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare and inspect HDF5 data sets")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
-    prepare = data_sub.add_parser("prepare", help="write an HDF5 data set from a known source",
-                                  description="Write /train/x, /train/y, /test/x, /test/y to an HDF5 file. "
-                                              "Sources: digits (scikit-learn's bundled 8x8 digits), "
-                                              "fashion-mnist (IDX files from --source-dir).")
-    prepare.add_argument("source", help="digits or fashion-mnist")
+    prepare = data_sub.add_parser(
+        "prepare", help="write an HDF5 data set from a known source",
+        description="Write /train/x, /train/y, /test/x, /test/y to an HDF5 file. Sources: "
+                    "digits (scikit-learn's bundled 8x8 digits), fashion-mnist (IDX files from "
+                    "--source-dir), mnist (downloaded from --url and SHA-256 checked, cached; or "
+                    "IDX files from --source-dir), synthetic (any shape and size, labelled by a "
+                    "fixed random teacher network; shape from --config or --input-shape and "
+                    "--classes). An option the source does not take is an error. See docs/DATA.md.")
+    prepare.add_argument("source", help="digits, fashion-mnist, mnist or synthetic")
     prepare.add_argument("--out", help="output file (default data/<source>.h5)")
-    prepare.add_argument("--source-dir", help="directory of the raw files (fashion-mnist: default "
+    prepare.add_argument("--source-dir", help="directory of the raw IDX files (fashion-mnist: default "
                                               "/usr/share/datasets/fashion-mnist, from Debian's "
-                                              "dataset-fashion-mnist)")
-    prepare.add_argument("--seed", type=int, help="seed of the train/test split (digits)")
+                                              "dataset-fashion-mnist; mnist: instead of downloading)")
+    prepare.add_argument("--seed", type=int, help="seed of the train/test split (digits) or of the "
+                                                  "teacher and inputs (synthetic; default 0)")
+    mnist = prepare.add_argument_group("mnist")
+    mnist.add_argument("--url", help="base URL of the four .gz files (default "
+                                     "https://storage.googleapis.com/cvdf-datasets/mnist/)")
+    mnist.add_argument("--cache-dir", help="where downloads are kept (default ~/.cache/dbmpi/mnist)")
+    synthetic = prepare.add_argument_group("synthetic")
+    synthetic.add_argument("--config", dest="prepare_config", metavar="CONFIG",
+                           help="take the input shape and class count from this run config's [model]")
+    synthetic.add_argument("--input-shape", metavar="SHAPE",
+                           help="input shape, e.g. 440 or 28,28,1 (3-d: image-like, x uniform in [0, 1))")
+    synthetic.add_argument("--classes", type=int, metavar="N", help="number of classes")
+    synthetic.add_argument("--n-train", type=int, metavar="N", help="training examples (default 10000)")
+    synthetic.add_argument("--n-test", type=int, metavar="N", help="test examples (default 2000)")
+    synthetic.add_argument("--hidden", type=int, metavar="N", help="teacher hidden units (default 256)")
+    synthetic.add_argument("--label-noise", type=float, metavar="P",
+                           help="probability of replacing a label by a random class (default 0)")
     prepare.set_defaults(func=cmd_data_prepare)
     info = data_sub.add_parser("info", help="describe an HDF5 data set")
     info.add_argument("path")

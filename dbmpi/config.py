@@ -150,7 +150,8 @@ MODEL_FIELDS = {
 }
 DATA_FIELDS = {
     "path": Field(string, required=True),
-    # A built-in source ("digits", "fashion-mnist") to prepare `path` from when it is missing.
+    # A built-in source ("digits", "fashion-mnist", "mnist", "synthetic") to prepare `path`
+    # from when it is missing; "synthetic" is shaped for the model.
     "source": Field(optional(string), None),
     "source_dir": Field(optional(string), None),
 }

@@ -8,8 +8,11 @@ just its own contiguous slice of rows cheaply (``Dataset.shard_range`` + ``Datas
 Files are written atomically (temp file, fsync, ``os.replace``) so a crash never leaves a
 half-written file behind, and are byte-reproducible (no timestamps) for a given input.
 
-This module is pure Python (numpy, h5py, gzip; scikit-learn only for ``digits``) and does
-not import dbmpi's compiled kernels, so data can be prepared on machines without them.
+Sources (``SOURCES``, ``prepare``): ``digits``, ``fashion-mnist``, ``mnist`` (downloaded with
+urllib and SHA-256 checked, or read from a directory) and ``synthetic`` (any shape and size,
+labelled by a fixed random teacher network); download and teacher helpers are in
+``dbmpi.datasources``. This module is pure Python (numpy, h5py, gzip; scikit-learn only for
+``digits``) and does not use dbmpi's compiled kernels, so data can be prepared without them.
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ __all__ = [
     "read_idx",
     "prepare_digits",
     "prepare_fashion_mnist",
+    "prepare_mnist",
+    "prepare_synthetic",
+    "MNIST_URL",
+    "MNIST_SHA256",
+    "MNIST_FILES",
+    "write_dataset_stream",
     "SOURCES",
     "prepare",
     "write_dataset",
@@ -40,6 +49,26 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# MNIST: read from MNIST_DIR when it exists (`apt-cache search mnist` finds no MNIST package, only
+# dataset-fashion-mnist, whose path this mirrors), else downloaded from MNIST_URL, SHA-256 checked.
+MNIST_DIR = "/usr/share/datasets/mnist"
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+# SHA-256 of the four files (9912422, 28881, 1648877 and 4542 bytes), as listed in
+# tensorflow/datasets, tensorflow_datasets/url_checksums/mnist.txt, for these very URLs.
+# A None value would mean "not known yet": the file is accepted with a warning giving its digest.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -151,17 +180,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
-    """Write a data set file atomically and return its path.
-
-    ``attrs`` must hold ``source`` and ``n_classes``; ``class_names`` defaults to "0".."n-1";
-    any further keys (e.g. ``scaling``, ``x_range``, ``description``) are stored as root
-    attributes too. ``input_shape``, ``layout``, ``n_train``, ``n_test`` and the format
-    markers are derived here. The file is written to ``.<name>.tmp-<pid>`` beside ``out``,
-    fsynced, renamed onto ``out`` and the directory fsynced; on any failure the temp file is
-    removed and an existing ``out`` is left untouched.
-    """
-    out = Path(out)
+def _root_attrs(out: Path, attrs: dict, input_shape: tuple, n_train: int, n_test: int) -> dict:
+    """Check ``attrs`` and return every root attribute of a data set file (shared by writers)."""
     attrs = dict(attrs)
     for key in ("source", "n_classes"):
         if key not in attrs:
@@ -175,7 +195,40 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
     attrs["class_names"] = class_names
     if out.is_dir():
         raise _err(out, "output path is a directory")
+    for split, n in (("train", n_train), ("test", n_test)):
+        if n <= 0:
+            raise _err(out, f"{split} split is empty")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layout": {1: "NC", 3: "NHWC"}.get(len(input_shape), "N" + "D" * len(input_shape)),
+        "x_range": [0.0, 1.0],
+        **attrs,
+        "n_classes": n_classes,
+        "input_shape": list(input_shape),
+        "n_train": int(n_train),
+        "n_test": int(n_test),
+    }
 
+
+def _check_labels(out, split: str, y: np.ndarray, n_classes: int) -> None:
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise _err(out, f"{split} labels outside [0, {n_classes}): min {y.min()}, max {y.max()}")
+
+
+def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
+    """Write a data set file atomically and return its path.
+
+    ``attrs`` must hold ``source`` and ``n_classes``; ``class_names`` defaults to "0".."n-1";
+    any further keys (e.g. ``scaling``, ``x_range``, ``description``) are stored as root
+    attributes too. ``input_shape``, ``layout``, ``n_train``, ``n_test`` and the format
+    markers are derived here. The file is written to ``.<name>.tmp-<pid>`` beside ``out``,
+    fsynced, renamed onto ``out`` and the directory fsynced; on any failure the temp file is
+    removed and an existing ``out`` is left untouched. For data too large to hold in memory
+    use ``write_dataset_stream``, which writes the same file from blocks of rows.
+    """
+    out = Path(out)
+    n_classes = int(attrs["n_classes"]) if "n_classes" in attrs else None  # else: error below
     # Validate shapes and labels before touching the file system (cheap; y is small).
     shapes = {}
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
@@ -184,45 +237,64 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
             raise _err(out, f"{split} x must have shape (N, *input_shape), got {x_shape}")
         if y_arr.ndim != 1 or y_arr.shape[0] != x_shape[0]:
             raise _err(out, f"{split} y shape {y_arr.shape} does not match x rows {x_shape[0]}")
-        if x_shape[0] == 0:
-            raise _err(out, f"{split} split is empty")
-        if y_arr.size and (y_arr.min() < 0 or y_arr.max() >= n_classes):
-            raise _err(out, f"{split} labels outside [0, {n_classes}): "
-                            f"min {y_arr.min()}, max {y_arr.max()}")
+        if n_classes is not None:
+            _check_labels(out, split, y_arr, n_classes)
         shapes[split] = tuple(int(d) for d in x_shape[1:])
     if shapes["train"] != shapes["test"]:
         raise _err(out, f"train input shape {shapes['train']} != test input shape {shapes['test']}")
-    input_shape = shapes["train"]
+    # x is converted to float32 only when its turn comes, inside the writer.
+    return write_dataset_stream(
+        out, [("train", train_x, train_y), ("test", test_x, test_y)],
+        input_shape=shapes["train"], n_train=_shape(train_x)[0], n_test=_shape(test_x)[0],
+        attrs=attrs)
 
-    root = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layout": {1: "NC", 3: "NHWC"}.get(len(input_shape), "N" + "D" * len(input_shape)),
-        "x_range": [0.0, 1.0],
-        **attrs,
-        "n_classes": n_classes,
-        "input_shape": list(input_shape),
-        "n_train": int(_shape(train_x)[0]),
-        "n_test": int(_shape(test_x)[0]),
-    }
 
+def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int, attrs) -> Path:
+    """Write a data set file from blocks of rows, atomically, and return its path.
+
+    ``blocks`` is an iterable of ``(split, x, y)``: x ``(m, *input_shape)``, y ``(m,)``;
+    the blocks of each split fill its rows in order and must add up to exactly ``n_train``
+    / ``n_test`` rows. Only one block is held in memory at a time, so files far larger than
+    memory can be written. ``attrs``, the resulting file and the atomic temp-file, fsync
+    and rename guarantees are those of ``write_dataset`` (which is this with two blocks).
+    """
+    out = Path(out)
+    input_shape = tuple(int(d) for d in input_shape)
+    counts = {"train": int(n_train), "test": int(n_test)}
+    root = _root_attrs(out, attrs, input_shape, counts["train"], counts["test"])
+    n_classes = root["n_classes"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w") as f:
+        # HDF5 1.8 object headers: attributes over 64 KiB (e.g. 8192 class names) need them.
+        with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
             for key in sorted(root):
                 f.attrs[key] = _attr_value(root[key])
-            for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-                g = f.create_group(split)
-                g.attrs["description"] = f"{split} split: x {split} inputs, y {split} labels"
-                xd = g.create_dataset("x", data=np.ascontiguousarray(x, dtype=np.float32),
-                                      track_times=False)
-                xd.attrs["description"] = (
-                    f"{split} inputs, float32, shape (N, {', '.join(map(str, input_shape))}), "
-                    f"layout {root['layout']}; {root.get('scaling', 'values in x_range')}")
-                yd = g.create_dataset("y", data=np.ascontiguousarray(y, dtype=np.int32),
-                                      track_times=False)
-                yd.attrs["description"] = f"{split} labels, int32 class index in [0, {n_classes})"
+            datasets = {split: _create_split(f, split, counts[split], input_shape, root)
+                        for split in SPLITS}
+            filled = dict.fromkeys(SPLITS, 0)
+            for split, x, y in blocks:
+                if split not in datasets:
+                    raise _err(out, f"unknown split {split!r} in a block; splits are {', '.join(SPLITS)}")
+                x_shape, y = _shape(x), np.asarray(y)
+                if tuple(x_shape[1:]) != input_shape:
+                    raise _err(out, f"{split} input shape {tuple(x_shape[1:])} != input shape "
+                                    f"{input_shape}")
+                if y.ndim != 1 or y.shape[0] != x_shape[0]:
+                    raise _err(out, f"{split} y shape {y.shape} does not match x rows {x_shape[0]}")
+                _check_labels(out, split, y, n_classes)
+                start, stop = filled[split], filled[split] + int(x_shape[0])
+                if stop > counts[split]:
+                    raise _err(out, f"{split} blocks hold more than the {counts[split]} rows declared")
+                xd, yd = datasets[split]
+                if stop > start:
+                    xd[start:stop] = np.ascontiguousarray(x, dtype=np.float32)
+                    yd[start:stop] = np.ascontiguousarray(y, dtype=np.int32)
+                filled[split] = stop
+            for split in SPLITS:
+                if filled[split] != counts[split]:
+                    raise _err(out, f"{split} blocks hold {filled[split]} rows, "
+                                    f"{counts[split]} were declared")
             f.flush()
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -238,6 +310,21 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
         raise
     _fsync_dir(out.parent)
     return out
+
+
+def _create_split(f, split: str, n: int, input_shape: tuple, root: dict):
+    """Create the (empty, contiguous, uncompressed) x and y datasets of one split."""
+    g = f.create_group(split)
+    g.attrs["description"] = f"{split} split: x {split} inputs, y {split} labels"
+    # Every row is written exactly once, so HDF5 need not pre-fill the storage with zeros.
+    xd = g.create_dataset("x", shape=(n, *input_shape), dtype=np.float32, track_times=False,
+                          fill_time="never")
+    xd.attrs["description"] = (
+        f"{split} inputs, float32, shape (N, {', '.join(map(str, input_shape))}), "
+        f"layout {root['layout']}; {root.get('scaling', 'values in x_range')}")
+    yd = g.create_dataset("y", shape=(n,), dtype=np.int32, track_times=False, fill_time="never")
+    yd.attrs["description"] = f"{split} labels, int32 class index in [0, {root['n_classes']})"
+    return xd, yd
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,34 +381,53 @@ def prepare_digits(out, *, test_fraction: float = 0.2, seed: int = 0) -> Path:
     )
 
 
-def _find_idx(source_dir: Path, name: str) -> Path:
-    hint = ("install it with `apt-get install dataset-fashion-mnist`, "
-            "or pass the directory holding the IDX files with --source DIR")
+# The four IDX files of MNIST and Fashion-MNIST: (split, images, labels).
+_IDX_FILES = (
+    ("train", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    ("test", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+)
+
+
+def _find_idx_files(source_dir, what: str, hint: str) -> list[Path]:
+    """The four IDX files (plain, else .gz) in ``source_dir``, in ``_IDX_FILES`` order."""
+    source_dir = Path(source_dir)
     if not source_dir.is_dir():
-        raise _err(source_dir, f"Fashion-MNIST directory not found; {hint}")
-    for candidate in (source_dir / name, source_dir / (name + ".gz")):
-        if candidate.is_file():
-            return candidate
-    raise _err(source_dir / name, f"Fashion-MNIST file missing (also looked for {name}.gz); {hint}")
+        raise _err(source_dir, f"{what} directory not found; {hint}")
+    paths = []
+    for _split, *names in _IDX_FILES:
+        for name in names:
+            for candidate in (source_dir / name, source_dir / (name + ".gz")):
+                if candidate.is_file():
+                    paths.append(candidate)
+                    break
+            else:
+                raise _err(source_dir / name, f"{what} file missing (also looked for {name}.gz); {hint}")
+    return paths
 
 
-def _load_fashion_split(source_dir: Path, prefix: str):
-    img_path = _find_idx(source_dir, f"{prefix}-images-idx3-ubyte")
-    lbl_path = _find_idx(source_dir, f"{prefix}-labels-idx1-ubyte")
-    images, labels = read_idx(img_path), read_idx(lbl_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise _err(img_path, f"expected uint8 images of shape (N, 28, 28), "
-                             f"got {images.dtype} {images.shape}")
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise _err(lbl_path, f"expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
-    if labels.shape[0] != images.shape[0]:
-        raise _err(lbl_path, f"{labels.shape[0]} labels but {img_path.name} has "
-                             f"{images.shape[0]} images")
-    if labels.size and labels.max() >= 10:
-        raise _err(lbl_path, f"label {int(labels.max())} outside [0, 10)")
-    x = images.astype(np.float32).reshape(-1, 28, 28, 1)
-    np.divide(x, np.float32(255.0), out=x)
-    return x, labels.astype(np.int32)
+def _read_idx_splits(paths) -> tuple:
+    """Read and check MNIST-style IDX files -> (train_x, train_y, test_x, test_y).
+
+    ``paths``: train images, train labels, test images, test labels. Images must be uint8
+    (N, 28, 28), labels uint8 0..9 of the same N; x = pixel / 255 as float32 (N, 28, 28, 1).
+    """
+    arrays = []
+    for img_path, lbl_path in (paths[0:2], paths[2:4]):
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise _err(img_path, f"expected uint8 images of shape (N, 28, 28), "
+                                 f"got {images.dtype} {images.shape}")
+        if labels.dtype != np.uint8 or labels.ndim != 1:
+            raise _err(lbl_path, f"expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
+        if labels.shape[0] != images.shape[0]:
+            raise _err(lbl_path, f"{labels.shape[0]} labels but {Path(img_path).name} has "
+                                 f"{images.shape[0]} images")
+        if labels.size and labels.max() >= 10:
+            raise _err(lbl_path, f"label {int(labels.max())} outside [0, 10)")
+        x = images.astype(np.float32).reshape(-1, 28, 28, 1)
+        np.divide(x, np.float32(255.0), out=x)
+        arrays += [x, labels.astype(np.int32)]
+    return tuple(arrays)
 
 
 def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
@@ -329,9 +435,10 @@ def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
 
     x = pixel / 255 as float32 (N, 28, 28, 1); y int32 0..9; the standard 60000/10000 split.
     """
-    source_dir = Path(source_dir)
-    train_x, train_y = _load_fashion_split(source_dir, "train")
-    test_x, test_y = _load_fashion_split(source_dir, "t10k")
+    hint = ("install it with `apt-get install dataset-fashion-mnist`, "
+            "or pass the directory holding the IDX files with --source-dir DIR")
+    train_x, train_y, test_x, test_y = _read_idx_splits(
+        _find_idx_files(source_dir, "Fashion-MNIST", hint))
     return write_dataset(
         out, train_x, train_y, test_x, test_y,
         attrs={
@@ -344,9 +451,139 @@ def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
     )
 
 
+def prepare_mnist(out, *, source_dir=None, url: str = MNIST_URL, cache_dir=None,
+                  sha256: dict | None = None, timeout: float = 30.0) -> Path:
+    """Prepare the MNIST handwritten digits (60000 train, 10000 test, 28x28) at ``out``.
+
+    With ``source_dir`` (or when ``MNIST_DIR`` exists) the four IDX files (plain or .gz) are
+    read from that directory as for Fashion-MNIST, unverified. Otherwise the four ``.gz``
+    files (``MNIST_FILES``) are downloaded from the base URL ``url`` into ``cache_dir``
+    (default ``~/.cache/dbmpi/mnist``, see ``datasources.default_cache_dir``), each checked
+    against its SHA-256 in ``sha256`` (default ``MNIST_SHA256``) before it is used; files
+    already cached with the right digest are not downloaded again. ``timeout`` is the socket
+    timeout in seconds. x = pixel / 255 as float32 (N, 28, 28, 1); y int32 0..9.
+    """
+    from dbmpi import datasources
+
+    if source_dir is None and Path(MNIST_DIR).is_dir():
+        source_dir = MNIST_DIR
+    if source_dir is not None:
+        hint = ("pass the directory holding the IDX files with --source-dir DIR, or leave "
+                "--source-dir out to download them")
+        paths = _find_idx_files(source_dir, "MNIST", hint)
+        origin = f"IDX files from {source_dir}"
+    else:
+        digests = MNIST_SHA256 if sha256 is None else sha256
+        cache = Path(cache_dir) if cache_dir is not None else datasources.default_cache_dir("mnist")
+        base = url if url.endswith("/") else url + "/"
+        paths = [cache / name for name in MNIST_FILES]
+        for path in paths:
+            datasources.fetch(base + path.name, path, digests.get(path.name), timeout=timeout,
+                              hint="pass the directory holding the four MNIST files with "
+                                   "--source-dir DIR")
+        origin = f"downloaded from {base}, SHA-256 verified"
+    raw = [f"{datasources.sha256_file(p)}  {p.name}" for p in paths]
+    train_x, train_y, test_x, test_y = _read_idx_splits(paths)
+    return write_dataset(
+        out, train_x, train_y, test_x, test_y,
+        attrs={
+            "source": "mnist",
+            "n_classes": 10,
+            "class_names": [str(i) for i in range(10)],
+            "scaling": "x = pixel / 255 (pixels are 0..255)",
+            "description": f"MNIST handwritten digits (LeCun, Cortes, Burges), 28x28 grey-scale, "
+                           f"standard train/t10k split; {origin}",
+            "raw_sha256": raw,
+        },
+    )
+
+
+def _shape_option(value, what: str) -> tuple[int, ...]:
+    """An input shape from a list/tuple of ints or a string like "8,8,1" or "8x8x1"."""
+    if isinstance(value, str):
+        parts = value.replace("x", ",").replace(" ", ",").split(",")
+        value = [p for p in parts if p]
+        try:
+            value = [int(p) for p in value]
+        except ValueError:
+            raise DatasetError(f"{what}: expected positive integers like 8,8,1; got {value!r}") from None
+    if isinstance(value, (int, np.integer)):
+        value = [value]
+    shape = tuple(int(d) for d in value)
+    if not 1 <= len(shape) <= 3 or any(d < 1 for d in shape):
+        raise DatasetError(f"{what}: must be 1 to 3 positive integers, got {list(shape)}")
+    return shape + (1,) if len(shape) == 2 else shape  # (H, W) images get one channel
+
+
+def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
+                      n_train: int = 10000, n_test: int = 2000, seed: int = 0,
+                      hidden: int = 256, label_noise: float = 0.0) -> Path:
+    """Prepare synthetic data of any size, labelled by a fixed random teacher network.
+
+    The shape comes from ``config`` (a TOML run config: ``model.input_shape`` and the output
+    layer's ``units``) or from ``input_shape`` and ``n_classes`` (not both ways). 3-d shapes
+    (H, W, C) are image-like: x uniform in [0, 1); other shapes: x standard normal (clipped
+    to +-6). A 2-d shape gets a channel axis, as the model does. Labels: the argmax of a
+    2-layer tanh teacher with ``hidden`` units (``datasources.Teacher``), a class replaced
+    by a uniform random one with probability ``label_noise``. Rows are generated and
+    written in blocks, so memory stays bounded for any ``n_train``; the same arguments give
+    a byte-identical file.
+    """
+    from dbmpi import datasources
+
+    out = Path(out)
+    if config is not None:
+        if input_shape is not None or n_classes is not None:
+            raise _err(out, "synthetic: give a config or input_shape and n_classes, not both")
+        from dbmpi import config as configuration
+
+        model = configuration.load(config, require_train=False)["model"]
+        input_shape, n_classes = model["input_shape"], model["layers"][-1]["units"]
+    elif input_shape is None or n_classes is None:
+        raise _err(out, "synthetic: needs a config (--config FILE) or both input_shape and "
+                        "n_classes (--input-shape 440 --classes 8192)")
+    shape = _shape_option(input_shape, "synthetic input_shape")
+    for name, value, low in (("n_classes", n_classes, 2), ("n_train", n_train, 1),
+                             ("n_test", n_test, 1), ("hidden", hidden, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise _err(out, f"synthetic: {name} must be an integer >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise _err(out, f"synthetic: seed must be a non-negative integer, got {seed!r}")
+    if not 0.0 <= float(label_noise) <= 1.0:
+        raise _err(out, f"synthetic: label_noise must be in [0, 1], got {label_noise}")
+    image = len(shape) == 3
+    teacher = datasources.Teacher(shape, int(n_classes), int(hidden), int(seed), image=image)
+
+    def blocks():
+        for split, n, stream in (("train", n_train, 1), ("test", n_test, 2)):
+            for x, y in datasources.synthetic_blocks(teacher, int(n), stream=stream,
+                                                     label_noise=float(label_noise)):
+                yield split, x, y
+
+    clip = datasources.NORMAL_CLIP
+    return write_dataset_stream(
+        out, blocks(), input_shape=shape, n_train=int(n_train), n_test=int(n_test),
+        attrs={
+            "source": "synthetic",
+            "n_classes": int(n_classes),
+            "x_range": [0.0, 1.0] if image else [-clip, clip],
+            "scaling": ("x uniform in [0, 1)" if image else
+                        f"x standard normal, clipped to [-{clip:g}, {clip:g}]"),
+            "description": f"synthetic data labelled by a fixed random teacher network; "
+                           f"seed={int(seed)}, label_noise={float(label_noise)}",
+            "teacher": teacher.describe(),
+            "seed": int(seed),
+            "hidden": int(hidden),
+            "label_noise": float(label_noise),
+        },
+    )
+
+
 SOURCES = {
     "digits": prepare_digits,
     "fashion-mnist": prepare_fashion_mnist,
+    "mnist": prepare_mnist,
+    "synthetic": prepare_synthetic,
 }
 
 

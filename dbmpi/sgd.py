@@ -30,6 +30,8 @@ def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
     path = data_cfg["path"]
     if data_cfg.get("source") and not Path(path).exists():
         options = {"source_dir": data_cfg["source_dir"]} if data_cfg.get("source_dir") else {}
+        if data_cfg["source"] == "synthetic":  # shaped for this model, default size and seed
+            options = {"input_shape": list(network.input_shape), "n_classes": network.n_classes}
         datasets.prepare(data_cfg["source"], path, **options)
     dataset = datasets.open_dataset(path)
     try:
