@@ -179,3 +179,30 @@ def test_non_finite_gradients_never_reach_the_parameters():
     if stats is not None:
         assert stats.rejected == 2 and stats.dropped >= 1 and stats.updates == 0
     comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_idle_shard_does_not_spin_a_core():
+    """While no replica pushes, a serving shard sleeps (back-off): little CPU time used."""
+    comm = sub_world(2)
+    if comm is None:
+        return
+    layout = Layout(N_PARAMS, 1, 1)
+    idle_s = 1.5
+
+    def worker(client, _windows):
+        time.sleep(idle_s)
+        assert client.push(np.ones(N_PARAMS, np.float32))
+        return None
+
+    cpu_before = time.process_time()
+    final, stats, _ = run_server(comm, layout, np.zeros(N_PARAMS, np.float32), worker)
+    cpu_used = time.process_time() - cpu_before
+    if stats is not None:
+        assert stats.wall_s >= idle_s * 0.9
+        assert cpu_used < 0.3 * idle_s, f"idle shard used {cpu_used:.2f} s of CPU in {stats.wall_s:.2f} s"
+        assert stats.updates == 1
+    if comm.rank == 0:
+        np.testing.assert_array_equal(final, np.full(N_PARAMS, -1.0, np.float32))
+    comm.Free()
