@@ -68,7 +68,12 @@ def integer_gradient(replica, push):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n_shards", [1, 2, 3])
 @pytest.mark.parametrize("n_replicas", [1, 2, 3])
-def test_no_lost_updates(n_shards, n_replicas):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_no_lost_updates(n_shards, n_replicas, chunk, monkeypatch):
+    if chunk is not None:  # transfers split into many requests, as large shards' are
+        import dbmpi.parameter_server as ps
+
+        monkeypatch.setattr(ps, "FETCH_CHUNK", chunk)
     comm = sub_world(n_shards + n_replicas)
     if comm is None:
         return
