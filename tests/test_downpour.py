@@ -61,6 +61,25 @@ def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
     assert "final test accuracy" in result.stdout
 
 
+def test_fetch_push_rhythm_local_updates_and_time_budget(tmp_path):
+    """n_fetch/n_push > 1 with local application between fetches still trains; a time
+    budget ends every replica on time even with a huge step budget."""
+    run_dir = tmp_path / "run"
+    result, elapsed = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.n_fetch=2",
+                             "--set", "train.n_push=3", "--set", "train.local_learning_rate=0.02",
+                             "--set", "train.steps=1000000", "--set", "train.time_budget_s=4",
+                             "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_fetch"] == 2 and summary["n_push"] == 3
+    assert 3 <= summary["wall_time_s"] <= 12 and elapsed < 60
+    assert summary["test_accuracy"] >= 0.85, summary
+    replicas = [r for r in records(run_dir) if r["kind"] == "replica"]
+    for r in replicas:  # a push every 3 steps, plus the final partial one
+        assert r["pushes"] in (r["steps"] // 3, r["steps"] // 3 + 1)
+        assert r["bytes_fetched"] == 4 * summary["n_params"] * ((r["steps"] + 1) // 2)
+
+
 def test_warmstart_is_honoured(tmp_path):
     run_dir = tmp_path / "run"
     warm = 40
