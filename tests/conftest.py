@@ -16,8 +16,10 @@ def randn(rng, *shape, scale=1.0):
 
 
 def numeric_grad(f, x, eps=1e-6):
-    """Central finite differences of a scalar float64 function at float64 array x."""
-    x = np.array(x, dtype=np.float64)
+    """Central finite differences of the scalar f(x) at x. A float64 x is perturbed in
+    place (and restored), so f may also read it through a closure; anything else is
+    copied to float64 first."""
+    x = x if isinstance(x, np.ndarray) and x.dtype == np.float64 else np.array(x, dtype=np.float64)
     grad = np.empty_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):

@@ -3,6 +3,9 @@ central differences, tolerant comparison and the bad-argument variants every ker
 reject. A plain module (not a conftest) so it cannot clash with other conftest files."""
 import numpy as np
 
+from tests.conftest import assert_close, randn  # noqa: F401  (re-exported for the spatial tests)
+from tests.conftest import numeric_grad as _numeric_grad
+
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
 
 
@@ -19,37 +22,10 @@ def activate64(z, activation):
     raise ValueError(activation)
 
 
-def randn(rng, *shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
 def numeric_grad(loss, arr, step=1e-6):
     """Central differences of the scalar loss() w.r.t. every element of the float64 array
     arr, which loss() reads; arr is perturbed in place and restored."""
-    grad = np.empty_like(arr)
-    flat = arr.reshape(-1)
-    gflat = grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + step
-        up = loss()
-        flat[i] = old - step
-        down = loss()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * step)
-    return grad
-
-
-def assert_close(got, want, rtol=1e-3, atol=1e-4, name="value"):
-    """|got - want| <= atol * max(1, max|want|) + rtol * |want|, elementwise."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    err = np.abs(got - want)
-    bad = ~(err <= atol * scale + rtol * np.abs(want))
-    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.size} entries differ; "
-                           f"max abs err {err.max():.3g} (scale {scale:.3g})")
+    return _numeric_grad(lambda _arr: loss(), arr, step)
 
 
 def bad_variants(arr, output=False, shaped=True):
