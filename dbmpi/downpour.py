@@ -17,6 +17,7 @@ config, layout, data file or run directory ends every rank with the same message
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,12 +202,16 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
 
     nonfinite = 0  # NaN/Inf entries in the accrued gradient
 
+    fail_at = _injected_failure(topo.rank)
+
     def train_steps(first: int, count: float, phase: str) -> int:
         nonlocal current, nonfinite
         step = first
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
         while step < first + count and time.perf_counter() < deadline:
+            if step == fail_at:
+                raise RuntimeError(f"failure injected at step {step} (DBMPI_FAIL_AT)")
             if step % n_fetch == 0:
                 client.fetch(network.params)
             xb, yb = batches.next()
@@ -276,6 +281,17 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
     return records
 
 
+def _injected_failure(rank: int) -> int | None:
+    """Testing hook: DBMPI_FAIL_AT="RANK:STEP" makes that worker raise at that step, to
+    check that an error on one rank ends the whole job instead of hanging it."""
+    spec = os.environ.get("DBMPI_FAIL_AT", "")
+    if ":" in spec:
+        fail_rank, fail_step = spec.split(":", 1)
+        if fail_rank.strip() == str(rank):
+            return int(fail_step)
+    return None
+
+
 def _finish(cfg, network, layout, final, gathered, run_dir, say):
     tcfg = cfg["train"]
     network.params[:] = final
@@ -316,4 +332,5 @@ def abort_on_error(comm: MPI.Intracomm, exc: BaseException) -> None:
     """An unexpected error on one rank ends the whole job instead of leaving peers waiting."""
     sys.stderr.write(f"dbmpi: error on rank {comm.rank}: {type(exc).__name__}: {exc}\n")
     sys.stderr.flush()
+    time.sleep(0.5)  # let the launcher forward the message before the abort kills the job
     comm.Abort(1)

@@ -125,3 +125,18 @@ def test_downpour_fashion_mnist_mlp_reaches_85_percent(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.85, summary
+
+
+@pytest.mark.parametrize("launcher", ["mpi4py", "script"])
+def test_an_error_on_one_rank_ends_the_whole_job(tmp_path, launcher):
+    """A replica that fails mid-run (injected) takes the job down quickly, never a hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DBMPI_FAIL_AT": "1:30"}
+    prefix = [sys.executable, "-m", "mpi4py", "-m", "dbmpi"] if launcher == "mpi4py" else \
+        [sys.executable, "-m", "dbmpi"]
+    cmd = [mpiexec(), "-n", "4", *prefix, "train", str(CONFIG), "--run-dir", str(tmp_path / "run"),
+           "--set", "train.steps=100000", "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "dbmpi: error on rank 1: RuntimeError: failure injected at step 30" in result.stderr
