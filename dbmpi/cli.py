@@ -185,8 +185,11 @@ def cmd_version(_args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbmpi",
-        description="DistBelief on MPI: train networks with single-replica SGD (more algorithms "
-                    "arrive with Downpour and Sandblaster), prepare data sets, inspect models.",
+        description="DistBelief on MPI: train networks with single-replica SGD (one process) or "
+                    "Downpour SGD (under mpiexec: replicas around a sharded parameter server on "
+                    "one-sided MPI RMA), plan rank layouts, prepare data sets, inspect models.",
+        epilog="Downpour: mpiexec -n N python -m mpi4py -m dbmpi train CONFIG "
+               "(N = replicas x partitions + shards; check with dbmpi plan CONFIG -n N).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
