@@ -26,8 +26,11 @@ never loads or stores its window memory directly:
   elements from before and after an update: the loose consistency Downpour accepts;
 - control: only `Fetch_and_op` with SUM or NO_OP.
 
-Cost (bench/rma.py): with MPICH's shared-memory path these run at memcpy-like speed, so the
-well-defined choice costs little over plain Get/Put.
+Cost (bench/rma.py, MPICH 5.0.2, shared memory, 64 MB): a fetch runs at 0.9-0.95x memcpy,
+a push (a read-modify-write) at 0.5-0.7x, the shard's drain (four passes) at about 0.25x.
+Plain Get measured within 5% of Get_accumulate(NO_OP) here, so being well-defined costs
+little. Transfers go out as requests of at most FETCH_CHUNK values: MPICH slows down on
+single accumulate-class transfers of hundreds of MB.
 
 The shard loop polls its push counter through MPI (each poll is an RMA call, which also
 drives progress of passive-target operations on implementations without a progress
