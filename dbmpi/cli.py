@@ -37,9 +37,10 @@ def _world_size_from_launcher() -> int:
 def _error_types():
     from dbmpi.data import DatasetError
     from dbmpi.layout import LayoutError
+    from dbmpi.partition import PartitionError
     from dbmpi.rundir import RunDirectoryError
 
-    return (ConfigError, DatasetError, LayoutError, RunDirectoryError, UsageError)
+    return (ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError, UsageError)
 
 
 def cmd_train(args) -> int:
@@ -108,6 +109,7 @@ def cmd_model(args) -> int:
 def cmd_plan(args) -> int:
     from dbmpi.layout import Layout, layout_for
     from dbmpi.model import Network
+    from dbmpi.partition import plan_for
 
     cfg = configuration.load(args.config, args.set)
     network = Network(cfg["model"])
@@ -120,8 +122,11 @@ def cmd_plan(args) -> int:
     layout = layout_for(tcfg, network.n_params)
     if args.n is not None:
         layout.check_world(args.n)
+    plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
     print(network.summary())
     print(layout.describe(tcfg["optimizer"]))
+    if plan is not None:
+        print(plan.describe(tcfg["batch_size"]))
     print(f"per step and replica: fetch {4 * network.n_params / 2**20:.2f} MiB every "
           f"{tcfg['n_fetch']} step(s), push {4 * network.n_params / 2**20:.2f} MiB every "
           f"{tcfg['n_push']} step(s)")

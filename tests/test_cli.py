@@ -109,3 +109,15 @@ def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
     assert len(lines) == 2 and lines[0] == lines[1], result.stderr
     assert "2 MPI ranks" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_plan_prints_the_partition_plan_only_when_partitioned():
+    config = ROOT / "configs/downpour_fashion.toml"
+    plain = run("plan", config)
+    assert plain.returncode == 0, plain.stderr
+    assert "model parallelism" not in plain.stdout
+    split = run("plan", config, "--set", "train.n_partitions=3")
+    assert split.returncode == 0, split.stderr
+    assert "model parallelism: 3 partition(s)" in split.stdout and "[0,171) [171,342) [342,512)" in split.stdout
+    line = error_line(run("plan", config, "--set", "train.n_partitions=11"))
+    assert "train.n_partitions: 11 partitions but layer softmax2 (model.layers[2])" in line
