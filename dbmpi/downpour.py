@@ -103,6 +103,10 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
         say: Callable[[str], None] = print) -> dict | None:
     """Train with algorithm = "downpour" on every rank of `comm`; the lead returns the summary."""
     tcfg = cfg["train"]
+    if tcfg["n_partitions"] != 1:
+        # `dbmpi plan` shows the partition plan, but partitioned training is not built yet.
+        raise ConfigError("train.n_partitions: partitioned replicas (model parallelism) are not "
+                          "implemented in training yet; use n_partitions = 1")
     network = Network(cfg["model"])
     layout = layout_for(tcfg, network.n_params)
     layout.check_world(comm.size)  # same verdict on every rank, before any collective
