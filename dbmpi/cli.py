@@ -107,7 +107,7 @@ def cmd_model(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from dbmpi.layout import Layout, layout_for
+    from dbmpi.layout import layout_for
     from dbmpi.model import Network
     from dbmpi.partition import plan_for
 

@@ -17,11 +17,12 @@ labelled by a fixed random teacher network); download and teacher helpers are in
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from dbmpi.atomic import atomic_path
 
 __all__ = [
     "DatasetError",
@@ -167,19 +168,6 @@ def _shape(x) -> tuple:
     return tuple(shape) if shape is not None else np.shape(x)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened; rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _root_attrs(out: Path, attrs: dict, input_shape: tuple, n_train: int, n_test: int) -> dict:
     """Check ``attrs`` and return every root attribute of a data set file (shared by writers)."""
     attrs = dict(attrs)
@@ -264,8 +252,7 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
     root = _root_attrs(out, attrs, input_shape, counts["train"], counts["test"])
     n_classes = root["n_classes"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(out) as tmp:
         # HDF5 1.8 object headers: attributes over 64 KiB (e.g. 8192 class names) need them.
         with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
             for key in sorted(root):
@@ -296,19 +283,6 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
                     raise _err(out, f"{split} blocks hold {filled[split]} rows, "
                                     f"{counts[split]} were declared")
             f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(out.parent)
     return out
 
 

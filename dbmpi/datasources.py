@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dbmpi.data import DatasetError, _err, _fsync_dir
+from dbmpi.atomic import atomic_path
+from dbmpi.data import DatasetError, _err
 
 __all__ = ["default_cache_dir", "sha256_file", "fetch", "Teacher", "synthetic_blocks"]
 
@@ -77,16 +78,14 @@ def fetch(url: str, dest, sha256: str | None, *, timeout: float = 30.0,
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _err(dest.parent, f"cannot create the download cache directory: {e}") from None
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     h = hashlib.sha256()
-    try:
+    with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     f.write(chunk)
                     h.update(chunk)
                 f.flush()
-                os.fsync(f.fileno())
         except urllib.error.HTTPError as e:
             raise DatasetError(f"{url}: download failed: the server answered HTTP {e.code} "
                                f"{e.reason}; check the URL (--url), or {hint}") from None
@@ -103,14 +102,6 @@ def fetch(url: str, dest, sha256: str | None, *, timeout: float = 30.0,
             raise _err(dest.name, f"SHA-256 mismatch for the download from {url}: expected "
                                   f"{expected}, got {got}; the download was deleted (a damaged "
                                   f"transfer, or the server holds a different file)")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dest.parent)
     if expected is None:
         _unverified(dest, got)
     return got

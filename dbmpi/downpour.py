@@ -35,7 +35,8 @@ from dbmpi.layout import Layout, LayoutError, layout_for
 from dbmpi.model import Network
 from dbmpi.optimizers import make_optimizer
 from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label, gather_parameters
-from dbmpi.rundir import RunDirectory, RunDirectoryError, atomic_write_text
+from dbmpi.atomic import atomic_write_text
+from dbmpi.rundir import RunDirectory, RunDirectoryError
 from dbmpi.topology import Topology
 
 AGREED_ERRORS = (ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)

@@ -6,31 +6,11 @@ half-written config or summary; metrics.jsonl is appended and flushed line by li
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from dbmpi import config as configuration
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path so that readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from dbmpi.atomic import atomic_write_text
 
 
 class RunDirectoryError(ValueError):
