@@ -86,7 +86,7 @@ def main():
             comm.send(drain_s, dest=0)
         else:
             comm.Barrier()
-            client = ShardClient(windows, 0, 0, n)
+            client = ShardClient(windows, 0, [(0, n)])
             buf = np.empty(n, np.float32)
             grad = np.ones(n, np.float32)
             src = np.random.default_rng(0).random(n, dtype=np.float32)

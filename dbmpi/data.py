@@ -694,16 +694,30 @@ class Dataset:
             raise _err(self.path, f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
         return self.n_train if split == "train" else self.n_test
 
-    def load(self, split: str, start: int = 0, stop: int | None = None):
-        """Read rows ``[start, stop)`` of ``split``; returns (x float32 C-contiguous, y int32)."""
+    def load(self, split: str, start: int = 0, stop: int | None = None, rows=None):
+        """Read examples ``[start, stop)`` of ``split``; returns (x float32 C-contiguous, y int32).
+
+        ``rows=(r0, r1)`` reads only those rows of each (spatial) example: what a model
+        partition needs, read as one hyperslab, so the rest never leaves the file.
+        """
         n = self._rows(split)
         stop = n if stop is None else int(stop)
         start = int(start)
         if not 0 <= start <= stop <= n:
             raise _err(self.path, f"row range [{start}, {stop}) is outside /{split} (0..{n})")
-        x = np.empty((stop - start, *self.input_shape), dtype=np.float32)
+        shape = self.input_shape
+        selection = np.s_[start:stop]
+        if rows is not None:
+            r0, r1 = int(rows[0]), int(rows[1])
+            if len(shape) < 2:
+                raise _err(self.path, f"examples of shape {shape} have no rows to select")
+            if not 0 <= r0 < r1 <= shape[0]:
+                raise _err(self.path, f"input rows [{r0}, {r1}) are outside the examples' {shape[0]} rows")
+            shape = (r1 - r0, *shape[1:])
+            selection = np.s_[start:stop, r0:r1]
+        x = np.empty((stop - start, *shape), dtype=np.float32)
         if stop > start:
-            self._x[split].read_direct(x, np.s_[start:stop])
+            self._x[split].read_direct(x, selection)
         y = np.ascontiguousarray(self._y[split][start:stop], dtype=np.int32)
         return x, y
 

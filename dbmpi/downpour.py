@@ -195,7 +195,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
         with datasets.open_dataset(cfg["data"]["path"]) as dataset:
             test = dataset.load("test")
 
-    client = ShardClient(windows, replica, 0, network.n_params)
+    client = ShardClient(windows, replica, [(0, network.n_params)])
     batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica)
     accrued = [np.zeros(network.n_params, np.float32), np.zeros(network.n_params, np.float32)]
     current = 0

@@ -258,16 +258,30 @@ class Shard:
 
 
 class ShardClient:
-    """A worker's view of the shards that hold its parameter range."""
+    """A worker's view of the shards that hold its parameter ranges.
 
-    def __init__(self, windows: ParameterWindows, replica: int, start: int, stop: int):
+    `ranges` are canonical [start, stop) ranges (a whole replica: [(0, n_params)]; a model
+    partition: its own blocks of every layer). The worker's local vector is their
+    concatenation, and only the shards holding them are read, written and counted.
+    """
+
+    def __init__(self, windows: ParameterWindows, replica: int, ranges):
         self.windows = windows
         self.layout = windows.layout
         self.replica = replica
-        self.start, self.stop = start, stop
-        self.segments: list[Segment] = self.layout.segments(start, stop)
-        self.ranks = [self.layout.shard_rank(seg.shard) for seg in self.segments]
-        self.versions = np.zeros(len(self.segments), np.int64)  # shard versions at last fetch
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+        self.segments: list[Segment] = []
+        local = 0
+        for start, stop in self.ranges:
+            for seg in self.layout.segments(start, stop):
+                self.segments.append(Segment(seg.shard, seg.shard_offset, seg.count, local + seg.local_offset))
+            local += stop - start
+        self.size = local
+        self.seg_ranks = [self.layout.shard_rank(seg.shard) for seg in self.segments]
+        self.shards = sorted({seg.shard for seg in self.segments})
+        self.ranks = [self.layout.shard_rank(k) for k in self.shards]  # each shard once
+        self.versions = np.zeros(len(self.shards), np.int64)  # shard versions at last fetch
+        self.fetches = 0
         self.pushes = 0
         self.rejected = 0
         self.bytes_fetched = 0
@@ -279,13 +293,13 @@ class ShardClient:
             win.Lock_all()
 
     def fetch(self, out: np.ndarray) -> None:
-        """Read the current parameters of [start, stop) into `out` (one-sided, element-atomic)."""
+        """Read the current values of the ranges into `out` (one-sided, element-atomic)."""
         self.finish_push()
         control, params = self.windows.control, self.windows.params
         for i, rank in enumerate(self.ranks):
             self.versions[i] = read_counter(control, rank, VERSION)
         requests = []
-        for seg, rank in zip(self.segments, self.ranks):
+        for seg, rank in zip(self.segments, self.seg_ranks):
             # Pieces of at most FETCH_CHUNK values: MPICH slows down on very large
             # accumulate-class reads (bench/rma.py: 0.35x memcpy at 256 MB in one piece).
             for lo in range(0, seg.count, FETCH_CHUNK):
@@ -295,10 +309,11 @@ class ShardClient:
                                                        target=(seg.shard_offset + lo, count, MPI.FLOAT),
                                                        op=MPI.NO_OP))
         MPI.Request.Waitall(requests)
-        self.bytes_fetched += 4 * (self.stop - self.start)
+        self.fetches += 1
+        self.bytes_fetched += 4 * self.size
 
     def push(self, grad: np.ndarray, nonfinite: int | None = None) -> bool:
-        """Start adding `grad` (the accrued gradient of [start, stop)) into the shards' inboxes.
+        """Start adding `grad` (the accrued gradient of the ranges) into the shards' inboxes.
 
         A non-finite gradient is withheld and counted instead; `nonfinite`, when the caller
         already knows it (kernels.axpy_count_nonfinite while accruing), saves a pass. The
@@ -313,14 +328,14 @@ class ShardClient:
             add_counter(self.windows.control, self.ranks[0], REJECTED)
             return False
         inbox = self.windows.inbox
-        for seg, rank in zip(self.segments, self.ranks):
+        for seg, rank in zip(self.segments, self.seg_ranks):
             for lo in range(0, seg.count, FETCH_CHUNK):
                 count = min(FETCH_CHUNK, seg.count - lo)
                 view = grad[seg.local_offset + lo:seg.local_offset + lo + count]
                 self._pending.append(inbox.Raccumulate(view, rank, target=(seg.shard_offset + lo, count, MPI.FLOAT),
                                                        op=MPI.SUM))
         self._pending_staleness = True
-        self.bytes_pushed += 4 * (self.stop - self.start)
+        self.bytes_pushed += 4 * self.size
         return True
 
     def finish_push(self) -> None:

@@ -22,7 +22,7 @@ from dbmpi.layout import balanced_ranges
 
 SPATIAL = ("local", "l2pool", "lcn")
 FLOAT_BYTES = 4
-SOFTMAX_SCALARS = 2  # max and sum of exp, Allreduced per example across partitioned classes
+SOFTMAX_BYTES = 4 + 8  # per example: max (float32) and sum of exp (float64), Allreduced across classes
 
 
 class PartitionError(ValueError):
@@ -185,7 +185,7 @@ class PartitionPlan:
             need_grad = not from_file and any(lower.has_params for lower in network.layers[:index])
             extra = 0
             if layer.kind == "softmax" and P > 1:
-                extra = FLOAT_BYTES * SOFTMAX_SCALARS * (P - 1)
+                extra = SOFTMAX_BYTES * (P - 1)
             tensors = [t for t in network.tensors if t.layer == index]
             parts = []
             for p, (a, b) in enumerate(blocks):

@@ -196,9 +196,9 @@ def test_dense_bytes_by_hand():
     plan = PartitionPlan.for_network(NETWORKS["mlp"], 3)  # 512 -> [171, 171, 170]; 10 -> [4, 3, 3]
     b = plan.bytes_per_example(2)
     # dense1 gathers the 342 units of dense0 it does not own; softmax2 gathers 342 of dense1;
-    # the softmax Allreduces 2 scalars with each of the 2 others.
-    assert b["forward_recv"] == 4 * (342 + 342) + 4 * 2 * 2
-    assert b["forward_send"] == 4 * (170 * 2 + 170 * 2) + 4 * 2 * 2
+    # the softmax Allreduces a float32 max and a float64 sum with each of the 2 others.
+    assert b["forward_recv"] == 4 * (342 + 342) + (4 + 8) * 2
+    assert b["forward_send"] == 4 * (170 * 2 + 170 * 2) + (4 + 8) * 2
     assert b["backward_send"] == 4 * (342 + 342) and b["backward_recv"] == 4 * (170 * 2 * 2)
     first = plan.layers[0]
     assert first.from_file and all(x.forward_recv == 0 for x in first.parts)

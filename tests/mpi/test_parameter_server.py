@@ -49,7 +49,7 @@ def run_server(comm, layout, initial, worker):
         my_slice = shard.work
     else:
         comm.Barrier()
-        client = ShardClient(windows, role.replica, 0, layout.n_params)
+        client = ShardClient(windows, role.replica, [(0, layout.n_params)])
         result = worker(client, windows)
         client.finish()
         client.close()
