@@ -124,12 +124,17 @@ def cmd_plan(args) -> int:
         layout.check_world(args.n)
     plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
     print(network.summary())
-    print(layout.describe(tcfg["optimizer"]))
-    if plan is not None:
+    print(layout.describe(tcfg["optimizer"], plan))
+    if plan is None:
+        print(f"per replica: fetch {4 * network.n_params / 2**20:.2f} MiB every "
+              f"{tcfg['n_fetch']} step(s), push {4 * network.n_params / 2**20:.2f} MiB every "
+              f"{tcfg['n_push']} step(s)")
+    else:
         print(plan.describe(tcfg["batch_size"]))
-    print(f"per step and replica: fetch {4 * network.n_params / 2**20:.2f} MiB every "
-          f"{tcfg['n_fetch']} step(s), push {4 * network.n_params / 2**20:.2f} MiB every "
-          f"{tcfg['n_push']} step(s)")
+        for p in range(plan.n_partitions):
+            mib = 4 * plan.n_params_of(p) / 2**20
+            print(f"partition {p}: fetch {mib:.2f} MiB every {tcfg['n_fetch']} step(s), push "
+                  f"{mib:.2f} MiB every {tcfg['n_push']} step(s), from its shards only")
     if args.json:
         print(layout.to_json(), end="")
     return 0

@@ -1,8 +1,10 @@
 """Downpour SGD: asynchronous model replicas around a sharded parameter server.
 
-Every worker rank is a model replica (partitions arrive with model parallelism). Each reads
-only its own slice of the training data, with the next minibatch prepared by a helper
-thread, and runs the paper's client loop: every `n_fetch` steps fetch the parameters from
+A model replica is P worker ranks, one per model partition (P = 1: one rank holds the whole
+network; P > 1: dbmpi.model.partitioned, activations exchanged over the replica's
+communicator). Each replica reads only its own slice of the training data (each partition
+only the input rows it needs), with the next minibatch prepared by a helper thread, and
+runs the paper's client loop: every `n_fetch` steps fetch the parameters from
 the shards, compute a minibatch gradient, add it to the accrued gradient (and optionally
 apply it to its own copy), every `n_push` steps push the accrued gradient. Shards apply the
 updates themselves (dbmpi.parameter_server). Replica 0 trains alone for `warmstart_steps`
@@ -33,7 +35,9 @@ from dbmpi import kernels
 from dbmpi.config import ConfigError
 from dbmpi.layout import Layout, LayoutError, layout_for
 from dbmpi.model import Network
+from dbmpi.model.partitioned import PartitionedNetwork
 from dbmpi.optimizers import make_optimizer
+from dbmpi.partition import PartitionPlan
 from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label, gather_parameters
 from dbmpi.atomic import atomic_write_text
 from dbmpi.rundir import RunDirectory, RunDirectoryError
@@ -104,13 +108,12 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
         say: Callable[[str], None] = print) -> dict | None:
     """Train with algorithm = "downpour" on every rank of `comm`; the lead returns the summary."""
     tcfg = cfg["train"]
-    if tcfg["n_partitions"] != 1:
-        # `dbmpi plan` shows the partition plan, but partitioned training is not built yet.
-        raise ConfigError("train.n_partitions: partitioned replicas (model parallelism) are not "
-                          "implemented in training yet; use n_partitions = 1")
     network = Network(cfg["model"])
     layout = layout_for(tcfg, network.n_params)
-    layout.check_world(comm.size)  # same verdict on every rank, before any collective
+    # Same verdicts on every rank, before any collective: the partition plan (a P the model
+    # cannot be split into) and the world size.
+    plan = PartitionPlan.for_network(network, layout.n_partitions)
+    layout.check_world(comm.size)
     data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network))
     if tcfg["n_replicas"] > data_info["n_train"]:
         raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
@@ -124,19 +127,21 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     try:
         topo = Topology(layout, comm)
         with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
-            summary = _run(cfg, network, layout, topo, run_dir, lead_say)
+            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say)
         topo.free()
         return summary
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
 
-def _run(cfg, network, layout, topo, run_dir, say):
+def _run(cfg, network, layout, plan, topo, run_dir, say):
     tcfg = cfg["train"]
     role = topo.role
     if topo.is_lead:
         say(network.summary())
-        say(layout.describe(tcfg["optimizer"]))
+        say(layout.describe(tcfg["optimizer"], plan))
+        if layout.n_partitions > 1:
+            say(plan.describe(tcfg["batch_size"]))
         say(f"run directory: {run_dir.path}")
     windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
     records: list[dict] = []
@@ -159,7 +164,7 @@ def _run(cfg, network, layout, topo, run_dir, say):
                         "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3)})
     else:
         topo.world.Barrier()
-        records.extend(_replica(cfg, network, layout, topo, windows, run_dir, say))
+        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say))
     windows.free()
 
     # The parameters as the shards hold them, gathered at the lead for the final evaluation.
@@ -170,12 +175,20 @@ def _run(cfg, network, layout, topo, run_dir, say):
     return _finish(cfg, network, layout, final, gathered, run_dir, say)
 
 
-def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
+def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[dict]:
     tcfg = cfg["train"]
     replica, n_replicas = topo.role.replica, layout.n_replicas
+    partition, n_partitions = topo.role.partition, layout.n_partitions
+    if n_partitions > 1:
+        model = PartitionedNetwork(network, topo.replica, plan)
+        ranges, rows = model.ranges, model.input_rows
+        if rows == (0, network.input_shape[0]):
+            rows = None  # a dense first layer reads whole examples
+    else:
+        model, ranges, rows = network, [(0, network.n_params)], None
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
         start, stop = dataset.shard_range("train", replica, n_replicas)
-        x, y = dataset.load("train", start, stop)
+        x, y = dataset.load("train", start, stop, rows=rows)
     batch = min(tcfg["batch_size"], len(x))
     steps_per_epoch = max(1, len(x) // batch)
     if tcfg["steps"] is not None:
@@ -189,21 +202,38 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
     local_lr = tcfg["local_learning_rate"]
     warmstart = tcfg["warmstart_steps"] if n_replicas > 1 else 0
     log_every = tcfg["log_every"]
-    eval_every = tcfg["eval_every"] if topo.is_lead else None
+    # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
+    eval_every = tcfg["eval_every"] if replica == 0 else None
     test = None
     if eval_every:
         with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-            test = dataset.load("test")
+            test = dataset.load("test", rows=rows)
 
-    client = ShardClient(windows, replica, [(0, network.n_params)])
+    client = ShardClient(windows, replica, ranges)
+    # Every partition of a replica shuffles with the replica's seed: the same examples.
     batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica)
-    accrued = [np.zeros(network.n_params, np.float32), np.zeros(network.n_params, np.float32)]
+    accrued = [np.zeros(model.n_params, np.float32), np.zeros(model.n_params, np.float32)]
     current = 0
     records: list[dict] = []
     if topo.is_lead:
-        say(f"downpour: {n_replicas} replicas x {len(x)} examples each, batch {batch}, "
-            f"budget {budget} steps per replica, n_fetch {n_fetch}, n_push {n_push}, "
-            f"warmstart {warmstart} steps, shard optimizer {tcfg['optimizer']} lr {tcfg['learning_rate']}")
+        say(f"downpour: {n_replicas} replicas x {n_partitions} partition(s), {len(x)} examples "
+            f"each, batch {batch}, budget {budget} steps per replica, n_fetch {n_fetch}, "
+            f"n_push {n_push}, warmstart {warmstart} steps, shard optimizer {tcfg['optimizer']} "
+            f"lr {tcfg['learning_rate']}")
+
+    # A replica's partitions step in lockstep (every step is collective over them), so they
+    # fetch and push together; only a time budget could split them, so its verdict is shared.
+    agree_on_time = n_partitions > 1 and deadline != math.inf
+    stop_flag = np.zeros(1, np.int32)
+
+    def keep_going(step: int, last: float) -> bool:
+        if step >= last:
+            return False
+        if not agree_on_time:
+            return time.perf_counter() < deadline
+        stop_flag[0] = time.perf_counter() >= deadline
+        topo.replica.Allreduce(MPI.IN_PLACE, stop_flag, op=MPI.MAX)
+        return not stop_flag[0]
 
     nonfinite = 0  # NaN/Inf entries in the accrued gradient
 
@@ -214,16 +244,16 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
         step = first
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
-        while step < first + count and time.perf_counter() < deadline:
+        while keep_going(step, first + count):
             if step == fail_at:
                 raise RuntimeError(f"failure injected at step {step} (DBMPI_FAIL_AT)")
             if step % n_fetch == 0:
-                client.fetch(network.params)
+                client.fetch(model.params)
             xb, yb = batches.next()
-            loss = network.loss_and_grad(xb, yb)
-            nonfinite += kernels.axpy_count_nonfinite(1.0, network.grad, accrued[current])
+            loss = model.loss_and_grad(xb, yb)
+            nonfinite += kernels.axpy_count_nonfinite(1.0, model.grad, accrued[current])
             if local_lr:
-                kernels.sgd_step(network.params, network.grad, local_lr)
+                kernels.sgd_step(model.params, model.grad, local_lr)
             step += 1
             if step % n_push == 0:
                 client.push(accrued[current], nonfinite)
@@ -236,7 +266,8 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
                 now = time.perf_counter()
                 recent = client.staleness[staleness_seen:]
                 staleness_seen = len(client.staleness)
-                record = {"kind": "train", "rank": topo.rank, "replica": replica, "phase": phase,
+                record = {"kind": "train", "rank": topo.rank, "replica": replica,
+                          "partition": partition, "phase": phase,
                           "step": step, "epoch": round(step / steps_per_epoch, 4),
                           "loss": window_loss / window_steps,
                           "samples_per_s": round(window_steps * batch / max(now - window_start, 1e-9), 1),
@@ -253,11 +284,12 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
                     records.append(record)
                 window_loss, window_steps, window_start = 0.0, 0, now
             if eval_every and step % eval_every == 0:
-                test_loss, test_acc = network.evaluate(test[0], test[1], tcfg["eval_batch_size"])
-                record = {"kind": "eval", "source": "replica 0", "step": step,
-                          "test_loss": test_loss, "test_accuracy": test_acc}
-                run_dir.log(record)
-                say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
+                test_loss, test_acc = model.evaluate(test[0], test[1], tcfg["eval_batch_size"])
+                if topo.is_lead:
+                    record = {"kind": "eval", "source": "replica 0", "step": step,
+                              "test_loss": test_loss, "test_accuracy": test_acc}
+                    run_dir.log(record)
+                    say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
         return step
 
     started = time.perf_counter()
@@ -277,10 +309,15 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say) -> list[dict]:
     client.close()
     batches.close()
     staleness = client.staleness
-    records.append({"kind": "replica", "rank": topo.rank, "replica": replica, "steps": step,
-                    "wall_s": round(elapsed, 3), "samples_per_s": round(step * batch / max(elapsed, 1e-9), 1),
-                    "pushes": client.pushes, "rejected": client.rejected,
+    records.append({"kind": "replica", "rank": topo.rank, "replica": replica, "partition": partition,
+                    "steps": step, "wall_s": round(elapsed, 3),
+                    "samples_per_s": round(step * batch / max(elapsed, 1e-9), 1),
+                    "fetches": client.fetches, "pushes": client.pushes, "rejected": client.rejected,
+                    "n_params": model.n_params, "shards": client.shards,
+                    "input_rows": list(rows) if rows is not None else [0, network.input_shape[0]],
                     "bytes_fetched": client.bytes_fetched, "bytes_pushed": client.bytes_pushed,
+                    "activation_bytes_sent": getattr(model, "bytes_sent", 0),
+                    "activation_bytes_received": getattr(model, "bytes_received", 0),
                     "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
                     "examples": int(x.shape[0]), "batch": batch})
     return records
@@ -307,19 +344,22 @@ def _finish(cfg, network, layout, final, gathered, run_dir, say):
     for record in records:
         run_dir.log(record)
     run_dir.log({"kind": "eval", "source": "shards", "test_loss": test_loss, "test_accuracy": test_acc})
-    replicas = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: r["replica"])
+    workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
+    replicas = [r for r in workers if r["partition"] == 0]
     shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
     wall = max(r["wall_s"] for r in replicas)
     summary = {
         "algorithm": "downpour", "optimizer": tcfg["optimizer"], "layout": layout.to_dict(),
         "n_fetch": tcfg["n_fetch"], "n_push": tcfg["n_push"], "warmstart_steps": tcfg["warmstart_steps"],
         "steps_by_replica": [r["steps"] for r in replicas],
+        "n_partitions": layout.n_partitions,
         "samples_per_s": round(sum(r["steps"] * r["batch"] for r in replicas) / wall, 1),
+        "bytes_fetched_by_worker": [r["bytes_fetched"] for r in workers],
         "wall_time_s": wall,
         "updates_by_shard": [s["updates"] for s in shards],
-        "pushes_rejected": sum(r["rejected"] for r in replicas),
+        "pushes_rejected": sum(r["rejected"] for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
-        "mean_staleness": _mean([r["mean_staleness"] for r in replicas if r["mean_staleness"] is not None]),
+        "mean_staleness": _mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
         "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
     }
     run_dir.write_json("summary.json", summary)

@@ -156,18 +156,26 @@ class Layout:
         return pieces
 
     # Description --------------------------------------------------------------------------
-    def memory_bytes(self, role: Role, optimizer: str = "adagrad") -> int:
+    def memory_bytes(self, role: Role, optimizer: str = "adagrad", plan=None) -> int:
         """Parameter-sized float32 buffers a rank holds (activations not included).
 
-        A worker keeps its parameter copy, gradient and accrued push; a shard keeps its slice,
-        a private working copy, the gradient inbox, the drain buffer and optimizer state.
+        A worker keeps its parameter copy, gradient and two accrued pushes, of the whole
+        model or, with a partition plan (dbmpi.partition), of its partition's ranges; a shard
+        keeps its slice, a private working copy, the gradient inbox, the drain buffer and
+        optimizer state.
         """
         if role.is_worker:
-            return 4 * 3 * self.n_params
+            return 4 * 4 * self.worker_params(role, plan)
         if role.is_shard:
             state = {"adagrad": 1, "momentum": 1, "sgd": 0}.get(optimizer, 1)
             return 4 * (4 + state) * self.shard_size(role.shard)
         return 0
+
+    def worker_params(self, role: Role, plan=None) -> int:
+        """Parameters a worker fetches and pushes: all, or its partition's share."""
+        if plan is None or self.n_partitions == 1:
+            return self.n_params
+        return plan.n_params_of(role.partition)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -179,7 +187,8 @@ class Layout:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def describe(self, optimizer: str = "adagrad") -> str:
+    def describe(self, optimizer: str = "adagrad", plan=None) -> str:
+        """The rank table; with a partition plan, each worker's own parameter share."""
         lines = [f"layout: {self.formula()} = {self.world_size} ranks; "
                  f"{self.n_params:,} parameters ({self.n_params * 4 / 2**20:.1f} MiB float32)"]
         lines.append(f"  {'rank':>4}  {'role':<24} {'parameters':<28} {'memory':>10}")
@@ -189,11 +198,16 @@ class Layout:
                 lo, hi = self.shard_ranges[role.shard]
                 params = f"[{lo:,}, {hi:,}) {hi - lo:,}"
             elif role.is_worker:
-                params = f"all {self.n_params:,} (fetch/push)"
+                mine = self.worker_params(role, plan)
+                params = (f"all {mine:,} (fetch/push)" if mine == self.n_params else
+                          f"own {mine:,} (fetch/push)")
             else:
                 params = "none (scalars only)"
-            mem = self.memory_bytes(role, optimizer)
+            mem = self.memory_bytes(role, optimizer, plan)
             lines.append(f"  {rank:>4}  {str(role):<24} {params:<28} {_mib(mem):>10}")
+        if self.n_partitions > 1 and plan is None:
+            lines.append("  (workers of a partitioned replica hold only their partition's "
+                         "parameters: see the partition plan)")
         return "\n".join(lines)
 
 

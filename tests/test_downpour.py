@@ -100,6 +100,9 @@ def test_warmstart_is_honoured(tmp_path):
     (4, ["train.algorithm=hogwild"], "train.algorithm: must be one of"),
     (4, ["data.path=/nonexistent/x.h5"], "/nonexistent/x.h5: data set file not found"),
     (3, ["train.n_shards=20000"], "train.n_shards: 20000 shards for only 17226 parameters"),
+    (5, ["train.n_partitions=2"],
+     "5 MPI ranks were started but the layout needs 2 replica(s) x 2 partition(s) + 2 shard(s) = 6"),
+    (4, ["train.n_partitions=11"], "train.n_partitions: 11 partitions but layer softmax2"),
 ])
 def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, message):
     sets = [a for o in overrides for a in ("--set", o)]
@@ -140,3 +143,104 @@ def test_an_error_on_one_rank_ends_the_whole_job(tmp_path, launcher):
     assert result.returncode != 0
     assert time.monotonic() - start < 60
     assert "dbmpi: error on rank 1: RuntimeError: failure injected at step 30" in result.stderr
+
+
+SPATIAL_DIGITS = """
+[model]
+name = "local-digits"
+input_shape = [8, 8, 1]
+seed = 0
+[[model.layers]]
+type = "local"
+filters = 6
+kernel = 3
+stride = 1
+activation = "relu"
+[[model.layers]]
+type = "lcn"
+size = 3
+[[model.layers]]
+type = "l2pool"
+size = 2
+stride = 2
+[[model.layers]]
+type = "softmax"
+units = 10
+[data]
+path = "digits.h5"
+source = "digits"
+[train]
+algorithm = "downpour"
+optimizer = "adagrad"
+learning_rate = 0.1
+batch_size = 32
+n_shards = 2
+n_replicas = 2
+n_partitions = 2
+"""
+
+
+def _replica_records(run_dir):
+    return sorted((r for r in records(run_dir) if r["kind"] == "replica"),
+                  key=lambda r: (r["replica"], r["partition"]))
+
+
+def test_partitioned_replicas_train_like_whole_ones(tmp_path):
+    """R=2 replicas of P=2 partitions with S=2 shards reach the accuracy of P=1, and each
+    partition fetches and pushes exactly its own parameter ranges, from their shards only."""
+    from dbmpi import config as configuration
+    from dbmpi.layout import layout_for
+    from dbmpi.model import Network
+    from dbmpi.partition import plan_for
+
+    accuracy = {}
+    for P, ranks in ((1, 4), (2, 6)):
+        run_dir = tmp_path / f"run-p{P}"
+        result, _ = launch(ranks, "train", CONFIG, "--run-dir", run_dir, "--set", "train.epochs=20",
+                           "--set", f"train.n_partitions={P}",
+                           "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        accuracy[P] = summary["test_accuracy"]
+        assert summary["n_partitions"] == P and summary["layout"]["world_size"] == ranks
+    assert accuracy[2] >= 0.9 and abs(accuracy[2] - accuracy[1]) <= 0.04, accuracy
+
+    cfg = configuration.load(CONFIG, ["train.n_partitions=2"])
+    network = Network(cfg["model"])
+    plan, layout = plan_for(cfg["train"], network), layout_for(cfg["train"], network.n_params)
+    workers = _replica_records(tmp_path / "run-p2")
+    assert [(r["replica"], r["partition"]) for r in workers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in workers:
+        mine = plan.n_params_of(r["partition"])
+        assert r["n_params"] == mine < network.n_params
+        assert r["bytes_fetched"] == 4 * mine * r["fetches"] and r["fetches"] == r["steps"]
+        assert r["bytes_pushed"] == 4 * mine * r["pushes"]
+        touched = {seg.shard for a, b in plan.param_ranges(r["partition"]) for seg in layout.segments(a, b)}
+        assert sorted(touched) == r["shards"]
+        assert r["activation_bytes_sent"] > 0 and r["activation_bytes_received"] > 0
+    # The partitions of a replica step together: same steps, fetches and pushes.
+    for replica in (0, 1):
+        pair = [r for r in workers if r["replica"] == replica]
+        assert len({(r["steps"], r["fetches"], r["pushes"]) for r in pair}) == 1
+
+
+def test_partitioned_spatial_model_reads_its_rows_and_honours_a_time_budget(tmp_path):
+    """A locally connected model split by rows: each partition reads only the input rows
+    its first layer needs, and a time budget ends both partitions of a replica together."""
+    config = tmp_path / "local.toml"
+    config.write_text(SPATIAL_DIGITS)
+    run_dir = tmp_path / "run"
+    result, elapsed = launch(6, "train", config, "--run-dir", run_dir, "--set", "train.steps=1000000",
+                             "--set", "train.time_budget_s=5", "--set", "train.eval_every=100",
+                             cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 90
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.8, summary
+    workers = _replica_records(run_dir)
+    # 8 input rows -> local 3x3 gives 6 rows, split [0,3) and [3,6): inputs [0,5) and [3,8).
+    assert [tuple(r["input_rows"]) for r in workers] == [(0, 5), (3, 8), (0, 5), (3, 8)]
+    for replica in (0, 1):
+        pair = [r for r in workers if r["replica"] == replica]
+        assert pair[0]["steps"] == pair[1]["steps"] > 0
+    assert any(r["kind"] == "eval" and r.get("source") == "replica 0" for r in records(run_dir))

@@ -62,4 +62,4 @@ def test_description_and_json():
     data = json.loads(layout.to_json())
     assert data["world_size"] == 6 and data["roles"][2] == "shard 0"
     # a worker holds params, gradient and accrued push: 3 x 159.4 MiB
-    assert layout.memory_bytes(layout.role(0)) == 12 * 41_777_152
+    assert layout.memory_bytes(layout.role(0)) == 16 * 41_777_152  # params, grad, 2 accrued
