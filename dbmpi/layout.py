@@ -113,7 +113,7 @@ class Layout:
             raise LayoutError(
                 f"{world_size} MPI ranks were started but the layout needs {self.formula()} = "
                 f"{self.world_size}; run with mpiexec -n {self.world_size} or change "
-                "train.n_replicas / train.n_shards")
+                "train.n_replicas / train.n_partitions / train.n_shards")
 
     # Roles --------------------------------------------------------------------------------
     def role(self, rank: int) -> Role:

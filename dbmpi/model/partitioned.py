@@ -326,6 +326,9 @@ class PartitionedNetwork:
         n = gx.shape[0]
         n0, n1 = part.needed
         c0, c1 = part.own_input
+        receive, send = self._peer_pieces(index)
+        if not receive and not send and (n0, n1) == (c0, c1):
+            return gx  # the block read exactly its own rows: nothing to return or add
         g = self.layers[index - 1]._buffer("gy_below", shape)
         o0, o1 = max(n0, c0), min(n1, c1)
         if o0 < o1:
@@ -335,7 +338,6 @@ class PartitionedNetwork:
         else:
             g[...] = 0.0
         # The pieces I received forward go back; the pieces I sent come back to be added.
-        receive, send = self._peer_pieces(index)
         requests, landing = [], []
         for q, a, b in send:
             buf = np.empty((n, b - a) + shape[2:], np.float32)
