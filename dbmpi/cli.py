@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
             f"train.algorithm = \"sgd\" is the single-process baseline but {ranks} MPI ranks were "
             "started; run it without mpiexec (or with -n 1)")
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    if algorithm == "downpour":
+    if algorithm in ("downpour", "sandblaster"):
         return _train_distributed(args, cfg, say)
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or RunDirectory.default_path(args.config))
     cfg["train"]["run_dir"] = str(run_path)
@@ -75,10 +75,11 @@ def cmd_train(args) -> int:
 
 
 def _train_distributed(args, cfg, say) -> int:
-    """Downpour under mpiexec: every rank runs this; the lead prints and writes the run."""
+    """Downpour or Sandblaster under mpiexec: every rank runs this; the lead (Downpour) or
+    the coordinator (Sandblaster) prints and writes the run."""
     from mpi4py import MPI
 
-    from dbmpi import downpour
+    from dbmpi import downpour, sandblaster
     from dbmpi.rundir import RunDirectory
 
     comm = MPI.COMM_WORLD
@@ -86,6 +87,12 @@ def _train_distributed(args, cfg, say) -> int:
     default = str(RunDirectory.default_path(args.config)) if comm.rank == 0 else None
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
     cfg["train"]["run_dir"] = str(run_path)
+    if cfg["train"]["algorithm"] == "sandblaster":
+        summary = sandblaster.run(cfg, run_path, comm, say)
+        if summary is not None:
+            say(f"final test accuracy {summary['test_accuracy']:.4f} after {summary['iterations']} "
+                f"L-BFGS iterations ({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
+        return 0
     summary = downpour.run(cfg, run_path, comm, say)
     if summary is not None:
         say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
@@ -119,7 +126,7 @@ def cmd_plan(args) -> int:
         print(f"train.algorithm = \"sgd\": one process holding all {network.n_params:,} parameters; "
               "no MPI layout")
         return 0
-    layout = layout_for(tcfg, network.n_params)
+    layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
     if args.n is not None:
         layout.check_world(args.n)
     plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None

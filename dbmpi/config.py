@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
 OUTPUT_LAYERS = ("softmax", "logistic")
-ALGORITHMS = ("sgd", "downpour")
+ALGORITHMS = ("sgd", "downpour", "sandblaster")
 OPTIMIZERS = ("sgd", "momentum", "adagrad")
 
 
@@ -158,7 +158,8 @@ DATA_FIELDS = {
 TRAIN_FIELDS = {
     "algorithm": Field(one_of(*ALGORITHMS), required=True),
     "optimizer": Field(one_of(*OPTIMIZERS), "sgd"),
-    "learning_rate": Field(positive_float, required=True),
+    # Required by sgd and downpour; Sandblaster's line search picks its own steps.
+    "learning_rate": Field(optional(positive_float), None),
     "momentum": Field(unit_interval, 0.9),
     "adagrad_eps": Field(positive_float, 1e-8),
     # Adagrad accumulators start here, so the first steps are not huge.
@@ -184,6 +185,20 @@ TRAIN_FIELDS = {
     # Apply each gradient to the replica's own copy between fetches (the paper's client).
     "local_learning_rate": Field(optional(positive_float), None),
     "time_budget_s": Field(optional(positive_float), None),
+    # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
+    # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
+    "iterations": Field(optional(positive_int), None),
+    "portion_size": Field(positive_int, 100),
+    "history": Field(positive_int, 10),  # m, the (s, y) pairs kept
+    "wolfe_c1": Field(positive_float, 1e-4),  # sufficient decrease
+    "wolfe_c2": Field(positive_float, 0.9),  # curvature (strong Wolfe)
+    "max_line_search": Field(positive_int, 20),  # function evaluations per line search
+    "tolerance": Field(nonnegative_number, 1e-6),  # stop when |g| <= tolerance * max(1, |x|)
+    "backup_tasks": Field(boolean, True),
+    # Sandblaster: L2 penalty weight_decay/2 * |x|^2 added to the batch loss by the shards
+    # (a strictly convex objective for logistic regression, so the optimum is unique).
+    "weight_decay": Field(nonnegative_number, 0.0),
+    "push_every": Field(positive_int, 4),  # portions a replica accrues before it pushes
 }
 
 
@@ -267,7 +282,17 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
         elif require_train:
             raise ConfigError(f"{section}: missing (required table [{section}])")
     train = resolved.get("train")
-    if train is not None:
+    if train is not None and train["algorithm"] == "sandblaster":
+        if train["iterations"] is None and train["time_budget_s"] is None:
+            raise ConfigError("train.iterations: give train.iterations (or train.time_budget_s), "
+                              "the Sandblaster budget")
+        if not 0 < train["wolfe_c1"] < train["wolfe_c2"] < 1:
+            raise ConfigError(f"train.wolfe_c2: the line search needs 0 < wolfe_c1 < wolfe_c2 < 1, "
+                              f"got {train['wolfe_c1']} and {train['wolfe_c2']}")
+    elif train is not None:
+        if train["learning_rate"] is None:
+            raise ConfigError(f"train.learning_rate: missing (required by algorithm "
+                              f"\"{train['algorithm']}\")")
         if train["epochs"] is None and train["steps"] is None and train["time_budget_s"] is None:
             raise ConfigError("train.epochs: give train.epochs or train.steps (the training budget)")
         if train["epochs"] is not None and train["steps"] is not None:

@@ -1,0 +1,550 @@
+"""Sandblaster L-BFGS: a coordinator drives L-BFGS through vector commands run on the shards,
+and the model replicas compute batch gradients portion by portion.
+
+Ranks (dbmpi.layout with a coordinator): R x P workers, S shards, then the coordinator.
+
+- **Shards** hold every L-BFGS vector (the iterate x, gradient, direction, trial point, the
+  m (s, y) pairs): each its own slice. They wait for commands broadcast by the coordinator
+  on `control` (coordinator + shards): dot (a float64 partial sum, reduced at the
+  coordinator), axpy, scale, copy, multiply, publish (copy a vector into the RMA parameter
+  window the replicas fetch from), collect (take the summed gradient the replicas pushed
+  into the inbox window). Only scalars travel to the coordinator.
+- **The coordinator** runs dbmpi.lbfgs on a vector space whose vectors are those slices.
+  To evaluate f and its gradient at a point it publishes the point, then hands out the
+  batch's portions (dbmpi.portions): two-sided messages with each replica's lead, backups
+  near the end, a commit protocol so each portion counts once.
+- **Replicas** fetch the published point once per evaluation (one-sided), compute each
+  portion's loss and gradient, accrue the committed ones and push them into the shards'
+  inboxes (one-sided accumulate) when told to, then report the flush.
+
+Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
+request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
+computing. Test hooks: DBMPI_SLOW="REPLICA:FACTOR" makes a replica FACTOR times slower
+(it sleeps (FACTOR - 1) x its compute time per portion); DBMPI_PORTION_DELAY=SECONDS adds a
+fixed sleep to every portion, so timing tests do not depend on the machine's load.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from dbmpi import data as datasets
+from dbmpi import kernels
+from dbmpi.downpour import abort_on_error, agree
+from dbmpi.layout import Layout, layout_for
+from dbmpi.lbfgs import LBFGS, vector_names
+from dbmpi.model import Network
+from dbmpi.model.partitioned import PartitionedNetwork
+from dbmpi.parameter_server import ParameterWindows, ShardClient, gather_parameters
+from dbmpi.partition import PartitionPlan
+from dbmpi.portions import PortionScheduler, Reply, cut
+from dbmpi.rundir import RunDirectory
+from dbmpi.topology import Topology
+
+# Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
+DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP = range(8)
+REQUEST, REPLY, RESULT = 101, 102, 103  # tags of replica <-> coordinator messages
+# A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop, evaluation
+REPLY_FIELDS = 9
+
+
+SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
+WAKE = 104  # tag: the coordinator wakes the shards after a batch
+
+
+def wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3):
+    """Complete `request` without hogging a core: poll for `spin` seconds (replies and
+    commands usually come that fast), then sleep between polls with exponential back-off."""
+    done, value = request.test()
+    if done:
+        return value
+    until = time.perf_counter() + spin
+    while time.perf_counter() < until:
+        done, value = request.test()
+        if done:
+            return value
+    pause = low
+    while True:
+        time.sleep(pause)
+        done, value = request.test()
+        if done:
+            return value
+        pause = min(2 * pause, high)
+
+
+def Wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3) -> None:
+    """`wait` for buffer-based requests."""
+    if request.Test():
+        return
+    until = time.perf_counter() + spin
+    while time.perf_counter() < until:
+        if request.Test():
+            return
+    pause = low
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, high)
+
+
+# Shards -------------------------------------------------------------------------------------
+class ShardVectors:
+    """A shard's slice of every L-BFGS vector, and the loop that runs the coordinator's
+    commands on them."""
+
+    def __init__(self, windows: ParameterWindows, control: MPI.Intracomm, initial: np.ndarray,
+                 names: list[str]):
+        self.windows = windows
+        self.control = control
+        self.root = control.size - 1  # the coordinator is the last rank of `control`
+        self.me = windows.comm.rank
+        self.names = names
+        self.vectors: dict[str, np.ndarray] = {"x": np.array(initial, np.float32)}
+        self.zeros = np.zeros_like(self.vectors["x"])
+        self.commands = 0
+        for win in (windows.params, windows.inbox):
+            win.Lock_all()
+
+    def vector(self, name: str) -> np.ndarray:
+        vec = self.vectors.get(name)
+        if vec is None:
+            vec = self.vectors[name] = np.zeros_like(self.zeros)
+        return vec
+
+    def serve(self) -> None:
+        """Run commands until STOP. Commands come in bursts (the L-BFGS arithmetic) and are
+        broadcast with blocking collectives, which are fast; while the replicas compute a
+        batch the shard instead sleeps until the coordinator wakes it, so it leaves the
+        cores to them (MPICH's blocking waits spin)."""
+        command = np.zeros(5, np.float64)
+        while True:
+            self.control.Bcast(command, root=self.root)
+            self.commands += 1
+            op, alpha = int(command[0]), float(command[1])
+            a, b, c = (self.names[int(i)] if i >= 0 else None for i in command[2:])
+            if op == STOP:
+                break
+            if op == DOT:
+                partial = np.array([kernels.dot(self.vector(a), self.vector(b))])
+                self.control.Reduce(partial, None, op=MPI.SUM, root=self.root)
+            elif op == AXPY:
+                kernels.axpy(alpha, self.vector(a), self.vector(b))
+            elif op == SCALE:
+                kernels.scale(alpha, self.vector(a))
+            elif op == COPY:
+                kernels.copy(self.vector(a), self.vector(b))
+            elif op == MULTIPLY:
+                kernels.multiply(self.vector(a), self.vector(b), self.vector(c))
+            elif op == PUBLISH:
+                self.windows.params.Accumulate(self.vector(a), self.me, op=MPI.REPLACE)
+                self.windows.params.Flush(self.me)
+                self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
+                # The replicas compute the batch now: sleep until it is done.
+                Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=WAKE))
+            elif op == COLLECT:
+                # Every push of the evaluation was flushed before its replica reported it,
+                # and no other push can be in flight: take the sum and empty the inbox.
+                out = self.vector(a)
+                inbox = self.windows.inbox
+                inbox.Get_accumulate([None, 0, MPI.FLOAT], out, self.me,
+                                     target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
+                inbox.Flush(self.me)
+                inbox.Accumulate(self.zeros, self.me, op=MPI.REPLACE)
+                inbox.Flush(self.me)
+                bad = np.array([float(kernels.count_nonfinite(out))])
+                self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
+            else:  # pragma: no cover - a programming error, not input
+                raise RuntimeError(f"unknown shard command {op}")
+
+    def close(self) -> None:
+        for win in (self.windows.params, self.windows.inbox):
+            win.Unlock_all()
+
+
+# The coordinator ----------------------------------------------------------------------------
+class ShardSpace:
+    """dbmpi.lbfgs's vector space over the shards' slices; `evaluate` runs a batch through
+    the replicas."""
+
+    def __init__(self, control: MPI.Intracomm, world: MPI.Intracomm, layout: Layout,
+                 names: list[str], batches: list[tuple[int, int]], tcfg: dict):
+        self.control, self.world, self.layout = control, world, layout
+        self.root = control.rank
+        self.index = {name: i for i, name in enumerate(names)}
+        self.batches = batches
+        self.batch = 0  # which batch evaluations use now
+        self.evaluation = 0
+        self.portion_size = tcfg["portion_size"]
+        self.push_every = tcfg["push_every"]
+        self.backups = tcfg["backup_tasks"]
+        self.weight_decay = float(tcfg["weight_decay"])
+        self.leads = [layout.worker_rank(r, 0) for r in range(layout.n_replicas)]
+        self.parked: set[int] = set()
+        self.pending: dict[int, dict] = {}  # requests that arrived for a later evaluation
+        self.stats_log: list[dict] = []
+        self.dots = 0
+
+    def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
+        ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
+        command = np.array([op, alpha, *ids], np.float64)
+        self.control.Bcast(command, root=self.root)
+
+    def _reduce(self) -> float:
+        total = np.zeros(1)
+        self.control.Reduce(np.zeros(1), total, op=MPI.SUM, root=self.root)
+        return float(total[0])
+
+    # The vector commands ------------------------------------------------------------------
+    def dot(self, a: str, b: str) -> float:
+        self._send(DOT, 0.0, a, b)
+        self.dots += 1
+        return self._reduce()
+
+    def axpy(self, alpha: float, x: str, y: str) -> None:
+        self._send(AXPY, alpha, x, y)
+
+    def scale(self, alpha: float, x: str) -> None:
+        self._send(SCALE, alpha, x)
+
+    def copy(self, src: str, dst: str) -> None:
+        self._send(COPY, 0.0, src, dst)
+
+    def multiply(self, a: str, b: str, out: str) -> None:
+        self._send(MULTIPLY, 0.0, a, b, out)
+
+    def stop_shards(self) -> None:
+        self._send(STOP)
+
+    # Batch gradients ----------------------------------------------------------------------
+    def evaluate(self, point: str, grad: str) -> float:
+        """Mean loss over the current batch at `point`; its gradient into `grad`."""
+        self._send(PUBLISH, 0.0, point)
+        self._reduce()  # every shard has published
+        self.evaluation += 1
+        start, stop = self.batches[self.batch]
+        n = stop - start
+        scheduler = PortionScheduler(cut(start, stop, self.portion_size), self.layout.n_replicas,
+                                     self.push_every, self.backups)
+        started = time.perf_counter()
+        for replica in sorted(self.parked):
+            self._answer(scheduler, replica, None, n)
+        for replica, message in sorted(self.pending.items()):
+            del self.pending[replica]
+            self._serve(scheduler, message, n)
+        while not scheduler.complete:
+            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
+            self._serve(scheduler, message, n)
+        for shard in range(self.control.size - 1):
+            self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
+        self._send(COLLECT, 0.0, grad)
+        nonfinite = self._reduce() + scheduler.stats.nonfinite
+        s = scheduler.stats
+        self.stats_log.append({
+            "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples,
+            "portions": s.portions, "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
+            "backups_issued": s.backups_issued, "backups_won": s.backups_won,
+            "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked,
+            "seconds": time.perf_counter() - started})
+        if s.examples != n:  # the commit protocol's invariant; never expected
+            raise RuntimeError(f"batch gradient counted {s.examples} examples, expected {n}")
+        loss = s.loss
+        if self.weight_decay:  # + weight_decay/2 |x|^2, computed where x lives
+            loss += 0.5 * self.weight_decay * self.dot(point, point)
+            self.axpy(self.weight_decay, point, grad)
+        return loss if nonfinite == 0 and math.isfinite(loss) else math.inf
+
+    def _serve(self, scheduler: PortionScheduler, message: dict, n: int) -> None:
+        replica = message["replica"]
+        if message["evaluation"] != self.evaluation:
+            # A late result from an earlier evaluation (a straggler's duplicate): void.
+            reply = scheduler.handle(replica)
+            if reply is None:
+                reply = Reply()
+            reply.discard, reply.commit = True, False
+            self._reply(replica, reply, n)
+        else:
+            reply = scheduler.handle(replica, message["done"], message["flushed"])
+            self._reply(replica, reply, n)
+        # Work may have appeared for parked replicas (revoked commits).
+        for other in sorted(self.parked):
+            self._answer(scheduler, other, None, n)
+
+    def _answer(self, scheduler, replica, _message, n) -> None:
+        reply = scheduler.handle(replica)
+        if reply is not None:
+            self.parked.discard(replica)
+            self._reply(replica, reply, n)
+
+    def _reply(self, replica: int, reply: Reply | None, n: int) -> None:
+        if reply is None:
+            self.parked.add(replica)
+            return
+        self.parked.discard(replica)
+        message = reply.as_message(self.batch)
+        message.update(evaluation=self.evaluation, n=n, stop=False)
+        self.world.send(message, dest=self.leads[replica], tag=REPLY)
+
+    def stop_replicas(self) -> None:
+        """Answer every replica's next request with stop (parked ones at once)."""
+        waiting = set(range(self.layout.n_replicas)) - self.parked - set(self.pending)
+        for replica in list(self.parked) + list(self.pending):
+            self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
+        self.parked.clear()
+        self.pending.clear()
+        while waiting:
+            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
+            self.world.send({"stop": True}, dest=self.leads[message["replica"]], tag=REPLY)
+            waiting.discard(message["replica"])
+
+
+# Replicas -----------------------------------------------------------------------------------
+def _injected_delays(replica: int) -> tuple[float, float]:
+    """(slowdown factor, fixed seconds per portion) from the test hooks."""
+    factor = 1.0
+    spec = os.environ.get("DBMPI_SLOW", "")
+    if ":" in spec:
+        who, how = spec.split(":", 1)
+        if int(who) == replica:
+            factor = float(how)
+    return factor, float(os.environ.get("DBMPI_PORTION_DELAY", "0") or 0)
+
+
+def _encode(message: dict) -> np.ndarray:
+    out = np.zeros(REPLY_FIELDS, np.int64)
+    if message.get("stop"):
+        out[0] = 1
+        return out
+    portion = message["portion"] or (-1, 0, 0)
+    out[1:] = [message["discard"], 1 if message["commit"] else 0, message["flush"],
+               portion[0], portion[1], portion[2], message["evaluation"], message["n"]]
+    return out
+
+
+def _replica(cfg, network, layout, plan, topo, windows) -> dict:
+    """A worker's loop: ask the coordinator for work, compute portions, accrue what it
+    commits, push when told to. A replica's partitions follow their lead's replies."""
+    replica, partition = topo.role.replica, topo.role.partition
+    lead = partition == 0
+    coordinator = layout.coordinator_rank
+    if layout.n_partitions > 1:
+        model = PartitionedNetwork(network, topo.replica, plan)
+        ranges, rows = model.ranges, model.input_rows
+        if rows == (0, network.input_shape[0]):
+            rows = None  # a dense first layer reads whole examples
+    else:
+        model, ranges, rows = network, [(0, network.n_params)], None
+    client = ShardClient(windows, replica, ranges)
+    accrued = np.zeros(model.n_params, np.float32)
+    factor, fixed_delay = _injected_delays(replica)
+    fetched = -1  # the evaluation whose point model.params holds
+    loss_acc, nonfinite, committed = 0.0, 0, []
+    done, done_evaluation, flushed = None, 0, None  # what the next request reports
+    last_loss, last_n = 0.0, 0
+    computed, busy = 0, 0.0
+    reply = np.zeros(REPLY_FIELDS, np.int64)
+    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+        while True:
+            if lead:
+                topo.world.send({"replica": replica, "evaluation": done_evaluation, "done": done,
+                                 "flushed": flushed}, dest=coordinator, tag=REQUEST)
+                reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=REPLY)))
+            if layout.n_partitions > 1:
+                Wait(topo.replica.Ibcast(reply, root=0))
+            stop, discard, commit, flush, index, a, b, evaluation, n = (int(v) for v in reply)
+            if stop:
+                break
+            if discard:  # the coordinator revoked what this replica holds
+                accrued[:] = 0.0
+                loss_acc, nonfinite, committed = 0.0, 0, []
+            if commit:  # the portion just reported counts: its gradient is in model.grad
+                weight = last_n / n
+                nonfinite += kernels.axpy_count_nonfinite(weight, model.grad, accrued)
+                loss_acc += last_loss * weight
+                committed.append(done)
+            done, flushed = None, None
+            if flush:
+                client.push(accrued, nonfinite)
+                client.finish_push()  # in the shards' inboxes before the report says so
+                if layout.n_partitions > 1:
+                    topo.replica.Barrier()  # every partition's share has landed
+                flushed = {"portions": committed, "loss": loss_acc, "nonfinite": nonfinite}
+                accrued[:] = 0.0
+                loss_acc, nonfinite, committed = 0.0, 0, []
+                continue
+            if index < 0:
+                continue  # a verdict without work: report and ask again
+            if evaluation != fetched:
+                client.fetch(model.params)  # once per evaluation
+                fetched = evaluation
+            t0 = time.perf_counter()
+            x, y = dataset.load("train", a, b, rows=rows)
+            last_loss = float(model.loss_and_grad(x, y))
+            last_n = b - a
+            delay = (factor - 1.0) * (time.perf_counter() - t0) + fixed_delay * factor
+            if delay > 0:
+                time.sleep(delay)
+            busy += time.perf_counter() - t0
+            computed += 1
+            done, done_evaluation = index, evaluation
+    client.close()
+    return {"kind": "replica", "rank": topo.rank, "replica": replica, "partition": partition,
+            "portions_computed": computed, "busy_s": round(busy, 3), "fetches": client.fetches,
+            "pushes": client.pushes, "bytes_fetched": client.bytes_fetched,
+            "bytes_pushed": client.bytes_pushed, "n_params": model.n_params,
+            "slowdown": factor}
+
+
+# The run ------------------------------------------------------------------------------------
+def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
+        say: Callable[[str], None] = print) -> dict | None:
+    """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
+    the run directory and returns the summary."""
+    from dbmpi.downpour import _make_run_directory, _prepare_and_check_data
+
+    tcfg = cfg["train"]
+    network = Network(cfg["model"])
+    layout = layout_for(tcfg, network.n_params, coordinator=True)
+    plan = PartitionPlan.for_network(network, layout.n_partitions)
+    layout.check_world(comm.size)
+    root = layout.coordinator_rank
+    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), root=root)
+    made: list[RunDirectory] = []
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout)), root=root)
+    run_dir = made[0] if made else None
+    lead_say = say if comm.rank == root else (lambda _msg: None)
+    try:
+        topo = Topology(layout, comm)
+        with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
+            summary = _run(cfg, network, layout, plan, topo, run_dir, data_info, lead_say)
+        topo.free()
+        return summary
+    except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
+        abort_on_error(comm, exc)
+
+
+def _run(cfg, network, layout, plan, topo, run_dir, data_info, say):
+    tcfg = cfg["train"]
+    role = topo.role
+    names = vector_names(tcfg["history"])
+    records: list[dict] = []
+    summary = None
+    if role.is_coordinator:
+        say(network.summary())
+        say(layout.describe("sgd", plan))
+        say(f"run directory: {run_dir.path}")
+        summary = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say)
+    else:
+        windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
+        final_slice = None
+        if role.is_shard:
+            lo, hi = layout.shard_ranges[role.shard]
+            shard = ShardVectors(windows, topo.control, network.params[lo:hi], names)
+            shard.serve()
+            shard.close()
+            final_slice = shard.vectors["x"]
+            records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
+                            "commands": shard.commands, "vectors": len(shard.vectors)})
+        else:
+            records.append(_replica(cfg, network, layout, plan, topo, windows))
+        windows.free()
+        final = gather_parameters(topo.window, layout, final_slice, root=0)
+        if topo.rank == 0:  # replica 0's lead evaluates the final iterate for the coordinator
+            network.params[:] = final
+            with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+                test_x, test_y = dataset.load("test")
+            test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+            topo.world.send({"test_loss": test_loss, "test_accuracy": test_acc},
+                            dest=layout.coordinator_rank, tag=RESULT)
+    gathered = topo.world.gather(records, root=layout.coordinator_rank)
+    if role.is_coordinator:
+        return _finish(summary, gathered, run_dir, say)
+    return None
+
+
+def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say) -> dict:
+    tcfg = cfg["train"]
+    n_train = data_info["n_train"]
+    size = min(tcfg["batch_size"], n_train)
+    batches = [(a, min(a + size, n_train)) for a in range(0, n_train, size)]
+    space = ShardSpace(topo.control, topo.world, layout, names, batches, tcfg)
+    lbfgs = LBFGS(space, m=tcfg["history"], c1=tcfg["wolfe_c1"], c2=tcfg["wolfe_c2"],
+                  max_evals=tcfg["max_line_search"])
+    budget = tcfg["iterations"] if tcfg["iterations"] is not None else math.inf
+    deadline = (time.perf_counter() + tcfg["time_budget_s"]) if tcfg["time_budget_s"] else math.inf
+    portions = math.ceil(size / tcfg["portion_size"])
+    say(f"sandblaster: {layout.n_replicas} replicas x {layout.n_partitions} partition(s), "
+        f"{layout.n_shards} shards; batches of {size} examples ({len(batches)} per pass) in "
+        f"{portions} portions of {tcfg['portion_size']}; history {tcfg['history']}, "
+        f"backups {'on' if tcfg['backup_tasks'] else 'off'}")
+    started = time.perf_counter()
+    loss = lbfgs.start()
+    seen = 0
+    status, iteration = "budget", 0
+    iterations: list[dict] = []
+
+    def log(record: dict) -> None:
+        nonlocal seen
+        evals = space.stats_log[seen:]
+        seen = len(space.stats_log)
+        record.update({
+            "kind": "iteration", "time_s": round(time.perf_counter() - started, 4),
+            "portions_by_replica": [sum(e["portions_by_replica"][r] for e in evals)
+                                    for r in range(layout.n_replicas)],
+            "examples_per_evaluation": [e["examples"] for e in evals],
+            "backups_issued": sum(e["backups_issued"] for e in evals),
+            "backups_won": sum(e["backups_won"] for e in evals),
+            "duplicates_rejected": sum(e["duplicates_rejected"] for e in evals),
+            "revoked": sum(e["revoked"] for e in evals),
+            "batch_seconds": [round(e["seconds"], 4) for e in evals]})
+        iterations.append(record)
+        run_dir.log(record)
+
+    log({"iteration": 0, "loss": loss, "step_length": 0.0, "evaluations": 1, "status": "start"})
+    say(f"[lbfgs] iteration {0:>5}  loss {loss:.6f}")
+    while iteration < budget and time.perf_counter() < deadline:
+        if len(batches) > 1:  # the next batch: f and g at x on it
+            space.batch = (space.batch + 1) % len(batches)
+            lbfgs.start()
+        record = lbfgs.step(tcfg["tolerance"])
+        iteration += 1
+        log(dict(record))
+        say(f"[lbfgs] iteration {record['iteration']:>5}  loss {record['loss']:.6f}  "
+            f"step {record['step_length']:.3g}  evaluations {record['evaluations']}  "
+            f"portions {iterations[-1]['portions_by_replica']}  backups {iterations[-1]['backups_won']}"
+            f"/{iterations[-1]['backups_issued']}")
+        if record.get("status") in ("converged", "stalled"):
+            status = record["status"]
+            break
+    space.stop_replicas()
+    space.stop_shards()
+    wall = time.perf_counter() - started
+    result = topo.world.recv(source=0, tag=RESULT)
+    return {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
+            "iterations": iteration, "status": status, "final_loss": iterations[-1]["loss"],
+            "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
+            "history": tcfg["history"], "backup_tasks": tcfg["backup_tasks"],
+            "backups_issued": sum(r["backups_issued"] for r in iterations),
+            "backups_won": sum(r["backups_won"] for r in iterations),
+            "wall_time_s": round(wall, 3), "n_params": network.n_params,
+            "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"]}
+
+
+def _finish(summary, gathered, run_dir, say) -> dict:
+    records = [r for per_rank in gathered for r in per_rank]
+    for record in records:
+        run_dir.log(record)
+    run_dir.log({"kind": "eval", "source": "shards", "test_loss": summary["test_loss"],
+                 "test_accuracy": summary["test_accuracy"]})
+    workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
+    summary["portions_computed_by_replica"] = [r["portions_computed"] for r in workers if r["partition"] == 0]
+    run_dir.write_json("summary.json", summary)
+    run_dir.close()
+    say(f"sandblaster: {summary['iterations']} iterations ({summary['status']}), "
+        f"{summary['evaluations']} evaluations, final loss {summary['final_loss']:.6f}")
+    return summary
