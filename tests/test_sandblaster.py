@@ -1,0 +1,166 @@
+"""Sandblaster L-BFGS end to end: `mpiexec -n N dbmpi train` in a subprocess, under a timeout.
+
+The reference is the serial L-BFGS of dbmpi.lbfgs on a NumPy vector space whose objective
+is the whole training set's mean loss (plus the L2 term) computed by one Network in one
+call: the distributed run sums the same gradient from portions computed by several
+replicas and pushed to several shards, so following the same iterates checks the portion
+bookkeeping, the shard-side vector commands and the commit protocol together.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+from dbmpi import config as configuration
+from dbmpi.data import open_dataset
+from dbmpi.lbfgs import LBFGS, NumpyVectorSpace
+from dbmpi.model import Network
+from tests.test_downpour import ROOT, launch, records
+
+CONFIG = ROOT / "configs/sandblaster_digits.toml"
+
+def run_sandblaster(tmp_path, name, ranks, *sets, env=None, timeout=240):
+    run_dir = tmp_path / name
+    args = ["train", CONFIG, "--run-dir", run_dir, "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    for item in sets:
+        args += ["--set", item]
+    if env:
+        os.environ.update(env)
+    try:
+        result, elapsed = launch(ranks, *args, cwd=tmp_path, timeout=timeout)
+    finally:
+        for key in env or ():
+            os.environ.pop(key, None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    iterations = [r for r in records(run_dir) if r["kind"] == "iteration"]
+    return summary, iterations, run_dir
+
+
+def serial_reference(tmp_path, overrides, iterations):
+    """Losses per iteration of the serial L-BFGS on the full-batch objective."""
+    cfg = configuration.load(CONFIG, [f"data.path={tmp_path / 'digits.h5'}", *overrides])
+    network = Network(cfg["model"])
+    with open_dataset(tmp_path / "digits.h5") as data:
+        x, y = data.load("train")
+    decay = cfg["train"]["weight_decay"]
+
+    def fun(point):
+        network.params[:] = point
+        loss = network.loss_and_grad(x, y) + 0.5 * decay * float(np.dot(point.astype(np.float64), point))
+        return loss, network.grad + np.float32(decay) * point
+
+    tcfg = cfg["train"]
+    lbfgs = LBFGS(NumpyVectorSpace(network.params.copy(), fun), m=tcfg["history"], c1=tcfg["wolfe_c1"],
+                  c2=tcfg["wolfe_c2"], max_evals=tcfg["max_line_search"])
+    losses = [lbfgs.start()]
+    for _ in range(iterations):
+        losses.append(lbfgs.step()["loss"])
+    return np.array(losses), fun, network
+
+
+@pytest.mark.parametrize("replicas,shards", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
+def test_iterates_match_serial_lbfgs_logistic_regression(tmp_path, replicas, shards):
+    n_iter = 15
+    summary, iterations, _ = run_sandblaster(
+        tmp_path, "run", replicas + shards + 1, f"train.n_replicas={replicas}", f"train.n_shards={shards}",
+        f"train.iterations={n_iter}")
+    losses = np.array([r["loss"] for r in iterations])
+    reference, _, _ = serial_reference(tmp_path, [], n_iter)
+    assert len(losses) == n_iter + 1
+    np.testing.assert_allclose(losses, reference, rtol=2e-5)
+    # Every evaluation counted each example of the batch exactly once.
+    n_train = summary["batch_size"]
+    assert all(n == n_train for r in iterations for n in r["examples_per_evaluation"])
+    assert sum(summary["portions_computed_by_replica"]) >= summary["evaluations"] * -(-n_train // 64)
+    assert summary["test_accuracy"] > 0.9
+
+
+def test_iterates_match_serial_lbfgs_mlp_and_model_parallel_replicas(tmp_path):
+    """A small MLP, with whole replicas (P=1) and with replicas split in two (P=2)."""
+    n_iter = 12
+    config = tmp_path / "mlp.toml"
+    text = CONFIG.read_text()
+    assert '[[model.layers]]\ntype = "softmax"' in text
+    config.write_text(text.replace(
+        '[[model.layers]]\ntype = "softmax"',
+        '[[model.layers]]\ntype = "dense"\nunits = 16\nactivation = "tanh"\n\n[[model.layers]]\ntype = "softmax"'))
+    results = {}
+    for P, ranks in ((1, 4), (2, 6)):
+        run_dir = tmp_path / f"p{P}"
+        result, _ = launch(ranks, "train", config, "--run-dir", run_dir, "--set", f"data.path={tmp_path / 'digits.h5'}",
+                           "--set", "train.n_replicas=2", "--set", "train.n_shards=1",
+                           "--set", f"train.n_partitions={P}", "--set", f"train.iterations={n_iter}",
+                           cwd=tmp_path, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[P] = np.array([r["loss"] for r in records(run_dir) if r["kind"] == "iteration"])
+    cfg = configuration.load(config, [f"data.path={tmp_path / 'digits.h5'}"])
+    network = Network(cfg["model"])
+    with open_dataset(tmp_path / "digits.h5") as data:
+        x, y = data.load("train")
+    decay = cfg["train"]["weight_decay"]
+
+    def fun(point):
+        network.params[:] = point
+        loss = network.loss_and_grad(x, y) + 0.5 * decay * float(np.dot(point.astype(np.float64), point))
+        return loss, network.grad + np.float32(decay) * point
+
+    lbfgs = LBFGS(NumpyVectorSpace(network.params.copy(), fun), m=10)
+    reference = [lbfgs.start()] + [lbfgs.step()["loss"] for _ in range(n_iter)]
+    np.testing.assert_allclose(results[1], reference, rtol=1e-4)
+    np.testing.assert_allclose(results[2], reference, rtol=1e-4)
+    assert results[1][-1] < 0.5 * results[1][0]
+
+
+def test_final_loss_matches_scipy_lbfgsb(tmp_path):
+    """Run to convergence; compare with SciPy's L-BFGS-B on the float64 objective."""
+    summary, iterations, _ = run_sandblaster(tmp_path, "run", 5, "train.iterations=300", "train.tolerance=1e-6")
+    _, fun, network = serial_reference(tmp_path, [], 0)
+
+    def fun64(point):
+        loss, grad = fun(point.astype(np.float32))
+        return loss, grad.astype(np.float64)
+
+    best = scipy.optimize.minimize(fun64, network.params.astype(np.float64), jac=True, method="L-BFGS-B",
+                                   options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+    final = iterations[-1]["loss"]
+    assert summary["status"] in ("converged", "budget", "stalled")
+    assert abs(final - best.fun) <= 1e-4 * abs(best.fun), (final, best.fun)
+
+
+def test_a_slow_replica_is_covered_by_backups(tmp_path):
+    """One replica 10x slower (injected): backups keep the batch near the no-straggler time and
+    the iterates unchanged; without backups the batches take much longer. Portions sleep a
+    fixed 20 ms so the timing does not depend on this machine's load."""
+    common = ["train.n_replicas=4", "train.n_shards=1", "train.iterations=4", "train.portion_size=32"]
+    delay = {"DBMPI_PORTION_DELAY": "0.02"}
+    base, base_it, _ = run_sandblaster(tmp_path, "none", 6, *common, env=delay)
+    slow, slow_it, _ = run_sandblaster(tmp_path, "backup", 6, *common, env={**delay, "DBMPI_SLOW": "3:10"})
+    plain, plain_it, _ = run_sandblaster(tmp_path, "plain", 6, *common, "train.backup_tasks=false",
+                                         env={**delay, "DBMPI_SLOW": "3:10"})
+
+    def batch_time(its):
+        return float(np.mean([t for r in its for t in r["batch_seconds"]]))
+
+    t_none, t_backup, t_plain = batch_time(base_it), batch_time(slow_it), batch_time(plain_it)
+    # Losing a tenth-speed replica of four costs about a quarter of the capacity (1 - 3.1/4).
+    assert t_backup <= 1.5 * t_none, (t_none, t_backup, t_plain)
+    assert t_plain >= t_backup + 0.05, (t_none, t_backup, t_plain)
+    assert slow["backups_won"] >= 1 and plain["backups_issued"] == 0
+    for run in (slow_it, plain_it):
+        np.testing.assert_allclose([r["loss"] for r in run], [r["loss"] for r in base_it], rtol=1e-5)
+        assert all(n == base["batch_size"] for r in run for n in r["examples_per_evaluation"])
+
+
+def test_bad_sandblaster_settings_end_every_rank_with_one_message(tmp_path):
+    result, elapsed = launch(5, "train", CONFIG, "--run-dir", tmp_path / "run", "--set", "train.wolfe_c2=0.00001",
+                             cwd=tmp_path, timeout=120)
+    assert result.returncode != 0 and elapsed < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
+    assert len(lines) == 5 and len(set(lines)) == 1, result.stderr[-2000:]
+    assert "wolfe_c1 < wolfe_c2" in lines[0]
+    result, _ = launch(4, "train", CONFIG, "--run-dir", tmp_path / "run", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "+ 1 coordinator = 5" in result.stderr
