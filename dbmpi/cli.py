@@ -132,7 +132,16 @@ def cmd_plan(args) -> int:
     plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
     print(network.summary())
     print(layout.describe(tcfg["optimizer"], plan))
-    if plan is None:
+    if tcfg["algorithm"] == "sandblaster":
+        vectors = 6 + 2 * tcfg["history"]
+        if plan is not None:
+            print(plan.describe(tcfg["portion_size"]))
+        print(f"sandblaster: portions of {tcfg['portion_size']} examples; a replica fetches the "
+              f"point once per evaluation and pushes every {tcfg['push_every']} committed portions; "
+              f"each shard holds {vectors} vectors of its range (x, g, d, trial point and gradient, "
+              f"scratch, {tcfg['history']} (s, y) pairs): "
+              f"{vectors * 4 * max(b - a for a, b in layout.shard_ranges) / 2**20:.2f} MiB")
+    elif plan is None:
         print(f"per replica: fetch {4 * network.n_params / 2**20:.2f} MiB every "
               f"{tcfg['n_fetch']} step(s), push {4 * network.n_params / 2**20:.2f} MiB every "
               f"{tcfg['n_push']} step(s)")

@@ -354,8 +354,12 @@ def _replica(cfg, network, layout, plan, topo, windows) -> dict:
                 topo.world.send({"replica": replica, "evaluation": done_evaluation, "done": done,
                                  "flushed": flushed}, dest=coordinator, tag=REQUEST)
                 reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=REPLY)))
-            if layout.n_partitions > 1:
-                Wait(topo.replica.Ibcast(reply, root=0))
+            if layout.n_partitions > 1:  # point to point: polled nonblocking collectives are slow
+                if lead:
+                    for other in range(1, layout.n_partitions):
+                        topo.replica.Send(reply, dest=other, tag=REPLY)
+                else:
+                    Wait(topo.replica.Irecv(reply, source=0, tag=REPLY))
             stop, discard, commit, flush, index, a, b, evaluation, n = (int(v) for v in reply)
             if stop:
                 break
