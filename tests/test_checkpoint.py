@@ -1,0 +1,150 @@
+"""HDF5 checkpoints without MPI: streamed writing, atomicity, verification, range reads."""
+import json
+import subprocess
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from dbmpi.checkpoint import (
+    CheckpointError,
+    CheckpointWriter,
+    checkpoint_name,
+    list_checkpoints,
+    newest_valid,
+    open_checkpoint,
+    prune,
+)
+from dbmpi.model import Network
+
+MODEL = """
+[model]
+input_shape = [9, 7, 1]
+seed = 1
+[[model.layers]]
+type = "local"
+filters = 3
+kernel = 3
+stride = 2
+activation = "relu"
+[[model.layers]]
+type = "dense"
+units = 11
+activation = "tanh"
+[[model.layers]]
+type = "softmax"
+units = 5
+"""
+
+
+@pytest.fixture
+def network():
+    return Network.from_string(MODEL)
+
+
+def write(path, network, vectors, pieces=7, step=12, state=None):
+    """Write `vectors` (name -> full canonical vector) in `pieces` uneven pieces each."""
+    with CheckpointWriter(path, network.tensors, algorithm="downpour", step=step,
+                          config_text="[model]\n", layout={"n_shards": 3}, state=state or {"a": 1}) as w:
+        for name, full in vectors.items():
+            cuts = np.linspace(0, full.size, pieces + 1).astype(int)
+            cuts[1:-1] += np.arange(pieces - 1) % 3  # uneven, crossing tensor boundaries
+            w.write_vector(name, ((a, full[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
+        return w.commit()
+
+
+def test_round_trip_by_logical_tensor_and_by_range(tmp_path, network):
+    rng = np.random.default_rng(0)
+    accum = rng.random(network.n_params, dtype=np.float32)
+    path = write(tmp_path / checkpoint_name(12), network, {"params": network.params, "adagrad": accum})
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.step == 12 and ckpt.algorithm == "downpour" and ckpt.state == {"a": 1}
+        assert ckpt.layout == {"n_shards": 3} and ckpt.n_params == network.n_params
+        assert ckpt.vectors() == ["adagrad", "params"]
+        ckpt.check_network(network)
+        for name, ds in ckpt.tensor_datasets("params"):
+            tensor = next(t for t in network.tensors if t.name == name)
+            assert ds.shape == tensor.shape  # logical tensors, not shard blobs
+            np.testing.assert_array_equal(ds[()], network.view(tensor, network.params))
+        for a, b in [(0, network.n_params), (5, 123), (network.n_params - 40, network.n_params)]:
+            np.testing.assert_array_equal(ckpt.read_range("adagrad", a, b), accum[a:b])
+    with h5py.File(path) as f:  # readable by plain h5py: the shapes users expect
+        assert f["params/local0/W"].shape == (4, 3, 3, 9)
+        assert len(f["params/dense1/W"].attrs["sha256"]) == 64
+
+
+def test_h5ls_and_h5dump_read_it(tmp_path, network):
+    if not shutil.which("h5ls"):
+        pytest.skip("hdf5-tools not installed")
+    path = write(tmp_path / "c.h5", network, {"params": network.params})
+    listing = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "/params/dense1/W" in listing and "{11, 36}" in listing
+    dump = subprocess.run(["h5dump", "-A", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "dbmpi-checkpoint" in dump
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, network):
+    path = tmp_path / "ckpt.h5"
+    write(path, network, {"params": network.params})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(path, network.tensors, algorithm="downpour", step=13, config_text="",
+                              layout={}) as w:
+            w.vector("params").write(0, network.params[:10])
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.h5"]  # no temp file left
+
+
+def test_incomplete_vectors_are_refused(tmp_path, network):
+    with pytest.raises(ValueError, match="only 10 of"):
+        with CheckpointWriter(tmp_path / "x.h5", network.tensors, algorithm="downpour", step=1,
+                              config_text="", layout={}) as w:
+            w.vector("params").write(0, network.params[:10])
+            w.commit()
+    assert not (tmp_path / "x.h5").exists()
+    with CheckpointWriter(tmp_path / "y.h5", network.tensors, algorithm="downpour", step=1,
+                          config_text="", layout={}) as w:
+        with pytest.raises(ValueError, match="expected the next at 0"):
+            w.vector("params").write(5, network.params[5:10])
+
+
+def test_corrupt_truncated_and_foreign_files_are_named(tmp_path, network):
+    good = write(tmp_path / checkpoint_name(1), network, {"params": network.params})
+    flipped = tmp_path / checkpoint_name(2)
+    shutil.copy(good, flipped)
+    with h5py.File(flipped, "r+") as f:
+        f["params/dense1/W"][0, 0] += 1.0
+    with pytest.raises(CheckpointError, match=r"corrupt: /params/dense1/W: checksum mismatch"):
+        open_checkpoint(flipped)
+    truncated = tmp_path / checkpoint_name(3)
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        open_checkpoint(truncated)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CheckpointError, match="not a dbmpi checkpoint"):
+        open_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        open_checkpoint(tmp_path / "missing.h5")
+    # --resume auto skips the broken newer ones and takes the newest valid one.
+    assert newest_valid(tmp_path) == good
+
+
+def test_a_checkpoint_of_another_model_is_named(tmp_path, network):
+    path = write(tmp_path / "c.h5", network, {"params": network.params})
+    other = Network.from_string(MODEL.replace("units = 11", "units = 12"))
+    with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=r"dense1.W \(11, 36\) in the checkpoint, \(12, 36\) in the model"):
+        ckpt.check_network(other)
+
+
+def test_keep_the_last_k(tmp_path, network):
+    for step in (10, 20, 30, 40):
+        write(tmp_path / checkpoint_name(step), network, {"params": network.params}, step=step)
+    deleted = prune(tmp_path, keep=2)
+    assert [p.name for p in deleted] == [checkpoint_name(10), checkpoint_name(20)]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(30), checkpoint_name(40)]
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        newest_valid(tmp_path / "empty")
