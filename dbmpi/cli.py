@@ -39,8 +39,10 @@ def _error_types():
     from dbmpi.layout import LayoutError
     from dbmpi.partition import PartitionError
     from dbmpi.rundir import RunDirectoryError
+    from dbmpi.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError, UsageError)
+    return (CheckpointError, ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError,
+            UsageError)
 
 
 def cmd_train(args) -> int:
@@ -203,6 +205,69 @@ def cmd_data_info(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """Print a checkpoint's tree, tensors with statistics, step, config and layout."""
+    import numpy as np
+
+    from dbmpi.checkpoint import CheckpointError, open_checkpoint
+
+    with open_checkpoint(args.checkpoint, verify=False) as ckpt:
+        if args.verify:
+            problems = ckpt.verify()
+            for problem in problems:
+                print(f"FAILED {problem}")
+            if problems:
+                raise CheckpointError(f"{ckpt.path}: {len(problems)} problem(s) found")
+            print(f"{ckpt.path}: all checksums verified ({len(ckpt.vectors())} vectors)")
+            return 0
+        if args.tensor:
+            vector, _, name = args.tensor.rpartition(":") if ":" in args.tensor else ("params", "", args.tensor)
+            found = dict(ckpt.tensor_datasets(vector))
+            if name not in found:
+                raise CheckpointError(f"{ckpt.path}: no tensor {name!r} in /{vector} "
+                                      f"(tensors: {', '.join(found)})")
+            with np.printoptions(threshold=args.limit, linewidth=100, precision=6):
+                print(f"/{vector}/{name.replace('.', '/')} {found[name].shape} float32")
+                print(found[name][()])
+            return 0
+        print(f"checkpoint {ckpt.path}")
+        print(f"  format {ckpt.file.attrs['format']} v{ckpt.file.attrs['format_version']}, written by "
+              f"dbmpi {ckpt.dbmpi_version} at {ckpt.created_utc}")
+        print(f"  algorithm {ckpt.algorithm}, step {ckpt.step}, {ckpt.n_params:,} parameters")
+        print(f"  {'tensor':<34} {'shape':<22} {'dtype':<8} {'min':>11} {'max':>11} {'mean':>11} {'std':>11}")
+        for vector in ckpt.vectors():
+            for name, ds in ckpt.tensor_datasets(vector):
+                values = ds[()]
+                print(f"  /{vector}/{name.replace('.', '/'):<{33 - len(vector)}} {str(ds.shape):<22} "
+                      f"{str(ds.dtype):<8} {values.min():>11.4g} {values.max():>11.4g} "
+                      f"{values.mean(dtype=np.float64):>11.4g} {values.std(dtype=np.float64):>11.4g}")
+        print("  state: " + json.dumps(ckpt.state, sort_keys=True))
+        print("  layout: " + json.dumps({k: ckpt.layout[k] for k in sorted(ckpt.layout) if k != "roles"}))
+        print("  config:")
+        for line in ckpt.config_text.strip().splitlines():
+            print(f"    {line}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a checkpoint's tensors to an .npz file (names like params/dense0/W)."""
+    import numpy as np
+
+    from dbmpi.atomic import atomic_path
+    from dbmpi.checkpoint import open_checkpoint
+
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".npz"))
+    with open_checkpoint(args.checkpoint) as ckpt:
+        arrays = {f"{vector}/{name.replace('.', '/')}": ds[()]
+                  for vector in ckpt.vectors() for name, ds in ckpt.tensor_datasets(vector)}
+        arrays["step"] = np.array(ckpt.step)
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+    print(f"wrote {out} ({len(arrays) - 1} tensors)")
+    return 0
+
+
 def cmd_version(_args) -> int:
     print(f"dbmpi {dbmpi.__version__}")
     return 0
@@ -287,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_sub.add_parser("info", help="describe an HDF5 data set")
     info.add_argument("path")
     info.set_defaults(func=cmd_data_info)
+
+    inspect = sub.add_parser("inspect", help="describe an HDF5 checkpoint",
+                             description="Print a checkpoint's tensors (shape, dtype, min, max, mean, "
+                                         "std), step, state, layout and config.")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--tensor", metavar="NAME",
+                         help="print the values of one tensor, e.g. dense0.W or adagrad:dense0.W")
+    inspect.add_argument("--limit", type=int, default=1000, help="values printed in full up to this many")
+    inspect.add_argument("--verify", action="store_true", help="check every tensor's SHA-256")
+    inspect.set_defaults(func=cmd_inspect)
+
+    export = sub.add_parser("export", help="export a checkpoint's tensors")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=["npz"], default="npz")
+    export.add_argument("--out", help="output file (default: the checkpoint's name with .npz)")
+    export.set_defaults(func=cmd_export)
 
     version = sub.add_parser("version", help="print the dbmpi version")
     version.set_defaults(func=cmd_version)

@@ -148,3 +148,26 @@ def test_keep_the_last_k(tmp_path, network):
     assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(30), checkpoint_name(40)]
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         newest_valid(tmp_path / "empty")
+
+
+def test_inspect_verify_tensor_and_export(tmp_path, network, capsys):
+    from dbmpi.cli import main
+
+    path = write(tmp_path / checkpoint_name(12), network, {"params": network.params})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "step 12" in out and "/params/dense1/W" in out and "(11, 36)" in out and "float32" in out
+    assert main(["inspect", str(path), "--verify"]) == 0
+    assert "all checksums verified" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--tensor", "softmax2.b"]) == 0
+    assert "/params/softmax2/b (5,)" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--tensor", "nope.W"]) == 2
+    assert "no tensor 'nope.W'" in capsys.readouterr().err
+    assert main(["export", str(path), "--format", "npz", "--out", str(tmp_path / "x.npz")]) == 0
+    exported = np.load(tmp_path / "x.npz")
+    np.testing.assert_array_equal(exported["params/dense1/W"], network.named_params()["dense1.W"])
+    with h5py.File(path, "r+") as f:
+        f["params/dense1/b"][0] += 1.0
+    assert main(["inspect", str(path), "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert "FAILED /params/dense1/b: checksum mismatch" in captured.out
