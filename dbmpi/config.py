@@ -185,6 +185,11 @@ TRAIN_FIELDS = {
     # Apply each gradient to the replica's own copy between fetches (the paper's client).
     "local_learning_rate": Field(optional(positive_float), None),
     "time_budget_s": Field(optional(positive_float), None),
+    # Checkpoints (run_dir/checkpoints/ckpt-<step>.h5): every so many steps of replica 0
+    # and/or seconds, and always at the end; the newest `checkpoint_keep` are kept.
+    "checkpoint_every": Field(optional(positive_int), None),
+    "checkpoint_every_s": Field(optional(positive_float), None),
+    "checkpoint_keep": Field(positive_int, 3),
     # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
     # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
     "iterations": Field(optional(positive_int), None),

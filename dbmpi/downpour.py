@@ -38,12 +38,82 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import PartitionedNetwork
 from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
-from dbmpi.parameter_server import ParameterWindows, Shard, ShardClient, bucket_label, gather_parameters
+from dbmpi.parameter_server import (CHECKPOINTS, ParameterWindows, Shard, ShardClient, add_counter,
+                                    bucket_label, gather_parameters)
 from dbmpi.atomic import atomic_write_text
+from dbmpi.checkpoint import (CheckpointError, CheckpointWriter, checkpoint_name, list_checkpoints,
+                              newest_valid, open_checkpoint, prune)
+from dbmpi import config as configuration
 from dbmpi.rundir import RunDirectory, RunDirectoryError
 from dbmpi.topology import Topology
 
-AGREED_ERRORS = (ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
+AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
+CKPT_STATE, CKPT_DATA = 201, 202  # tags: the lead's state to shard 0; shards' slices to shard 0
+CKPT_CHUNK = 1 << 22  # values per message when a shard streams its slice to the writer
+
+
+def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
+    """The checkpoint a run resumes from, checked (checksums, model) before anything starts.
+
+    "auto": the newest valid checkpoint in the run directory, or a fresh start if it has
+    none (so a requeued job's first start works too); a path: that checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        if not list_checkpoints(run_path / "checkpoints"):
+            return None
+        path = newest_valid(run_path / "checkpoints")
+    else:
+        path = Path(resume)
+    with open_checkpoint(path) as ckpt:
+        ckpt.check_network(network)
+        return {"path": str(path), "step": ckpt.step, "state": ckpt.state, "vectors": ckpt.vectors()}
+
+
+class ShardCheckpointer:
+    """Shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
+    slices to it in order, one chunk at a time, so no rank holds the whole model."""
+
+    def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path):
+        self.cfg, self.network, self.layout, self.topo, self.shard = cfg, network, layout, topo, shard
+        self.directory = run_path / "checkpoints"
+        self.index = topo.role.shard
+        self.written: list[str] = []
+
+    def vectors(self) -> list[tuple[str, np.ndarray]]:
+        state = [(f"{self.shard.optimizer.name}/{key}", value)
+                 for key, value in sorted(self.shard.optimizer.state.items())]
+        return [("params", self.shard.work)] + state
+
+    def __call__(self) -> None:
+        world, writer = self.topo.world, self.layout.shard_rank(0)
+        if self.index != 0:
+            for _, values in self.vectors():
+                for lo in range(0, values.size, CKPT_CHUNK):
+                    world.Send(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
+            return
+        state = world.recv(source=0, tag=CKPT_STATE)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / checkpoint_name(state["step"])
+        with CheckpointWriter(path, self.network.tensors, algorithm="downpour", step=state["step"],
+                              config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(),
+                              state=state) as writer_file:
+            for name, mine in self.vectors():
+                stream = writer_file.vector(name)
+                stream.write(0, mine)
+                for k in range(1, self.layout.n_shards):
+                    lo, hi = self.layout.shard_ranges[k]
+                    buf = np.empty(min(CKPT_CHUNK, hi - lo), np.float32)
+                    for start in range(lo, hi, CKPT_CHUNK):
+                        piece = buf[:min(CKPT_CHUNK, hi - start)]
+                        world.Recv(piece, source=self.layout.shard_rank(k), tag=CKPT_DATA)
+                        stream.write(start, piece)
+                stream.finish()
+            writer_file.commit()
+        prune(self.directory, self.cfg["train"]["checkpoint_keep"])
+        self.written.append(path.name)
+
 
 
 def agree(comm: MPI.Intracomm, action: Callable[[], object], root: int = 0):
@@ -97,15 +167,15 @@ def _prepare_and_check_data(cfg: dict, network: Network) -> dict:
         return {"n_train": dataset.n_train, "n_test": dataset.n_test}
 
 
-def _make_run_directory(cfg: dict, run_path: Path, layout: Layout) -> RunDirectory:
-    run = RunDirectory(run_path)
+def _make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False) -> RunDirectory:
+    run = RunDirectory(run_path, resume=resume)
     run.write_config(cfg)
     atomic_write_text(run.path / "layout.json", layout.to_json())
     return run
 
 
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
-        say: Callable[[str], None] = print) -> dict | None:
+        say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
     """Train with algorithm = "downpour" on every rank of `comm`; the lead returns the summary."""
     tcfg = cfg["train"]
     network = Network(cfg["model"])
@@ -115,11 +185,12 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     plan = PartitionPlan.for_network(network, layout.n_partitions)
     layout.check_world(comm.size)
     data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network))
+    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network))
     if tcfg["n_replicas"] > data_info["n_train"]:
         raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
                           f"{data_info['n_train']} training examples")
     made: list[RunDirectory] = []  # only the lead makes and writes the run directory
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout)))
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)))
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == 0 else (lambda _msg: None)
 
@@ -127,18 +198,21 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     try:
         topo = Topology(layout, comm)
         with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
-            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say)
+            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed)
         topo.free()
         return summary
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
 
-def _run(cfg, network, layout, plan, topo, run_dir, say):
+def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed):
     tcfg = cfg["train"]
     role = topo.role
     if topo.is_lead:
         say(network.summary())
+        if resumed:
+            say(f"resuming from {resumed['path']} at step {resumed['step']}")
+            run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
         say(layout.describe(tcfg["optimizer"], plan))
         if layout.n_partitions > 1:
             say(plan.describe(tcfg["batch_size"]))
@@ -148,10 +222,19 @@ def _run(cfg, network, layout, plan, topo, run_dir, say):
     final_slice = np.empty(0, np.float32)
     if role.is_shard:
         lo, hi = layout.shard_ranges[role.shard]
-        shard = Shard(windows, role.shard, network.params[lo:hi],
-                      make_optimizer(tcfg, hi - lo))
+        initial = network.params[lo:hi]
+        optimizer = make_optimizer(tcfg, hi - lo)
+        if resumed:  # each shard reads only its own range of every vector
+            with open_checkpoint(resumed["path"], verify=False) as ckpt:
+                initial = ckpt.read_range("params", lo, hi)
+                for key, value in optimizer.state.items():
+                    if f"{optimizer.name}/{key}" in resumed["vectors"]:
+                        ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
+        shard = Shard(windows, role.shard, initial, optimizer)
+        checkpointer = ShardCheckpointer(cfg, network, layout, topo, shard, run_path)
         topo.world.Barrier()  # every shard has published its initial slice
-        stats = shard.serve()
+        stats = shard.serve(checkpointer)
+        checkpointer()  # the final checkpoint: the lead sent its state before finishing
         shard.close()
         final_slice = shard.work
         records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
@@ -161,10 +244,11 @@ def _run(cfg, network, layout, plan, topo, run_dir, say):
                                                 enumerate(stats.staleness_histogram) if n},
                         "pushes_by_replica": stats.pushes_by_replica,
                         "first_push_after": stats.first_push_after,
-                        "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3)})
+                        "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
+                        "checkpoints_written": checkpointer.written})
     else:
         topo.world.Barrier()
-        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say))
+        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed))
     windows.free()
 
     # The parameters as the shards hold them, gathered at the lead for the final evaluation.
@@ -175,7 +259,7 @@ def _run(cfg, network, layout, plan, topo, run_dir, say):
     return _finish(cfg, network, layout, final, gathered, run_dir, say)
 
 
-def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[dict]:
+def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=None) -> list[dict]:
     tcfg = cfg["train"]
     replica, n_replicas = topo.role.replica, layout.n_replicas
     partition, n_partitions = topo.role.partition, layout.n_partitions
@@ -210,8 +294,13 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[di
             test = dataset.load("test", rows=rows)
 
     client = ShardClient(windows, replica, ranges)
-    # Every partition of a replica shuffles with the replica's seed: the same examples.
-    batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica)
+    first_step = resumed["step"] if resumed else 0
+    # Every partition of a replica shuffles with the replica's seed (and, resumed, the step
+    # it resumes at): the same examples.
+    batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica + 104729 * first_step)
+    checkpoint_every = tcfg["checkpoint_every"]
+    checkpoint_every_s = tcfg["checkpoint_every_s"]
+    last_checkpoint = time.perf_counter()
     accrued = [np.zeros(model.n_params, np.float32), np.zeros(model.n_params, np.float32)]
     current = 0
     records: list[dict] = []
@@ -239,8 +328,17 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[di
 
     fail_at = _injected_failure(topo.rank)
 
+    def request_checkpoint(step: int, phase: str) -> None:
+        """Ask every shard for a checkpoint; shard 0 writes it with this state."""
+        state = {"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
+                 "replica_0_examples": int(x.shape[0]), "elapsed_s": round(time.perf_counter() - started, 3),
+                 "data_order": "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"}
+        topo.world.send(state, dest=layout.shard_rank(0), tag=CKPT_STATE)
+        for k in range(layout.n_shards):
+            add_counter(windows.control, layout.shard_rank(k), CHECKPOINTS)
+
     def train_steps(first: int, count: float, phase: str) -> int:
-        nonlocal current, nonfinite
+        nonlocal current, nonfinite, last_checkpoint
         step = first
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
@@ -262,6 +360,10 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[di
                 nonfinite = 0
             window_loss += loss
             window_steps += 1
+            if topo.is_lead and ((checkpoint_every and step % checkpoint_every == 0) or
+                                 (checkpoint_every_s and time.perf_counter() - last_checkpoint >= checkpoint_every_s)):
+                request_checkpoint(step, phase)
+                last_checkpoint = time.perf_counter()
             if step % log_every == 0:
                 now = time.perf_counter()
                 recent = client.staleness[staleness_seen:]
@@ -293,17 +395,22 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say) -> list[di
         return step
 
     started = time.perf_counter()
-    step = 0
-    if warmstart:
+    step = first_step
+    if warmstart and not resumed:
         if replica == 0:
             step = train_steps(0, warmstart, "warmstart")
             say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
         release = topo.workers.Ibarrier()
         while not release.Test():
             time.sleep(1e-3)
-    step = train_steps(step, budget, "downpour")
+    step = train_steps(step, max(0, budget - first_step), "downpour")
     if step % n_push != 0:  # push what was accrued since the last push
         client.push(accrued[current], nonfinite)
+    client.finish_push()
+    if topo.is_lead:  # the shards write the final checkpoint once everyone is done
+        topo.world.send({"step": step, "phase": "end", "seed": tcfg["seed"], "n_replicas": n_replicas,
+                         "elapsed_s": round(time.perf_counter() - started, 3)},
+                        dest=layout.shard_rank(0), tag=CKPT_STATE)
     client.finish()
     elapsed = time.perf_counter() - started
     client.close()

@@ -59,6 +59,7 @@ WORKERS_DONE = 2  # workers that finished for good
 REJECTED = 3  # pushes replicas withheld because the gradient was not finite
 DROPPED = 4  # drains the shard dropped because they were not finite
 DRAINS = 5  # drains that found data
+CHECKPOINTS = 6  # checkpoints the lead has asked for
 N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
 HIST = 8
 
@@ -212,12 +213,18 @@ class Shard:
         add_counter(control, self.me, VERSION)
         return True
 
-    def serve(self) -> ShardStats:
-        """Apply pushes until every worker has finished and the inbox is empty."""
+    def serve(self, checkpoint=None) -> ShardStats:
+        """Apply pushes until every worker has finished and the inbox is empty. Between
+        drains, `checkpoint()` runs once for every checkpoint the lead has asked for."""
         started = time.perf_counter()
         n_workers = self.layout.n_workers
         seen, backoff = 0, self.poll_min_s
+        written = 0
         while True:
+            if checkpoint is not None:
+                while self._counter(CHECKPOINTS) > written:
+                    checkpoint()
+                    written += 1
             pushes = self._counter(PUSHES)
             if pushes != seen:
                 seen = pushes
@@ -231,6 +238,9 @@ class Shard:
                 # look at the counter and the inbox, then stop.
                 if self._counter(PUSHES) == seen:
                     self.step()
+                    while checkpoint is not None and self._counter(CHECKPOINTS) > written:
+                        checkpoint()
+                        written += 1
                     break
                 continue
             time.sleep(backoff)

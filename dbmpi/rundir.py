@@ -20,9 +20,10 @@ class RunDirectoryError(ValueError):
 class RunDirectory:
     """The files of one training run."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, resume: bool = False):
+        """`resume`: continue a run in place (append to its metrics) instead of refusing it."""
         self.path = Path(path)
-        if (self.path / "metrics.jsonl").exists():
+        if (self.path / "metrics.jsonl").exists() and not resume:
             raise RunDirectoryError(
                 f"{self.path}: already holds a run (metrics.jsonl exists); "
                 "choose another --run-dir or remove it")

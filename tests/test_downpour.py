@@ -244,3 +244,74 @@ def test_partitioned_spatial_model_reads_its_rows_and_honours_a_time_budget(tmp_
         pair = [r for r in workers if r["replica"] == replica]
         assert pair[0]["steps"] == pair[1]["steps"] > 0
     assert any(r["kind"] == "eval" and r.get("source") == "replica 0" for r in records(run_dir))
+
+
+def test_checkpoints_and_resume_with_another_layout(tmp_path):
+    """Checkpoints every 100 steps and at the end, the newest 3 kept, each a valid HDF5
+    file; a run resumed from one with other shard and replica counts continues the loss
+    curve where it left off; --resume auto picks the newest."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    first = tmp_path / "first"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", first, "--set", "train.steps=300",
+                       "--set", "train.checkpoint_every=100", "--set", data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [p.name for p in list_checkpoints(first / "checkpoints")]
+    # replica 0 runs 50 warmstart steps + 300: checkpoints at 100, 200, 300 and the end (350)
+    assert names == ["ckpt-000000200.h5", "ckpt-000000300.h5", "ckpt-000000350.h5"]
+    shard0 = next(r for r in records(first) if r["kind"] == "shard" and r["shard"] == 0)
+    assert shard0["checkpoints_written"] == ["ckpt-000000100.h5", *names]
+    with open_checkpoint(first / "checkpoints" / names[0]) as ckpt:
+        assert ckpt.step == 200 and ckpt.algorithm == "downpour"
+        assert sorted(ckpt.vectors()) == ["adagrad/accum", "params"]
+        assert ckpt.layout["n_shards"] == 2 and "[train]" in ckpt.config_text
+    fresh_first_loss = next(r["loss"] for r in records(first) if r["kind"] == "train")
+
+    resumed = tmp_path / "resumed"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", resumed, "--set", "train.steps=400",
+                       "--set", "train.n_replicas=1", "--set", "train.n_shards=3", "--set", data,
+                       "--resume", first / "checkpoints" / names[0], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in records(resumed) if r["kind"] == "train"]
+    assert train[0]["step"] == 300 and train[-1]["step"] == 400  # continues from step 200
+    assert train[0]["loss"] < 0.5 * fresh_first_loss
+    assert json.loads((resumed / "summary.json").read_text())["test_accuracy"] >= 0.9
+
+    result, _ = launch(4, "train", CONFIG, "--run-dir", first, "--set", "train.steps=450",
+                       "--set", data, "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resume = [r for r in records(first) if r["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 350
+    assert "resuming from" in result.stdout and "ckpt-000000350.h5" in result.stdout
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("flip", "corrupt: /params/dense0/W: checksum mismatch"),
+    ("truncate", "truncated or corrupt"),
+    ("model", "does not match the model"),
+])
+def test_a_bad_checkpoint_is_named_and_trains_nothing(tmp_path, damage, message):
+    import h5py
+
+    from dbmpi.checkpoint import list_checkpoints
+
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", tmp_path / "a", "--set", "train.steps=20",
+                       "--set", data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    sets = ["--set", data]
+    if damage == "flip":
+        with h5py.File(ckpt, "r+") as f:
+            f["params/dense0/W"][0, 0] += 1.0
+    elif damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[:4096])
+    else:
+        sets += ["--set", "model.layers[0].units=100"]
+    result, elapsed = launch(4, "train", CONFIG, "--run-dir", tmp_path / "b", *sets, "--resume", ckpt,
+                             cwd=tmp_path, timeout=120)
+    assert result.returncode != 0 and elapsed < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
+    assert len(lines) == 4 and len(set(lines)) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
