@@ -35,7 +35,7 @@ from dbmpi import kernels
 from dbmpi.config import ConfigError
 from dbmpi.layout import Layout, LayoutError, layout_for
 from dbmpi.model import Network
-from dbmpi.model.partitioned import PartitionedNetwork
+from dbmpi.model.partitioned import worker_model
 from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
 from dbmpi.parameter_server import (CHECKPOINTS, ParameterWindows, Shard, ShardClient, add_counter,
@@ -263,13 +263,7 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
     tcfg = cfg["train"]
     replica, n_replicas = topo.role.replica, layout.n_replicas
     partition, n_partitions = topo.role.partition, layout.n_partitions
-    if n_partitions > 1:
-        model = PartitionedNetwork(network, topo.replica, plan)
-        ranges, rows = model.ranges, model.input_rows
-        if rows == (0, network.input_shape[0]):
-            rows = None  # a dense first layer reads whole examples
-    else:
-        model, ranges, rows = network, [(0, network.n_params)], None
+    model, ranges, rows = worker_model(network, topo.replica, plan)
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
         start, stop = dataset.shard_range("train", replica, n_replicas)
         x, y = dataset.load("train", start, stop, rows=rows)

@@ -41,7 +41,7 @@ from dbmpi.downpour import abort_on_error, agree
 from dbmpi.layout import Layout, layout_for
 from dbmpi.lbfgs import LBFGS, vector_names
 from dbmpi.model import Network
-from dbmpi.model.partitioned import PartitionedNetwork
+from dbmpi.model.partitioned import worker_model
 from dbmpi.parameter_server import ParameterWindows, ShardClient, gather_parameters
 from dbmpi.partition import PartitionPlan
 from dbmpi.portions import PortionScheduler, Reply, cut
@@ -332,13 +332,7 @@ def _replica(cfg, network, layout, plan, topo, windows) -> dict:
     replica, partition = topo.role.replica, topo.role.partition
     lead = partition == 0
     coordinator = layout.coordinator_rank
-    if layout.n_partitions > 1:
-        model = PartitionedNetwork(network, topo.replica, plan)
-        ranges, rows = model.ranges, model.input_rows
-        if rows == (0, network.input_shape[0]):
-            rows = None  # a dense first layer reads whole examples
-    else:
-        model, ranges, rows = network, [(0, network.n_params)], None
+    model, ranges, rows = worker_model(network, topo.replica, plan)
     client = ShardClient(windows, replica, ranges)
     accrued = np.zeros(model.n_params, np.float32)
     factor, fixed_delay = _injected_delays(replica)

@@ -1,5 +1,4 @@
 """HDF5 checkpoints without MPI: streamed writing, atomicity, verification, range reads."""
-import json
 import subprocess
 import shutil
 

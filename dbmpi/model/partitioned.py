@@ -389,4 +389,16 @@ class PartitionedNetwork:
         return total / n, correct / n
 
 
-__all__ = ["PartitionedNetwork"]
+def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan):
+    """What a worker rank trains: (model, its canonical parameter ranges, the input rows it
+    reads or None for whole examples). The whole network when the replica has one rank."""
+    if plan.n_partitions == 1:
+        return network, [(0, network.n_params)], None
+    model = PartitionedNetwork(network, comm, plan)
+    rows = model.input_rows
+    if rows == (0, network.input_shape[0]):
+        rows = None  # a dense first layer reads whole examples
+    return model, model.ranges, rows
+
+
+__all__ = ["PartitionedNetwork", "worker_model"]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from dbmpi import config as configuration
 from dbmpi.model import Network
 from dbmpi.model.partitioned import PartitionedNetwork
 from tests.conftest import assert_close
+from tests.mpi import sub_world
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,15 +110,6 @@ MODELS = {
         configuration.parse_toml(MIXED.format(output="logistic")), require_train=False)["model"],
     "strided": lambda: configuration.validate(configuration.parse_toml(STRIDED), require_train=False)["model"],
 }
-
-
-def sub_world(size):
-    """A communicator of the first `size` ranks, or None on the others (collective)."""
-    world = MPI.COMM_WORLD
-    if world.size < size:
-        pytest.skip(f"needs {size} ranks, have {world.size}")
-    comm = world.Split(0 if world.rank < size else MPI.UNDEFINED, world.rank)
-    return None if comm == MPI.COMM_NULL else comm
 
 
 def batch(network, n=6, seed=0):

@@ -21,17 +21,9 @@ from dbmpi.parameter_server import (
     gather_parameters,
     read_counter,
 )
+from tests.mpi import sub_world
 
 N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
-
-
-def sub_world(size):
-    """A communicator of the first `size` ranks, or None on the others (collective)."""
-    world = MPI.COMM_WORLD
-    if world.size < size:
-        pytest.skip(f"needs {size} ranks, have {world.size}")
-    comm = world.Split(0 if world.rank < size else MPI.UNDEFINED, world.rank)
-    return None if comm == MPI.COMM_NULL else comm
 
 
 def run_server(comm, layout, initial, worker):
