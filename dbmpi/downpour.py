@@ -38,8 +38,9 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
-from dbmpi.parameter_server import (CHECKPOINTS, ParameterWindows, Shard, ShardClient, add_counter,
-                                    bucket_label, gather_parameters)
+from dbmpi.parameter_server import (CHECKPOINTS, STOPS, ParameterWindows, Shard, ShardClient, add_counter,
+                                    bucket_label, gather_parameters, read_counter)
+from dbmpi.signals import StopRequest
 from dbmpi.atomic import atomic_write_text
 from dbmpi.checkpoint import (CheckpointError, CheckpointWriter, checkpoint_name, list_checkpoints,
                               newest_valid, open_checkpoint, prune)
@@ -197,15 +198,15 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     # From here on every rank is committed: an error on one rank ends the job.
     try:
         topo = Topology(layout, comm)
-        with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
-            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed)
+        with threadpool_limits(limits=tcfg["threads"], user_api="blas"), StopRequest() as stop:
+            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed, stop)
         topo.free()
         return summary
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
 
-def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed):
+def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop):
     tcfg = cfg["train"]
     role = topo.role
     if topo.is_lead:
@@ -233,7 +234,7 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed):
         shard = Shard(windows, role.shard, initial, optimizer)
         checkpointer = ShardCheckpointer(cfg, network, layout, topo, shard, run_path)
         topo.world.Barrier()  # every shard has published its initial slice
-        stats = shard.serve(checkpointer)
+        stats = shard.serve(checkpointer, stop)
         checkpointer()  # the final checkpoint: the lead sent its state before finishing
         shard.close()
         final_slice = shard.work
@@ -248,7 +249,7 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed):
                         "checkpoints_written": checkpointer.written})
     else:
         topo.world.Barrier()
-        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed))
+        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed, stop))
     windows.free()
 
     # The parameters as the shards hold them, gathered at the lead for the final evaluation.
@@ -259,7 +260,8 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed):
     return _finish(cfg, network, layout, final, gathered, run_dir, say)
 
 
-def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=None) -> list[dict]:
+def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=None,
+             stop_request=None) -> list[dict]:
     tcfg = cfg["train"]
     replica, n_replicas = topo.role.replica, layout.n_replicas
     partition, n_partitions = topo.role.partition, layout.n_partitions
@@ -305,17 +307,28 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
             f"lr {tcfg['learning_rate']}")
 
     # A replica's partitions step in lockstep (every step is collective over them), so they
-    # fetch and push together; only a time budget could split them, so its verdict is shared.
-    agree_on_time = n_partitions > 1 and deadline != math.inf
+    # fetch and push together; only a time budget or a stop signal could split them, so
+    # the verdict is shared. A stop signal on any rank reaches every worker through shard 0.
     stop_flag = np.zeros(1, np.int32)
+    shard0 = layout.shard_rank(0)
+    signalled = {"relayed": False, "seen": False}
+
+    def stop_requested() -> bool:
+        if stop_request is None:
+            return False
+        if stop_request.requested and not signalled["relayed"]:
+            add_counter(windows.control, shard0, STOPS)
+            signalled["relayed"] = True
+        if not signalled["seen"]:
+            signalled["seen"] = read_counter(windows.control, shard0, STOPS) > 0
+        return signalled["seen"]
 
     def keep_going(step: int, last: float) -> bool:
         if step >= last:
             return False
-        if not agree_on_time:
-            return time.perf_counter() < deadline
-        stop_flag[0] = time.perf_counter() >= deadline
-        topo.replica.Allreduce(MPI.IN_PLACE, stop_flag, op=MPI.MAX)
+        stop_flag[0] = time.perf_counter() >= deadline or stop_requested()
+        if n_partitions > 1:
+            topo.replica.Allreduce(MPI.IN_PLACE, stop_flag, op=MPI.MAX)
         return not stop_flag[0]
 
     nonfinite = 0  # NaN/Inf entries in the accrued gradient
@@ -396,13 +409,17 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
             say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
         release = topo.workers.Ibarrier()
         while not release.Test():
+            stop_requested()  # relays a signal that arrives while waiting
             time.sleep(1e-3)
     step = train_steps(step, max(0, budget - first_step), "downpour")
     if step % n_push != 0:  # push what was accrued since the last push
         client.push(accrued[current], nonfinite)
     client.finish_push()
     if topo.is_lead:  # the shards write the final checkpoint once everyone is done
-        topo.world.send({"step": step, "phase": "end", "seed": tcfg["seed"], "n_replicas": n_replicas,
+        phase = "signal" if signalled["seen"] else "end"
+        if signalled["seen"]:
+            say(f"stop signal: checkpointing at step {step} and exiting")
+        topo.world.send({"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
                          "elapsed_s": round(time.perf_counter() - started, 3)},
                         dest=layout.shard_rank(0), tag=CKPT_STATE)
     client.finish()
@@ -420,7 +437,8 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
                     "activation_bytes_sent": getattr(model, "bytes_sent", 0),
                     "activation_bytes_received": getattr(model, "bytes_received", 0),
                     "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
-                    "examples": int(x.shape[0]), "batch": batch})
+                    "examples": int(x.shape[0]), "batch": batch,
+                    "stopped_by_signal": signalled["seen"]})
     return records
 
 
@@ -459,6 +477,7 @@ def _finish(cfg, network, layout, final, gathered, run_dir, say):
         "wall_time_s": wall,
         "updates_by_shard": [s["updates"] for s in shards],
         "pushes_rejected": sum(r["rejected"] for r in workers),
+        "stopped_by_signal": any(r.get("stopped_by_signal") for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
         "mean_staleness": _mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
         "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,

@@ -60,6 +60,7 @@ REJECTED = 3  # pushes replicas withheld because the gradient was not finite
 DROPPED = 4  # drains the shard dropped because they were not finite
 DRAINS = 5  # drains that found data
 CHECKPOINTS = 6  # checkpoints the lead has asked for
+STOPS = 7  # stop requests (signals) any rank has relayed; read on shard 0
 N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
 HIST = 8
 
@@ -213,14 +214,19 @@ class Shard:
         add_counter(control, self.me, VERSION)
         return True
 
-    def serve(self, checkpoint=None) -> ShardStats:
+    def serve(self, checkpoint=None, stop=None) -> ShardStats:
         """Apply pushes until every worker has finished and the inbox is empty. Between
-        drains, `checkpoint()` runs once for every checkpoint the lead has asked for."""
+        drains, `checkpoint()` runs once for every checkpoint the lead has asked for; a stop
+        signal this shard received (`stop.requested`) is relayed to the workers."""
         started = time.perf_counter()
         n_workers = self.layout.n_workers
         seen, backoff = 0, self.poll_min_s
         written = 0
+        relayed = False
         while True:
+            if stop is not None and stop.requested and not relayed:
+                add_counter(self.windows.control, self.layout.shard_rank(0), STOPS)
+                relayed = True
             if checkpoint is not None:
                 while self._counter(CHECKPOINTS) > written:
                     checkpoint()

@@ -315,3 +315,67 @@ def test_a_bad_checkpoint_is_named_and_trains_nothing(tmp_path, damage, message)
     lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
     assert len(lines) == 4 and len(set(lines)) == 1 and message in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "b").exists()
+
+
+def _rank_pids(marker: str) -> dict[int, int]:
+    """MPI rank -> pid of the processes whose command line contains `marker` (hydra sets
+    PMI_RANK in each rank's environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline:
+                continue
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode().split("\0")
+                       if "=" in item)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "PMI_RANK" in env:
+            found[int(env["PMI_RANK"])] = int(entry.name)
+    return found
+
+
+@pytest.mark.parametrize("signame,rank", [("SIGUSR1", 1), ("SIGTERM", 3), ("SIGUSR1", 0)])
+def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, rank):
+    """How Slurm announces a time limit or pre-emption: one rank gets SIGUSR1 or SIGTERM;
+    every rank stops, the shards write a checkpoint, the job exits 0 and resumes from it."""
+    import signal as signals
+
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    run_dir = tmp_path / "run"
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
+           "--run-dir", str(run_dir), "--set", "train.steps=100000000", "--set", data]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # training has started on every rank
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and '"kind": "train"' in metrics.read_text() and len(_rank_pids(str(run_dir))) == 4:
+                break
+            time.sleep(0.2)
+        pids = _rank_pids(str(run_dir))
+        assert len(pids) == 4, pids
+        sent = time.monotonic()
+        os.kill(pids[rank], getattr(signals, signame))
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - sent < 60
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is True
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    with open_checkpoint(last) as ckpt:
+        assert ckpt.state["phase"] == "signal" and ckpt.step > 0
+        stopped_at = ckpt.step
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", f"train.steps={stopped_at + 40}",
+                       "--set", data, "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stdout
