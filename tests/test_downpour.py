@@ -379,3 +379,36 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
                        "--set", data, "--resume", "auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {stopped_at}" in result.stdout
+
+
+def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
+    """SIGKILL on a replica: the launcher ends the job with a non-zero status within a
+    bounded time, and every checkpoint already written still verifies."""
+    import signal as signals
+
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
+           "--run-dir", str(run_dir), "--set", "train.steps=100000000", "--set", "train.checkpoint_every=200",
+           "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+            time.sleep(0.2)
+        pids = _rank_pids(str(run_dir))
+        assert len(pids) == 4 and len(list_checkpoints(run_dir / "checkpoints")) >= 2
+        killed = time.monotonic()
+        os.kill(pids[1], signals.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert time.monotonic() - killed < 30
+    assert not _rank_pids(str(run_dir))  # no rank left behind
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        open_checkpoint(path).close()  # verifies every checksum (a write cut short stays a temp file)
