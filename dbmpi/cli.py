@@ -40,8 +40,9 @@ def _error_types():
     from dbmpi.partition import PartitionError
     from dbmpi.rundir import RunDirectoryError
     from dbmpi.checkpoint import CheckpointError
+    from dbmpi.plot import PlotError
 
-    return (CheckpointError, ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError,
+    return (CheckpointError, PlotError, ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError,
             UsageError)
 
 
@@ -271,6 +272,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from dbmpi.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def cmd_version(_args) -> int:
     print(f"dbmpi {dbmpi.__version__}")
     return 0
@@ -375,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["npz"], default="npz")
     export.add_argument("--out", help="output file (default: the checkpoint's name with .npz)")
     export.set_defaults(func=cmd_export)
+
+    plot = sub.add_parser("plot", help="draw a run's loss, accuracy and staleness as a PNG",
+                          description="Loss against steps and wall time per replica, test accuracy "
+                                      "against time, the shards' staleness histogram (needs the "
+                                      "plot extra: pip install 'dbmpi[plot]').")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG to write (default RUN_DIR/metrics.png)")
+    plot.set_defaults(func=cmd_plot)
 
     version = sub.add_parser("version", help="print the dbmpi version")
     version.set_defaults(func=cmd_version)

@@ -377,6 +377,7 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
                 staleness_seen = len(client.staleness)
                 record = {"kind": "train", "rank": topo.rank, "replica": replica,
                           "partition": partition, "phase": phase,
+                          "elapsed_s": round(now - started, 4),
                           "step": step, "epoch": round(step / steps_per_epoch, 4),
                           "loss": window_loss / window_steps,
                           "samples_per_s": round(window_steps * batch / max(now - window_start, 1e-9), 1),

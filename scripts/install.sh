@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install dbmpi (editable, with the PyPI MPICH wheel and the data and test extras) into the
+# Install dbmpi (editable, with the PyPI MPICH wheel and the data, test and plot extras) into the
 # current Python when it is missing or its compiled kernels are older than their sources.
 # The build needs Cython, numpy and scipy (for scipy.linalg.cython_blas), installed first
 # so the build can reuse them (--no-build-isolation).
@@ -27,5 +27,5 @@ PY
 if needs_install; then
   echo "installing dbmpi (editable) and its dependencies..." >&2
   "$PYTHON" -m pip install -q "setuptools>=64" wheel "Cython>=3.0" numpy scipy
-  "$PYTHON" -m pip install -q --no-build-isolation -e ".[mpich,data,test]"
+  "$PYTHON" -m pip install -q --no-build-isolation -e ".[mpich,data,test,plot]"
 fi

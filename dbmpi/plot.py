@@ -1,0 +1,114 @@
+"""`dbmpi plot RUN_DIR`: a run's metrics as one PNG (matplotlib is the optional `plot` extra).
+
+Panels: training loss against steps and against wall time, one line per replica; test
+accuracy against wall time (replica 0's copies during the run, the shards' final value;
+Sandblaster: loss per L-BFGS iteration); and the shards' staleness histogram (Downpour).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dbmpi.atomic import atomic_path
+
+
+class PlotError(ValueError):
+    """A run directory that cannot be plotted (missing, empty, or no matplotlib)."""
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise PlotError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise PlotError(f"{path}:{number}: not a JSON line") from None
+    if not records:
+        raise PlotError(f"{path}: no records yet")
+    return records
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's figure; returns the PNG's path (default RUN_DIR/metrics.png)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("dbmpi plot needs matplotlib: pip install 'dbmpi[plot]'") from None
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "metrics.png"
+    train = [r for r in records if r.get("kind") == "train"]
+    iterations = [r for r in records if r.get("kind") == "iteration"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    shards = [r for r in records if r.get("kind") == "shard" and r.get("staleness_histogram")]
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (loss_steps, loss_time), (accuracy, staleness) = axes
+    if iterations:
+        its = [r["iteration"] for r in iterations]
+        loss_steps.plot(its, [r["loss"] for r in iterations], marker=".")
+        loss_steps.set_xlabel("L-BFGS iteration")
+        loss_time.plot([r["time"] for r in iterations], [r["loss"] for r in iterations], marker=".")
+    by_replica: dict[int, list[dict]] = {}
+    for r in train:
+        if r.get("partition", 0) == 0:
+            by_replica.setdefault(r.get("replica", 0), []).append(r)
+    for replica, rows in sorted(by_replica.items()):
+        rows.sort(key=lambda r: r["step"])
+        label = f"replica {replica}"
+        loss_steps.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+        # elapsed_s: the replica's own clock (its records reach the run directory at the end)
+        loss_time.plot([r.get("elapsed_s", r["time"]) for r in rows], [r["loss"] for r in rows], label=label)
+    if train:
+        loss_steps.set_xlabel("step")
+    for ax in (loss_steps, loss_time):
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        if len(by_replica) > 1:
+            ax.legend(fontsize=8)
+    loss_time.set_xlabel("wall time (s)")
+    during = [r for r in evals if r.get("source") != "shards" and "time" in r]
+    if during:
+        accuracy.plot([r["time"] for r in during], [r["test_accuracy"] for r in during], marker=".",
+                      label="replica 0's copy")
+    final = [r for r in evals if r.get("source") == "shards" or "source" not in r]
+    if final:
+        accuracy.scatter([r["time"] for r in final], [r["test_accuracy"] for r in final], color="C3",
+                         zorder=3, label="final / evaluations")
+    accuracy.set_xlabel("wall time (s)")
+    accuracy.set_ylabel("test accuracy")
+    if during or final:
+        accuracy.legend(fontsize=8)
+    if shards:
+        labels = []
+        for r in shards:
+            for label in r["staleness_histogram"]:
+                if label not in labels:
+                    labels.append(label)
+        width = 0.8 / len(shards)
+        for i, r in enumerate(sorted(shards, key=lambda r: r["shard"])):
+            staleness.bar([x + i * width for x in range(len(labels))],
+                          [r["staleness_histogram"].get(label, 0) for label in labels], width=width,
+                          label=f"shard {r['shard']}")
+        staleness.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels)
+        staleness.set_xlabel("staleness (shard updates since the pusher's fetch)")
+        staleness.set_ylabel("pushes")
+        staleness.legend(fontsize=8)
+    else:
+        staleness.set_axis_off()
+        staleness.text(0.5, 0.5, "no staleness histogram (not a Downpour run)", ha="center", va="center")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["PlotError", "plot_run", "read_metrics"]
