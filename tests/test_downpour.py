@@ -412,3 +412,19 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
     assert not _rank_pids(str(run_dir))  # no rank left behind
     for path in list_checkpoints(run_dir / "checkpoints"):
         open_checkpoint(path).close()  # verifies every checksum (a write cut short stays a temp file)
+
+
+def test_checkpoints_every_t_seconds(tmp_path):
+    """checkpoint_every_s writes checkpoints on replica 0's clock during a timed run."""
+    from dbmpi.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.steps=100000000",
+                       "--set", "train.time_budget_s=4", "--set", "train.checkpoint_every_s=1",
+                       "--set", "train.checkpoint_keep=100", "--set", f"data.path={tmp_path / 'digits.h5'}",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard0 = next(r for r in records(run_dir) if r["kind"] == "shard" and r["shard"] == 0)
+    written = shard0["checkpoints_written"]
+    assert 3 <= len(written) <= 7, written  # about one a second for 4 s, plus the final one
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == sorted(set(written))
