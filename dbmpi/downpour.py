@@ -335,12 +335,16 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
 
     fail_at = _injected_failure(topo.rank)
 
-    def request_checkpoint(step: int, phase: str) -> None:
-        """Ask every shard for a checkpoint; shard 0 writes it with this state."""
+    def send_checkpoint_state(step: int, phase: str) -> None:
+        """Give shard 0 the state the next checkpoint records (the lead's view)."""
         state = {"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
                  "replica_0_examples": int(x.shape[0]), "elapsed_s": round(time.perf_counter() - started, 3),
                  "data_order": "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"}
         topo.world.send(state, dest=layout.shard_rank(0), tag=CKPT_STATE)
+
+    def request_checkpoint(step: int, phase: str) -> None:
+        """Ask every shard for a checkpoint; shard 0 writes it with this state."""
+        send_checkpoint_state(step, phase)
         for k in range(layout.n_shards):
             add_counter(windows.control, layout.shard_rank(k), CHECKPOINTS)
 
@@ -420,9 +424,7 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
         phase = "signal" if signalled["seen"] else "end"
         if signalled["seen"]:
             say(f"stop signal: checkpointing at step {step} and exiting")
-        topo.world.send({"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
-                         "elapsed_s": round(time.perf_counter() - started, 3)},
-                        dest=layout.shard_rank(0), tag=CKPT_STATE)
+        send_checkpoint_state(step, phase)
     client.finish()
     elapsed = time.perf_counter() - started
     client.close()

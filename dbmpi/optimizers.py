@@ -6,12 +6,14 @@ vector it updates and never travels.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from dbmpi import kernels
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Applies `step(params, grad)` in place; `state` holds what a checkpoint must keep."""
 
     name = "optimizer"
@@ -21,8 +23,9 @@ class Optimizer:
         self.learning_rate = learning_rate
         self.state: dict[str, np.ndarray] = {}
 
+    @abstractmethod
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Update `params` in place from `grad`."""
 
 
 class SGD(Optimizer):

@@ -59,38 +59,39 @@ SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
 WAKE = 104  # tag: the coordinator wakes the shards after a batch
 
 
-def wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3):
-    """Complete `request` without hogging a core: poll for `spin` seconds (replies and
-    commands usually come that fast), then sleep between polls with exponential back-off."""
-    done, value = request.test()
-    if done:
-        return value
-    until = time.perf_counter() + spin
-    while time.perf_counter() < until:
-        done, value = request.test()
-        if done:
-            return value
-    pause = low
-    while True:
-        time.sleep(pause)
-        done, value = request.test()
-        if done:
-            return value
-        pause = min(2 * pause, high)
-
-
-def Wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3) -> None:
-    """`wait` for buffer-based requests."""
-    if request.Test():
+def _poll(test: Callable[[], bool], spin: float, low: float, high: float) -> None:
+    """Call `test` until it is true without hogging a core: poll for `spin` seconds
+    (replies and commands usually come that fast), then sleep between polls with
+    exponential back-off."""
+    if test():
         return
     until = time.perf_counter() + spin
     while time.perf_counter() < until:
-        if request.Test():
+        if test():
             return
     pause = low
-    while not request.Test():
+    while not test():
         time.sleep(pause)
         pause = min(2 * pause, high)
+
+
+def wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3):
+    """Complete a pickled-object request (comm.irecv) politely; returns its message."""
+    result = []
+
+    def test() -> bool:
+        done, value = request.test()
+        if done:
+            result.append(value)
+        return done
+
+    _poll(test, spin, low, high)
+    return result[0]
+
+
+def Wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3) -> None:
+    """Complete a buffer request (Irecv, ...) politely."""
+    _poll(request.Test, spin, low, high)
 
 
 # Shards -------------------------------------------------------------------------------------
@@ -186,9 +187,7 @@ class ShardSpace:
         self.weight_decay = float(tcfg["weight_decay"])
         self.leads = [layout.worker_rank(r, 0) for r in range(layout.n_replicas)]
         self.parked: set[int] = set()
-        self.pending: dict[int, dict] = {}  # requests that arrived for a later evaluation
         self.stats_log: list[dict] = []
-        self.dots = 0
 
     def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
         ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
@@ -203,7 +202,6 @@ class ShardSpace:
     # The vector commands ------------------------------------------------------------------
     def dot(self, a: str, b: str) -> float:
         self._send(DOT, 0.0, a, b)
-        self.dots += 1
         return self._reduce()
 
     def axpy(self, alpha: float, x: str, y: str) -> None:
@@ -232,11 +230,7 @@ class ShardSpace:
         scheduler = PortionScheduler(cut(start, stop, self.portion_size), self.layout.n_replicas,
                                      self.push_every, self.backups)
         started = time.perf_counter()
-        for replica in sorted(self.parked):
-            self._answer(scheduler, replica, None, n)
-        for replica, message in sorted(self.pending.items()):
-            del self.pending[replica]
-            self._serve(scheduler, message, n)
+        self._wake_parked(scheduler, n)
         while not scheduler.complete:
             message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
             self._serve(scheduler, message, n)
@@ -271,15 +265,13 @@ class ShardSpace:
         else:
             reply = scheduler.handle(replica, message["done"], message["flushed"])
             self._reply(replica, reply, n)
-        # Work may have appeared for parked replicas (revoked commits).
-        for other in sorted(self.parked):
-            self._answer(scheduler, other, None, n)
+        self._wake_parked(scheduler, n)  # work may have appeared (revoked commits)
 
-    def _answer(self, scheduler, replica, _message, n) -> None:
-        reply = scheduler.handle(replica)
-        if reply is not None:
-            self.parked.discard(replica)
-            self._reply(replica, reply, n)
+    def _wake_parked(self, scheduler: PortionScheduler, n: int) -> None:
+        for replica in sorted(self.parked):
+            reply = scheduler.handle(replica)
+            if reply is not None:
+                self._reply(replica, reply, n)
 
     def _reply(self, replica: int, reply: Reply | None, n: int) -> None:
         if reply is None:
@@ -292,11 +284,10 @@ class ShardSpace:
 
     def stop_replicas(self) -> None:
         """Answer every replica's next request with stop (parked ones at once)."""
-        waiting = set(range(self.layout.n_replicas)) - self.parked - set(self.pending)
-        for replica in list(self.parked) + list(self.pending):
+        waiting = set(range(self.layout.n_replicas)) - self.parked
+        for replica in self.parked:
             self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
         self.parked.clear()
-        self.pending.clear()
         while waiting:
             message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
             self.world.send({"stop": True}, dest=self.leads[message["replica"]], tag=REPLY)

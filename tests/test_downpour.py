@@ -1,4 +1,5 @@
 """Downpour SGD end to end: `mpiexec -n N dbmpi train` in a subprocess, under a timeout."""
+import contextlib
 import json
 import os
 import shutil
@@ -337,6 +338,24 @@ def _rank_pids(marker: str) -> dict[int, int]:
     return found
 
 
+@contextlib.contextmanager
+def background_training(tmp_path, run_dir, *sets):
+    """A Downpour run of CONFIG on 4 ranks in the background; killed if still running after."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
+           "--run-dir", str(run_dir), "--set", "train.steps=100000000",
+           "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("signame,rank", [("SIGUSR1", 1), ("SIGTERM", 3), ("SIGUSR1", 0)])
 def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, rank):
     """How Slurm announces a time limit or pre-emption: one rank gets SIGUSR1 or SIGTERM;
@@ -347,11 +366,7 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
 
     run_dir = tmp_path / "run"
     data = f"data.path={tmp_path / 'digits.h5'}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
-           "--run-dir", str(run_dir), "--set", "train.steps=100000000", "--set", data]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with background_training(tmp_path, run_dir) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # training has started on every rank
             metrics = run_dir / "metrics.jsonl"
@@ -363,10 +378,6 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
         sent = time.monotonic()
         os.kill(pids[rank], getattr(signals, signame))
         out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     assert time.monotonic() - sent < 60
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -389,12 +400,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
-           "--run-dir", str(run_dir), "--set", "train.steps=100000000", "--set", "train.checkpoint_every=200",
-           "--set", f"data.path={tmp_path / 'digits.h5'}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with background_training(tmp_path, run_dir, "train.checkpoint_every=200") as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
             time.sleep(0.2)
@@ -403,10 +409,6 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
         killed = time.monotonic()
         os.kill(pids[1], signals.SIGKILL)
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode != 0
     assert time.monotonic() - killed < 30
     assert not _rank_pids(str(run_dir))  # no rank left behind

@@ -39,9 +39,9 @@ def run_sandblaster(tmp_path, name, ranks, *sets, env=None, timeout=240):
     return summary, iterations, run_dir
 
 
-def serial_reference(tmp_path, overrides, iterations):
+def serial_reference(tmp_path, overrides, iterations, config=CONFIG):
     """Losses per iteration of the serial L-BFGS on the full-batch objective."""
-    cfg = configuration.load(CONFIG, [f"data.path={tmp_path / 'digits.h5'}", *overrides])
+    cfg = configuration.load(config, [f"data.path={tmp_path / 'digits.h5'}", *overrides])
     network = Network(cfg["model"])
     with open_dataset(tmp_path / "digits.h5") as data:
         x, y = data.load("train")
@@ -96,19 +96,7 @@ def test_iterates_match_serial_lbfgs_mlp_and_model_parallel_replicas(tmp_path):
                            cwd=tmp_path, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         results[P] = np.array([r["loss"] for r in records(run_dir) if r["kind"] == "iteration"])
-    cfg = configuration.load(config, [f"data.path={tmp_path / 'digits.h5'}"])
-    network = Network(cfg["model"])
-    with open_dataset(tmp_path / "digits.h5") as data:
-        x, y = data.load("train")
-    decay = cfg["train"]["weight_decay"]
-
-    def fun(point):
-        network.params[:] = point
-        loss = network.loss_and_grad(x, y) + 0.5 * decay * float(np.dot(point.astype(np.float64), point))
-        return loss, network.grad + np.float32(decay) * point
-
-    lbfgs = LBFGS(NumpyVectorSpace(network.params.copy(), fun), m=10)
-    reference = [lbfgs.start()] + [lbfgs.step()["loss"] for _ in range(n_iter)]
+    reference, _, _ = serial_reference(tmp_path, [], n_iter, config=config)
     np.testing.assert_allclose(results[1], reference, rtol=1e-4)
     np.testing.assert_allclose(results[2], reference, rtol=1e-4)
     assert results[1][-1] < 0.5 * results[1][0]

@@ -8,6 +8,7 @@ work buffers it reuses between minibatches of the same size.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from dbmpi import kernels
 from dbmpi.config import ConfigError
 
 
-class Layer:
+class Layer(ABC):
     """Base class. Subclasses set output_shape, tensors(), forward() and backward()."""
 
     kind = "layer"
@@ -61,13 +62,14 @@ class Layer:
         return buf
 
     # Passes -------------------------------------------------------------------------------
+    @abstractmethod
     def forward(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The layer's output for a batch (a reused buffer)."""
 
+    @abstractmethod
     def backward(self, gy: np.ndarray, need_gx: bool, lr: float | None = None) -> np.ndarray | None:
         """Return dL/dx (when need_gx) and write parameter gradients into self.grads; with
         lr given, apply `param -= lr * grad` in place instead (fused SGD)."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 def _uniform_init(rng, shape, fan_in, fan_out, activation):

@@ -101,14 +101,16 @@ def image_local_model():
     return configuration.load(ROOT / "configs" / "image_local.toml", require_train=False)["model"]
 
 
+def model_of(text):
+    return configuration.validate(configuration.parse_toml(text), require_train=False)["model"]
+
+
 MODELS = {
-    "mlp": lambda: configuration.validate(configuration.parse_toml(MLP), require_train=False)["model"],
+    "mlp": lambda: model_of(MLP),
     "image_local": image_local_model,
-    "mixed_softmax": lambda: configuration.validate(
-        configuration.parse_toml(MIXED.format(output="softmax")), require_train=False)["model"],
-    "mixed_logistic": lambda: configuration.validate(
-        configuration.parse_toml(MIXED.format(output="logistic")), require_train=False)["model"],
-    "strided": lambda: configuration.validate(configuration.parse_toml(STRIDED), require_train=False)["model"],
+    "mixed_softmax": lambda: model_of(MIXED.format(output="softmax")),
+    "mixed_logistic": lambda: model_of(MIXED.format(output="logistic")),
+    "strided": lambda: model_of(STRIDED),
 }
 
 
