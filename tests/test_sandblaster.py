@@ -119,27 +119,22 @@ def test_final_loss_matches_scipy_lbfgsb(tmp_path):
 
 
 def test_a_slow_replica_is_covered_by_backups(tmp_path):
-    """One replica 10x slower (injected): backups keep the batch near the no-straggler time and
-    the iterates unchanged; without backups the batches take much longer. Portions sleep a
-    fixed 20 ms so the timing does not depend on this machine's load."""
+    """One replica 10x slower (injected): it gets few portions, backup copies of its portions
+    win, and the iterates are those of the run with no straggler, with or without backups.
+    How much time backups save is measured in bench/sandblaster.py, not here."""
     common = ["train.n_replicas=4", "train.n_shards=1", "train.iterations=4", "train.portion_size=32"]
     delay = {"DBMPI_PORTION_DELAY": "0.02"}
     base, base_it, _ = run_sandblaster(tmp_path, "none", 6, *common, env=delay)
     slow, slow_it, _ = run_sandblaster(tmp_path, "backup", 6, *common, env={**delay, "DBMPI_SLOW": "3:10"})
     plain, plain_it, _ = run_sandblaster(tmp_path, "plain", 6, *common, "train.backup_tasks=false",
                                          env={**delay, "DBMPI_SLOW": "3:10"})
-
-    def batch_time(its):
-        return float(np.mean([t for r in its for t in r["batch_seconds"]]))
-
-    t_none, t_backup, t_plain = batch_time(base_it), batch_time(slow_it), batch_time(plain_it)
-    # Losing a tenth-speed replica of four costs about a quarter of the capacity (1 - 3.1/4).
-    assert t_backup <= 1.5 * t_none, (t_none, t_backup, t_plain)
-    assert t_plain >= t_backup + 0.05, (t_none, t_backup, t_plain)
-    assert slow["backups_won"] >= 1 and plain["backups_issued"] == 0
+    assert slow["backups_won"] >= 1 and plain["backups_issued"] == 0 and plain["backups_won"] == 0
     for run in (slow_it, plain_it):
         np.testing.assert_allclose([r["loss"] for r in run], [r["loss"] for r in base_it], rtol=1e-5)
         assert all(n == base["batch_size"] for r in run for n in r["examples_per_evaluation"])
+        # Dynamic hand-out: the straggler is given fewer portions than any fast replica.
+        shares = np.sum([r["portions_by_replica"] for r in run], axis=0)
+        assert shares[3] < min(shares[:3]), shares
 
 
 def test_bad_sandblaster_settings_end_every_rank_with_one_message(tmp_path):
