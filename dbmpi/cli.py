@@ -53,9 +53,9 @@ def cmd_train(args) -> int:
     if args.threads is not None:
         cfg["train"]["threads"] = args.threads
     algorithm = cfg["train"]["algorithm"]
-    if args.resume is not None and algorithm != "downpour":
-        raise UsageError(f"--resume: resuming is implemented for Downpour only, not train.algorithm = "
-                         f"\"{algorithm}\"")
+    if args.resume is not None and algorithm == "sgd":
+        raise UsageError("--resume: resuming is implemented for Downpour and Sandblaster, not for the "
+                         "single-process sgd baseline")
     ranks = _world_size_from_launcher()
     if algorithm == "sgd" and ranks > 1:
         raise UsageError(
@@ -94,7 +94,7 @@ def _train_distributed(args, cfg, say) -> int:
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
     cfg["train"]["run_dir"] = str(run_path)
     if cfg["train"]["algorithm"] == "sandblaster":
-        summary = sandblaster.run(cfg, run_path, comm, say)
+        summary = sandblaster.run(cfg, run_path, comm, say, resume=args.resume)
         if summary is not None:
             say(f"final test accuracy {summary['test_accuracy']:.4f} after {summary['iterations']} "
                 f"L-BFGS iterations ({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="BLAS threads for this process (default: train.threads)")
     train.add_argument("--resume", metavar="CKPT",
                        help="continue from a checkpoint file, or 'auto': the newest valid checkpoint "
-                            "in the run directory (a fresh start if it has none); Downpour only for now. "
+                            "in the run directory (a fresh start if it has none); Downpour and Sandblaster. "
                             "Shards, replicas and partitions may differ from the checkpointed run")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(func=cmd_train)

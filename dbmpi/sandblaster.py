@@ -35,21 +35,25 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
+from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
+from dbmpi.checkpoint import checkpoint_name, open_checkpoint
 from dbmpi.downpour import abort_on_error, agree
 from dbmpi.layout import Layout, layout_for
-from dbmpi.lbfgs import LBFGS, vector_names
+from dbmpi.lbfgs import LBFGS, X, vector_names
 from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parameter_server import ParameterWindows, ShardClient, gather_parameters
 from dbmpi.partition import PartitionPlan
 from dbmpi.portions import PortionScheduler, Reply, cut
 from dbmpi.rundir import RunDirectory
+from dbmpi.shard_checkpoint import ShardCheckpoints
+from dbmpi.signals import StopRequest
 from dbmpi.topology import Topology
 
 # Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
-DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP = range(8)
+DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP, CHECKPOINT, SIGNALLED = range(10)
 REQUEST, REPLY, RESULT = 101, 102, 103  # tags of replica <-> coordinator messages
 # A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop, evaluation
 REPLY_FIELDS = 9
@@ -100,8 +104,11 @@ class ShardVectors:
     commands on them."""
 
     def __init__(self, windows: ParameterWindows, control: MPI.Intracomm, initial: np.ndarray,
-                 names: list[str]):
+                 names: list[str], checkpoints: ShardCheckpoints | None = None,
+                 stop: StopRequest | None = None):
         self.windows = windows
+        self.checkpoints = checkpoints
+        self.stop = stop
         self.control = control
         self.root = control.size - 1  # the coordinator is the last rank of `control`
         self.me = windows.comm.rank
@@ -160,6 +167,16 @@ class ShardVectors:
                 inbox.Flush(self.me)
                 bad = np.array([float(kernels.count_nonfinite(out))])
                 self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
+            elif op == CHECKPOINT:
+                # What to write comes next: the vectors (file name, vector) and, for shard 0,
+                # the attributes; then every shard streams its slices (dbmpi.shard_checkpoint).
+                info = self.control.bcast(None, root=self.root)
+                vectors = [(stored, self.vector(name)) for stored, name in info.pop("vectors")]
+                self.checkpoints.write(vectors, **info)
+                self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
+            elif op == SIGNALLED:
+                flag = 1.0 if self.stop is not None and self.stop.requested else 0.0
+                self.control.Reduce(np.array([flag]), None, op=MPI.SUM, root=self.root)
             else:  # pragma: no cover - a programming error, not input
                 raise RuntimeError(f"unknown shard command {op}")
 
@@ -188,6 +205,7 @@ class ShardSpace:
         self.leads = [layout.worker_rank(r, 0) for r in range(layout.n_replicas)]
         self.parked: set[int] = set()
         self.stats_log: list[dict] = []
+        self.replica_signalled = False  # a replica relayed a stop signal in a request
 
     def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
         ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
@@ -218,6 +236,18 @@ class ShardSpace:
 
     def stop_shards(self) -> None:
         self._send(STOP)
+
+    def checkpoint(self, vectors: list[tuple[str, str]], **attrs) -> None:
+        """Have the shards write a checkpoint of `vectors` ((name in the file, vector)) with
+        the file attributes `attrs` (dbmpi.shard_checkpoint.ShardCheckpoints.write)."""
+        self._send(CHECKPOINT)
+        self.control.bcast({"vectors": vectors, **attrs}, root=self.root)
+        self._reduce()  # written and renamed into place
+
+    def shards_signalled(self) -> bool:
+        """Whether a stop signal reached any shard."""
+        self._send(SIGNALLED)
+        return self._reduce() > 0
 
     # Batch gradients ----------------------------------------------------------------------
     def evaluate(self, point: str, grad: str) -> float:
@@ -255,6 +285,7 @@ class ShardSpace:
 
     def _serve(self, scheduler: PortionScheduler, message: dict, n: int) -> None:
         replica = message["replica"]
+        self.replica_signalled |= bool(message.get("signal"))
         if message["evaluation"] != self.evaluation:
             # A late result from an earlier evaluation (a straggler's duplicate): void.
             reply = scheduler.handle(replica)
@@ -317,7 +348,7 @@ def _encode(message: dict) -> np.ndarray:
     return out
 
 
-def _replica(cfg, network, layout, plan, topo, windows) -> dict:
+def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) -> dict:
     """A worker's loop: ask the coordinator for work, compute portions, accrue what it
     commits, push when told to. A replica's partitions follow their lead's replies."""
     replica, partition = topo.role.replica, topo.role.partition
@@ -333,11 +364,13 @@ def _replica(cfg, network, layout, plan, topo, windows) -> dict:
     last_loss, last_n = 0.0, 0
     computed, busy = 0, 0.0
     reply = np.zeros(REPLY_FIELDS, np.int64)
+    signalled = np.zeros(1, np.int64)  # a stop signal on any partition, shared at flushes
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
         while True:
             if lead:
                 topo.world.send({"replica": replica, "evaluation": done_evaluation, "done": done,
-                                 "flushed": flushed}, dest=coordinator, tag=REQUEST)
+                                 "flushed": flushed, "signal": bool(signalled[0]) or signals.requested},
+                                dest=coordinator, tag=REQUEST)
                 reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=REPLY)))
             if layout.n_partitions > 1:  # point to point: polled nonblocking collectives are slow
                 if lead:
@@ -360,8 +393,8 @@ def _replica(cfg, network, layout, plan, topo, windows) -> dict:
             if flush:
                 client.push(accrued, nonfinite)
                 client.finish_push()  # in the shards' inboxes before the report says so
-                if layout.n_partitions > 1:
-                    topo.replica.Barrier()  # every partition's share has landed
+                if layout.n_partitions > 1:  # every partition's share has landed
+                    topo.replica.Allreduce(np.array([int(signals.requested)]), signalled, op=MPI.MAX)
                 flushed = {"portions": committed, "loss": loss_acc, "nonfinite": nonfinite}
                 accrued[:] = 0.0
                 loss_acc, nonfinite, committed = 0.0, 0, []
@@ -391,10 +424,10 @@ def _replica(cfg, network, layout, plan, topo, windows) -> dict:
 
 # The run ------------------------------------------------------------------------------------
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
-        say: Callable[[str], None] = print) -> dict | None:
+        say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
     """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
-    the run directory and returns the summary."""
-    from dbmpi.downpour import _make_run_directory, _prepare_and_check_data
+    the run directory and returns the summary. `resume`: a checkpoint path or "auto"."""
+    from dbmpi.downpour import _make_run_directory, _prepare_and_check_data, resolve_resume
 
     tcfg = cfg["train"]
     network = Network(cfg["model"])
@@ -403,21 +436,35 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     layout.check_world(comm.size)
     root = layout.coordinator_rank
     data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), root=root)
+    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), root=root)
     made: list[RunDirectory] = []
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout)), root=root)
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)), root=root)
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == root else (lambda _msg: None)
     try:
         topo = Topology(layout, comm)
-        with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
-            summary = _run(cfg, network, layout, plan, topo, run_dir, data_info, lead_say)
+        with threadpool_limits(limits=tcfg["threads"], user_api="blas"), StopRequest() as stop:
+            summary = _run(cfg, network, layout, plan, topo, run_dir, data_info, lead_say,
+                           Path(run_path), resumed, stop)
         topo.free()
         return summary
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
 
-def _run(cfg, network, layout, plan, topo, run_dir, data_info, say):
+def _resumed_vectors(resumed: dict | None) -> list[tuple[str, str]]:
+    """(name in the checkpoint, L-BFGS vector) to load: x always; g and the history only
+    from a Sandblaster checkpoint (a Downpour one gives a warm start)."""
+    if resumed is None:
+        return []
+    pairs = [("params", X)]
+    lbfgs_state = resumed["state"].get("lbfgs")
+    if lbfgs_state is not None:
+        pairs += [(f"lbfgs/{name}", name) for name in lbfgs_state["vectors"] if name != X]
+    return pairs
+
+
+def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, resumed, stop):
     tcfg = cfg["train"]
     role = topo.role
     names = vector_names(tcfg["history"])
@@ -427,20 +474,27 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say):
         say(network.summary())
         say(layout.describe("sgd", plan))
         say(f"run directory: {run_dir.path}")
-        summary = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say)
+        summary = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop)
     else:
         windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
         final_slice = None
         if role.is_shard:
             lo, hi = layout.shard_ranges[role.shard]
-            shard = ShardVectors(windows, topo.control, network.params[lo:hi], names)
+            checkpoints = ShardCheckpoints(topo.control, list(range(layout.n_shards)), layout.shard_ranges,
+                                           network.tensors, run_path / "checkpoints", tcfg["checkpoint_keep"])
+            shard = ShardVectors(windows, topo.control, network.params[lo:hi], names, checkpoints, stop)
+            if resumed:  # each shard reads only its own range of each vector
+                with open_checkpoint(resumed["path"], verify=False) as ckpt:
+                    for stored, name in _resumed_vectors(resumed):
+                        ckpt.read_range(stored, lo, hi, out=shard.vector(name))
             shard.serve()
             shard.close()
             final_slice = shard.vectors["x"]
             records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
-                            "commands": shard.commands, "vectors": len(shard.vectors)})
+                            "commands": shard.commands, "vectors": len(shard.vectors),
+                            "checkpoints_written": checkpoints.written})
         else:
-            records.append(_replica(cfg, network, layout, plan, topo, windows))
+            records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
         windows.free()
         final = gather_parameters(topo.window, layout, final_slice, root=0)
         if topo.rank == 0:  # replica 0's lead evaluates the final iterate for the coordinator
@@ -456,7 +510,35 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say):
     return None
 
 
-def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say) -> dict:
+def _restore(lbfgs: LBFGS, space: "ShardSpace", resumed: dict, say) -> dict:
+    """Continue from a checkpoint the shards have loaded: the L-BFGS scalars, the batch, the
+    counters. A changed history size or batching keeps x (and the pairs that fit) and
+    re-evaluates f and g; a Downpour checkpoint is a warm start from its parameters."""
+    state = resumed["state"]
+    saved = state.get("lbfgs")
+    if saved is None:
+        say(f"warm start from the parameters of {resumed['path']} (it holds no L-BFGS state)")
+        lbfgs.start()
+        return {"iteration": 0, "elapsed_s": 0.0}
+    saved = dict(saved)
+    fresh = False
+    if int(saved["m"]) != lbfgs.m:
+        say(f"history {lbfgs.m} instead of the checkpoint's {saved['m']}: keeping the newest pairs that fit")
+        keep = [i for i in saved["slots"] if i < lbfgs.m][-lbfgs.m:]
+        saved.update(m=lbfgs.m, slots=keep, rho=[r for i, r in zip(saved["slots"], saved["rho"]) if i in keep])
+    lbfgs.load_state(saved)
+    if state.get("batches") == [list(b) for b in space.batches]:
+        space.batch = int(state["batch"])
+    else:
+        fresh = True
+    space.evaluation = int(state.get("evaluation", 0))
+    if fresh:
+        say("the batches differ from the checkpoint's: evaluating f and g at x afresh")
+        lbfgs.start()
+    return {"iteration": lbfgs.iteration, "elapsed_s": float(state.get("elapsed_s", 0.0))}
+
+
+def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop) -> dict:
     tcfg = cfg["train"]
     n_train = data_info["n_train"]
     size = min(tcfg["batch_size"], n_train)
@@ -472,17 +554,32 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say) -> d
         f"{portions} portions of {tcfg['portion_size']}; history {tcfg['history']}, "
         f"backups {'on' if tcfg['backup_tasks'] else 'off'}")
     started = time.perf_counter()
-    loss = lbfgs.start()
+    earlier_s = 0.0  # seconds trained before a resume, so times continue
+    if resumed:
+        say(f"resuming from {resumed['path']} at iteration {resumed['step']}")
+        run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
+        restored = _restore(lbfgs, space, resumed, say)
+        earlier_s = restored["elapsed_s"]
+        loss = lbfgs.f
+    else:
+        loss = lbfgs.start()
     seen = 0
-    status, iteration = "budget", 0
+    status, iteration = "budget", lbfgs.iteration
     iterations: list[dict] = []
+    every, every_s = tcfg["checkpoint_every"], tcfg["checkpoint_every_s"]
+    last_checkpoint, checkpointed_at = time.perf_counter(), None
+    written: list[str] = []
+    config_text = configuration.dumps(cfg)
+
+    def elapsed() -> float:
+        return earlier_s + time.perf_counter() - started
 
     def log(record: dict) -> None:
         nonlocal seen
         evals = space.stats_log[seen:]
         seen = len(space.stats_log)
         record.update({
-            "kind": "iteration", "time_s": round(time.perf_counter() - started, 4),
+            "kind": "iteration", "time_s": round(elapsed(), 4),
             "portions_by_replica": [sum(e["portions_by_replica"][r] for e in evals)
                                     for r in range(layout.n_replicas)],
             "examples_per_evaluation": [e["examples"] for e in evals],
@@ -494,8 +591,25 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say) -> d
         iterations.append(record)
         run_dir.log(record)
 
-    log({"iteration": 0, "loss": loss, "step_length": 0.0, "evaluations": 1, "status": "start"})
-    say(f"[lbfgs] iteration {0:>5}  loss {loss:.6f}")
+    def checkpoint(phase: str) -> None:
+        nonlocal last_checkpoint, checkpointed_at
+        state = lbfgs.state()
+        vectors = [("params", X)] + [(f"lbfgs/{name}", name) for name in state["vectors"] if name != X]
+        space.checkpoint(vectors, step=lbfgs.iteration, algorithm="sandblaster", config_text=config_text,
+                         layout=layout.to_dict(),
+                         state={"lbfgs": state, "batch": space.batch, "batches": batches,
+                                "evaluation": space.evaluation, "elapsed_s": round(elapsed(), 4),
+                                "phase": phase, "iteration": lbfgs.iteration})
+        name = checkpoint_name(lbfgs.iteration)
+        written.append(name)
+        run_dir.log({"kind": "checkpoint", "step": lbfgs.iteration, "file": f"checkpoints/{name}",
+                     "phase": phase, "time_s": round(elapsed(), 4)})
+        say(f"checkpoint {name} ({phase})")
+        last_checkpoint, checkpointed_at = time.perf_counter(), lbfgs.iteration
+
+    log({"iteration": lbfgs.iteration, "loss": loss, "step_length": 0.0, "evaluations": 1,
+         "status": "resume" if resumed else "start"})
+    say(f"[lbfgs] iteration {lbfgs.iteration:>5}  loss {loss:.6f}")
     while iteration < budget and time.perf_counter() < deadline:
         if len(batches) > 1:  # the next batch: f and g at x on it
             space.batch = (space.batch + 1) % len(batches)
@@ -510,18 +624,30 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say) -> d
         if record.get("status") in ("converged", "stalled"):
             status = record["status"]
             break
+        if stop.requested or space.replica_signalled or space.shards_signalled():
+            status = "signal"
+            say("stop signal: checkpointing and exiting")
+            break
+        if (every and lbfgs.iteration % every == 0) or (every_s and time.perf_counter() - last_checkpoint >= every_s):
+            checkpoint("periodic")
+    if checkpointed_at != lbfgs.iteration:
+        checkpoint("signal" if status == "signal" else "final")
     space.stop_replicas()
     space.stop_shards()
     wall = time.perf_counter() - started
     result = topo.world.recv(source=0, tag=RESULT)
-    return {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
-            "iterations": iteration, "status": status, "final_loss": iterations[-1]["loss"],
-            "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
-            "history": tcfg["history"], "backup_tasks": tcfg["backup_tasks"],
-            "backups_issued": sum(r["backups_issued"] for r in iterations),
-            "backups_won": sum(r["backups_won"] for r in iterations),
-            "wall_time_s": round(wall, 3), "n_params": network.n_params,
-            "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"]}
+    summary = {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
+               "iterations": iteration, "status": status, "final_loss": lbfgs.f,
+               "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
+               "history": tcfg["history"], "backup_tasks": tcfg["backup_tasks"],
+               "backups_issued": sum(r["backups_issued"] for r in iterations),
+               "backups_won": sum(r["backups_won"] for r in iterations),
+               "wall_time_s": round(wall, 3), "n_params": network.n_params,
+               "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"],
+               "checkpoints_written": written, "stopped_by_signal": status == "signal"}
+    if resumed:
+        summary["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
+    return summary
 
 
 def _finish(summary, gathered, run_dir, say) -> dict:

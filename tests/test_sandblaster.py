@@ -147,3 +147,121 @@ def test_bad_sandblaster_settings_end_every_rank_with_one_message(tmp_path):
     result, _ = launch(4, "train", CONFIG, "--run-dir", tmp_path / "run", cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert "+ 1 coordinator = 5" in result.stderr
+
+
+# Checkpoints, resume and stop signals --------------------------------------------------------
+def test_checkpoints_hold_the_lbfgs_state_and_resume_continues_the_iterates(tmp_path):
+    """A resumed run follows the uninterrupted one, up to float32 summation order (which
+    replica computed which portion differs between runs), with the same or other numbers
+    of shards and replicas."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    n_iter = 8
+    _, straight, run_dir = run_sandblaster(tmp_path, "straight", 5, f"train.iterations={n_iter}",
+                                           "train.checkpoint_every=3")
+    names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+    assert names == ["ckpt-000000003.h5", "ckpt-000000006.h5", "ckpt-000000008.h5"]
+    ckpt_path = run_dir / "checkpoints" / names[0]
+    with open_checkpoint(ckpt_path) as ckpt:  # checksums verified on open
+        assert ckpt.algorithm == "sandblaster" and ckpt.step == 3
+        lbfgs = ckpt.state["lbfgs"]
+        assert lbfgs["iteration"] == 3 and len(lbfgs["slots"]) == 3
+        assert sorted(ckpt.vectors()) == sorted(["params", "lbfgs/g", *(f"lbfgs/s{i}" for i in lbfgs["slots"]),
+                                                 *(f"lbfgs/y{i}" for i in lbfgs["slots"])])
+        assert ckpt.state["phase"] == "periodic"
+        assert abs(lbfgs["f"] - straight[3]["loss"]) <= 1e-12 * abs(lbfgs["f"])
+        # The stored g is the gradient at the stored x (the full-batch objective).
+        _, fun, _ = serial_reference(tmp_path, [], 0)
+        x = ckpt.read_range("params", 0, ckpt.n_params)
+        g = ckpt.read_range("lbfgs/g", 0, ckpt.n_params)
+    np.testing.assert_allclose(g, fun(x)[1], rtol=1e-4, atol=1e-6)
+    reference = [r["loss"] for r in straight]
+
+    for name, sets, rtol in (("same", [], 1e-6), ("other", ["train.n_shards=1", "train.n_replicas=3"], 1e-5)):
+        result, _ = launch(5, "train", CONFIG, "--run-dir", tmp_path / name, "--resume", ckpt_path,
+                           "--set", f"data.path={tmp_path / 'digits.h5'}", "--set", f"train.iterations={n_iter}",
+                           *[arg for item in sets for arg in ("--set", item)], cwd=tmp_path, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        recs = records(tmp_path / name)
+        assert [r for r in recs if r["kind"] == "resume"][0]["step"] == 3
+        its = [r for r in recs if r["kind"] == "iteration"]
+        assert [r["iteration"] for r in its] == list(range(3, n_iter + 1))
+        np.testing.assert_allclose([r["loss"] for r in its], reference[3:], rtol=rtol)
+        assert its[0]["time_s"] >= straight[3]["time_s"]  # time continues too
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["iterations"] == n_iter and summary["resumed_from"]["step"] == 3
+
+
+def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finishes(tmp_path):
+    """SIGTERM on a shard, SIGUSR1 on a replica (how Slurm announces a time limit): the
+    coordinator checkpoints after the current iteration, every rank exits 0, and
+    `--resume auto` continues from that checkpoint to the iteration budget."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from tests.test_downpour import _rank_pids, mpiexec
+
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    for signame, rank in (("SIGTERM", 3), ("SIGUSR1", 1)):
+        run_dir = tmp_path / signame
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "DBMPI_PORTION_DELAY": "0.01"}
+        cmd = [mpiexec(), "-n", "5", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
+               "--run-dir", str(run_dir), "--set", data, "--set", "train.iterations=100000",
+               "--set", "train.tolerance=0"]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                metrics = run_dir / "metrics.jsonl"
+                if metrics.exists() and '"iteration": 2' in metrics.read_text() and len(_rank_pids(str(run_dir))) == 5:
+                    break
+                time.sleep(0.2)
+            pids = _rank_pids(str(run_dir))
+            assert len(pids) == 5, pids
+            os.kill(pids[rank], getattr(signals, signame))
+            _, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["stopped_by_signal"] is True and summary["status"] == "signal"
+        last = list_checkpoints(run_dir / "checkpoints")[-1]
+        with open_checkpoint(last) as ckpt:
+            assert ckpt.state["phase"] == "signal" and ckpt.step == summary["iterations"] >= 2
+            stopped_at = ckpt.step
+    result, _ = launch(5, "train", CONFIG, "--run-dir", run_dir, "--set", data,
+                       "--set", f"train.iterations={stopped_at + 3}", "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at iteration {stopped_at}" in result.stdout
+    its = [r["iteration"] for r in records(run_dir) if r["kind"] == "iteration"]
+    assert its[-4:] == [stopped_at, stopped_at + 1, stopped_at + 2, stopped_at + 3]
+
+
+def test_a_downpour_checkpoint_warm_starts_sandblaster(tmp_path):
+    """L-BFGS from the parameters Downpour reached: the first loss is that of the
+    checkpointed parameters, far below a fresh start's."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    downpour = ROOT / "configs/downpour_digits.toml"
+    result, _ = launch(4, "train", downpour, "--run-dir", tmp_path / "dp", "--set", f"data.path={tmp_path / 'digits.h5'}",
+                       "--set", "train.steps=200", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt_path = list_checkpoints(tmp_path / "dp" / "checkpoints")[-1]
+    config = downpour  # the Downpour model, trained by Sandblaster
+    as_lbfgs = ['train.algorithm="sandblaster"', "train.batch_size=100000", "train.iterations=2"]
+    _, fun, _ = serial_reference(tmp_path, as_lbfgs, 0, config=config)
+    with open_checkpoint(ckpt_path) as ckpt:
+        start_loss = fun(ckpt.read_range("params", 0, ckpt.n_params))[0]
+    result, _ = launch(5, "train", config, "--run-dir", tmp_path / "sb", "--resume", ckpt_path,
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", *[a for s in as_lbfgs for a in ("--set", s)],
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warm start" in result.stdout
+    its = [r for r in records(tmp_path / "sb") if r["kind"] == "iteration"]
+    assert its[0]["iteration"] == 0 and abs(its[0]["loss"] - start_loss) < 1e-4 * start_loss
+    assert its[-1]["loss"] < its[0]["loss"]
