@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from contextlib import ExitStack
@@ -38,6 +39,7 @@ from dbmpi.atomic import atomic_path
 FORMAT = "dbmpi-checkpoint"
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d{9})\.h5$")
+TEMPORARY = re.compile(r"\.ckpt-\d{9}\.h5\.tmp-\d+$")  # dbmpi.atomic's name while writing
 
 
 class CheckpointError(ValueError):
@@ -343,14 +345,26 @@ def newest_valid(directory: str | Path) -> Path:
     raise CheckpointError(f"{directory}: no valid checkpoint to resume from{detail}")
 
 
+def stale_temporaries(directory: str | Path) -> list[Path]:
+    """Half-written checkpoints (`.ckpt-*.h5.tmp-PID`) left by a writer that died mid-write,
+    i.e. by any process but this one: a run has one checkpoint writer at a time."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    mine = f".tmp-{os.getpid()}"
+    return sorted(p for p in directory.iterdir() if TEMPORARY.match(p.name) and not p.name.endswith(mine))
+
+
 def prune(directory: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted paths."""
+    """Delete all but the newest `keep` checkpoints, and stale temporaries; returns the
+    deleted paths."""
     paths = list_checkpoints(directory)
-    doomed = paths[:-keep] if keep > 0 else paths
+    doomed = (paths[:-keep] if keep > 0 else paths) + stale_temporaries(directory)
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
 
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "FORMAT", "FORMAT_VERSION",
-           "checkpoint_name", "list_checkpoints", "newest_valid", "open_checkpoint", "prune"]
+           "checkpoint_name", "list_checkpoints", "newest_valid", "open_checkpoint", "prune",
+           "stale_temporaries"]

@@ -149,6 +149,49 @@ def test_keep_the_last_k(tmp_path, network):
         newest_valid(tmp_path / "empty")
 
 
+CRASHING_WRITER = """
+import sys, time
+from pathlib import Path
+from dbmpi.checkpoint import CheckpointWriter, checkpoint_name
+from dbmpi.model import Network
+network = Network.from_string(sys.argv[2])
+with CheckpointWriter(Path(sys.argv[1]) / checkpoint_name(50), network.tensors, algorithm="downpour",
+                      step=50, config_text="", layout={}) as w:
+    w.vector("params").write(0, network.params[:10])
+    w.file.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_checkpoints_and_its_temp_is_cleaned(tmp_path, network):
+    """SIGKILL while a checkpoint is being written (no Python cleanup runs): the previous
+    checkpoints still verify and --resume auto picks the newest of them; the next
+    checkpoint written in that directory removes the orphaned temporary."""
+    import sys
+
+    from dbmpi.checkpoint import stale_temporaries
+
+    write(tmp_path / checkpoint_name(40), network, {"params": network.params}, step=40)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path), MODEL],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    orphans = stale_temporaries(tmp_path)
+    assert [p.name for p in orphans] == [f".{checkpoint_name(50)}.tmp-{proc.pid}"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(40)]
+    assert newest_valid(tmp_path).name == checkpoint_name(40)
+    write(tmp_path / checkpoint_name(60), network, {"params": network.params}, step=60)
+    deleted = prune(tmp_path, keep=3)
+    assert deleted == orphans and not stale_temporaries(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(40), checkpoint_name(60)]
+
+
 def test_inspect_verify_tensor_and_export(tmp_path, network, capsys):
     from dbmpi.cli import main
 
