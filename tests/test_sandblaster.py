@@ -265,3 +265,41 @@ def test_a_downpour_checkpoint_warm_starts_sandblaster(tmp_path):
     its = [r for r in records(tmp_path / "sb") if r["kind"] == "iteration"]
     assert its[0]["iteration"] == 0 and abs(its[0]["loss"] - start_loss) < 1e-4 * start_loss
     assert its[-1]["loss"] < its[0]["loss"]
+
+
+def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_path):
+    """SIGKILL on a shard mid-run: the launcher ends the job non-zero within a bounded time;
+    the checkpoints written so far all verify."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from tests.test_downpour import _rank_pids, mpiexec
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "DBMPI_PORTION_DELAY": "0.01"}
+    cmd = [mpiexec(), "-n", "5", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
+           "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}",
+           "--set", "train.iterations=100000", "--set", "train.tolerance=0", "--set", "train.checkpoint_every=1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+            time.sleep(0.1)
+        pids = _rank_pids(str(run_dir))
+        assert len(pids) == 5, pids
+        killed = time.monotonic()
+        os.kill(pids[3], signals.SIGKILL)
+        proc.communicate(timeout=90)
+        assert time.monotonic() - killed < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    kept = list_checkpoints(run_dir / "checkpoints")
+    assert len(kept) >= 2
+    for path in kept:
+        open_checkpoint(path).close()  # verifies every checksum
