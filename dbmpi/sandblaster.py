@@ -55,8 +55,9 @@ from dbmpi.topology import Topology
 # Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
 DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP, CHECKPOINT, SIGNALLED = range(10)
 REQUEST, REPLY, RESULT = 101, 102, 103  # tags of replica <-> coordinator messages
-# A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop, evaluation
-REPLY_FIELDS = 9
+# A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop,
+# evaluation, n, test (evaluate the published point on the test set)
+REPLY_FIELDS = 10
 
 
 SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
@@ -206,6 +207,8 @@ class ShardSpace:
         self.parked: set[int] = set()
         self.stats_log: list[dict] = []
         self.replica_signalled = False  # a replica relayed a stop signal in a request
+        # Requests that arrived between two evaluations, answered when the next one starts.
+        self.stashed: dict[int, dict] = {}
 
     def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
         ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
@@ -261,6 +264,9 @@ class ShardSpace:
                                      self.push_every, self.backups)
         started = time.perf_counter()
         self._wake_parked(scheduler, n)
+        for message in self.stashed.values():
+            self._serve(scheduler, message, n)
+        self.stashed.clear()
         while not scheduler.complete:
             message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
             self._serve(scheduler, message, n)
@@ -313,12 +319,35 @@ class ShardSpace:
         message.update(evaluation=self.evaluation, n=n, stop=False)
         self.world.send(message, dest=self.leads[replica], tag=REPLY)
 
+    def test(self, point: str) -> tuple[float, float]:
+        """(loss, accuracy) of `point` on the test set, computed by replica 0 between two
+        evaluations: the shards publish the point, replica 0 fetches and evaluates it."""
+        self._send(PUBLISH, 0.0, point)
+        self._reduce()
+        while 0 not in self.parked and 0 not in self.stashed:
+            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
+            self.stashed[message["replica"]] = message
+            self.replica_signalled |= bool(message.get("signal"))
+        # A stashed request reports work of an evaluation that is over: discard it, as the
+        # next evaluation would.
+        discard = self.stashed.pop(0, None) is not None
+        self.parked.discard(0)
+        self.world.send({"stop": False, "test": True, "discard": discard, "commit": False, "flush": False,
+                         "portion": None, "evaluation": self.evaluation, "n": 1},
+                        dest=self.leads[0], tag=REPLY)
+        loss, accuracy = wait(self.world.irecv(source=self.leads[0], tag=RESULT))
+        for shard in range(self.control.size - 1):
+            self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
+        return loss, accuracy
+
     def stop_replicas(self) -> None:
-        """Answer every replica's next request with stop (parked ones at once)."""
-        waiting = set(range(self.layout.n_replicas)) - self.parked
-        for replica in self.parked:
+        """Answer every replica's next request with stop (parked and stashed ones at once)."""
+        ready = self.parked | set(self.stashed)
+        waiting = set(range(self.layout.n_replicas)) - ready
+        for replica in ready:
             self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
         self.parked.clear()
+        self.stashed.clear()
         while waiting:
             message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
             self.world.send({"stop": True}, dest=self.leads[message["replica"]], tag=REPLY)
@@ -344,7 +373,8 @@ def _encode(message: dict) -> np.ndarray:
         return out
     portion = message["portion"] or (-1, 0, 0)
     out[1:] = [message["discard"], 1 if message["commit"] else 0, message["flush"],
-               portion[0], portion[1], portion[2], message["evaluation"], message["n"]]
+               portion[0], portion[1], portion[2], message["evaluation"], message["n"],
+               1 if message.get("test") else 0]
     return out
 
 
@@ -365,6 +395,7 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
     computed, busy = 0, 0.0
     reply = np.zeros(REPLY_FIELDS, np.int64)
     signalled = np.zeros(1, np.int64)  # a stop signal on any partition, shared at flushes
+    test_data = None
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
         while True:
             if lead:
@@ -378,7 +409,7 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
                         topo.replica.Send(reply, dest=other, tag=REPLY)
                 else:
                     Wait(topo.replica.Irecv(reply, source=0, tag=REPLY))
-            stop, discard, commit, flush, index, a, b, evaluation, n = (int(v) for v in reply)
+            stop, discard, commit, flush, index, a, b, evaluation, n, test = (int(v) for v in reply)
             if stop:
                 break
             if discard:  # the coordinator revoked what this replica holds
@@ -390,6 +421,15 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
                 loss_acc += last_loss * weight
                 committed.append(done)
             done, flushed = None, None
+            if test:  # the point the shards published, on the test set (replica 0 only)
+                client.fetch(model.params)
+                fetched = -1
+                if test_data is None:
+                    test_data = dataset.load("test", rows=rows)
+                result = model.evaluate(*test_data, cfg["train"]["eval_batch_size"])
+                if lead:
+                    topo.world.send(result, dest=coordinator, tag=RESULT)
+                continue
             if flush:
                 client.push(accrued, nonfinite)
                 client.finish_push()  # in the shards' inboxes before the report says so
@@ -567,6 +607,7 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
     status, iteration = "budget", lbfgs.iteration
     iterations: list[dict] = []
     every, every_s = tcfg["checkpoint_every"], tcfg["checkpoint_every_s"]
+    eval_every = tcfg["eval_every"]  # iterations between test evaluations
     last_checkpoint, checkpointed_at = time.perf_counter(), None
     written: list[str] = []
     config_text = configuration.dumps(cfg)
@@ -628,6 +669,11 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
             status = "signal"
             say("stop signal: checkpointing and exiting")
             break
+        if eval_every and lbfgs.iteration % eval_every == 0:
+            test_loss, test_accuracy = space.test(X)
+            run_dir.log({"kind": "eval", "source": "replica 0", "iteration": lbfgs.iteration,
+                         "time_s": round(elapsed(), 4), "test_loss": test_loss, "test_accuracy": test_accuracy})
+            say(f"[lbfgs] iteration {lbfgs.iteration:>5}  test accuracy {test_accuracy:.4f}")
         if (every and lbfgs.iteration % every == 0) or (every_s and time.perf_counter() - last_checkpoint >= every_s):
             checkpoint("periodic")
     if checkpointed_at != lbfgs.iteration:

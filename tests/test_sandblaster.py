@@ -303,3 +303,26 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
     assert len(kept) >= 2
     for path in kept:
         open_checkpoint(path).close()  # verifies every checksum
+
+
+@pytest.mark.parametrize("sets,env", [
+    # replica 0 is slow, so it is often still busy with a backup copy when a batch completes
+    (["train.n_replicas=4", "train.n_shards=1"], {"DBMPI_SLOW": "0:4"}),
+    (["train.n_replicas=2", "train.n_shards=1", "train.n_partitions=2"], {}),
+])
+def test_test_accuracy_during_training_leaves_the_iterates_alone(tmp_path, sets, env):
+    """train.eval_every = k: the test accuracy of x after every k iterations, measured by
+    replica 0 between evaluations (its partitions together when it is split); the iterates
+    are those of a run without it and the last measurement is the final one's."""
+    ranks = 6
+    n_iter = 6
+    _, plain, _ = run_sandblaster(tmp_path, "plain", ranks, *sets, f"train.iterations={n_iter}", env=env)
+    summary, its, run_dir = run_sandblaster(tmp_path, "eval", ranks, *sets, f"train.iterations={n_iter}",
+                                            "train.eval_every=1", env=env)
+    np.testing.assert_allclose([r["loss"] for r in its], [r["loss"] for r in plain], rtol=1e-5)
+    evals = [r for r in records(run_dir) if r["kind"] == "eval" and r["source"] == "replica 0"]
+    assert [r["iteration"] for r in evals] == list(range(1, n_iter + 1))
+    assert abs(evals[-1]["test_accuracy"] - summary["test_accuracy"]) < 1e-9
+    accuracies = [r["test_accuracy"] for r in evals]
+    assert accuracies[-1] > accuracies[0] and accuracies[-1] > 0.85
+    assert all(r["time_s"] > 0 for r in evals)
