@@ -3,8 +3,9 @@ the same step on one partition, measured in the same run.
 
 A step is PartitionedNetwork.loss_and_grad (forward, loss, backward; no update) on one random
 batch, the same on every partition, each reading its own input rows. Models: the locally
-connected image model (configs/image_local.toml, batch 64) and the speech model
-(configs/speech.toml, 42M parameters, batch 128). The job has max(P) ranks, one BLAS thread
+connected image model (configs/image_local.toml, batch 64), a larger one
+(configs/image_local_large.toml: 64 x 64 inputs, three stages, 9.8M parameters, batch 32)
+and the speech model (configs/speech.toml, 42M parameters, batch 128). The job has max(P) ranks, one BLAS thread
 each; P = p runs on the first p ranks while the others sleep (not spin) in an Ibarrier. A
 partitioned step's time is the slowest partition's. Cases are interleaved repeat by repeat
 (in alternating order) so drifts in this shared machine's load hit them alike; each figure
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "model_parallel.jsonl"
 MODELS = {"local": ("image_local", ROOT / "configs" / "image_local.toml"),
+          "local_large": ("image_local_large", ROOT / "configs" / "image_local_large.toml"),
           "speech": ("speech", ROOT / "configs" / "speech.toml")}
 DEFAULT_BATCH = 128
 
