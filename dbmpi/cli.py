@@ -56,6 +56,12 @@ def cmd_train(args) -> int:
     if args.resume is not None and algorithm == "sgd":
         raise UsageError("--resume: resuming is implemented for Downpour and Sandblaster, not for the "
                          "single-process sgd baseline")
+    if args.resume is not None and args.init is not None:
+        raise UsageError("--init and --resume: give one (--init takes only the parameters of a checkpoint; "
+                         "--resume continues its run)")
+    if args.init is not None and algorithm == "downpour":
+        raise UsageError("--init: for Downpour use --resume CKPT (a checkpoint without Adagrad state "
+                         "starts the optimizer fresh)")
     ranks = _world_size_from_launcher()
     if algorithm == "sgd" and ranks > 1:
         raise UsageError(
@@ -68,11 +74,15 @@ def cmd_train(args) -> int:
     cfg["train"]["run_dir"] = str(run_path)
     from dbmpi import sgd
 
+    initial = sgd.initial_parameters(cfg, args.init) if args.init else None  # checked before the run exists
     run = RunDirectory(run_path)
     try:
         run.write_config(cfg)
         say(f"run directory: {run.path}")
-        summary = sgd.train(cfg, run, say)
+        if args.init:
+            say(f"initial parameters from {args.init}")
+            run.log({"kind": "init", "checkpoint": str(args.init)})
+        summary = sgd.train(cfg, run, say, initial=initial)
     finally:
         run.close()
     say(f"final test accuracy {summary['test_accuracy']:.4f} "
@@ -94,7 +104,8 @@ def _train_distributed(args, cfg, say) -> int:
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
     cfg["train"]["run_dir"] = str(run_path)
     if cfg["train"]["algorithm"] == "sandblaster":
-        summary = sandblaster.run(cfg, run_path, comm, say, resume=args.resume)
+        summary = sandblaster.run(cfg, run_path, comm, say, resume=args.resume or args.init,
+                                  parameters_only=args.init is not None)
         if summary is not None:
             say(f"final test accuracy {summary['test_accuracy']:.4f} after {summary['iterations']} "
                 f"L-BFGS iterations ({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
@@ -311,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from a checkpoint file, or 'auto': the newest valid checkpoint "
                             "in the run directory (a fresh start if it has none); Downpour and Sandblaster. "
                             "Shards, replicas and partitions may differ from the checkpointed run")
+    train.add_argument("--init", metavar="CKPT",
+                       help="start a new run from the parameters of a checkpoint (any algorithm's), "
+                            "with fresh optimizer state: a shared warm start (sgd and sandblaster; "
+                            "Downpour: --resume)")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(func=cmd_train)
 

@@ -464,9 +464,11 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
 
 # The run ------------------------------------------------------------------------------------
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
-        say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
+        say: Callable[[str], None] = print, resume: str | None = None,
+        parameters_only: bool = False) -> dict | None:
     """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
-    the run directory and returns the summary. `resume`: a checkpoint path or "auto"."""
+    the run directory and returns the summary. `resume`: a checkpoint path or "auto";
+    `parameters_only`: take only its parameters (a warm start, as `dbmpi train --init`)."""
     from dbmpi.downpour import _make_run_directory, _prepare_and_check_data, resolve_resume
 
     tcfg = cfg["train"]
@@ -477,8 +479,11 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     root = layout.coordinator_rank
     data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), root=root)
     resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), root=root)
+    if resumed is not None and parameters_only:
+        resumed.update(state={}, parameters_only=True)  # no L-BFGS state: x only
     made: list[RunDirectory] = []
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)), root=root)
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None and not parameters_only)),
+          root=root)
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == root else (lambda _msg: None)
     try:
@@ -595,7 +600,12 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
         f"backups {'on' if tcfg['backup_tasks'] else 'off'}")
     started = time.perf_counter()
     earlier_s = 0.0  # seconds trained before a resume, so times continue
-    if resumed:
+    if resumed and resumed.get("parameters_only"):
+        say(f"initial parameters from {resumed['path']}")
+        run_dir.log({"kind": "init", "checkpoint": resumed["path"]})
+        lbfgs.start()
+        loss = lbfgs.f
+    elif resumed:
         say(f"resuming from {resumed['path']} at iteration {resumed['step']}")
         run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
         restored = _restore(lbfgs, space, resumed, say)
@@ -649,7 +659,7 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
         last_checkpoint, checkpointed_at = time.perf_counter(), lbfgs.iteration
 
     log({"iteration": lbfgs.iteration, "loss": loss, "step_length": 0.0, "evaluations": 1,
-         "status": "resume" if resumed else "start"})
+         "status": "resume" if resumed and not resumed.get("parameters_only") else "start"})
     say(f"[lbfgs] iteration {lbfgs.iteration:>5}  loss {loss:.6f}")
     while iteration < budget and time.perf_counter() < deadline:
         if len(batches) > 1:  # the next batch: f and g at x on it
@@ -691,7 +701,9 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
                "wall_time_s": round(wall, 3), "n_params": network.n_params,
                "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"],
                "checkpoints_written": written, "stopped_by_signal": status == "signal"}
-    if resumed:
+    if resumed and resumed.get("parameters_only"):
+        summary["initial_parameters"] = resumed["path"]
+    elif resumed:
         summary["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
     return summary
 

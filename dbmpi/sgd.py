@@ -53,10 +53,24 @@ def _check_fits(dataset, network, path):
             f"{path} has {dataset.n_classes} classes")
 
 
-def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print) -> dict:
-    """Train with [train] algorithm = "sgd"; returns the summary also written to summary.json."""
+def initial_parameters(cfg: dict, path) -> np.ndarray:
+    """The parameters of checkpoint `path`, checked (checksums, tensors) against the config's model."""
+    from dbmpi.checkpoint import open_checkpoint
+
+    network = Network(cfg["model"])
+    with open_checkpoint(path) as ckpt:
+        ckpt.check_network(network)
+        return ckpt.read_range("params", 0, network.n_params)
+
+
+def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print,
+          initial: np.ndarray | None = None) -> dict:
+    """Train with [train] algorithm = "sgd" (from `initial` parameters if given); returns the
+    summary also written to summary.json."""
     tcfg = cfg["train"]
     network = Network(cfg["model"])
+    if initial is not None:
+        network.params[:] = initial
     with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
         with open_training_data(cfg["data"], network) as dataset:
             train_x, train_y = dataset.load("train")
@@ -109,6 +123,7 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
         if step % eval_every == 0 or step == total:
             test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
             run.log({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                     "time_s": round(time.perf_counter() - started, 4),
                      "test_loss": test_loss, "test_accuracy": test_acc})
             say(f"step {step:>7}/{total}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
     elapsed = time.perf_counter() - started

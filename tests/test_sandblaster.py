@@ -326,3 +326,28 @@ def test_test_accuracy_during_training_leaves_the_iterates_alone(tmp_path, sets,
     accuracies = [r["test_accuracy"] for r in evals]
     assert accuracies[-1] > accuracies[0] and accuracies[-1] > 0.85
     assert all(r["time_s"] > 0 for r in evals)
+
+
+def test_init_takes_only_the_parameters_of_a_checkpoint(tmp_path):
+    """--init CKPT starts a new run at iteration 0 from the checkpoint's x, without its
+    L-BFGS history: the first loss is f(x), the run directory is new."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    _, first, run_dir = run_sandblaster(tmp_path, "first", 5, "train.iterations=4")
+    ckpt = list_checkpoints(run_dir / "checkpoints")[-1]
+    _, fun, _ = serial_reference(tmp_path, [], 0)
+    with open_checkpoint(ckpt) as c:
+        assert c.step == 4
+        expected = fun(c.read_range("params", 0, c.n_params))[0]
+    result, _ = launch(5, "train", CONFIG, "--run-dir", tmp_path / "second", "--init", ckpt,
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", "--set", "train.iterations=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recs = records(tmp_path / "second")
+    assert recs[0]["kind"] == "init" and not [r for r in recs if r["kind"] == "resume"]
+    its = [r for r in recs if r["kind"] == "iteration"]
+    assert [r["iteration"] for r in its] == [0, 1, 2]
+    assert abs(its[0]["loss"] - expected) < 1e-5 * expected
+    # No history: the first step is along steepest descent again.
+    assert its[1]["loss"] < its[0]["loss"]
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert summary["initial_parameters"] == str(ckpt) and "resumed_from" not in summary

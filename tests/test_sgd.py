@@ -92,3 +92,44 @@ def test_locally_connected_image_model_learns_fashion_mnist(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.78, summary
+
+
+def test_init_from_a_downpour_checkpoint_starts_from_its_parameters(tmp_path):
+    """--init CKPT: the baseline starts where a Downpour run stopped (a shared warm start);
+    a corrupt checkpoint is refused with one line before any run directory exists."""
+    import numpy as np
+
+    from dbmpi import config as configuration
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.data import open_dataset
+    from dbmpi.model import Network
+    from tests.test_downpour import launch
+
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    result, _ = launch(4, "train", ROOT / "configs/downpour_digits.toml", "--run-dir", tmp_path / "dp",
+                       "--set", data, "--set", "train.steps=150", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = list_checkpoints(tmp_path / "dp" / "checkpoints")[-1]
+    config = ROOT / "configs/mlp_digits.toml"  # the same network, single process
+    cfg = configuration.load(config, [data])
+    network = Network(cfg["model"])
+    with open_checkpoint(ckpt) as c:
+        network.params[:] = c.read_range("params", 0, network.n_params)
+    with open_dataset(tmp_path / "digits.h5") as d:
+        _, expected = network.evaluate(*d.load("test"))
+    # One step with a vanishing learning rate evaluates the checkpoint's parameters.
+    result = dbmpi("train", config, "--run-dir", tmp_path / "sgd", "--init", ckpt, "--set", data,
+                   "--set", "train.steps=1", "--set", "train.learning_rate=1e-20", "--set", "train.optimizer=sgd",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(tmp_path / "sgd")
+    assert records[0]["kind"] == "init" and records[0]["checkpoint"] == str(ckpt)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert abs(evals[-1]["test_accuracy"] - expected) < 1e-9 and expected > 0.5
+    assert np.isfinite(evals[-1]["time_s"])
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(ckpt.read_bytes()[:4000])
+    result = dbmpi("train", config, "--run-dir", tmp_path / "bad", "--init", broken, "--set", data, cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "bad").exists()
+    assert result.stderr.count("dbmpi: error:") == 1 and "broken.h5" in result.stderr
