@@ -24,7 +24,8 @@
 #   DBMPI_MPIEXEC    mpiexec to use with DBMPI_LAUNCHER=mpiexec (default: the one beside
 #                    DBMPI_PYTHON, i.e. the PyPI MPICH wheel's, else mpiexec on PATH)
 #   DBMPI_LAUNCHER_ARGS  extra arguments for srun or mpiexec (split on spaces)
-#   DBMPI_RESUME     auto (default), none, or a checkpoint path
+#   DBMPI_RESUME     auto (default: the run directory's newest checkpoint, or a fresh start),
+#                    or a checkpoint to start from (later starts of a requeued job: auto)
 #   DBMPI_SIGNAL_WAIT    seconds a USR1 may wait for training to start before it is passed
 #                    on regardless (default 60)
 #   DBMPI_SLURM_DIR  this directory (found from the job's command when not set)
@@ -52,7 +53,11 @@ dbmpi_slurm_train() {
   command -v "$python" >/dev/null 2>&1 || dbmpi_fail "DBMPI_PYTHON=$python: not found"
   "$python" -c 'import dbmpi' 2>/dev/null ||
     dbmpi_fail "DBMPI_PYTHON=$python cannot import dbmpi: set DBMPI_PYTHON to the environment's python"
-  case "$resume" in none | auto) ;; *) [ -f "$resume" ] || dbmpi_fail "DBMPI_RESUME=$resume: no such checkpoint" ;; esac
+  if [ "$resume" != auto ]; then
+    [ -f "$resume" ] || dbmpi_fail "DBMPI_RESUME=$resume: no such checkpoint (or use auto)"
+    # A requeued job goes on from its own run directory, not from where the run began.
+    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=auto
+  fi
   if [ -n "${DBMPI_DATA:-}" ] && [ ! -e "$DBMPI_DATA" ] && [ ! -d "$(dirname "$DBMPI_DATA")" ]; then
     dbmpi_fail "DBMPI_DATA=$DBMPI_DATA: its directory does not exist"
   fi
@@ -68,7 +73,7 @@ dbmpi_slurm_train() {
   local train=("$config" --run-dir "$DBMPI_RUN_DIR" --threads "$threads")
   [ -n "${DBMPI_DATA:-}" ] && train+=(--set "data.path=$DBMPI_DATA")
   train+=("$@")
-  [ "$resume" != none ] && train+=(--resume "$resume")
+  train+=(--resume "$resume")
 
   # The --set options also decide the layout: check it against --ntasks before launching.
   local plan=(--set "train.threads=$threads") prev=
