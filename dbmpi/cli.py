@@ -117,6 +117,22 @@ def _train_distributed(args, cfg, say) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from dbmpi.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']} ({result['algorithm']}, step {result['step']}) on {result['data']} "
+          f"/{result['split']}: {result['examples']} examples")
+    print(f"  loss {result['loss']:.6f}  accuracy {result['accuracy']:.4f}")
+    if "group_accuracy" in result:
+        print(f"  per group ({result['groups']} groups, mean log-probability vote): "
+              f"accuracy {result['group_accuracy']:.4f}")
+    return 0
+
+
 def cmd_model(args) -> int:
     from dbmpi.model import Network
 
@@ -389,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_sub.add_parser("info", help="describe an HDF5 data set")
     info.add_argument("path")
     info.set_defaults(func=cmd_data_info)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint on a data set",
+                              description="Loss and accuracy of a checkpoint's parameters on a data "
+                                          "set split; with per-row groups (fsdd: utterances), also "
+                                          "the accuracy per group.")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", help="data set file (default: the one the checkpoint's config names)")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     inspect = sub.add_parser("inspect", help="describe an HDF5 checkpoint",
                              description="Print a checkpoint's tensors (shape, dtype, min, max, mean, "
