@@ -304,8 +304,13 @@ class LocalSlurm:
             proc = procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
-            # Each daemon leads its own session (runuser above munged).
-            _signal_group(proc.pid, signal.SIGTERM)
+            # Each daemon leads its own session. munged runs under runuser: signal munged
+            # itself, so that runuser outlives it and reaps it.
+            munged = _read_pid(self.munge_dir / "munged.pid") if name == "munged" else 0
+            if munged and _alive(munged):
+                os.kill(munged, signal.SIGTERM)
+            else:
+                _signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout / 3)
             except subprocess.TimeoutExpired:
