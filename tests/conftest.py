@@ -53,3 +53,38 @@ def require_fashion():
         if os.environ.get("DBMPI_REQUIRE_DATA") == "1":
             pytest.fail(f"{FASHION_DIR} missing: apt-get install dataset-fashion-mnist")
         pytest.skip(f"{FASHION_DIR} missing (apt-get install dataset-fashion-mnist)")
+
+
+def _mapped_shm_names() -> set[str]:
+    """Names of /dev/shm files some process has mapped or open now."""
+    names = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as maps:
+                names.update(line.rsplit("/", 1)[-1].strip() for line in maps if "/dev/shm/" in line)
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    names.add(target.rsplit("/", 1)[-1])
+        except OSError:
+            continue
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_orphaned_mpich_segments():
+    """Tests that SIGKILL ranks leave MPICH's shared-memory segments behind (no
+    MPI_Finalize ran); remove the ones this session created that nothing uses any more."""
+    shm = "/dev/shm"
+    before = set(os.listdir(shm)) if os.path.isdir(shm) else set()
+    yield
+    if not os.path.isdir(shm):
+        return
+    new = {n for n in os.listdir(shm) if n.startswith("mpich_shm_") and n not in before}
+    for name in new - _mapped_shm_names():
+        try:
+            os.unlink(os.path.join(shm, name))
+        except OSError:
+            pass
