@@ -11,7 +11,11 @@ def test_unbuilt_kernels_say_how_to_build(tmp_path):
     # A copy of the package without its compiled modules, first on the path.
     shutil.copytree(ROOT / "dbmpi", tmp_path / "dbmpi",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    result = subprocess.run([sys.executable, "-c", "import dbmpi"], cwd=tmp_path,
+    # An editable install's import hook (setuptools' __editable__ finder) would still find
+    # the checkout's compiled modules; without it, this is an installation never built.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "(getattr(f, '__module__', '') + repr(f)).lower()]; import dbmpi")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "compiled kernels (dbmpi._kernels.*) are not built" in result.stderr
