@@ -40,17 +40,16 @@ from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
 from dbmpi.parameter_server import (CHECKPOINTS, STOPS, ParameterWindows, Shard, ShardClient, add_counter,
                                     bucket_label, gather_parameters, read_counter)
+from dbmpi.shard_checkpoint import ShardCheckpoints
 from dbmpi.signals import StopRequest
 from dbmpi.atomic import atomic_write_text
-from dbmpi.checkpoint import (CheckpointError, CheckpointWriter, checkpoint_name, list_checkpoints,
-                              newest_valid, open_checkpoint, prune)
+from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
 from dbmpi import config as configuration
 from dbmpi.rundir import RunDirectory, RunDirectoryError
 from dbmpi.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
-CKPT_STATE, CKPT_DATA = 201, 202  # tags: the lead's state to shard 0; shards' slices to shard 0
-CKPT_CHUNK = 1 << 22  # values per message when a shard streams its slice to the writer
+CKPT_STATE = 201  # tag: the lead's state to shard 0 (the slices travel in dbmpi.shard_checkpoint)
 
 
 def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
@@ -73,14 +72,17 @@ def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict
 
 
 class ShardCheckpointer:
-    """Shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
-    slices to it in order, one chunk at a time, so no rank holds the whole model."""
+    """Shards' half of a Downpour checkpoint: shard 0 takes the lead's state and writes the
+    file, the other shards stream their slices to it (dbmpi.shard_checkpoint)."""
 
     def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path):
-        self.cfg, self.network, self.layout, self.topo, self.shard = cfg, network, layout, topo, shard
-        self.directory = run_path / "checkpoints"
-        self.index = topo.role.shard
-        self.written: list[str] = []
+        self.cfg, self.layout, self.topo, self.shard = cfg, layout, topo, shard
+        self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
+                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"])
+
+    @property
+    def written(self) -> list[str]:
+        return self.files.written
 
     def vectors(self) -> list[tuple[str, np.ndarray]]:
         state = [(f"{self.shard.optimizer.name}/{key}", value)
@@ -88,33 +90,12 @@ class ShardCheckpointer:
         return [("params", self.shard.work)] + state
 
     def __call__(self) -> None:
-        world, writer = self.topo.world, self.layout.shard_rank(0)
-        if self.index != 0:
-            for _, values in self.vectors():
-                for lo in range(0, values.size, CKPT_CHUNK):
-                    world.Send(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
+        if self.topo.role.shard != 0:
+            self.files.write(self.vectors())
             return
-        state = world.recv(source=0, tag=CKPT_STATE)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / checkpoint_name(state["step"])
-        with CheckpointWriter(path, self.network.tensors, algorithm="downpour", step=state["step"],
-                              config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(),
-                              state=state) as writer_file:
-            for name, mine in self.vectors():
-                stream = writer_file.vector(name)
-                stream.write(0, mine)
-                for k in range(1, self.layout.n_shards):
-                    lo, hi = self.layout.shard_ranges[k]
-                    buf = np.empty(min(CKPT_CHUNK, hi - lo), np.float32)
-                    for start in range(lo, hi, CKPT_CHUNK):
-                        piece = buf[:min(CKPT_CHUNK, hi - start)]
-                        world.Recv(piece, source=self.layout.shard_rank(k), tag=CKPT_DATA)
-                        stream.write(start, piece)
-                stream.finish()
-            writer_file.commit()
-        prune(self.directory, self.cfg["train"]["checkpoint_keep"])
-        self.written.append(path.name)
-
+        state = self.topo.world.recv(source=0, tag=CKPT_STATE)
+        self.files.write(self.vectors(), step=state["step"], algorithm="downpour",
+                         config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(), state=state)
 
 
 def agree(comm: MPI.Intracomm, action: Callable[[], object], root: int = 0):

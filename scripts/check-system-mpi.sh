@@ -5,7 +5,10 @@
 # the test suite (it compiles mpi4py: a few minutes); run it when the install docs change.
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${WORK:-$(mktemp -d /tmp/dbmpi-sysmpi.XXXXXX)}
+# WORK: where the clone, the venv and the runs go (default: a new temp directory).
+if [ -z "${WORK:-}" ]; then
+  WORK=$(mktemp -d /tmp/dbmpi-sysmpi.XXXXXX)
+fi
 apt-get -o DPkg::Lock::Timeout=900 install -y -qq mpich libmpich-dev >/dev/null
 git clone -q "$SRC" "$WORK/src"
 python3 -m venv "$WORK/venv"
