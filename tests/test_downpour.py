@@ -339,13 +339,14 @@ def _rank_pids(marker: str) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def background_training(tmp_path, run_dir, *sets):
-    """A Downpour run of CONFIG on 4 ranks in the background; killed if still running after."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
-           "--run-dir", str(run_dir), "--set", "train.steps=100000000",
-           "--set", f"data.path={tmp_path / 'digits.h5'}"]
-    for item in sets:
+def background_training(tmp_path, run_dir, *sets, config=CONFIG, ranks=4, env=None,
+                        budget=("train.steps=100000000",)):
+    """A run of `config` (Downpour's by default) on `ranks` ranks in the background, with a
+    budget it will not reach; killed if still running after."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(config),
+           "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    for item in (*budget, *sets):
         cmd += ["--set", item]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -17,9 +17,13 @@ from dbmpi import config as configuration
 from dbmpi.data import open_dataset
 from dbmpi.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.model import Network
-from tests.test_downpour import ROOT, launch, records
+from tests.test_downpour import ROOT, background_training, launch, records
 
 CONFIG = ROOT / "configs/sandblaster_digits.toml"
+# A Sandblaster run in the background (tests.test_downpour.background_training): an iteration
+# budget it will not reach, portions slowed a little so signals land mid-run.
+SANDBLASTER_BACKGROUND = dict(config=CONFIG, ranks=5, env={"DBMPI_PORTION_DELAY": "0.01"},
+                              budget=("train.iterations=100000", "train.tolerance=0"))
 
 def run_sandblaster(tmp_path, name, ranks, *sets, env=None, timeout=240):
     run_dir = tmp_path / name
@@ -197,22 +201,15 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
     coordinator checkpoints after the current iteration, every rank exits 0, and
     `--resume auto` continues from that checkpoint to the iteration budget."""
     import signal as signals
-    import subprocess
-    import sys
     import time
 
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
-    from tests.test_downpour import _rank_pids, mpiexec
+    from tests.test_downpour import _rank_pids
 
     data = f"data.path={tmp_path / 'digits.h5'}"
     for signame, rank in (("SIGTERM", 3), ("SIGUSR1", 1)):
         run_dir = tmp_path / signame
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "DBMPI_PORTION_DELAY": "0.01"}
-        cmd = [mpiexec(), "-n", "5", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
-               "--run-dir", str(run_dir), "--set", data, "--set", "train.iterations=100000",
-               "--set", "train.tolerance=0"]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with background_training(tmp_path, run_dir, **SANDBLASTER_BACKGROUND) as proc:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 metrics = run_dir / "metrics.jsonl"
@@ -223,10 +220,6 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
             assert len(pids) == 5, pids
             os.kill(pids[rank], getattr(signals, signame))
             _, err = proc.communicate(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
         assert proc.returncode == 0, err[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["stopped_by_signal"] is True and summary["status"] == "signal"
@@ -271,20 +264,13 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
     """SIGKILL on a shard mid-run: the launcher ends the job non-zero within a bounded time;
     the checkpoints written so far all verify."""
     import signal as signals
-    import subprocess
-    import sys
     import time
 
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
-    from tests.test_downpour import _rank_pids, mpiexec
+    from tests.test_downpour import _rank_pids
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "DBMPI_PORTION_DELAY": "0.01"}
-    cmd = [mpiexec(), "-n", "5", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(CONFIG),
-           "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}",
-           "--set", "train.iterations=100000", "--set", "train.tolerance=0", "--set", "train.checkpoint_every=1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with background_training(tmp_path, run_dir, "train.checkpoint_every=1", **SANDBLASTER_BACKGROUND) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
             time.sleep(0.1)
@@ -294,10 +280,6 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
         os.kill(pids[3], signals.SIGKILL)
         proc.communicate(timeout=90)
         assert time.monotonic() - killed < 60
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode != 0
     kept = list_checkpoints(run_dir / "checkpoints")
     assert len(kept) >= 2
