@@ -151,8 +151,8 @@ def verify_checkpoint(path):
 def test_downpour_job_runs_to_completion(slurm, tmp_path, digits, launcher):
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
 
-    job = submit(slurm, tmp_path, digits, "downpour.sbatch", "--set", "train.epochs=15",
-                 env={"DBMPI_LAUNCHER": launcher})
+    # the config's own 30 epochs: at 15, one CI run under heavy load ended at 0.875
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch", env={"DBMPI_LAUNCHER": launcher})
     (record,) = job.wait(240)
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", job.context()
     run_dir = job.run_dir()  # one run directory per job id, under DBMPI_RUN_ROOT
