@@ -7,9 +7,14 @@ Each shard exposes three windows made by `MPI.Win.Allocate` on the window commun
 - `inbox` (float32): the gradients replicas push, summed in place;
 - `control` (int64, disp_unit 8): counters (version, pushes, ...) and a staleness histogram.
 
-Workers open one passive-target epoch per window (`Lock_all`) for the whole run and complete
-each operation with `Flush` or a request. A fetch is `Rget_accumulate(NO_OP)` of the
-replica's segments; a push is `Raccumulate(SUM)` into the inbox, flushed, then counted.
+Workers and shards open one passive-target epoch per window and shard rank (`Lock(rank,
+LOCK_SHARED)`, shards only: workers expose nothing) for the whole run and complete each
+operation with `Flush` or a request. Per-target epochs, not `Lock_all`: with MPICH, closing a
+`Lock_all` epoch waits on every rank of the window, so one dead replica would block the
+others at the end of a run; a per-target epoch involves only the shards (and after a failure
+the survivors leave without closing anything: dbmpi.failover). A fetch is
+`Rget_accumulate(NO_OP)` of the replica's segments; a push is `Raccumulate(SUM)` into the
+inbox, flushed, then counted.
 
 Why every concurrent access is well-defined. MPI lets accumulate operations on the same
 location run concurrently when they use the same operation or MPI_NO_OP (the default
@@ -55,7 +60,7 @@ from dbmpi.layout import Layout, Segment
 # Control window layout (int64 slots).
 VERSION = 0  # updates the shard applied
 PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
-WORKERS_DONE = 2  # workers that finished for good
+WORKERS_DONE = 2  # workers that finished for good (in Downpour counted by shard 0: dbmpi.failover)
 REJECTED = 3  # pushes replicas withheld because the gradient was not finite
 DROPPED = 4  # drains the shard dropped because they were not finite
 DRAINS = 5  # drains that found data
@@ -63,21 +68,40 @@ CHECKPOINTS = 6  # checkpoints the lead has asked for
 STOPS = 7  # stop requests (signals) any rank has relayed; read on shard 0
 N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
 HIST = 8
+# Failures (dbmpi.failover). On every shard:
+WORKERS_FAILED = HIST + N_BUCKETS  # workers shard 0 declared failed (they count as finished)
+SHARD_BEAT = WORKERS_FAILED + 1  # this shard's heartbeat, bumped from its own loops
+# Read on shard 0 only:
+WARMED = SHARD_BEAT + 1  # 1 once replica 0 has finished warmstart: the other replicas start
+VERDICT = WARMED + 1  # how the run ends, set by shard 0 once everything is written (below)
+RELEASED = VERDICT + 1  # ranks that read a FAILED verdict and are leaving
+PER_REPLICA = RELEASED + 1
+VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
+# A worker's heartbeat slot (on shard 0) counts its beats; these marks are added to it once.
+FAILED_MARK = 1 << 40  # shard 0 declared the worker failed
+DONE_MARK = 1 << 50  # the worker finished and sent its records
+BEATS = FAILED_MARK - 1
 
 
-def control_size(n_replicas: int) -> int:
-    """int64 slots: the fixed counters, the histogram, then per replica its pushes and the
-    number of pushes (of anyone) the shard had received before its first one, plus one
-    (0 until it pushes): the record that shows warmstart was honoured."""
-    return HIST + N_BUCKETS + 2 * n_replicas
+def control_size(n_replicas: int, n_workers: int = 0) -> int:
+    """int64 slots: the fixed counters, the histogram, the failure slots, then per replica its
+    pushes and the number of pushes (of anyone) the shard had received before its first one,
+    plus one (0 until it pushes): the record that shows warmstart was honoured; then per
+    worker its heartbeat."""
+    return PER_REPLICA + 2 * n_replicas + n_workers
 
 
 def pushes_by_replica(replica: int) -> int:
-    return HIST + N_BUCKETS + 2 * replica
+    return PER_REPLICA + 2 * replica
 
 
 def first_push_after(replica: int) -> int:
-    return HIST + N_BUCKETS + 2 * replica + 1
+    return PER_REPLICA + 2 * replica + 1
+
+
+def heartbeat_slot(layout: Layout, worker_rank: int) -> int:
+    """The slot of a worker's heartbeat (meaningful on shard 0)."""
+    return PER_REPLICA + 2 * layout.n_replicas + worker_rank
 
 
 def staleness_bucket(staleness: int) -> int:
@@ -105,8 +129,9 @@ class ParameterWindows:
     def __init__(self, comm: MPI.Intracomm, layout: Layout, shard: int | None):
         self.comm = comm
         self.layout = layout
+        self.locked = False
         n = layout.shard_size(shard) if shard is not None else 0
-        n_control = control_size(layout.n_replicas) if shard is not None else 0
+        n_control = control_size(layout.n_replicas, layout.n_workers) if shard is not None else 0
         self.params = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.inbox = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.control = MPI.Win.Allocate(8 * n_control, 8, comm=comm)
@@ -118,6 +143,25 @@ class ParameterWindows:
 
     def windows(self):
         return (self.params, self.inbox, self.control)
+
+    def lock_shards(self) -> None:
+        """Open a shared passive-target epoch on every shard rank of every window, for the
+        run (once per process: the shard and client objects of a rank share it)."""
+        if self.locked:
+            return
+        for win in self.windows():
+            for rank in self.layout.shard_ranks:
+                win.Lock(rank, MPI.LOCK_SHARED)
+        self.locked = True
+
+    def unlock_shards(self) -> None:
+        """Close the epochs (every shard must be alive: an unlock waits for its target)."""
+        if not self.locked:
+            return
+        for win in self.windows():
+            for rank in self.layout.shard_ranks:
+                win.Unlock(rank)
+        self.locked = False
 
     def free(self) -> None:
         for win in self.windows():
@@ -154,6 +198,7 @@ class ShardStats:
     staleness_histogram: list[int] = field(default_factory=list)
     pushes_by_replica: list[int] = field(default_factory=list)
     first_push_after: list[int] = field(default_factory=list)
+    workers_failed: int = 0
     busy_s: float = 0.0
     wall_s: float = 0.0
 
@@ -173,8 +218,7 @@ class Shard:
         self.negated = np.empty_like(self.work)
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.stats = ShardStats(shard=index)
-        for win in windows.windows():
-            win.Lock_all()
+        windows.lock_shards()
         self._publish()
 
     # Self-targeted RMA --------------------------------------------------------------------
@@ -214,16 +258,20 @@ class Shard:
         add_counter(control, self.me, VERSION)
         return True
 
-    def serve(self, checkpoint=None, stop=None) -> ShardStats:
-        """Apply pushes until every worker has finished and the inbox is empty. Between
-        drains, `checkpoint()` runs once for every checkpoint the lead has asked for; a stop
-        signal this shard received (`stop.requested`) is relayed to the workers."""
+    def serve(self, checkpoint=None, stop=None, tick=None) -> ShardStats:
+        """Apply pushes until every worker has finished (or was declared failed: see
+        dbmpi.failover) and the inbox is empty. Between drains, `checkpoint()` runs once for
+        every checkpoint the lead has asked for; a stop signal this shard received
+        (`stop.requested`) is relayed to the workers; `tick()` is called every round (a
+        watchdog's sign of progress)."""
         started = time.perf_counter()
         n_workers = self.layout.n_workers
         seen, backoff = 0, self.poll_min_s
         written = 0
         relayed = False
         while True:
+            if tick is not None:
+                tick()
             if stop is not None and stop.requested and not relayed:
                 add_counter(self.windows.control, self.layout.shard_rank(0), STOPS)
                 relayed = True
@@ -239,7 +287,7 @@ class Shard:
                 self.stats.busy_s += time.perf_counter() - t0
                 backoff = self.poll_min_s
                 continue
-            if self._counter(WORKERS_DONE) >= n_workers:
+            if self._counter(WORKERS_DONE) + self._counter(WORKERS_FAILED) >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
                 if self._counter(PUSHES) == seen:
@@ -256,7 +304,7 @@ class Shard:
         return self.stats
 
     def _collect_stats(self) -> None:
-        control = np.empty(control_size(self.layout.n_replicas), np.int64)
+        control = np.empty(control_size(self.layout.n_replicas, self.layout.n_workers), np.int64)
         win = self.windows.control
         win.Get_accumulate([None, 0, MPI.INT64_T], control, self.me, target=(0, control.size, MPI.INT64_T),
                            op=MPI.NO_OP)
@@ -264,13 +312,13 @@ class Shard:
         s = self.stats
         s.updates, s.pushes, s.drains = int(control[VERSION]), int(control[PUSHES]), int(control[DRAINS])
         s.dropped, s.rejected = int(control[DROPPED]), int(control[REJECTED])
+        s.workers_failed = int(control[WORKERS_FAILED])
         s.staleness_histogram = control[HIST:HIST + N_BUCKETS].tolist()
         s.pushes_by_replica = [int(control[pushes_by_replica(r)]) for r in range(self.layout.n_replicas)]
         s.first_push_after = [int(control[first_push_after(r)]) - 1 for r in range(self.layout.n_replicas)]
 
     def close(self) -> None:
-        for win in self.windows.windows():
-            win.Unlock_all()
+        self.windows.unlock_shards()
 
 
 class ShardClient:
@@ -305,8 +353,7 @@ class ShardClient:
         self.staleness: list[int] = []
         self._pending: list[MPI.Request] = []
         self._pending_staleness = False
-        for win in windows.windows():
-            win.Lock_all()
+        windows.lock_shards()
 
     def fetch(self, out: np.ndarray) -> None:
         """Read the current values of the ranges into `out` (one-sided, element-atomic)."""
@@ -387,8 +434,7 @@ class ShardClient:
             add_counter(control, self.layout.shard_rank(k), WORKERS_DONE)
 
     def close(self) -> None:
-        for win in self.windows.windows():
-            win.Unlock_all()
+        self.windows.unlock_shards()
 
 
 def gather_parameters(comm: MPI.Intracomm, layout: Layout, my_slice: np.ndarray, root: int = 0):
