@@ -81,6 +81,15 @@ def nonnegative_number(key, value):
     return float(value)
 
 
+def at_least(low: float):
+    def check(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise ConfigError(f"{key}: must be a number of at least {low:g}, got {value!r}")
+        return float(value)
+
+    return check
+
+
 def boolean(key, value):
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: must be true or false, got {value!r}")
@@ -190,6 +199,9 @@ TRAIN_FIELDS = {
     "checkpoint_every": Field(optional(positive_int), None),
     "checkpoint_every_s": Field(optional(positive_float), None),
     "checkpoint_keep": Field(positive_int, 3),
+    # Downpour: a replica whose heartbeat has not moved for this long is declared failed and
+    # the others train on (dbmpi.failover); a shard that long silent ends the job.
+    "replica_timeout_s": Field(at_least(1.0), 30.0),
     # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
     # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
     "iterations": Field(optional(positive_int), None),
