@@ -9,9 +9,13 @@ the shards, compute a minibatch gradient, add it to the accrued gradient (and op
 apply it to its own copy), every `n_push` steps push the accrued gradient. Shards apply the
 updates themselves (dbmpi.parameter_server). Replica 0 trains alone for `warmstart_steps`
 before the others start. A replica stops after its step budget (or epochs over its slice)
-or its time budget, pushes what it has accrued and tells the shards; the shards stop once
-every replica has. The lead rank (replica 0) prints progress, writes the run directory and
-evaluates the parameters as the shards hold them at the end.
+or its time budget, pushes what it has accrued, sends its records to shard 0 and marks
+itself done; the shards stop once every replica has finished or was declared failed
+(dbmpi.failover: a killed replica does not stop the others). The lead rank (replica 0)
+prints progress and logs its records as it goes. Shard 0 writes the final checkpoint (with
+the state of the lowest replica that finished), then, once the others are released,
+evaluates it (the parameters as the shards hold them at the end) and writes the remaining
+records and the summary.
 
 Input is validated identically on every rank before the first collective call, so a bad
 config, layout, data file or run directory ends every rank with the same message.
@@ -38,18 +42,24 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
-from dbmpi.parameter_server import (CHECKPOINTS, STOPS, ParameterWindows, Shard, ShardClient, add_counter,
-                                    bucket_label, gather_parameters, read_counter)
-from dbmpi.shard_checkpoint import ShardCheckpoints
+from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
+from dbmpi.parameter_server import (CHECKPOINTS, DONE_MARK, FAILED_MARK, RELEASED, STOPS, VERDICT, VERDICT_CLEAN,
+                                    VERDICT_FAILED, WARMED, ParameterWindows, Shard, ShardClient, add_counter,
+                                    bucket_label, heartbeat_slot, read_counter)
 from dbmpi.signals import StopRequest
 from dbmpi.atomic import atomic_write_text
-from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
+from dbmpi.checkpoint import (CheckpointError, CheckpointWriter, checkpoint_name, list_checkpoints,
+                              newest_valid, open_checkpoint, prune)
 from dbmpi import config as configuration
 from dbmpi.rundir import RunDirectory, RunDirectoryError
 from dbmpi.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
-CKPT_STATE = 201  # tag: the lead's state to shard 0 (the slices travel in dbmpi.shard_checkpoint)
+# Tags: the acting lead's state to shard 0 (periodic checkpoints); shards' slices to shard 0;
+# every rank's records (and a replica's final state) to shard 0; whether a final checkpoint
+# is written (not when no replica survived).
+CKPT_STATE, CKPT_DATA, FINAL, CKPT_GO = 201, 202, 203, 204
+CKPT_CHUNK = 1 << 22  # values per message when a shard streams its slice to the writer
 
 
 def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
@@ -72,30 +82,82 @@ def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict
 
 
 class ShardCheckpointer:
-    """Shards' half of a Downpour checkpoint: shard 0 takes the lead's state and writes the
-    file, the other shards stream their slices to it (dbmpi.shard_checkpoint)."""
+    """Shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
+    slices to it in order, one chunk at a time, so no rank holds the whole model. Every wait
+    is polled (no spinning on shared cores) and keeps the heartbeat going (dbmpi.failover)."""
 
-    def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path):
-        self.cfg, self.layout, self.topo, self.shard = cfg, layout, topo, shard
-        self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
-                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"])
-
-    @property
-    def written(self) -> list[str]:
-        return self.files.written
+    def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
+        self.cfg, self.network, self.layout, self.topo, self.shard = cfg, network, layout, topo, shard
+        self.liveness = liveness
+        self.directory = run_path / "checkpoints"
+        self.index = topo.role.shard
+        self.written: list[str] = []
+        self.last: Path | None = None  # the newest checkpoint this shard 0 wrote
 
     def vectors(self) -> list[tuple[str, np.ndarray]]:
         state = [(f"{self.shard.optimizer.name}/{key}", value)
                  for key, value in sorted(self.shard.optimizer.state.items())]
         return [("params", self.shard.work)] + state
 
-    def __call__(self) -> None:
-        if self.topo.role.shard != 0:
-            self.files.write(self.vectors())
+    def __call__(self, state: dict | None = None) -> None:
+        """One checkpoint. Shard 0 writes it with `state`, or, for a periodic one, with the
+        state the acting lead sent (CKPT_STATE) before it asked for the checkpoint."""
+        world, writer = self.topo.world, self.layout.shard_rank(0)
+        if self.index != 0:
+            for _, values in self.vectors():
+                for lo in range(0, values.size, CKPT_CHUNK):
+                    request = world.Isend(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
+                    self.liveness.wait(request.Test)
             return
-        state = self.topo.world.recv(source=0, tag=CKPT_STATE)
-        self.files.write(self.vectors(), step=state["step"], algorithm="downpour",
-                         config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(), state=state)
+        if state is None:
+            state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.liveness)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / checkpoint_name(state["step"])
+        with CheckpointWriter(path, self.network.tensors, algorithm="downpour", step=state["step"],
+                              config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(),
+                              state=state) as writer_file:
+            for name, mine in self.vectors():
+                stream = writer_file.vector(name)
+                for lo in range(0, mine.size, CKPT_CHUNK):  # shard 0's range starts at 0
+                    with self.liveness.busy():
+                        stream.write(lo, mine[lo:lo + CKPT_CHUNK])
+                    self.liveness.beat()
+                for k in range(1, self.layout.n_shards):
+                    lo, hi = self.layout.shard_ranges[k]
+                    buf = np.empty(min(CKPT_CHUNK, hi - lo), np.float32)
+                    for start in range(lo, hi, CKPT_CHUNK):
+                        piece = buf[:min(CKPT_CHUNK, hi - start)]
+                        request = world.Irecv(piece, source=self.layout.shard_rank(k), tag=CKPT_DATA)
+                        self.liveness.wait(request.Test)
+                        with self.liveness.busy():
+                            stream.write(start, piece)
+                with self.liveness.busy():
+                    stream.finish()
+            with self.liveness.busy():
+                writer_file.commit()
+        prune(self.directory, self.cfg["train"]["checkpoint_keep"])
+        self.written.append(path.name)
+        self.last = path
+
+
+def receive(comm: MPI.Intracomm, source: int, tag: int, liveness: Liveness):
+    """A pickled message, waited for politely (a matched probe, so any size fits)."""
+    found: list = []
+
+    def arrived() -> bool:
+        message = comm.improbe(source=source, tag=tag)
+        if message is not None:
+            found.append(message.recv())
+        return bool(found)
+
+    liveness.wait(arrived)
+    return found[0]
+
+
+def send(comm: MPI.Intracomm, obj, dest: int, tag: int, liveness: Liveness) -> None:
+    """Send a pickled message and wait politely until it is delivered."""
+    request = comm.isend(obj, dest=dest, tag=tag)
+    liveness.wait(lambda: request.Test())
 
 
 def agree(comm: MPI.Intracomm, action: Callable[[], object], root: int = 0):
@@ -171,23 +233,27 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     if tcfg["n_replicas"] > data_info["n_train"]:
         raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
                           f"{data_info['n_train']} training examples")
-    made: list[RunDirectory] = []  # only the lead makes and writes the run directory
+    made: list[RunDirectory] = []  # only the lead makes the run directory and logs progress
     agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)))
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == 0 else (lambda _msg: None)
+    # Shard 0 writes the final records and summary (the lead may be the replica that failed).
+    writer_say = say if comm.rank == layout.shard_rank(0) else (lambda _msg: None)
 
     # From here on every rank is committed: an error on one rank ends the job.
     try:
+        run_started = comm.bcast(run_dir.started if run_dir is not None else None, root=0)
         topo = Topology(layout, comm)
         with threadpool_limits(limits=tcfg["threads"], user_api="blas"), StopRequest() as stop:
-            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed, stop)
+            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed, stop,
+                           writer_say, run_started)
         topo.free()
         return summary
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
 
-def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop):
+def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop, writer_say, run_started):
     tcfg = cfg["train"]
     role = topo.role
     if topo.is_lead:
@@ -200,56 +266,147 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop
             say(plan.describe(tcfg["batch_size"]))
         say(f"run directory: {run_dir.path}")
     windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
-    records: list[dict] = []
-    final_slice = np.empty(0, np.float32)
-    if role.is_shard:
-        lo, hi = layout.shard_ranges[role.shard]
-        initial = network.params[lo:hi]
-        optimizer = make_optimizer(tcfg, hi - lo)
-        if resumed:  # each shard reads only its own range of every vector
-            with open_checkpoint(resumed["path"], verify=False) as ckpt:
-                initial = ckpt.read_range("params", lo, hi)
-                for key, value in optimizer.state.items():
-                    if f"{optimizer.name}/{key}" in resumed["vectors"]:
-                        ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
-        shard = Shard(windows, role.shard, initial, optimizer)
-        checkpointer = ShardCheckpointer(cfg, network, layout, topo, shard, run_path)
-        topo.world.Barrier()  # every shard has published its initial slice
-        stats = shard.serve(checkpointer, stop)
-        checkpointer()  # the final checkpoint: the lead sent its state before finishing
-        shard.close()
-        final_slice = shard.work
-        records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
-                        "updates": stats.updates, "pushes": stats.pushes, "drains": stats.drains,
-                        "dropped": stats.dropped, "rejected": stats.rejected,
-                        "staleness_histogram": {bucket_label(b): n for b, n in
-                                                enumerate(stats.staleness_histogram) if n},
-                        "pushes_by_replica": stats.pushes_by_replica,
-                        "first_push_after": stats.first_push_after,
-                        "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
-                        "checkpoints_written": checkpointer.written})
-    else:
+    windows.lock_shards()
+    liveness = Liveness(windows, layout, topo.world, tcfg["replica_timeout_s"], role)
+    if role.is_worker:  # before the heartbeats start: loading may take long
+        data = _load_replica_data(cfg, network, layout, plan, topo)
         topo.world.Barrier()
-        records.extend(_replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed, stop))
-    windows.free()
-
-    # The parameters as the shards hold them, gathered at the lead for the final evaluation.
-    final = gather_parameters(topo.window, layout, final_slice, root=0)
-    gathered = topo.world.gather(records, root=0)
-    if not topo.is_lead:
+        liveness.start()
+        client = _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop, liveness, data)
+        _end(topo, windows, liveness, client.close)
         return None
-    return _finish(cfg, network, layout, final, gathered, run_dir, say)
+    lo, hi = layout.shard_ranges[role.shard]
+    initial = network.params[lo:hi]
+    optimizer = make_optimizer(tcfg, hi - lo)
+    if resumed:  # each shard reads only its own range of every vector
+        with open_checkpoint(resumed["path"], verify=False) as ckpt:
+            initial = ckpt.read_range("params", lo, hi)
+            for key, value in optimizer.state.items():
+                if f"{optimizer.name}/{key}" in resumed["vectors"]:
+                    ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
+    shard = Shard(windows, role.shard, initial, optimizer)
+    checkpointer = ShardCheckpointer(cfg, network, layout, topo, shard, run_path, liveness)
+    topo.world.Barrier()  # every shard has published its initial slice
+    liveness.start()
+    if role.shard == 0:
+        return _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop,
+                           run_path, writer_say, run_started)
+    stats = shard.serve(checkpointer, stop, tick=liveness.beat)
+    # The final checkpoint, unless no replica survived to give it a state.
+    if receive(topo.world, layout.shard_rank(0), CKPT_GO, liveness):
+        checkpointer()
+    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), FINAL,
+         liveness)
+    _end(topo, windows, liveness, shard.close)
+    return None
 
 
-def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=None,
-             stop_request=None) -> list[dict]:
+def _shard_record(topo, stats, checkpointer) -> dict:
+    return {"kind": "shard", "rank": topo.rank, "shard": topo.role.shard,
+            "updates": stats.updates, "pushes": stats.pushes, "drains": stats.drains,
+            "dropped": stats.dropped, "rejected": stats.rejected,
+            "staleness_histogram": {bucket_label(b): n for b, n in enumerate(stats.staleness_histogram) if n},
+            "pushes_by_replica": stats.pushes_by_replica, "first_push_after": stats.first_push_after,
+            "workers_failed": stats.workers_failed,
+            "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
+            "checkpoints_written": checkpointer.written}
+
+
+def _verdict(windows, layout, liveness: Liveness) -> int:
+    """Wait for shard 0 to say how the run ends (everything is in the final checkpoint)."""
+    shard0, seen = layout.shard_rank(0), []
+
+    def decided() -> bool:
+        seen.append(read_counter(windows.control, shard0, VERDICT))
+        return seen[-1] != 0
+
+    liveness.wait(decided, high=0.02)
+    return seen[-1]
+
+
+def _end(topo, windows, liveness: Liveness, close) -> None:
+    """Every rank but shard 0, once its part is done: without failures, the collective
+    teardown; after one, tell shard 0 and leave without collectives."""
+    verdict = _verdict(windows, topo.layout, liveness)
+    liveness.stop()
+    if verdict == VERDICT_FAILED:
+        add_counter(windows.control, topo.layout.shard_rank(0), RELEASED)
+        leave(0)
+    close()
+    windows.free()
+    liveness.close()
+
+
+def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop, run_path, say,
+                run_started) -> dict | None:
+    """Shard 0 serves, then writes the final checkpoint with the state of the lowest replica
+    that finished and collects every rank's records (point to point: a collective would wait
+    for a dead rank forever). Then it gives the verdict, lets the others go, and evaluates
+    the final checkpoint and writes metrics and summary on its own."""
+    world = topo.world
+    stats = shard.serve(checkpointer, stop, tick=liveness.beat)
+    # Everyone is counted finished or failed now: the finished workers' records are sent.
+    finals = {w: receive(world, w, FINAL, liveness) for w in sorted(liveness.done_workers)}
+    states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()
+                    if msg["state"] is not None)
+    failed = liveness.failed_replicas()
+    go = bool(states)
+    for k in range(1, layout.n_shards):
+        send(world, go, layout.shard_rank(k), CKPT_GO, liveness)
+    final_path = None
+    if go:
+        state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
+        checkpointer(state)  # the final checkpoint
+        final_path = checkpointer.last
+    records = [r for w in sorted(finals) for r in finals[w]["records"]]
+    records.append(_shard_record(topo, stats, checkpointer))
+    for k in range(1, layout.n_shards):
+        records.extend(receive(world, layout.shard_rank(k), FINAL, liveness)["records"])
+    records.extend(liveness.events)
+    liveness.stop()
+    if not failed:
+        add_counter(windows.control, topo.rank, VERDICT, VERDICT_CLEAN)
+        shard.close()
+        windows.free()
+    else:  # no collective: wait (bounded) until the others have read the verdict
+        add_counter(windows.control, topo.rank, VERDICT, VERDICT_FAILED)
+        expected = len(liveness.done_workers) + layout.n_shards - 1
+        liveness.wait(lambda: read_counter(windows.control, topo.rank, RELEASED) >= expected,
+                      limit_s=liveness.timeout)
+    liveness.close()
+    summary = _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say)
+    if not failed:
+        return summary
+    if final_path is None:
+        say(f"every replica failed; nothing to finish (summary in {run_path / 'summary.json'})")
+        leave(EXIT_ALL_REPLICAS_FAILED)
+    say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
+        f"({summary['wall_time_s']:.1f} s) without failed replica(s) {failed}; summary in "
+        f"{run_path / 'summary.json'}")
+    leave(0)
+
+
+def _load_replica_data(cfg, network, layout, plan, topo) -> dict:
+    """A worker's model block and data: its replica's slice of the training set (only the
+    input rows its partition needs), and for replica 0 with eval_every the test set."""
+    tcfg = cfg["train"]
+    replica = topo.role.replica
+    model, ranges, rows = worker_model(network, topo.replica, plan)
+    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+        start, stop = dataset.shard_range("train", replica, layout.n_replicas)
+        x, y = dataset.load("train", start, stop, rows=rows)
+        test = dataset.load("test", rows=rows) if tcfg["eval_every"] and replica == 0 else None
+    return {"model": model, "ranges": ranges, "rows": rows, "x": x, "y": y, "test": test}
+
+
+def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_request, liveness: Liveness,
+             data: dict) -> ShardClient:
+    """A worker's run: train, then hand its records to shard 0 and count itself finished.
+    Returns the client (its epochs are closed in the teardown)."""
     tcfg = cfg["train"]
     replica, n_replicas = topo.role.replica, layout.n_replicas
     partition, n_partitions = topo.role.partition, layout.n_partitions
-    model, ranges, rows = worker_model(network, topo.replica, plan)
-    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-        start, stop = dataset.shard_range("train", replica, n_replicas)
-        x, y = dataset.load("train", start, stop, rows=rows)
+    model, ranges, rows, x, y, test = (data[k] for k in ("model", "ranges", "rows", "x", "y", "test"))
     batch = min(tcfg["batch_size"], len(x))
     steps_per_epoch = max(1, len(x) // batch)
     if tcfg["steps"] is not None:
@@ -265,10 +422,6 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
     log_every = tcfg["log_every"]
     # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
     eval_every = tcfg["eval_every"] if replica == 0 else None
-    test = None
-    if eval_every:
-        with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-            test = dataset.load("test", rows=rows)
 
     client = ShardClient(windows, replica, ranges)
     first_step = resumed["step"] if resumed else 0
@@ -316,16 +469,23 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
 
     fail_at = _injected_failure(topo.rank)
 
-    def send_checkpoint_state(step: int, phase: str) -> None:
-        """Give shard 0 the state the next checkpoint records (the lead's view)."""
-        state = {"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
-                 "replica_0_examples": int(x.shape[0]), "elapsed_s": round(time.perf_counter() - started, 3),
-                 "data_order": "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"}
-        topo.world.send(state, dest=layout.shard_rank(0), tag=CKPT_STATE)
+    def checkpoint_state(step: int, phase: str) -> dict:
+        """The state a checkpoint records, as this replica sees it."""
+        return {"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
+                "replica": replica, "replica_examples": int(x.shape[0]),
+                "elapsed_s": round(time.perf_counter() - started, 3),
+                "data_order": "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"}
+
+    def acting_lead() -> bool:
+        """Replica 0's first partition asks for periodic checkpoints; if replica 0 failed,
+        the lowest replica that did not."""
+        if partition != 0:
+            return False
+        return all(liveness.replica_failed(r) for r in range(replica))
 
     def request_checkpoint(step: int, phase: str) -> None:
-        """Ask every shard for a checkpoint; shard 0 writes it with this state."""
-        send_checkpoint_state(step, phase)
+        """Give shard 0 the state, then ask every shard for a checkpoint."""
+        topo.world.send(checkpoint_state(step, phase), dest=shard0, tag=CKPT_STATE)
         for k in range(layout.n_shards):
             add_counter(windows.control, layout.shard_rank(k), CHECKPOINTS)
 
@@ -335,6 +495,7 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
         while keep_going(step, first + count):
+            liveness.beat()
             if step == fail_at:
                 raise RuntimeError(f"failure injected at step {step} (DBMPI_FAIL_AT)")
             if step % n_fetch == 0:
@@ -352,8 +513,9 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
                 nonfinite = 0
             window_loss += loss
             window_steps += 1
-            if topo.is_lead and ((checkpoint_every and step % checkpoint_every == 0) or
-                                 (checkpoint_every_s and time.perf_counter() - last_checkpoint >= checkpoint_every_s)):
+            if ((checkpoint_every and step % checkpoint_every == 0) or
+                    (checkpoint_every_s and time.perf_counter() - last_checkpoint >= checkpoint_every_s)) \
+                    and acting_lead():
                 request_checkpoint(step, phase)
                 last_checkpoint = time.perf_counter()
             if step % log_every == 0:
@@ -379,7 +541,9 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
                     records.append(record)
                 window_loss, window_steps, window_start = 0.0, 0, now
             if eval_every and step % eval_every == 0:
-                test_loss, test_acc = model.evaluate(test[0], test[1], tcfg["eval_batch_size"])
+                liveness.beat(force=True)  # the evaluation must take less than the timeout
+                with liveness.busy():
+                    test_loss, test_acc = model.evaluate(test[0], test[1], tcfg["eval_batch_size"])
                 if topo.is_lead:
                     record = {"kind": "eval", "source": "replica 0", "step": step,
                               "test_loss": test_loss, "test_accuracy": test_acc}
@@ -392,23 +556,25 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
     if warmstart and not resumed:
         if replica == 0:
             step = train_steps(0, warmstart, "warmstart")
+            client.finish_push()  # warmstart's last push is counted before the others start
+            if partition == 0:
+                add_counter(windows.control, shard0, WARMED)
             say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
-        release = topo.workers.Ibarrier()
-        while not release.Test():
-            stop_requested()  # relays a signal that arrives while waiting
-            time.sleep(1e-3)
+        else:  # wait (politely) for replica 0's warmstart, or for replica 0 to fail
+
+            def released() -> bool:
+                stop_requested()  # relays a signal that arrives while waiting
+                return read_counter(windows.control, shard0, WARMED) > 0 or liveness.replica_failed(0)
+
+            liveness.wait(released, low=1e-3, high=1e-2)
     step = train_steps(step, max(0, budget - first_step), "downpour")
     if step % n_push != 0:  # push what was accrued since the last push
         client.push(accrued[current], nonfinite)
     client.finish_push()
-    if topo.is_lead:  # the shards write the final checkpoint once everyone is done
-        phase = "signal" if signalled["seen"] else "end"
-        if signalled["seen"]:
-            say(f"stop signal: checkpointing at step {step} and exiting")
-        send_checkpoint_state(step, phase)
-    client.finish()
+    phase = "signal" if signalled["seen"] else "end"
+    if topo.is_lead and signalled["seen"]:
+        say(f"stop signal: checkpointing at step {step} and exiting")
     elapsed = time.perf_counter() - started
-    client.close()
     batches.close()
     staleness = client.staleness
     records.append({"kind": "replica", "rank": topo.rank, "replica": replica, "partition": partition,
@@ -423,7 +589,18 @@ def _replica(cfg, network, layout, plan, topo, windows, run_dir, say, resumed=No
                     "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
                     "examples": int(x.shape[0]), "batch": batch,
                     "stopped_by_signal": signalled["seen"]})
-    return records
+    if topo.is_lead:
+        run_dir.close()  # shard 0 appends the rest
+    # The records (and, from a replica's first partition, the state for the final
+    # checkpoint) go to shard 0, which receives them once it sees this worker's DONE mark;
+    # every push was flushed and counted before.
+    final = {"records": records, "state": checkpoint_state(step, phase) if partition == 0 else None}
+    request = topo.world.isend(final, dest=shard0, tag=FINAL)
+    old = add_counter(windows.control, shard0, heartbeat_slot(layout, topo.rank), DONE_MARK)
+    if old & FAILED_MARK:  # declared failed meanwhile: shard 0 no longer counts this worker
+        liveness.leave_released()
+    liveness.wait(lambda: request.Test())
+    return client
 
 
 def _injected_failure(rank: int) -> int | None:
@@ -437,26 +614,44 @@ def _injected_failure(rank: int) -> int | None:
     return None
 
 
-def _finish(cfg, network, layout, final, gathered, run_dir, say):
+def _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say) -> dict:
+    """On shard 0: evaluate the parameters of the final checkpoint (the shards' parameters
+    at the end), append every record to metrics.jsonl and write summary.json."""
     tcfg = cfg["train"]
-    network.params[:] = final
-    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-        test_x, test_y = dataset.load("test")
-    test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
-    records = [r for per_rank in gathered for r in per_rank]
+    test_loss = test_acc = None
+    if final_path is not None:
+        with open_checkpoint(final_path, verify=False) as ckpt:
+            ckpt.read_range("params", 0, network.n_params, out=network.params)
+        with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+            test_x, test_y = dataset.load("test")
+        test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+    metrics = Path(run_path) / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size:
+        with open(metrics, "rb") as f:  # a writer killed mid-line must not swallow ours
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                with open(metrics, "ab") as g:
+                    g.write(b"\n")
+    run_dir = RunDirectory(run_path, resume=True)
+    if run_started is not None:
+        run_dir.started = run_started  # one time axis with the lead's records
     for record in records:
         run_dir.log(record)
-    run_dir.log({"kind": "eval", "source": "shards", "test_loss": test_loss, "test_accuracy": test_acc})
+    if final_path is not None:
+        run_dir.log({"kind": "eval", "source": "shards", "checkpoint": final_path.name,
+                     "test_loss": test_loss, "test_accuracy": test_acc})
     workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
-    replicas = [r for r in workers if r["partition"] == 0]
+    replicas = {r["replica"]: r for r in workers if r["partition"] == 0}
     shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
-    wall = max(r["wall_s"] for r in replicas)
+    finished = [replicas[k] for k in sorted(replicas) if k not in failed]
+    wall = max((r["wall_s"] for r in replicas.values()), default=0.0)
     summary = {
         "algorithm": "downpour", "optimizer": tcfg["optimizer"], "layout": layout.to_dict(),
         "n_fetch": tcfg["n_fetch"], "n_push": tcfg["n_push"], "warmstart_steps": tcfg["warmstart_steps"],
-        "steps_by_replica": [r["steps"] for r in replicas],
+        "steps_by_replica": [replicas[k]["steps"] if k in replicas and k not in failed else None
+                             for k in range(layout.n_replicas)],
         "n_partitions": layout.n_partitions,
-        "samples_per_s": round(sum(r["steps"] * r["batch"] for r in replicas) / wall, 1),
+        "samples_per_s": round(sum(r["steps"] * r["batch"] for r in finished) / wall, 1) if wall else 0.0,
         "bytes_fetched_by_worker": [r["bytes_fetched"] for r in workers],
         "wall_time_s": wall,
         "updates_by_shard": [s["updates"] for s in shards],
@@ -464,12 +659,15 @@ def _finish(cfg, network, layout, final, gathered, run_dir, say):
         "stopped_by_signal": any(r.get("stopped_by_signal") for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
         "mean_staleness": _mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
+        "failed_replicas": failed,
+        "final_checkpoint": final_path.name if final_path is not None else None,
         "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
     }
     run_dir.write_json("summary.json", summary)
     run_dir.close()
     say(f"shards applied {summary['updates_by_shard']} updates; replicas ran {summary['steps_by_replica']} "
-        f"steps; {summary['pushes_rejected']} pushes rejected, {summary['drains_dropped']} drains dropped")
+        f"steps; {summary['pushes_rejected']} pushes rejected, {summary['drains_dropped']} drains dropped"
+        + (f"; replica(s) {failed} failed" if failed else ""))
     return summary
 
 

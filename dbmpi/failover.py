@@ -1,0 +1,285 @@
+"""Surviving a failed Downpour replica: heartbeats, the shards' verdict and a watchdog.
+
+Every rank of a Downpour run has a `Liveness` once the windows exist. Its `beat()` is
+called from the rank's own loops (every training step, every round of a shard's serve
+loop, every round of a polled wait) and does MPI work at most every `interval` seconds
+(timeout / 10, clamped to 0.05-1 s):
+
+- a worker adds one to its heartbeat slot in shard 0's control window; the old value also
+  says whether shard 0 declared it failed meanwhile (FAILED_MARK);
+- a shard adds one to its own SHARD_BEAT slot;
+- every rank reads the other shards' beats: a shard silent for `train.replica_timeout_s`
+  cannot be survived (its parameters are gone), so whoever notices prints one line and
+  calls MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written
+  atomically, so the last one stays intact;
+- on shard 0, the failure detector reads every worker's slot. A worker whose count has not
+  moved for the timeout gets its whole replica declared failed (a replica split into P
+  partitions cannot step without all of them): its workers count as finished on every
+  shard (WORKERS_FAILED), so the shards stop waiting for them, and the other replicas train
+  on. Shard 0 also counts workers finished (WORKERS_DONE on every shard) when it sees their
+  DONE mark, so each worker is counted exactly once, as done or as failed, whichever mark
+  landed first (both are Fetch_and_op SUM on one slot: the old value says who won).
+
+Heartbeats come from the training loops, not from a thread: a second thread making RMA
+calls next to the training loop, with per-target epochs, made MPICH 5.0.2's shards fall far
+behind under load (drains of dozens of pushes at once; a run ended at 22% accuracy), which
+a watchdog must not cost. So a rank is alive to the others while its loops run:
+`train.replica_timeout_s` must exceed the longest stretch without a beat (one training
+step, one evaluation by replica 0).
+
+A watchdog thread that makes no MPI call ends this process when the main thread has made
+no progress (no `tick()`) for 2 x timeout outside a `busy()` section: a partition whose
+partner died waits in a collective forever, and a process killed inside an MPI accumulate
+can leave MPICH's shared-memory window mutex locked, after which every access to that
+window blocks. The job then ends in bounded time instead of hanging.
+
+A live worker that learns its replica was declared failed (it was silent that long without
+dying) prints one line and leaves with EXIT_REPLICA_LOST: it must not count itself
+finished after the shards stopped counting it.
+
+The end of a run (dbmpi.downpour) goes without collectives when a failure was declared (a
+collective over a dead rank never returns): shard 0 sets VERDICT_FAILED, every live rank
+adds one to RELEASED and leaves with os._exit(0) (no window free, no MPI_Finalize: both are
+collective); without failures it is VERDICT_CLEAN and the usual collective teardown.
+
+With MPICH's hydra launcher, surviving also needs `mpiexec -disable-auto-cleanup` and each
+rank under `python -m dbmpi.supervise` (see there): otherwise hydra kills every rank when
+one dies.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+from dbmpi.layout import Layout
+from dbmpi.parameter_server import (BEATS, DONE_MARK, FAILED_MARK, SHARD_BEAT, WORKERS_DONE, WORKERS_FAILED,
+                                    ParameterWindows, add_counter, heartbeat_slot, read_counter)
+
+EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
+ABORT_SHARD_LOST = 4  # MPI_Abort error code when a shard stopped responding
+EXIT_FROZEN = 5  # no progress for 2 x timeout: stuck inside MPI
+EXIT_ALL_REPLICAS_FAILED = 6  # shard 0 when no replica survived: nothing could finish
+
+
+def stderr_line(text: str) -> None:
+    """One line on stderr in one write, so lines of several ranks never interleave."""
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def leave(status: int) -> None:
+    """End this process now, without MPI_Finalize (collective) or Python's teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    return min(1.0, max(0.05, timeout_s / 10))
+
+
+class Liveness:
+    """One rank's heartbeat (called from its loops) and watchdog (a thread, no MPI)."""
+
+    def __init__(self, windows: ParameterWindows, layout: Layout, comm, timeout_s: float, role):
+        self.windows, self.layout, self.comm, self.role = windows, layout, comm, role
+        self.rank = comm.rank
+        self.timeout = float(timeout_s)
+        self.interval = heartbeat_interval(self.timeout)
+        self.shard0 = layout.shard_rank(0)
+        self.is_detector = role.is_shard and role.shard == 0
+        self.period = min(self.interval, 0.1) if self.is_detector else self.interval
+        self.started = self.last_tick = self.last_beat = time.monotonic()
+        self._busy = 0
+        self._beating = False
+        self._closed = threading.Event()
+        # Beats seen: shard rank -> (value, when it last changed); on shard 0 also per worker.
+        self._shard_beats: dict[int, tuple[int, float]] = {}
+        self._beats: dict[int, tuple[int, float]] = {}
+        # Workers known to be declared failed (every rank); on shard 0 also those done.
+        self.failed_workers: set[int] = set()
+        self.done_workers: set[int] = set()
+        self._failed_count = 0
+        self.events: list[dict] = []  # shard 0: one replica_failed record per failure
+
+    # The main thread -----------------------------------------------------------------------
+    def start(self) -> "Liveness":
+        self.started = self.last_tick = self.last_beat = time.monotonic()
+        self._beating = True
+        threading.Thread(target=self._watch_loop, name="dbmpi-watchdog", daemon=True).start()
+        self.beat(force=True)
+        return self
+
+    def tick(self) -> None:
+        """The main thread is making progress (for the watchdog)."""
+        self.last_tick = time.monotonic()
+
+    @contextmanager
+    def busy(self):
+        """A long local computation: the watchdog does not count it as a stall (it is not a
+        heartbeat: it must stay shorter than the timeout if others are watching)."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self.tick()
+
+    def beat(self, force: bool = False) -> None:
+        """Heartbeat and failure checks, if one is due (cheap otherwise)."""
+        now = time.monotonic()
+        self.last_tick = now
+        if not self._beating or (not force and now - self.last_beat < self.period):
+            return
+        if now - self.last_beat > self.timeout / 2:
+            # This rank was busy: it saw nobody meanwhile, which says nothing about them.
+            self._shard_beats.clear()
+            self._beats.clear()
+        control = self.windows.control
+        if self.role.is_shard:
+            add_counter(control, self.rank, SHARD_BEAT)
+        else:
+            old = add_counter(control, self.shard0, heartbeat_slot(self.layout, self.rank))
+            if old & FAILED_MARK:
+                self.leave_released()
+            self._refresh_failed()
+        if self.is_detector:
+            self._detect(now)
+        self._watch_shards(now)
+        self.last_beat = time.monotonic()
+
+    def stop(self) -> None:
+        """No more heartbeats or checks (the run is ending); the watchdog still watches the
+        main thread until close()."""
+        self._beating = False
+        self.tick()
+
+    def close(self) -> None:
+        self.stop()
+        self._closed.set()
+
+    def replica_failed(self, replica: int) -> bool:
+        P = self.layout.n_partitions
+        return any(self.layout.worker_rank(replica, p) in self.failed_workers for p in range(P))
+
+    def failed_replicas(self) -> list[int]:
+        return sorted({w // self.layout.n_partitions for w in self.failed_workers})
+
+    def wait(self, done, low: float = 5e-5, high: float = 0.05, limit_s: float | None = None) -> bool:
+        """Poll `done()` with exponential back-off (no spinning: ranks share cores),
+        beating meanwhile; False if `limit_s` passed first."""
+        backoff, start = low, time.monotonic()
+        while not done():
+            self.beat()
+            if limit_s is not None and time.monotonic() - start > limit_s:
+                return False
+            time.sleep(backoff)
+            backoff = min(2 * backoff, high)
+        self.tick()
+        return True
+
+    def leave_released(self) -> None:
+        role = self.role
+        stderr_line(f"dbmpi: rank {self.rank} (replica {role.replica}, partition {role.partition}): the "
+                    f"shards declared replica {role.replica} failed; this rank leaves, the others train on")
+        leave(EXIT_REPLICA_LOST)
+
+    # Checks ----------------------------------------------------------------------------------
+    def _refresh_failed(self) -> None:
+        """Learn which workers shard 0 declared failed (read when their count changes)."""
+        control = self.windows.control
+        count = read_counter(control, self.shard0, WORKERS_FAILED)
+        if count == self._failed_count:
+            return
+        for w in range(self.layout.n_workers):
+            if read_counter(control, self.shard0, heartbeat_slot(self.layout, w)) & FAILED_MARK:
+                self.failed_workers.add(w)
+        self._failed_count = count
+
+    def _watch_shards(self, now: float) -> None:
+        for k, rank in enumerate(self.layout.shard_ranks):
+            if rank == self.rank:
+                continue
+            value = read_counter(self.windows.control, rank, SHARD_BEAT)
+            seen = self._shard_beats.get(rank)
+            if seen is None or seen[0] != value:
+                self._shard_beats[rank] = (value, now)
+            elif now - seen[1] > self.timeout:
+                stderr_line(f"dbmpi: shard {k} (rank {rank}) sent no heartbeat for {now - seen[1]:.1f} s "
+                            f"(train.replica_timeout_s = {self.timeout:g}): a shard's parameters cannot be "
+                            "recovered, so the job ends; resume from the last checkpoint")
+                time.sleep(0.5)  # let the launcher forward the line
+                self.comm.Abort(ABORT_SHARD_LOST)
+
+    def _detect(self, now: float) -> None:
+        """Shard 0: count finished workers, declare silent ones' replicas failed."""
+        control, layout = self.windows.control, self.layout
+        for w in range(layout.n_workers):
+            if w in self.done_workers or w in self.failed_workers:
+                continue
+            value = read_counter(control, self.rank, heartbeat_slot(layout, w))
+            if value & DONE_MARK:
+                self._count(w, WORKERS_DONE)
+                continue
+            beats = value & BEATS
+            seen = self._beats.get(w)
+            if seen is None or seen[0] != beats:
+                self._beats[w] = (beats, now)
+            elif now - seen[1] > self.timeout:
+                self._declare(w, now)
+
+    def _count(self, worker: int, slot: int) -> None:
+        (self.done_workers if slot == WORKERS_DONE else self.failed_workers).add(worker)
+        for rank in self.layout.shard_ranks:
+            add_counter(self.windows.control, rank, slot)
+
+    def _declare(self, silent_worker: int, now: float) -> None:
+        """Declare the silent worker's replica failed: each of its workers that has not
+        finished (its DONE mark not in yet) is counted failed instead. The partitions of a
+        replica whose partner died fall silent too (they wait in a collective), so which of
+        them died cannot be told from here: the record lists every silent one."""
+        layout = self.layout
+        replica = layout.role(silent_worker).replica
+        ranks = [layout.worker_rank(replica, p) for p in range(layout.n_partitions)]
+        silent = {w: now - self._beats[w][1] for w in ranks
+                  if w in self._beats and now - self._beats[w][1] > self.timeout / 2}
+        declared = []
+        for p in range(layout.n_partitions):
+            w = layout.worker_rank(replica, p)
+            if w in self.done_workers or w in self.failed_workers:
+                continue
+            old = add_counter(self.windows.control, self.rank, heartbeat_slot(layout, w), FAILED_MARK)
+            if old & DONE_MARK:  # it finished just now: done, not failed
+                self._count(w, WORKERS_DONE)
+            else:
+                self._count(w, WORKERS_FAILED)
+                declared.append(w)
+        if not declared:
+            return
+        elapsed = now - self.started
+        silent_s = max(silent.values())
+        self.events.append({"kind": "replica_failed", "replica": replica, "ranks": declared,
+                            "silent_ranks": sorted(silent), "silent_s": round(silent_s, 2),
+                            "detected_s": round(elapsed, 2), "detected_unix": round(time.time(), 3),
+                            "detected_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        who = "rank" + ("s " if len(silent) > 1 else " ") + ", ".join(map(str, sorted(silent)))
+        live = layout.n_replicas - len(self.failed_replicas())
+        stderr_line(f"dbmpi: replica {replica} failed (no heartbeat from {who} for {silent_s:.1f} s) "
+                    f"{elapsed:.1f} s into the run; {live} replica(s) train on")
+
+    # The watchdog thread (no MPI) --------------------------------------------------------------
+    def _watch_loop(self) -> None:
+        limit = 2 * self.timeout
+        while not self._closed.wait(self.interval):
+            now = time.monotonic()
+            if not self._busy and now - self.last_tick > limit:
+                stderr_line(f"dbmpi: rank {self.rank} ({self.role}): no progress for {now - self.last_tick:.0f} s "
+                            "(2 x train.replica_timeout_s): waiting on a peer that died (a partition of this "
+                            "replica, or a process killed inside an MPI call); leaving")
+                leave(EXIT_FROZEN)

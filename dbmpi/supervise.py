@@ -1,0 +1,114 @@
+"""Run one MPI rank under a small supervising parent, so that hydra lets the others live
+when it dies.
+
+    mpiexec -disable-auto-cleanup -n 4 python -m dbmpi.supervise python -m mpi4py -m dbmpi train CONFIG
+
+Why. MPICH's hydra launcher (mpiexec) watches the processes it starts. Whatever
+`-disable-auto-cleanup` says, its proxy kills every rank of the job as soon as it reaps a
+rank that died of a signal (measured with MPICH 5.0.2: SIGKILL one rank and the others are
+gone a moment later, at the proxy's next event). A rank that *exits*, even with a non-zero
+status, only makes it send SIGUSR1 to every rank (`-disable-auto-cleanup`) or kill them all
+(the default). So this parent starts the real rank as its child and waits for it; when the
+child dies of signal N, the parent exits with status 128 + N: hydra sees an exit and, under
+`-disable-auto-cleanup`, the surviving ranks train on (dbmpi.failover). Without
+`-disable-auto-cleanup` the job still ends at the first death, as before.
+
+Signals. The child runs in its own process group, so hydra's SIGUSR1 failure notices (sent
+to each rank's process group) reach only this parent, which ignores them: a rank must not
+take a peer's death for a request to stop. For the same reason SIGUSR1 is not passed on:
+under this wrapper a graceful stop (checkpoint, exit 0) is asked for with SIGTERM, which is
+passed on, as are SIGINT, SIGHUP and SIGUSR2. The child gets SIGKILL when this parent dies
+(Linux's PR_SET_PDEATHSIG), so hydra killing the parent's process group, or the parent
+being killed, never leaves the rank running.
+
+MPI-free: the child inherits the PMI connection (its file descriptor, or PMI_PORT); the
+parent closes its own copy, so the launcher sees the connection close when the child dies.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+IGNORED = (signal.SIGUSR1,)
+PR_SET_PDEATHSIG = 1
+
+USAGE = """usage: python -m dbmpi.supervise COMMAND [ARG...]
+
+Runs COMMAND (one MPI rank) as a child and exits with its status (128 + N when signal N
+killed it), so that `mpiexec -disable-auto-cleanup` keeps the other ranks running when this
+one dies. SIGTERM, SIGINT, SIGHUP and SIGUSR2 are passed on; SIGUSR1 (hydra's notice that a
+peer died) is not. Linux only."""
+
+
+def _in_child(libc) -> None:
+    """Between fork and exec: own process group, default signal handling, and death with
+    the parent."""
+    os.setpgid(0, 0)
+    for signum in PASSED_ON + IGNORED:
+        signal.signal(signum, signal.SIG_DFL)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        os._exit(127)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(127)
+
+
+def exit_status(wait_status: int) -> int:
+    """The child's exit code, or 128 + N when signal N killed it (as a shell reports it)."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not args else sys.stdout)
+        return 2 if not args else 0
+    if not sys.platform.startswith("linux"):
+        print("dbmpi.supervise: error: needs Linux (PR_SET_PDEATHSIG)", file=sys.stderr)
+        return 2
+    # Ignore everything we pass on until the child exists (it restores the defaults).
+    for signum in PASSED_ON + IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
+    env = dict(os.environ, DBMPI_SUPERVISED="1")
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    try:
+        child = subprocess.Popen(args, close_fds=False, preexec_fn=lambda: _in_child(libc), env=env)
+    except OSError as exc:
+        print(f"dbmpi.supervise: error: cannot run {args[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+    def pass_on(signum, _frame) -> None:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in PASSED_ON:
+        signal.signal(signum, pass_on)
+    pmi_fd = os.environ.get("PMI_FD")
+    if pmi_fd and pmi_fd.isdigit():
+        try:
+            os.close(int(pmi_fd))
+        except OSError:
+            pass
+    while True:
+        try:
+            _, status = os.waitpid(child.pid, 0)
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: no interpreter teardown, during which a late SIGUSR1 from hydra (it sends
+    # one whenever a rank leaves without MPI_Finalize) could still kill this process.
+    os._exit(exit_status(status))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
