@@ -1,0 +1,332 @@
+"""Downpour survives a failed replica (the paper's claim), and ends in bounded time when it
+cannot: `mpiexec -disable-auto-cleanup` with every rank under `python -m dbmpi.supervise`,
+a rank SIGKILLed mid-run, every MPI launch under a timeout.
+
+The kills are real SIGKILLs at a random moment. One that lands while the victim is inside an
+MPI accumulate (MPICH holds a shared-memory mutex there, never released by a dead holder)
+freezes that window for everyone; the watchdog then ends the job instead. The runs below
+fetch and push every 20 steps, so the victim spends well under 1% of its time there.
+"""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_downpour import CONFIG, mpiexec
+
+TIMEOUT_S = 4  # train.replica_timeout_s in these runs
+RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.log_every=200"]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """MPI rank -> pid of the rank processes (the supervised children, not their
+    dbmpi.supervise parents) whose command line contains `marker`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline \
+                    or "dbmpi.supervise" in cmdline:
+                continue
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode().split("\0")
+                       if "=" in item)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "PMI_RANK" in env:
+            found[int(env["PMI_RANK"])] = int(entry.name)
+    return found
+
+
+def none_left(marker: str, within_s: float = 10.0) -> bool:
+    """No rank process left (children die with their supervisor, a moment after it)."""
+    deadline = time.monotonic() + within_s
+    while rank_pids(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@contextlib.contextmanager
+def supervised_training(tmp_path, run_dir, n, *sets, disable_auto_cleanup=True, config=CONFIG):
+    """`mpiexec [-disable-auto-cleanup] -n N python -m dbmpi.supervise ... dbmpi train` in
+    the background; killed if still running after."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [mpiexec(), *(["-disable-auto-cleanup"] if disable_auto_cleanup else []), "-n", str(n),
+           sys.executable, "-m", "dbmpi.supervise", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
+           str(config), "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}",
+           "--set", f"train.replica_timeout_s={TIMEOUT_S}"]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):
+    """Until the lead has logged `train_records` train records and all n ranks run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= train_records \
+                and len(rank_pids(str(run_dir))) == n:
+            return rank_pids(str(run_dir))
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
+    pytest.fail(f"training did not start: {err[-2000:]}")
+
+
+def verified_checkpoints(run_dir):
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    paths = list_checkpoints(run_dir / "checkpoints")
+    for path in paths:
+        open_checkpoint(path).close()  # every checksum verified
+    return paths
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["replica-1", "replica-0-the-lead"])
+def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
+    """Three replicas, two shards; one replica's worker is SIGKILLed mid-run. Shard 0
+    declares it failed after train.replica_timeout_s without a heartbeat, the other two
+    finish every step, every push of theirs is applied, and shard 0 writes a final
+    checkpoint with the state of the lowest surviving replica (the lead's state, unless the
+    lead was the one that died) and a summary naming the failed replica."""
+    from dbmpi.checkpoint import open_checkpoint
+
+    run_dir, steps, warm = tmp_path / "run", 4000, 50
+    with supervised_training(tmp_path, run_dir, 5, "train.n_replicas=3", f"train.steps={steps}",
+                             f"train.warmstart_steps={warm}", "train.checkpoint_every=1000", *RHYTHM) as proc:
+        pids = wait_until_training(run_dir, 5, proc)
+        killed_unix, killed = time.time(), time.monotonic()
+        os.kill(pids[victim], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+        ended_s = time.monotonic() - killed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [victim], err[-3000:]
+    # The job's status is the killed rank's, as its supervisor reports it: 128 + SIGKILL.
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert ended_s < 120
+    expected = [warm + steps, steps, steps]
+    expected[victim] = None
+    assert summary["steps_by_replica"] == expected
+    assert summary["test_accuracy"] >= 0.9, summary
+    recs = records(run_dir)
+    failures = [r for r in recs if r["kind"] == "replica_failed"]
+    assert len(failures) == 1 and failures[0]["replica"] == victim
+    assert failures[0]["ranks"] == failures[0]["silent_ranks"] == [victim]
+    detection_s = failures[0]["detected_unix"] - killed_unix
+    assert TIMEOUT_S - 0.5 <= detection_s <= TIMEOUT_S + 15, detection_s
+    assert err.count(f"dbmpi: replica {victim} failed") == 1, err[-3000:]
+    assert "Traceback" not in err
+    # The survivors trained on after the failure and every one of their pushes was applied.
+    survivors = [r for r in recs if r["kind"] == "replica"]
+    assert sorted(r["replica"] for r in survivors) == sorted({0, 1, 2} - {victim})
+    shards = [r for r in recs if r["kind"] == "shard"]
+    assert len(shards) == 2 and all(s["workers_failed"] == 1 for s in shards)
+    for r in survivors:
+        assert r["steps"] == expected[r["replica"]] and r["pushes"] == -(-r["steps"] // 20)
+        assert all(s["pushes_by_replica"][r["replica"]] == r["pushes"] for s in shards)
+    # The final checkpoint: valid, at the acting lead's final step, naming the failure.
+    lead = min(r["replica"] for r in survivors)
+    paths = verified_checkpoints(run_dir)
+    assert paths[-1].name == summary["final_checkpoint"]
+    with open_checkpoint(paths[-1]) as ckpt:
+        assert ckpt.step == expected[lead]
+        assert ckpt.state["lead_replica"] == lead and ckpt.state["failed_replicas"] == [victim]
+        assert ckpt.state["phase"] == "end"
+    assert none_left(str(run_dir))
+
+
+def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes(tmp_path):
+    """Two replicas of two partitions and one shard; partition 1 of replica 0 is killed.
+    Its sibling waits in a collective that never completes: the shards declare the whole
+    replica failed, the sibling's watchdog ends it (one line), replica 1 finishes and gives
+    the final checkpoint its state."""
+    from dbmpi.checkpoint import open_checkpoint
+
+    run_dir, steps = tmp_path / "run", 3000
+    with supervised_training(tmp_path, run_dir, 5, "train.n_partitions=2", "train.n_shards=1",
+                             f"train.steps={steps}", *RHYTHM) as proc:
+        pids = wait_until_training(run_dir, 5, proc)
+        killed = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+        ended_s = time.monotonic() - killed
+    assert proc.returncode != 0 and ended_s < 120
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [0] and summary["steps_by_replica"] == [None, steps], err[-3000:]
+    failure = next(r for r in records(run_dir) if r["kind"] == "replica_failed")
+    assert failure["ranks"] == [0, 1] and 1 in failure["silent_ranks"]
+    # The sibling, stuck in a collective with the dead partition, leaves through its watchdog.
+    assert "dbmpi: rank 0 (replica 0 partition 0): no progress for" in err, err[-3000:]
+    workers = sorted((r["replica"], r["partition"], r["steps"]) for r in records(run_dir) if r["kind"] == "replica")
+    assert workers == [(1, 0, steps), (1, 1, steps)]
+    with open_checkpoint(verified_checkpoints(run_dir)[-1]) as ckpt:
+        assert ckpt.step == steps and ckpt.state["lead_replica"] == 1
+    assert none_left(str(run_dir))
+
+
+def test_a_killed_shard_ends_the_job_with_the_checkpoints_intact(tmp_path):
+    """A shard's parameters cannot be recovered: the others notice its silent heartbeat and
+    abort the job (non-zero) within bounded time; every checkpoint written still verifies."""
+    from dbmpi.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200") as proc:
+        wait_until_training(run_dir, 4, proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+            time.sleep(0.1)
+        pids = rank_pids(str(run_dir))
+        killed = time.monotonic()
+        os.kill(pids[3], signal.SIGKILL)  # shard 1
+        out, err = proc.communicate(timeout=120)
+        ended_s = time.monotonic() - killed
+    assert proc.returncode != 0 and ended_s < 60, (proc.returncode, ended_s)
+    assert "dbmpi: shard 1 (rank 3) sent no heartbeat" in err, err[-3000:]
+    assert len(verified_checkpoints(run_dir)) >= 2
+    assert not (run_dir / "summary.json").exists()
+    assert none_left(str(run_dir))
+
+
+def test_when_every_replica_fails_the_job_ends_and_says_so(tmp_path):
+    """The only replica is killed: nothing can finish. The shard ends the job (non-zero)
+    with a summary that names the failure; there is no final checkpoint to write."""
+    run_dir = tmp_path / "run"
+    with supervised_training(tmp_path, run_dir, 2, "train.n_replicas=1", "train.n_shards=1",
+                             "train.steps=100000000", "train.checkpoint_every=300", *RHYTHM) as proc:
+        pids = wait_until_training(run_dir, 2, proc)
+        killed = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+        ended_s = time.monotonic() - killed
+    assert proc.returncode != 0 and ended_s < 60
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [0] and summary["steps_by_replica"] == [None]
+    assert summary["final_checkpoint"] is None and summary["test_accuracy"] is None
+    assert "every replica failed" in out
+    verified_checkpoints(run_dir)
+    assert none_left(str(run_dir))
+
+
+def test_a_stalled_replica_declared_failed_leaves_when_it_wakes(tmp_path):
+    """A replica stopped (SIGSTOP) longer than the timeout is declared failed although it is
+    alive; continued, it learns so from its heartbeat and leaves (status 1) instead of
+    counting itself finished. The others finish; nothing is killed."""
+    run_dir, steps = tmp_path / "run", 3000
+    with supervised_training(tmp_path, run_dir, 4, f"train.steps={steps}", *RHYTHM) as proc:
+        pids = wait_until_training(run_dir, 4, proc)
+        os.kill(pids[1], signal.SIGSTOP)
+        time.sleep(TIMEOUT_S + 2)  # declared failed after TIMEOUT_S (its own watchdog waits 2 x)
+        os.kill(pids[1], signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "rank 1 (replica 1, partition 0): the shards declared replica 1 failed" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [1] and summary["steps_by_replica"] == [50 + steps, None]
+    verified_checkpoints(run_dir)
+    assert none_left(str(run_dir))
+
+
+def test_without_disable_auto_cleanup_a_killed_rank_still_ends_the_job(tmp_path):
+    """The supervisor changes nothing by default: hydra ends the whole job at the first
+    death (non-zero, quickly), no rank is left behind, the checkpoints stay intact."""
+    from dbmpi.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200",
+                             disable_auto_cleanup=False) as proc:
+        wait_until_training(run_dir, 4, proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 1:
+            time.sleep(0.1)
+        killed = time.monotonic()
+        os.kill(rank_pids(str(run_dir))[1], signal.SIGKILL)
+        proc.communicate(timeout=60)
+        ended_s = time.monotonic() - killed
+    assert proc.returncode != 0 and ended_s < 30
+    assert none_left(str(run_dir))
+    assert len(verified_checkpoints(run_dir)) >= 1
+
+
+# The supervisor alone (no MPI) ------------------------------------------------------------------
+def supervise(*command, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "dbmpi.supervise", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+CHILD = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print("child got SIGTERM", flush=True), os._exit(7)))
+signal.signal(signal.SIGUSR1, lambda *a: (print("child got SIGUSR1", flush=True), os._exit(8)))
+print(os.getpid(), os.getpgid(0) == os.getpid(), os.environ.get("DBMPI_SUPERVISED"), flush=True)
+time.sleep(60)
+"""
+
+
+def child_of(proc):
+    pid, own_group, supervised = proc.stdout.readline().split()
+    assert own_group == "True" and supervised == "1"
+    return int(pid)
+
+
+def test_supervise_reports_the_status_and_passes_on_term_but_not_usr1():
+    assert supervise("sh", "-c", "exit 3").wait(timeout=30) == 3
+    assert supervise("sh", "-c", "kill -9 $$").wait(timeout=30) == 128 + signal.SIGKILL
+    assert supervise().wait(timeout=30) == 2  # usage
+    proc = supervise(sys.executable, "-c", CHILD, start_new_session=True)  # as hydra starts a rank
+    child_of(proc)
+    os.kill(proc.pid, signal.SIGUSR1)  # hydra's notice that a peer died: not passed on
+    time.sleep(0.5)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGUSR1)  # to the supervisor's process group: the child is not in it
+    time.sleep(0.5)
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGTERM)  # a graceful stop: passed on
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 7 and "child got SIGTERM" in out and "SIGUSR1" not in out
+
+
+def test_the_rank_dies_with_its_supervisor():
+    proc = supervise(sys.executable, "-c", CHILD)
+    child = child_of(proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return  # dead, waiting to be reaped by init
+        time.sleep(0.05)
+    pytest.fail("the child outlived its supervisor")
+
+
+def test_replica_timeout_is_validated():
+    from dbmpi import config as configuration
+    from dbmpi.config import ConfigError
+
+    assert configuration.load(CONFIG)["train"]["replica_timeout_s"] == 30.0
+    assert configuration.load(CONFIG, ["train.replica_timeout_s=2"])["train"]["replica_timeout_s"] == 2.0
+    for bad in ("0.5", "-1", "true", '"soon"'):
+        with pytest.raises(ConfigError, match="train.replica_timeout_s: must be a number of at least 1"):
+            configuration.load(CONFIG, [f"train.replica_timeout_s={bad}"])
