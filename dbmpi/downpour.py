@@ -141,22 +141,65 @@ class ShardCheckpointer:
 
 
 def receive(comm: MPI.Intracomm, source: int, tag: int, liveness: Liveness):
-    """A pickled message, waited for politely (a matched probe, so any size fits)."""
-    found: list = []
+    """A pickled message, waited for politely: a matched probe (any size fits), then a
+    nonblocking receive, so a sender that dies mid-transfer never blocks this rank inside
+    MPI (its heartbeat keeps going and notices)."""
+    pending: list = []
+    got: list = []
 
     def arrived() -> bool:
-        message = comm.improbe(source=source, tag=tag)
-        if message is not None:
-            found.append(message.recv())
-        return bool(found)
+        if not pending:
+            message = comm.improbe(source=source, tag=tag)
+            if message is None:
+                return False
+            pending.append(message.irecv())
+        done, obj = pending[0].test()
+        if done:
+            got.append(obj)
+        return done
 
     liveness.wait(arrived)
-    return found[0]
+    return got[0]
+
+
+class FinalMessages:
+    """Shard 0's receipt of the workers' FINAL messages (records and state) while it
+    serves: a worker marks itself done only once its message is delivered, so the message of
+    every done worker is here by the end, and one from a worker that dies meanwhile (counted
+    failed) is left aside."""
+
+    def __init__(self, comm: MPI.Intracomm):
+        self.comm = comm
+        self.pending: dict[int, MPI.Request] = {}
+        self.received: dict[int, dict] = {}
+
+    def poll(self) -> None:
+        while True:
+            status = MPI.Status()
+            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=FINAL, status=status)
+            if message is None:
+                break
+            self.pending[status.Get_source()] = message.irecv()
+        for source, request in list(self.pending.items()):
+            done, obj = request.test()
+            if done:
+                self.received[source] = obj
+                del self.pending[source]
+
+    def of(self, workers, liveness: Liveness) -> dict[int, dict]:
+        """The messages of `workers` (all done: delivered before they marked themselves)."""
+        def complete() -> bool:
+            self.poll()
+            return all(w in self.received for w in workers)
+
+        liveness.wait(complete)
+        return {w: self.received[w] for w in workers}
 
 
 def send(comm: MPI.Intracomm, obj, dest: int, tag: int, liveness: Liveness) -> None:
-    """Send a pickled message and wait politely until it is delivered."""
-    request = comm.isend(obj, dest=dest, tag=tag)
+    """Send a pickled message (synchronous mode) and wait politely until a matching receive
+    has taken it: what the sender does next (dying included) cannot lose it."""
+    request = comm.issend(obj, dest=dest, tag=tag)
     liveness.wait(lambda: request.Test())
 
 
@@ -344,9 +387,15 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     for a dead rank forever). Then it gives the verdict, lets the others go, and evaluates
     the final checkpoint and writes metrics and summary on its own."""
     world = topo.world
-    stats = shard.serve(checkpointer, stop, tick=liveness.beat)
-    # Everyone is counted finished or failed now: the finished workers' records are sent.
-    finals = {w: receive(world, w, FINAL, liveness) for w in sorted(liveness.done_workers)}
+    messages = FinalMessages(world)
+
+    def tick() -> None:
+        liveness.beat()
+        messages.poll()
+
+    stats = shard.serve(checkpointer, stop, tick=tick)
+    # Everyone is counted finished or failed now; the finished workers' messages are in.
+    finals = messages.of(sorted(liveness.done_workers), liveness)
     states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()
                     if msg["state"] is not None)
     failed = liveness.failed_replicas()
@@ -592,14 +641,13 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
     if topo.is_lead:
         run_dir.close()  # shard 0 appends the rest
     # The records (and, from a replica's first partition, the state for the final
-    # checkpoint) go to shard 0, which receives them once it sees this worker's DONE mark;
-    # every push was flushed and counted before.
+    # checkpoint) go to shard 0; once they are delivered (and every push was flushed and
+    # counted before), the DONE mark counts this worker finished.
     final = {"records": records, "state": checkpoint_state(step, phase) if partition == 0 else None}
-    request = topo.world.isend(final, dest=shard0, tag=FINAL)
+    send(topo.world, final, shard0, FINAL, liveness)
     old = add_counter(windows.control, shard0, heartbeat_slot(layout, topo.rank), DONE_MARK)
     if old & FAILED_MARK:  # declared failed meanwhile: shard 0 no longer counts this worker
         liveness.leave_released()
-    liveness.wait(lambda: request.Test())
     return client
 
 

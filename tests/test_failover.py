@@ -5,7 +5,9 @@ a rank SIGKILLed mid-run, every MPI launch under a timeout.
 The kills are real SIGKILLs at a random moment. One that lands while the victim is inside an
 MPI accumulate (MPICH holds a shared-memory mutex there, never released by a dead holder)
 freezes that window for everyone; the watchdog then ends the job instead. The runs below
-fetch and push every 20 steps, so the victim spends well under 1% of its time there.
+fetch and push every 20 steps of 64 examples, so the victim spends well under 1% of its
+time there. They are long enough (20000 steps) for the survivors to train on well past the
+detection, which takes train.replica_timeout_s (4 s here).
 """
 import contextlib
 import json
@@ -21,7 +23,7 @@ import pytest
 from tests.test_downpour import CONFIG, mpiexec
 
 TIMEOUT_S = 4  # train.replica_timeout_s in these runs
-RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.log_every=200"]
+RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.log_every=500"]
 
 
 def records(run_dir):
@@ -110,9 +112,10 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
     lead was the one that died) and a summary naming the failed replica."""
     from dbmpi.checkpoint import open_checkpoint
 
-    run_dir, steps, warm = tmp_path / "run", 4000, 50
+    run_dir, steps, warm = tmp_path / "run", 20000, 50
     with supervised_training(tmp_path, run_dir, 5, "train.n_replicas=3", f"train.steps={steps}",
-                             f"train.warmstart_steps={warm}", "train.checkpoint_every=1000", *RHYTHM) as proc:
+                             f"train.warmstart_steps={warm}", "train.checkpoint_every=2000",
+                             "train.checkpoint_keep=20", *RHYTHM) as proc:
         pids = wait_until_training(run_dir, 5, proc)
         killed_unix, killed = time.time(), time.monotonic()
         os.kill(pids[victim], signal.SIGKILL)
@@ -131,8 +134,9 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
     failures = [r for r in recs if r["kind"] == "replica_failed"]
     assert len(failures) == 1 and failures[0]["replica"] == victim
     assert failures[0]["ranks"] == failures[0]["silent_ranks"] == [victim]
+    # Its last heartbeat came up to one interval (timeout / 10) before the kill.
     detection_s = failures[0]["detected_unix"] - killed_unix
-    assert TIMEOUT_S - 0.5 <= detection_s <= TIMEOUT_S + 15, detection_s
+    assert TIMEOUT_S - 1 <= detection_s <= TIMEOUT_S + 15, detection_s
     assert err.count(f"dbmpi: replica {victim} failed") == 1, err[-3000:]
     assert "Traceback" not in err
     # The survivors trained on after the failure and every one of their pushes was applied.
@@ -151,6 +155,14 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
         assert ckpt.step == expected[lead]
         assert ckpt.state["lead_replica"] == lead and ckpt.state["failed_replicas"] == [victim]
         assert ckpt.state["phase"] == "end"
+    # Training went on after the failure was declared: periodic checkpoints were asked for
+    # later, by the lowest surviving replica (replica 1 took over when replica 0 failed).
+    later = []
+    for path in paths[:-1]:
+        with open_checkpoint(path) as ckpt:
+            if path.stat().st_mtime > failures[0]["detected_unix"]:
+                later.append(ckpt.state["replica"])
+    assert later and set(later) == {lead}, later
     assert none_left(str(run_dir))
 
 
@@ -161,7 +173,7 @@ def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes
     the final checkpoint its state."""
     from dbmpi.checkpoint import open_checkpoint
 
-    run_dir, steps = tmp_path / "run", 3000
+    run_dir, steps = tmp_path / "run", 6000
     with supervised_training(tmp_path, run_dir, 5, "train.n_partitions=2", "train.n_shards=1",
                              f"train.steps={steps}", *RHYTHM) as proc:
         pids = wait_until_training(run_dir, 5, proc)
@@ -185,11 +197,14 @@ def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes
 
 def test_a_killed_shard_ends_the_job_with_the_checkpoints_intact(tmp_path):
     """A shard's parameters cannot be recovered: the others notice its silent heartbeat and
-    abort the job (non-zero) within bounded time; every checkpoint written still verifies."""
+    abort the job (non-zero) within bounded time; every checkpoint written still verifies.
+    (Killed inside an accumulate, the shard would leave its window locked: the others' MPI
+    calls then block and their watchdogs end them instead, also in bounded time.)"""
     from dbmpi.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
-    with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200") as proc:
+    with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200",
+                             *RHYTHM) as proc:
         wait_until_training(run_dir, 4, proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
@@ -200,7 +215,7 @@ def test_a_killed_shard_ends_the_job_with_the_checkpoints_intact(tmp_path):
         out, err = proc.communicate(timeout=120)
         ended_s = time.monotonic() - killed
     assert proc.returncode != 0 and ended_s < 60, (proc.returncode, ended_s)
-    assert "dbmpi: shard 1 (rank 3) sent no heartbeat" in err, err[-3000:]
+    assert "dbmpi: shard 1 (rank 3) sent no heartbeat" in err or "no progress for" in err, err[-3000:]
     assert len(verified_checkpoints(run_dir)) >= 2
     assert not (run_dir / "summary.json").exists()
     assert none_left(str(run_dir))
@@ -230,7 +245,7 @@ def test_a_stalled_replica_declared_failed_leaves_when_it_wakes(tmp_path):
     """A replica stopped (SIGSTOP) longer than the timeout is declared failed although it is
     alive; continued, it learns so from its heartbeat and leaves (status 1) instead of
     counting itself finished. The others finish; nothing is killed."""
-    run_dir, steps = tmp_path / "run", 3000
+    run_dir, steps = tmp_path / "run", 20000
     with supervised_training(tmp_path, run_dir, 4, f"train.steps={steps}", *RHYTHM) as proc:
         pids = wait_until_training(run_dir, 4, proc)
         os.kill(pids[1], signal.SIGSTOP)
