@@ -281,6 +281,23 @@ def test_without_disable_auto_cleanup_a_killed_rank_still_ends_the_job(tmp_path)
     assert len(verified_checkpoints(run_dir)) >= 1
 
 
+def test_under_the_supervisor_sigterm_to_mpiexec_still_stops_the_run_cleanly(tmp_path):
+    """hydra passes SIGTERM on to every rank (its supervisor passes it to the rank): a
+    graceful stop, the final checkpoint, exit 0, as without the supervisor."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    run_dir = tmp_path / "run"
+    with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", *RHYTHM) as proc:
+        wait_until_training(run_dir, 4, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is True and summary["failed_replicas"] == []
+    with open_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]) as ckpt:
+        assert ckpt.state["phase"] == "signal"
+
+
 # The supervisor alone (no MPI) ------------------------------------------------------------------
 def supervise(*command, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "dbmpi.supervise", *command], stdout=subprocess.PIPE,
