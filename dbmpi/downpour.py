@@ -56,9 +56,10 @@ from dbmpi.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
 # Tags: the acting lead's state to shard 0 (periodic checkpoints); shards' slices to shard 0;
-# every rank's records (and a replica's final state) to shard 0; whether a final checkpoint
+# every rank's records (and a replica's final state) to shard 0; shard 0's order to the other
+# shards to stream their slices for a checkpoint; its last order, whether a final checkpoint
 # is written (not when no replica survived).
-CKPT_STATE, CKPT_DATA, FINAL, CKPT_GO = 201, 202, 203, 204
+CKPT_STATE, CKPT_DATA, FINAL, CKPT_ORDER, CKPT_LAST = 201, 202, 203, 204, 205
 CKPT_CHUNK = 1 << 22  # values per message when a shard streams its slice to the writer
 
 
@@ -83,8 +84,11 @@ def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict
 
 class ShardCheckpointer:
     """Shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
-    slices to it in order, one chunk at a time, so no rank holds the whole model. Every wait
-    is polled (no spinning on shared cores) and keeps the heartbeat going (dbmpi.failover)."""
+    slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
+    asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
+    other shards point to point, so a lead dying halfway through asking cannot leave the
+    shards disagreeing on which checkpoint they are at. Every wait is polled (no spinning on
+    shared cores) and keeps the heartbeat going (dbmpi.failover)."""
 
     def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
         self.cfg, self.network, self.layout, self.topo, self.shard = cfg, network, layout, topo, shard
@@ -99,18 +103,45 @@ class ShardCheckpointer:
                  for key, value in sorted(self.shard.optimizer.state.items())]
         return [("params", self.shard.work)] + state
 
-    def __call__(self, state: dict | None = None) -> None:
-        """One checkpoint. Shard 0 writes it with `state`, or, for a periodic one, with the
-        state the acting lead sent (CKPT_STATE) before it asked for the checkpoint."""
+    def stream(self) -> None:
+        """Shards but 0: send this shard's slices to shard 0."""
         world, writer = self.topo.world, self.layout.shard_rank(0)
-        if self.index != 0:
-            for _, values in self.vectors():
-                for lo in range(0, values.size, CKPT_CHUNK):
-                    request = world.Isend(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
-                    self.liveness.wait(request.Test)
-            return
+        for _, values in self.vectors():
+            for lo in range(0, values.size, CKPT_CHUNK):
+                request = world.Isend(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
+                self.liveness.wait(request.Test)
+
+    def obey(self) -> None:
+        """Shards but 0, while serving: stream a slice for every order shard 0 gave."""
+        while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=CKPT_ORDER):
+            receive(self.topo.world, self.layout.shard_rank(0), CKPT_ORDER, self.liveness)
+            self.stream()
+
+    def last_order(self) -> bool:
+        """Shards but 0, after serving: obey orders until the last one; True if it asks for
+        a final checkpoint (then streamed)."""
+        shard0, got = self.layout.shard_rank(0), []
+
+        def last() -> bool:
+            self.obey()
+            if self.topo.world.iprobe(source=shard0, tag=CKPT_LAST):
+                got.append(receive(self.topo.world, shard0, CKPT_LAST, self.liveness))
+            return bool(got)
+
+        self.liveness.wait(last)
+        if got[0]:
+            self.stream()
+        return got[0]
+
+    def __call__(self, state: dict | None = None) -> None:
+        """Shard 0: one checkpoint, written with `state` (the final one: the other shards
+        had their last order), or, for a periodic one, with the state the acting lead sent
+        (CKPT_STATE) before it asked; the other shards are ordered to stream."""
+        world = self.topo.world
         if state is None:
             state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.liveness)
+            for k in range(1, self.layout.n_shards):
+                send(world, True, self.layout.shard_rank(k), CKPT_ORDER, self.liveness)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / checkpoint_name(state["step"])
         with CheckpointWriter(path, self.network.tensors, algorithm="downpour", step=state["step"],
@@ -334,10 +365,12 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop
     if role.shard == 0:
         return _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop,
                            run_path, writer_say, run_started)
-    stats = shard.serve(checkpointer, stop, tick=liveness.beat)
-    # The final checkpoint, unless no replica survived to give it a state.
-    if receive(topo.world, layout.shard_rank(0), CKPT_GO, liveness):
-        checkpointer()
+    def tick() -> None:
+        liveness.beat()
+        checkpointer.obey()
+
+    stats = shard.serve(None, stop, tick=tick)
+    checkpointer.last_order()  # the final checkpoint, unless no replica survived to give it a state
     send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), FINAL,
          liveness)
     _end(topo, windows, liveness, shard.close)
@@ -401,7 +434,7 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     failed = liveness.failed_replicas()
     go = bool(states)
     for k in range(1, layout.n_shards):
-        send(world, go, layout.shard_rank(k), CKPT_GO, liveness)
+        send(world, go, layout.shard_rank(k), CKPT_LAST, liveness)
     final_path = None
     if go:
         state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
@@ -533,10 +566,9 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
         return all(liveness.replica_failed(r) for r in range(replica))
 
     def request_checkpoint(step: int, phase: str) -> None:
-        """Give shard 0 the state, then ask every shard for a checkpoint."""
+        """Give shard 0 the state, then ask it for a checkpoint (it orders the others)."""
         topo.world.send(checkpoint_state(step, phase), dest=shard0, tag=CKPT_STATE)
-        for k in range(layout.n_shards):
-            add_counter(windows.control, layout.shard_rank(k), CHECKPOINTS)
+        add_counter(windows.control, shard0, CHECKPOINTS)
 
     def train_steps(first: int, count: float, phase: str) -> int:
         nonlocal current, nonfinite, last_checkpoint
