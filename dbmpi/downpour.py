@@ -159,7 +159,11 @@ class ShardCheckpointer:
                     for start in range(lo, hi, CKPT_CHUNK):
                         piece = buf[:min(CKPT_CHUNK, hi - start)]
                         request = world.Irecv(piece, source=self.layout.shard_rank(k), tag=CKPT_DATA)
-                        self.liveness.wait(request.Test)
+                        try:
+                            self.liveness.wait(request.Test)
+                        except MPI.Exception as exc:  # e.g. the sender died mid-transfer
+                            self.liveness.shard_lost(k, f"failed while sending its slice "
+                                                        f"({exc.Get_error_string().splitlines()[0]})")
                         with self.liveness.busy():
                             stream.write(start, piece)
                 with self.liveness.busy():

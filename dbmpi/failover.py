@@ -211,11 +211,15 @@ class Liveness:
             if seen is None or seen[0] != value:
                 self._shard_beats[rank] = (value, now)
             elif now - seen[1] > self.timeout:
-                stderr_line(f"dbmpi: shard {k} (rank {rank}) sent no heartbeat for {now - seen[1]:.1f} s "
-                            f"(train.replica_timeout_s = {self.timeout:g}): a shard's parameters cannot be "
-                            "recovered, so the job ends; resume from the last checkpoint")
-                time.sleep(0.5)  # let the launcher forward the line
-                self.comm.Abort(ABORT_SHARD_LOST)
+                self.shard_lost(k, f"sent no heartbeat for {now - seen[1]:.1f} s "
+                                   f"(train.replica_timeout_s = {self.timeout:g})")
+
+    def shard_lost(self, shard: int, what: str) -> None:
+        """A shard is gone: its parameters cannot be recovered, so the whole job ends."""
+        stderr_line(f"dbmpi: shard {shard} (rank {self.layout.shard_rank(shard)}) {what}: a shard's parameters "
+                    "cannot be recovered, so the job ends; resume from the last checkpoint")
+        time.sleep(0.5)  # let the launcher forward the line
+        self.comm.Abort(ABORT_SHARD_LOST)
 
     def _detect(self, now: float) -> None:
         """Shard 0: count finished workers, declare silent ones' replicas failed."""
