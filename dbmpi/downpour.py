@@ -46,10 +46,10 @@ from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.parameter_server import (CHECKPOINTS, DONE_MARK, FAILED_MARK, RELEASED, STOPS, VERDICT, VERDICT_CLEAN,
                                     VERDICT_FAILED, WARMED, ParameterWindows, Shard, ShardClient, add_counter,
                                     bucket_label, heartbeat_slot, read_counter)
+from dbmpi.shard_checkpoint import ShardCheckpoints, SliceLost
 from dbmpi.signals import StopRequest
 from dbmpi.atomic import atomic_write_text
-from dbmpi.checkpoint import (CheckpointError, CheckpointWriter, checkpoint_name, list_checkpoints,
-                              newest_valid, open_checkpoint, prune)
+from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
 from dbmpi import config as configuration
 from dbmpi.rundir import RunDirectory, RunDirectoryError
 from dbmpi.topology import Topology
@@ -59,8 +59,7 @@ AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutErro
 # every rank's records (and a replica's final state) to shard 0; shard 0's order to the other
 # shards to stream their slices for a checkpoint; its last order, whether a final checkpoint
 # is written (not when no replica survived).
-CKPT_STATE, CKPT_DATA, FINAL, CKPT_ORDER, CKPT_LAST = 201, 202, 203, 204, 205
-CKPT_CHUNK = 1 << 22  # values per message when a shard streams its slice to the writer
+CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205  # (202: dbmpi.shard_checkpoint's slices)
 
 
 def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
@@ -91,12 +90,14 @@ class ShardCheckpointer:
     shared cores) and keeps the heartbeat going (dbmpi.failover)."""
 
     def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
-        self.cfg, self.network, self.layout, self.topo, self.shard = cfg, network, layout, topo, shard
-        self.liveness = liveness
-        self.directory = run_path / "checkpoints"
-        self.index = topo.role.shard
-        self.written: list[str] = []
+        self.cfg, self.layout, self.topo, self.shard, self.liveness = cfg, layout, topo, shard, liveness
+        self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
+                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"], liveness)
         self.last: Path | None = None  # the newest checkpoint this shard 0 wrote
+
+    @property
+    def written(self) -> list[str]:
+        return self.files.written
 
     def vectors(self) -> list[tuple[str, np.ndarray]]:
         state = [(f"{self.shard.optimizer.name}/{key}", value)
@@ -105,11 +106,7 @@ class ShardCheckpointer:
 
     def stream(self) -> None:
         """Shards but 0: send this shard's slices to shard 0."""
-        world, writer = self.topo.world, self.layout.shard_rank(0)
-        for _, values in self.vectors():
-            for lo in range(0, values.size, CKPT_CHUNK):
-                request = world.Isend(values[lo:lo + CKPT_CHUNK], dest=writer, tag=CKPT_DATA)
-                self.liveness.wait(request.Test)
+        self.files.write(self.vectors())
 
     def obey(self) -> None:
         """Shards but 0, while serving: stream a slice for every order shard 0 gave."""
@@ -142,37 +139,12 @@ class ShardCheckpointer:
             state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.liveness)
             for k in range(1, self.layout.n_shards):
                 send(world, True, self.layout.shard_rank(k), CKPT_ORDER, self.liveness)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / checkpoint_name(state["step"])
-        with CheckpointWriter(path, self.network.tensors, algorithm="downpour", step=state["step"],
-                              config_text=configuration.dumps(self.cfg), layout=self.layout.to_dict(),
-                              state=state) as writer_file:
-            for name, mine in self.vectors():
-                stream = writer_file.vector(name)
-                for lo in range(0, mine.size, CKPT_CHUNK):  # shard 0's range starts at 0
-                    with self.liveness.busy():
-                        stream.write(lo, mine[lo:lo + CKPT_CHUNK])
-                    self.liveness.beat()
-                for k in range(1, self.layout.n_shards):
-                    lo, hi = self.layout.shard_ranges[k]
-                    buf = np.empty(min(CKPT_CHUNK, hi - lo), np.float32)
-                    for start in range(lo, hi, CKPT_CHUNK):
-                        piece = buf[:min(CKPT_CHUNK, hi - start)]
-                        request = world.Irecv(piece, source=self.layout.shard_rank(k), tag=CKPT_DATA)
-                        try:
-                            self.liveness.wait(request.Test)
-                        except MPI.Exception as exc:  # e.g. the sender died mid-transfer
-                            self.liveness.shard_lost(k, f"failed while sending its slice "
-                                                        f"({exc.Get_error_string().splitlines()[0]})")
-                        with self.liveness.busy():
-                            stream.write(start, piece)
-                with self.liveness.busy():
-                    stream.finish()
-            with self.liveness.busy():
-                writer_file.commit()
-        prune(self.directory, self.cfg["train"]["checkpoint_keep"])
-        self.written.append(path.name)
-        self.last = path
+        try:
+            self.last = self.files.write(self.vectors(), step=state["step"], algorithm="downpour",
+                                         config_text=configuration.dumps(self.cfg),
+                                         layout=self.layout.to_dict(), state=state)
+        except SliceLost as lost:  # e.g. the sender died mid-transfer
+            self.liveness.shard_lost(lost.shard, lost.what)
 
 
 def receive(comm: MPI.Intracomm, source: int, tag: int, liveness: Liveness):

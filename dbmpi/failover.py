@@ -184,6 +184,10 @@ class Liveness:
         self.tick()
         return True
 
+    def complete(self, request) -> None:
+        """Wait for an MPI request politely (dbmpi.shard_checkpoint's progress protocol)."""
+        self.wait(request.Test)
+
     def leave_released(self) -> None:
         role = self.role
         stderr_line(f"dbmpi: rank {self.rank} (replica {role.replica}, partition {role.partition}): the "
