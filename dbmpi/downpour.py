@@ -188,7 +188,11 @@ class FinalMessages:
                 break
             self.pending[status.Get_source()] = message.irecv()
         for source, request in list(self.pending.items()):
-            done, obj = request.test()
+            try:
+                done, obj = request.test()
+            except MPI.Exception:  # the worker died mid-transfer: its heartbeat stops too
+                del self.pending[source]
+                continue
             if done:
                 self.received[source] = obj
                 del self.pending[source]
