@@ -26,6 +26,8 @@
 #   DBMPI_LAUNCHER_ARGS  extra arguments for srun or mpiexec (split on spaces)
 #   DBMPI_RESUME     auto (default: the run directory's newest checkpoint, or a fresh start),
 #                    or a checkpoint to start from (later starts of a requeued job: auto)
+#   DBMPI_FAILOVER   1: Downpour survives a failed replica (mpiexec -disable-auto-cleanup,
+#                    each rank under python -m dbmpi.supervise; needs DBMPI_LAUNCHER=mpiexec)
 #   DBMPI_SIGNAL_WAIT    seconds a USR1 may wait for training to start before it is passed
 #                    on regardless (default 60)
 #   DBMPI_SLURM_DIR  this directory (found from the job's command when not set)
@@ -105,8 +107,18 @@ dbmpi_slurm_train() {
       cmd=("$mpiexec" -n "$ntasks") ;;
     *) dbmpi_fail "DBMPI_LAUNCHER=$launcher: must be srun or mpiexec" ;;
   esac
+  # Downpour surviving a failed replica: hydra must not clean up after a dead rank, and each
+  # rank runs under dbmpi.supervise, which ignores hydra's USR1 failure notice, so a stop is
+  # passed on as TERM instead (docs/DESIGN.md, "Downpour failures").
+  local stop_signal=USR1 supervise=()
+  if [ "${DBMPI_FAILOVER:-0}" = 1 ]; then
+    [ "$launcher" = mpiexec ] || dbmpi_fail "DBMPI_FAILOVER=1 needs DBMPI_LAUNCHER=mpiexec (srun ends the job when a task dies)"
+    cmd+=(-disable-auto-cleanup)
+    supervise=("$python" -m dbmpi.supervise)
+    stop_signal=TERM
+  fi
   # shellcheck disable=SC2206 - extra launcher arguments are split on spaces on purpose
-  cmd+=(${DBMPI_LAUNCHER_ARGS:-} "$python" -m mpi4py -m dbmpi train "${train[@]}")
+  cmd+=(${DBMPI_LAUNCHER_ARGS:-} "${supervise[@]}" "$python" -m mpi4py -m dbmpi train "${train[@]}")
   dbmpi_say "run directory $DBMPI_RUN_DIR"
   dbmpi_say "${cmd[*]}"
 
@@ -128,8 +140,10 @@ dbmpi_slurm_train() {
       # the run has logged something since launch (training has started), within limits.
       if [ "$(stat -c %s "$metrics" 2>/dev/null || echo 0)" -gt "$size_at_launch" ] ||
          [ $((SECONDS - launched)) -ge "$signal_wait" ]; then
-        dbmpi_say "passing $DBMPI_PENDING on to the ranks: checkpoint and stop"
-        kill -s "$DBMPI_PENDING" "$pid" 2>/dev/null
+        local shown=$DBMPI_PENDING
+        [ "$stop_signal" = "$DBMPI_PENDING" ] || shown="$DBMPI_PENDING (as $stop_signal)"
+        dbmpi_say "passing $shown on to the ranks: checkpoint and stop"
+        kill -s "$stop_signal" "$pid" 2>/dev/null
         DBMPI_PENDING=
       else
         sleep 1

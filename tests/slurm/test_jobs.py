@@ -275,6 +275,76 @@ def test_time_limit_signals_checkpoints_requeues_and_resumes(slurm, tmp_path, di
         (before[-3:], step, after[:3])
 
 
+@pytest.mark.timeout(300)
+def test_a_failover_job_survives_a_killed_replica(slurm, tmp_path, digits):
+    """DBMPI_FAILOVER=1 (mpiexec -disable-auto-cleanup, each rank under dbmpi.supervise):
+    replica 1's rank is SIGKILLed mid-run; the job goes on, replica 0 trains every step,
+    shard 0 writes the final checkpoint and a summary naming the failed replica; the job's
+    exit code is the killed rank's (137), and nothing of it is left running."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    steps = 30000
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch", "--set", f"train.steps={steps}",
+                 "--set", "train.replica_timeout_s=4", "--set", "train.n_fetch=20", "--set", "train.n_push=20",
+                 "--set", "train.log_every=500",
+                 env={"DBMPI_LAUNCHER": "mpiexec", "DBMPI_FAILOVER": "1"})
+    try:
+        wait_for(training_started(job), 120, lambda: job.context())
+        # the ranks themselves: the supervised children, not their dbmpi.supervise parents
+        ranks = wait_for(lambda: (r := {int(env["PMI_RANK"]): pid for pid, (cmd, env) in rank_processes(job.id).items()
+                                        if "dbmpi.supervise" not in cmd}) and len(r) == 4 and r, 60,
+                         lambda: job.context())
+        os.kill(ranks[1], 9)
+        (record,) = job.wait(240)
+    finally:
+        slurm.command("scancel", job.id, check=False)
+    assert record["JobState"] == "FAILED" and record["ExitCode"].startswith("137"), job.context()
+    log = job.log()
+    assert "-disable-auto-cleanup" in log and "dbmpi.supervise" in log and "dbmpi: replica 1 failed" in log, log[-3000:]
+    summary = json.loads((job.run_dir() / "summary.json").read_text())
+    assert summary["failed_replicas"] == [1] and summary["steps_by_replica"][1] is None, summary
+    assert summary["steps_by_replica"][0] >= steps, summary
+    final = list_checkpoints(job.run_dir() / "checkpoints")[-1]
+    verify_checkpoint(final)
+    with open_checkpoint(final) as ckpt:
+        assert ckpt.state["phase"] == "end"
+    wait_for(lambda: not job_processes(job.id), 30, lambda: f"left behind: {job_processes(job.id)}")
+
+
+@pytest.mark.timeout(300)
+def test_a_failover_job_checkpoints_and_requeues_on_usr1(slurm, tmp_path, digits):
+    """Under dbmpi.supervise the batch shell passes the time-limit warning on as TERM (the
+    supervisors ignore USR1, hydra's failure notice): every rank checkpoints, the job
+    requeues itself."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch", *LONG_RUN,
+                 env={"DBMPI_LAUNCHER": "mpiexec", "DBMPI_FAILOVER": "1"})
+    try:
+        wait_for(training_started(job), 120, lambda: job.context())
+        slurm.command("scancel", "--batch", "--signal=USR1", job.id)
+        slurm.wait(job.id, lambda rs: rs and int(rs[0]["Restarts"]) >= 1, timeout=120)
+    finally:
+        slurm.command("scancel", job.id, check=False)
+    job.wait(120)
+    log = job.log()
+    assert "dbmpi-slurm: passing USR1 (as TERM) on to the ranks" in log, log[-3000:]
+    assert f"dbmpi-slurm: requeueing job {job.id}" in log, log[-3000:]
+    phases = []
+    for path in list_checkpoints(job.run_dir() / "checkpoints"):
+        verify_checkpoint(path)
+        with open_checkpoint(path) as ckpt:
+            phases.append(ckpt.state["phase"])
+    assert "signal" in phases, phases
+
+
+def test_failover_needs_the_mpiexec_launcher(slurm, tmp_path, digits):
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch", env={"DBMPI_FAILOVER": "1"})
+    (record,) = job.wait(60)
+    assert record["JobState"] == "FAILED" and record["ExitCode"].startswith("2"), job.context()
+    assert "DBMPI_FAILOVER=1 needs DBMPI_LAUNCHER=mpiexec" in job.log()
+
+
 # --- scancel and killed ranks leave nothing behind -----------------------------------------
 
 @pytest.mark.timeout(300)
