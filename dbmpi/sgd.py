@@ -82,7 +82,10 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     n = len(train_x)
     batch = min(tcfg["batch_size"], n)
     steps_per_epoch = n // batch
-    total = tcfg["steps"] or max(1, round(tcfg["epochs"] * steps_per_epoch))
+    # The budget: steps or epochs, and/or train.time_budget_s (seconds of training).
+    total = tcfg["steps"] or (max(1, round(tcfg["epochs"] * steps_per_epoch)) if tcfg["epochs"] is not None
+                              else None)
+    budget_s = tcfg.get("time_budget_s")
     eval_every = tcfg["eval_every"] or steps_per_epoch
     fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
     optimizer = None if fused else make_optimizer(tcfg, network.n_params)
@@ -91,12 +94,18 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     order, cursor, epoch = rng.permutation(n), 0, 0
 
     say(network.summary())
-    say(f"training: {n} examples, batch {batch}, {total} steps "
-        f"({total / steps_per_epoch:.2f} epochs), optimizer {tcfg['optimizer']}, lr {lr}")
+    planned = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if total is not None else "no step limit")
+    if budget_s:
+        planned += f", at most {budget_s:g} s"
+    say(f"training: {n} examples, batch {batch}, {planned}, optimizer {tcfg['optimizer']}, lr {lr}")
+    of = f"/{total}" if total is not None else ""
     started = window_start = time.perf_counter()
+    deadline = started + budget_s if budget_s else math.inf
     window_loss, window_steps = 0.0, 0
     test_loss = test_acc = float("nan")
-    for step in range(1, total + 1):
+    step = 0
+    while total is None or step < total:
+        step += 1
         if cursor + batch > n:
             order, cursor, epoch = rng.permutation(n), 0, epoch + 1
         index = np.sort(order[cursor:cursor + batch])
@@ -111,25 +120,28 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
             raise DivergedError(f"step {step}: loss is {loss}; lower train.learning_rate")
         window_loss += loss
         window_steps += 1
-        if step % tcfg["log_every"] == 0 or step == total:
+        last = step == total or time.perf_counter() >= deadline
+        if step % tcfg["log_every"] == 0 or last:
             now = time.perf_counter()
             rate = window_steps * batch / max(now - window_start, 1e-9)
             record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
                       "loss": window_loss / window_steps, "samples_per_s": round(rate, 1)}
             run.log(record)
-            say(f"step {step:>7}/{total}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
+            say(f"step {step:>7}{of}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
                 f"{rate:9.0f} samples/s")
             window_start, window_loss, window_steps = now, 0.0, 0
-        if step % eval_every == 0 or step == total:
+        if step % eval_every == 0 or last:
             test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
             run.log({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
                      "time_s": round(time.perf_counter() - started, 4),
                      "test_loss": test_loss, "test_accuracy": test_acc})
-            say(f"step {step:>7}/{total}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+            say(f"step {step:>7}{of}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+        if last:
+            break
     elapsed = time.perf_counter() - started
-    summary = {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": total,
-               "epochs": round(total / steps_per_epoch, 4), "batch_size": batch,
-               "wall_time_s": round(elapsed, 3), "samples_per_s": round(total * batch / elapsed, 1),
+    summary = {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
+               "epochs": round(step / steps_per_epoch, 4), "batch_size": batch,
+               "wall_time_s": round(elapsed, 3), "samples_per_s": round(step * batch / elapsed, 1),
                "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params}
     run.write_json("summary.json", summary)
     return summary

@@ -94,6 +94,19 @@ def test_locally_connected_image_model_learns_fashion_mnist(tmp_path):
     assert summary["test_accuracy"] >= 0.78, summary
 
 
+def test_time_budget_stops_the_baseline(tmp_path):
+    """train.time_budget_s bounds the baseline's training time (here before its epochs end)."""
+    run_dir = tmp_path / "run"
+    result = dbmpi("train", ROOT / "configs/mlp_digits.toml", "--run-dir", run_dir, "--quiet",
+                   "--set", f"data.path={tmp_path / 'digits.h5'}", "--set", "train.epochs=10000",
+                   "--set", "train.time_budget_s=1.5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 1.5 <= summary["wall_time_s"] < 10 and 10 < summary["steps"] < 10000 * 45, summary
+    evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+    assert evals[-1]["step"] == summary["steps"] and summary["test_accuracy"] > 0.5
+
+
 def test_init_from_a_downpour_checkpoint_starts_from_its_parameters(tmp_path):
     """--init CKPT: the baseline starts where a Downpour run stopped (a shared warm start);
     a corrupt checkpoint is refused with one line before any run directory exists."""
