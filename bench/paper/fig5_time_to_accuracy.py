@@ -1,0 +1,114 @@
+"""Figure 5 at our scale: time to a fixed test accuracy against cores, for Downpour SGD,
+Downpour with Adagrad and Sandblaster L-BFGS (the Fashion-MNIST MLP, from Figure 4's warm
+start).
+
+    python bench/paper/fig5_time_to_accuracy.py [--quick] [--budget S] [--no-oversubscribed]
+
+The target is chosen the paper's way: the accuracy the serial baseline reaches. Here that
+is single-replica SGD on one core (one process, one BLAS thread), trained first for
+`target budget` seconds; the target is its final test accuracy rounded down to 0.5%.
+Every method then runs with c = 1 and 2 cores, with c replicas and 1 shard (Sandblaster:
+and its coordinator), the job pinned to c cores with `taskset`, so on one core the shard
+and coordinator share the replica's core. With 2 cores, also R = 4 replicas (full mode):
+more replicas than cores, marked as oversubscribed. Single-replica SGD with 2 BLAS threads is
+the 2-core serial reference. Writes bench/paper/results/fig5.json, docs/img/paper/fig5.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fashion  # noqa: E402
+from common import FIGURES, machine, pyplot, write_result  # noqa: E402
+
+METHODS = ("downpour_sgd", "downpour_adagrad", "sandblaster")
+COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "sandblaster": "C2"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short budgets, no oversubscribed runs")
+    parser.add_argument("--target-budget", type=float, help="seconds of the serial baseline that sets the "
+                                                            "target (default 45, quick 12)")
+    parser.add_argument("--budget", type=float, help="seconds per run of the other cases (default 75, quick 16)")
+    parser.add_argument("--no-oversubscribed", action="store_true", help="skip R = 4 on 2 cores")
+    args = parser.parse_args()
+    target_budget = args.target_budget or (12.0 if args.quick else 45.0)
+    budget = args.budget or (16.0 if args.quick else 75.0)
+    oversubscribed = not (args.quick or args.no_oversubscribed)
+    warm = fashion.warmstart()
+
+    serial = fashion.run_method("sgd", warm, target_budget, cores=1, threads=1, tag="-fig5-1core")
+    target = math.floor(serial["final_accuracy"] * 200) / 200
+    print(f"fig5: target {target:.3f} (single-replica SGD, 1 core, {target_budget:g} s: "
+          f"{serial['final_accuracy']:.4f})", file=sys.stderr, flush=True)
+
+    cases = [("sgd", 1, None), ("sgd", 2, None)]
+    cases += [(m, c, c) for c in (1, 2) for m in METHODS]
+    if oversubscribed:
+        cases += [(m, 2, 4) for m in METHODS]
+    runs = [serial]
+    for method, cores, replicas in cases:
+        if method == "sgd" and cores == 1:
+            continue  # the target run
+        if method == "sgd":
+            r = fashion.run_method("sgd", warm, budget, cores=cores, threads=cores, tag=f"-fig5-{cores}core")
+        else:
+            r = fashion.run_method(method, warm, budget, replicas=replicas, shards=1, cores=cores,
+                                   tag=f"-fig5-{cores}core-r{replicas}")
+        runs.append(r)
+        print(f"fig5: {method} cores={cores} R={replicas}: final {r['final_accuracy']:.4f}, "
+              f"to target {fashion.time_to(r['curve'], target)}", file=sys.stderr, flush=True)
+    table = []
+    for r in runs:
+        t = fashion.time_to(r["curve"], target)
+        r["time_to_target_s"] = t
+        table.append({"method": r["method"], "cores": r["cores"], "replicas": r.get("replicas"),
+                      "ranks": r["ranks"], "oversubscribed": r["oversubscribed"], "budget_s": r["budget_s"],
+                      "time_to_target_s": t, "final_accuracy": r["final_accuracy"]})
+    result = {"experiment": "fig5", "quick": args.quick, "target": target,
+              "target_choice": (f"the final test accuracy of the serial baseline (single-replica SGD, one core, "
+                                f"one BLAS thread) after {target_budget:g} s from the warm start, rounded down "
+                                f"to 0.5%"),
+              "serial_final_accuracy": serial["final_accuracy"], "target_budget_s": target_budget,
+              "budget_s": budget, "warmstart": warm, "settings": fashion.settings(), "table": table,
+              "runs": runs, "machine": machine()}
+    write_result("fig5", result)
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ("sgd", *METHODS):
+        rows = [t for t in table if t["method"] == method and not t["oversubscribed"]]
+        rows.sort(key=lambda t: t["cores"])
+        label = fashion.METHODS[method] + (" (1 process)" if method == "sgd" else "")
+        xs = [t["cores"] for t in rows if t["time_to_target_s"] is not None]
+        ys = [t["time_to_target_s"] for t in rows if t["time_to_target_s"] is not None]
+        ax.plot(xs, ys, "o-", color=COLORS[method], label=label)
+        for t in rows:
+            if t["time_to_target_s"] is None:
+                ax.plot([t["cores"]], [t["budget_s"]], "^", color=COLORS[method], ms=9, mfc="none")
+        for t in (t for t in table if t["method"] == method and t["oversubscribed"]):
+            y = t["time_to_target_s"] if t["time_to_target_s"] is not None else t["budget_s"]
+            ax.plot([t["cores"] + 0.08], [y], "s" if t["time_to_target_s"] is not None else "^",
+                    color=COLORS[method], mfc="none", ms=8)
+            ax.annotate(f"R={t['replicas']}, {t['ranks']} ranks\n(oversubscribed)", (t["cores"] + 0.1, y),
+                        fontsize=6, color=COLORS[method])
+    ax.axhline(budget, color="gray", ls=":", lw=0.8)
+    ax.text(2.58, budget, "budget (open triangles: target not reached) ", fontsize=7, ha="right", va="bottom",
+            color="gray")
+    ax.set_xticks([1, 2])
+    ax.set_xlim(0.8, 2.6)
+    ax.set_xlabel("cores (the job pinned with taskset; R = cores replicas + 1 shard)")
+    ax.set_ylabel(f"seconds to {100 * target:.1f}% test accuracy")
+    ax.set_title("Time to the serial baseline's accuracy, Fashion-MNIST MLP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "fig5.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
