@@ -152,7 +152,8 @@ def run_method(method: str, warm: dict, budget_s: float, replicas: int = 2, shar
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     keep = ("steps", "iterations", "evaluations", "samples_per_s", "mean_staleness", "backups_issued",
             "backups_won", "wall_time_s", "status")
-    replica_steps = [r["steps"] for r in recs if r["kind"] == "replica"]
+    replica_steps = [r["steps"] for r in recs if r["kind"] == "replica" and "steps" in r] \
+        if method.startswith("downpour") else []
     evals = [r for r in recs if r["kind"] == "eval"]
     final = evals[-1]  # Downpour and Sandblaster: the shards' parameters at the end
     curve = [(0.0, warm["test_accuracy"])]

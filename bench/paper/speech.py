@@ -58,7 +58,7 @@ def main() -> None:
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_title("FSDD spoken digits, 11 x 13 MFCC frames")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(FIGURES / "speech.png", dpi=110)
 
