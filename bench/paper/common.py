@@ -50,6 +50,11 @@ def machine() -> dict:
             "loadavg": list(os.getloadavg())}
 
 
+def output_name(name: str, quick: bool) -> str:
+    """NAME, or NAME_quick for a --quick run (so it never overwrites the full run's files)."""
+    return f"{name}_quick" if quick else name
+
+
 def write_result(name: str, result: dict) -> Path:
     """Print `result` as one JSON line and store it as bench/paper/results/NAME.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ one rank. Compute time per step of a partition is its instrumented step time min
 time it spends inside MPI calls (transfers plus waiting for its peers). P = 1 and 2 on a
 2-core machine; larger P where the machine has the cores (the locally connected image
 model cannot be split into more than 4: its last pooling layer has 4 rows).
-Writes bench/paper/results/fig3.json and docs/img/paper/fig3.png.
+Writes bench/paper/results/fig3.json and docs/img/paper/fig3.png (fig3_quick.* with --quick).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, ROOT, machine, pyplot, write_result  # noqa: E402
+from common import FIGURES, ROOT, machine, output_name, pyplot, write_result  # noqa: E402
 
 LABELS = {"local": "image_local (328k params, batch 64)",
           "local_large": "image_local_large (9.8M params, batch 32)",
@@ -79,7 +79,7 @@ def main() -> None:
                              if m and "by_partitions" in m},
               "loadavg_start": summary["loadavg_start"], "loadavg_end": summary["loadavg_end"],
               "machine": machine()}
-    write_result("fig3", result)
+    write_result(output_name("fig3", args.quick), result)
 
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -115,7 +115,7 @@ def main() -> None:
     bx.set_title("compute (solid) and in-MPI (hatched) time per step; MB sent+received", fontsize=9)
     bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIGURES / "fig3.png", dpi=110)
+    fig.savefig(FIGURES / f"{output_name('fig3', args.quick)}.png", dpi=110)
 
 
 def _name(key: str) -> str:

@@ -8,7 +8,7 @@ cores beside them (skipped, and said so, without torch).
 Every method gets the same wall-time budget and both cores: the single replica with two
 BLAS threads, Downpour R = 2 replicas + 1 shard (3 ranks), Sandblaster R = 2 + 1 shard
 + 1 coordinator (4 ranks), PyTorch with two threads. Writes bench/paper/results/fig4.json
-and docs/img/paper/fig4.png.
+and docs/img/paper/fig4.png (fig4_quick.* with --quick).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion  # noqa: E402
-from common import FIGURES, machine, pyplot, write_result  # noqa: E402
+from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
 STYLE = {"sgd": ("k", "-"), "downpour_sgd": ("C0", "-"), "downpour_adagrad": ("C3", "-"),
          "sandblaster": ("C2", "-"), "torch_sgd": ("k", ":"), "torch_lbfgs": ("C2", ":")}
@@ -59,7 +59,7 @@ def main() -> None:
         result["sgd_final_vs_torch"] = round(runs["sgd"]["final_accuracy"] - runs["torch_sgd"]["final_accuracy"], 4)
         result["sandblaster_final_vs_torch_lbfgs"] = round(
             runs["sandblaster"]["final_accuracy"] - runs["torch_lbfgs"]["final_accuracy"], 4)
-    write_result("fig4", result)
+    write_result(output_name("fig4", args.quick), result)
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -76,7 +76,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(FIGURES / "fig4.png", dpi=110)
+    fig.savefig(FIGURES / f"{output_name('fig4', args.quick)}.png", dpi=110)
 
 
 if __name__ == "__main__":

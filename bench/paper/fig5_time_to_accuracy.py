@@ -11,7 +11,8 @@ Every method then runs with c = 1 and 2 cores, with c replicas and 1 shard (Sand
 and its coordinator), the job pinned to c cores with `taskset`, so on one core the shard
 and coordinator share the replica's core. With 2 cores, also R = 4 replicas (full mode):
 more replicas than cores, marked as oversubscribed. Single-replica SGD with 2 BLAS threads is
-the 2-core serial reference. Writes bench/paper/results/fig5.json, docs/img/paper/fig5.png.
+the 2-core serial reference. Writes bench/paper/results/fig5.json, docs/img/paper/fig5.png
+(fig5_quick.* with --quick).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion  # noqa: E402
-from common import FIGURES, machine, pyplot, write_result  # noqa: E402
+from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
 METHODS = ("downpour_sgd", "downpour_adagrad", "sandblaster")
 COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "sandblaster": "C2"}
@@ -76,7 +77,7 @@ def main() -> None:
               "serial_final_accuracy": serial["final_accuracy"], "target_budget_s": target_budget,
               "budget_s": budget, "warmstart": warm, "settings": fashion.settings(), "table": table,
               "runs": runs, "machine": machine()}
-    write_result("fig5", result)
+    write_result(output_name("fig5", args.quick), result)
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -107,7 +108,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / "fig5.png", dpi=110)
+    fig.savefig(FIGURES / f"{output_name('fig5', args.quick)}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ task, one after the other, each as its own process.
     python bench/paper/run_all.py [--quick] [--only fig3,fig4,fig5,speech]
 
 Each experiment writes bench/paper/results/<name>.json (and prints it as one JSON line)
-and docs/img/paper/<name>.png; docs/RESULTS.md explains them. Figure 5 reuses Figure 4's
+and docs/img/paper/<name>.png (<name>_quick.* with --quick, which git ignores, so a quick
+run never overwrites the committed full results); docs/RESULTS.md explains them. Figure 5 reuses Figure 4's
 warm-start checkpoint (made once in bench/paper/runs/). --quick: about 8 minutes on 2 cores;
 the full suite about 35. On a shared machine wrap each experiment in a lock, e.g.
 `flock /tmp/dbmpi-cpu.lock python bench/paper/fig4_accuracy_time.py`, so timings do not overlap.

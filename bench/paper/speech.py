@@ -4,8 +4,9 @@ context windows (configs/speech_fsdd.toml); frame accuracy and per-utterance acc
 
     python bench/paper/speech.py [--quick] [--replicas R] [--shards S] [--epochs E]
 
-Writes bench/paper/results/speech.json and docs/img/paper/speech.png (test frame accuracy
-of replica 0's copy against wall time, with the final frame and utterance accuracies).
+Writes bench/paper/results/speech.json and docs/img/paper/speech.png (speech_quick.* with
+--quick): test frame accuracy of replica 0's copy against wall time, with the final frame
+and utterance accuracies.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, ROOT, dbmpi, fresh_run_dir, machine, pyplot, records, write_result  # noqa: E402
+from common import (FIGURES, ROOT, dbmpi, fresh_run_dir, machine, output_name, pyplot, records,  # noqa: E402
+                    write_result)
 
 from dbmpi.checkpoint import list_checkpoints  # noqa: E402
 from dbmpi.evaluation import evaluate_checkpoint  # noqa: E402
@@ -47,7 +49,7 @@ def main() -> None:
               "test_frames": final["examples"], "test_utterances": final["groups"],
               "curve": [{"time_s": r["time"], "step": r["step"], "frame_accuracy": r["test_accuracy"]} for r in evals],
               "run_dir": str(run_dir.relative_to(ROOT)), "machine": machine()}
-    write_result("speech", result)
+    write_result(output_name("speech", args.quick), result)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([c["time_s"] for c in result["curve"]], [c["frame_accuracy"] for c in result["curve"]], ".-",
@@ -60,7 +62,7 @@ def main() -> None:
     ax.set_title("FSDD spoken digits, 11 x 13 MFCC frames")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(FIGURES / "speech.png", dpi=110)
+    fig.savefig(FIGURES / f"{output_name('speech', args.quick)}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Print the Markdown tables of docs/RESULTS.md from bench/paper/results/*.json (so the
 numbers in the document are the measured ones).
 
-    python bench/paper/tables.py [fig3 fig4 fig5 speech]
+    python bench/paper/tables.py [--quick] [fig3 fig4 fig5 speech]
 """
 from __future__ import annotations
 
@@ -92,9 +92,10 @@ def speech(r):
 
 
 def main():
-    names = sys.argv[1:] or ["fig3", "fig4", "fig5", "speech"]
+    quick = "--quick" in sys.argv
+    names = [a for a in sys.argv[1:] if a != "--quick"] or ["fig3", "fig4", "fig5", "speech"]
     for name in names:
-        r = load(name)
+        r = load(f"{name}_quick" if quick else name)
         print(f"\n### {name}\n")
         if r is None:
             print("(no results)")
