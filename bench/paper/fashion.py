@@ -163,7 +163,8 @@ def run_method(method: str, warm: dict, budget_s: float, replicas: int = 2, shar
     return {"method": method, "label": METHODS[method], **layout,
             # Oversubscribed: more computing workers (replicas x BLAS threads) than cores. The
             # shard and the coordinator mostly wait, and share the workers' cores.
-            "cores": cores, "oversubscribed": cores is not None and layout.get("replicas", 1) * layout["blas_threads"] > cores,
+            "cores": cores,
+            "oversubscribed": cores is not None and layout.get("replicas", 1) * layout["blas_threads"] > cores,
             "ranks_exceed_cores": cores is not None and layout["ranks"] > cores,
             "budget_s": budget_s, "wall_s": round(wall, 2), "final_accuracy": final["test_accuracy"],
             "best_accuracy": max(a for _, a in curve), "curve": [[round(t, 3), a] for t, a in curve],

@@ -9,8 +9,8 @@ is single-replica SGD on one core (one process, one BLAS thread), trained first 
 `target budget` seconds; the target is its final test accuracy rounded down to 0.5%.
 Every method then runs with c = 1 and 2 cores, with c replicas and 1 shard (Sandblaster:
 and its coordinator), the job pinned to c cores with `taskset`, so on one core the shard
-and coordinator share the replica's core. With 2 cores, also R = 4 replicas (full mode):
-more replicas than cores, marked as oversubscribed. Single-replica SGD with 2 BLAS threads is
+and coordinator share the replica's core. With the most cores (2), also R = 4 replicas
+(full mode): more replicas than cores, marked as oversubscribed. Single-replica SGD with 2 BLAS threads is
 the 2-core serial reference. Writes bench/paper/results/fig5.json, docs/img/paper/fig5.png
 (fig5_quick.* with --quick).
 """
@@ -35,11 +35,14 @@ def main() -> None:
     parser.add_argument("--target-budget", type=float, help="seconds of the serial baseline that sets the "
                                                             "target (default 45, quick 12)")
     parser.add_argument("--budget", type=float, help="seconds per run of the other cases (default 75, quick 16)")
-    parser.add_argument("--no-oversubscribed", action="store_true", help="skip R = 4 on 2 cores")
+    parser.add_argument("--no-oversubscribed", action="store_true", help="skip R = 2 x cores on the most cores")
+    parser.add_argument("--cores", default="1,2", help="comma list of core counts (default 1,2; the job is "
+                                                        "pinned to the first c cores)")
     args = parser.parse_args()
     target_budget = args.target_budget or (12.0 if args.quick else 45.0)
     budget = args.budget or (16.0 if args.quick else 75.0)
     oversubscribed = not (args.quick or args.no_oversubscribed)
+    core_counts = sorted({int(c) for c in args.cores.split(",")})
     warm = fashion.warmstart()
 
     serial = fashion.run_method("sgd", warm, target_budget, cores=1, threads=1, tag="-fig5-1core")
@@ -47,10 +50,10 @@ def main() -> None:
     print(f"fig5: target {target:.3f} (single-replica SGD, 1 core, {target_budget:g} s: "
           f"{serial['final_accuracy']:.4f})", file=sys.stderr, flush=True)
 
-    cases = [("sgd", 1, None), ("sgd", 2, None)]
-    cases += [(m, c, c) for c in (1, 2) for m in METHODS]
+    cases = [("sgd", c, None) for c in core_counts]
+    cases += [(m, c, c) for c in core_counts for m in METHODS]
     if oversubscribed:
-        cases += [(m, 2, 4) for m in METHODS]
+        cases += [(m, core_counts[-1], 2 * core_counts[-1]) for m in METHODS]
     runs = [serial]
     for method, cores, replicas in cases:
         if method == "sgd" and cores == 1:
@@ -98,10 +101,10 @@ def main() -> None:
             ax.annotate(f"R={t['replicas']}, {t['ranks']} ranks\n(oversubscribed)", (t["cores"] + 0.1, y),
                         fontsize=6, color=COLORS[method])
     ax.axhline(budget, color="gray", ls=":", lw=0.8)
-    ax.text(2.58, budget, "budget (open triangles: target not reached) ", fontsize=7, ha="right", va="bottom",
-            color="gray")
-    ax.set_xticks([1, 2])
-    ax.set_xlim(0.8, 2.6)
+    ax.text(core_counts[-1] + 0.58, budget, "budget (open triangles: target not reached) ", fontsize=7,
+            ha="right", va="bottom", color="gray")
+    ax.set_xticks(core_counts)
+    ax.set_xlim(core_counts[0] - 0.2, core_counts[-1] + 0.6)
     ax.set_xlabel("cores (the job pinned with taskset; R = cores replicas + 1 shard)")
     ax.set_ylabel(f"seconds to {100 * target:.1f}% test accuracy")
     ax.set_title("Time to the serial baseline's accuracy, Fashion-MNIST MLP")

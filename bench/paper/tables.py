@@ -51,8 +51,8 @@ def fig4(r):
     print("|---|---|---|---|---|---|---|")
     for key, run in r["runs"].items():
         if "replicas" in run:
-            layout = f"R={run['replicas']}, S={run['shards']}" + (", +1 coordinator" if run.get("coordinator") else "") \
-                     + f": {run['ranks']} ranks"
+            layout = (f"R={run['replicas']}, S={run['shards']}" + (", +1 coordinator" if run.get("coordinator") else "")
+                      + f": {run['ranks']} ranks")
         else:
             layout = f"1 process, {run.get('threads', run.get('blas_threads'))} threads"
         summ = run.get("summary", {})
