@@ -318,16 +318,18 @@ def test_a_bad_checkpoint_is_named_and_trains_nothing(tmp_path, damage, message)
     assert not (tmp_path / "b").exists()
 
 
-def _rank_pids(marker: str) -> dict[int, int]:
-    """MPI rank -> pid of the processes whose command line contains `marker` (hydra sets
-    PMI_RANK in each rank's environment)."""
+def rank_pids(marker: str) -> dict[int, int]:
+    """MPI rank -> pid of the rank processes whose command line contains `marker` (hydra
+    sets PMI_RANK in each rank's environment); under dbmpi.supervise, the supervised
+    children, not their supervisors."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline:
+            if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline \
+                    or "dbmpi.supervise" in cmdline:
                 continue
             env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode().split("\0")
                        if "=" in item)
@@ -371,10 +373,10 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # training has started on every rank
             metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"kind": "train"' in metrics.read_text() and len(_rank_pids(str(run_dir))) == 4:
+            if metrics.exists() and '"kind": "train"' in metrics.read_text() and len(rank_pids(str(run_dir))) == 4:
                 break
             time.sleep(0.2)
-        pids = _rank_pids(str(run_dir))
+        pids = rank_pids(str(run_dir))
         assert len(pids) == 4, pids
         sent = time.monotonic()
         os.kill(pids[rank], getattr(signals, signame))
@@ -405,14 +407,14 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
             time.sleep(0.2)
-        pids = _rank_pids(str(run_dir))
+        pids = rank_pids(str(run_dir))
         assert len(pids) == 4 and len(list_checkpoints(run_dir / "checkpoints")) >= 2
         killed = time.monotonic()
         os.kill(pids[1], signals.SIGKILL)
         proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert time.monotonic() - killed < 30
-    assert not _rank_pids(str(run_dir))  # no rank left behind
+    assert not rank_pids(str(run_dir))  # no rank left behind
     for path in list_checkpoints(run_dir / "checkpoints"):
         open_checkpoint(path).close()  # verifies every checksum (a write cut short stays a temp file)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_downpour import CONFIG, mpiexec
+from tests.test_downpour import CONFIG, mpiexec, rank_pids
 
 TIMEOUT_S = 4  # train.replica_timeout_s in these runs
 RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.log_every=500"]
@@ -28,27 +28,6 @@ RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.l
 
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def rank_pids(marker: str) -> dict[int, int]:
-    """MPI rank -> pid of the rank processes (the supervised children, not their
-    dbmpi.supervise parents) whose command line contains `marker`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline \
-                    or "dbmpi.supervise" in cmdline:
-                continue
-            env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode().split("\0")
-                       if "=" in item)
-        except (OSError, UnicodeDecodeError):
-            continue
-        if "PMI_RANK" in env:
-            found[int(env["PMI_RANK"])] = int(entry.name)
-    return found
 
 
 def none_left(marker: str, within_s: float = 10.0) -> bool:

@@ -204,7 +204,7 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
     import time
 
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
-    from tests.test_downpour import _rank_pids
+    from tests.test_downpour import rank_pids
 
     data = f"data.path={tmp_path / 'digits.h5'}"
     for signame, rank in (("SIGTERM", 3), ("SIGUSR1", 1)):
@@ -213,10 +213,10 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 metrics = run_dir / "metrics.jsonl"
-                if metrics.exists() and '"iteration": 2' in metrics.read_text() and len(_rank_pids(str(run_dir))) == 5:
+                if metrics.exists() and '"iteration": 2' in metrics.read_text() and len(rank_pids(str(run_dir))) == 5:
                     break
                 time.sleep(0.2)
-            pids = _rank_pids(str(run_dir))
+            pids = rank_pids(str(run_dir))
             assert len(pids) == 5, pids
             os.kill(pids[rank], getattr(signals, signame))
             _, err = proc.communicate(timeout=90)
@@ -267,14 +267,14 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
     import time
 
     from dbmpi.checkpoint import list_checkpoints, open_checkpoint
-    from tests.test_downpour import _rank_pids
+    from tests.test_downpour import rank_pids
 
     run_dir = tmp_path / "run"
     with background_training(tmp_path, run_dir, "train.checkpoint_every=1", **SANDBLASTER_BACKGROUND) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
             time.sleep(0.1)
-        pids = _rank_pids(str(run_dir))
+        pids = rank_pids(str(run_dir))
         assert len(pids) == 5, pids
         killed = time.monotonic()
         os.kill(pids[3], signals.SIGKILL)
