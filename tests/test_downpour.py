@@ -342,12 +342,13 @@ def rank_pids(marker: str) -> dict[int, int]:
 
 @contextlib.contextmanager
 def background_training(tmp_path, run_dir, *sets, config=CONFIG, ranks=4, env=None,
-                        budget=("train.steps=100000000",)):
+                        budget=("train.steps=100000000",), mpiexec_args=(), wrapper=()):
     """A run of `config` (Downpour's by default) on `ranks` ranks in the background, with a
-    budget it will not reach; killed if still running after."""
+    budget it will not reach; killed if still running after. `mpiexec_args` go to the
+    launcher, `wrapper` before each rank's command (e.g. python -m dbmpi.supervise)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train", str(config),
-           "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    cmd = [mpiexec(), *mpiexec_args, "-n", str(ranks), *wrapper, sys.executable, "-m", "mpi4py", "-m", "dbmpi",
+           "train", str(config), "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}"]
     for item in (*budget, *sets):
         cmd += ["--set", item]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,7 +9,6 @@ fetch and push every 20 steps of 64 examples, so the victim spends well under 1%
 time there. They are long enough (20000 steps) for the survivors to train on well past the
 detection, which takes train.replica_timeout_s (4 s here).
 """
-import contextlib
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_downpour import CONFIG, mpiexec, rank_pids
+from tests.test_downpour import CONFIG, background_training, rank_pids
 
 TIMEOUT_S = 4  # train.replica_timeout_s in these runs
 RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.log_every=500"]
@@ -40,24 +39,13 @@ def none_left(marker: str, within_s: float = 10.0) -> bool:
     return True
 
 
-@contextlib.contextmanager
 def supervised_training(tmp_path, run_dir, n, *sets, disable_auto_cleanup=True, config=CONFIG):
     """`mpiexec [-disable-auto-cleanup] -n N python -m dbmpi.supervise ... dbmpi train` in
-    the background; killed if still running after."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [mpiexec(), *(["-disable-auto-cleanup"] if disable_auto_cleanup else []), "-n", str(n),
-           sys.executable, "-m", "dbmpi.supervise", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
-           str(config), "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}",
-           "--set", f"train.replica_timeout_s={TIMEOUT_S}"]
-    for item in sets:
-        cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    the background (tests.test_downpour.background_training); killed if still running after."""
+    return background_training(tmp_path, run_dir, f"train.replica_timeout_s={TIMEOUT_S}", *sets, config=config,
+                               ranks=n, budget=(),
+                               mpiexec_args=["-disable-auto-cleanup"] if disable_auto_cleanup else [],
+                               wrapper=[sys.executable, "-m", "dbmpi.supervise"])
 
 
 def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):

@@ -242,15 +242,11 @@ def torch_sgd(warm: dict, budget_s: float, threads: int = 2) -> dict:
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
             step += 1
-            done = time.perf_counter() - started >= budget_s
-            if step % EVAL_EVERY_STEPS == 0 or done:
-                curve.append((time.perf_counter() - started, _accuracy(torch, model, tx, ty)))
+            done = _record(curve, started, budget_s, step % EVAL_EVERY_STEPS == 0,
+                           lambda: _accuracy(torch, model, tx, ty))
             if done:
                 break
-    return {"method": "torch_sgd", "label": METHODS["torch_sgd"], "ranks": 1, "threads": threads,
-            "torch": torch.__version__, "budget_s": budget_s, "steps": step,
-            "final_accuracy": curve[-1][1], "best_accuracy": max(a for _, a in curve),
-            "curve": [[round(t, 3), a] for t, a in curve]}
+    return _torch_result("torch_sgd", torch, threads, budget_s, curve, steps=step)
 
 
 def torch_lbfgs(warm: dict, budget_s: float, threads: int = 2) -> dict:
@@ -309,13 +305,25 @@ def torch_lbfgs(warm: dict, budget_s: float, threads: int = 2) -> dict:
                 extra += 1
             pair = last["g"] - g_start
             iteration += 1
-            done = time.perf_counter() - started >= budget_s
-            if iteration % EVAL_EVERY_ITERATIONS == 0 or done:
-                curve.append((time.perf_counter() - started, _accuracy(torch, model, tx, ty)))
+            done = _record(curve, started, budget_s, iteration % EVAL_EVERY_ITERATIONS == 0,
+                           lambda: _accuracy(torch, model, tx, ty))
             if done:
                 break
-    return {"method": "torch_lbfgs", "label": METHODS["torch_lbfgs"], "ranks": 1, "threads": threads,
-            "torch": torch.__version__, "budget_s": budget_s, "iterations": iteration,
-            "gradient_evaluations": evaluations + extra, "extra_evaluations": extra,
+    return _torch_result("torch_lbfgs", torch, threads, budget_s, curve, iterations=iteration,
+                         gradient_evaluations=evaluations + extra, extra_evaluations=extra)
+
+
+def _record(curve: list, started: float, budget_s: float, due: bool, accuracy) -> bool:
+    """After one step of a PyTorch run: True once the budget is spent; appends (time,
+    accuracy) to `curve` when an evaluation is `due`, and at the end."""
+    done = time.perf_counter() - started >= budget_s
+    if due or done:
+        curve.append((time.perf_counter() - started, accuracy()))
+    return done
+
+
+def _torch_result(method: str, torch, threads: int, budget_s: float, curve: list, **work) -> dict:
+    return {"method": method, "label": METHODS[method], "ranks": 1, "threads": threads,
+            "torch": torch.__version__, "budget_s": budget_s, **work,
             "final_accuracy": curve[-1][1], "best_accuracy": max(a for _, a in curve),
             "curve": [[round(t, 3), a] for t, a in curve]}
