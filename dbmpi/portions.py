@@ -21,10 +21,19 @@ decides. The paper's scheme, plus the bookkeeping that makes the batch gradient 
 
 The batch is complete when every portion is committed and flushed; its loss and example
 count are the sums the flushes reported.
+
+Failed replicas (`fail`, decided by the coordinator with `Silence`): a replica that died
+gets no more work, and what it held goes back to the queue for the others: the portion it
+was computing (unless another copy is out) and the portions it committed but had not
+flushed. What it flushed (pushed, then reported) stays counted, so no portion counts twice
+or never. One case cannot be repaired portion by portion: a replica told to flush that dies
+before its report may have landed part of its push in the shards' inboxes; `fail` then
+says so and the coordinator computes the batch again (dbmpi.sandblaster).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 FREE, ASSIGNED, COMMITTED, FLUSHED = "free", "assigned", "committed", "flushed"
 
@@ -62,6 +71,7 @@ class BatchStats:
     duplicates_rejected: int = 0
     revoked: int = 0
     committed_by: dict[int, int] = field(default_factory=dict)
+    reissued: int = 0  # portions handed out again because the replica holding them failed
 
 
 class PortionScheduler:
@@ -69,7 +79,7 @@ class PortionScheduler:
     None (park the replica until `wake` says there is work)."""
 
     def __init__(self, portions: list[tuple[int, int]], n_replicas: int, push_every: int = 4,
-                 backups: bool = True):
+                 backups: bool = True, failed: Iterable[int] = ()):
         if push_every < 1:
             raise ValueError(f"push_every: must be positive, got {push_every}")
         self.portions = list(portions)
@@ -89,6 +99,10 @@ class PortionScheduler:
         self.commits = 0
         self.started_at: dict[int, int] = {}  # commits (by anyone) when a replica began its portion
         self.stats = BatchStats(portions=len(self.portions))
+        self.failed: set[int] = set()  # replicas that died: never handed anything again
+        self.flushing: set[int] = set()  # told to flush, report not in yet
+        for replica in failed:
+            self.fail(replica)
 
     # Queries ------------------------------------------------------------------------------
     @property
@@ -102,6 +116,38 @@ class PortionScheduler:
     def handle(self, replica: int, done: int | None = None, flushed: dict | None = None) -> Reply | None:
         """A replica reports (a finished portion `done`, and/or the result of a flush) and
         asks for work."""
+        if replica in self.failed:
+            raise ValueError(f"replica {replica} failed: it has no say any more")
+        self.flushing.discard(replica)
+        reply = self._handle(replica, done, flushed)
+        if reply is not None and reply.flush:
+            self.flushing.add(replica)
+        return reply
+
+    def fail(self, replica: int) -> bool:
+        """The replica died: nothing more for it, and what it held goes back to the queue
+        (its current portion unless another copy is out; its committed, unflushed ones).
+        True if the flushed sums stay exact; False if it was told to flush and had not
+        reported: part of its push may have landed, so the batch must be computed again."""
+        intact = replica not in self.flushing
+        self.failed.add(replica)
+        self.flushing.discard(replica)
+        self.revoked.discard(replica)
+        for index in range(len(self.portions)):
+            self.copies[index].discard(replica)
+            self.backup_copies[index].discard(replica)
+            if self.state[index] == ASSIGNED and not self.copies[index]:
+                self.state[index] = FREE
+                self.stats.reissued += 1
+        for index in self.unflushed[replica]:
+            self.state[index] = FREE
+            self.owner[index] = None
+            self.stats.reissued += 1
+        self.unflushed[replica] = []
+        self.working[replica] = None
+        return intact
+
+    def _handle(self, replica: int, done: int | None, flushed: dict | None) -> Reply | None:
         reply = Reply()
         if flushed is not None:
             self._flushed(replica, flushed)
@@ -223,4 +269,37 @@ class PortionScheduler:
         return revoked_any
 
 
-__all__ = ["BatchStats", "PortionScheduler", "Reply", "cut"]
+class Silence:
+    """Which replicas owe the coordinator a message, and since when. A replica owes one
+    from the moment it is sent anything but a stop (work, a verdict, a flush order, a test
+    evaluation) until its next message; parked and waiting replicas owe nothing. One that
+    owes a message for longer than `timeout_s` is taken for dead. Pure: the caller passes
+    the clock (time.monotonic()); at the start every replica owes its first request."""
+
+    def __init__(self, n_replicas: int, timeout_s: float, now: float):
+        self.n_replicas = n_replicas
+        self.timeout_s = float(timeout_s)
+        self.owed: dict[int, float] = dict.fromkeys(range(n_replicas), now)
+        self.failed: set[int] = set()
+
+    @property
+    def live(self) -> list[int]:
+        return [r for r in range(self.n_replicas) if r not in self.failed]
+
+    def asked(self, replica: int, now: float) -> None:
+        if replica not in self.failed:
+            self.owed[replica] = now
+
+    def heard(self, replica: int) -> None:
+        self.owed.pop(replica, None)
+
+    def overdue(self, now: float) -> list[tuple[int, float]]:
+        """(replica, seconds silent) of the live replicas silent past the timeout."""
+        return [(r, now - since) for r, since in sorted(self.owed.items()) if now - since > self.timeout_s]
+
+    def fail(self, replica: int) -> None:
+        self.failed.add(replica)
+        self.owed.pop(replica, None)
+
+
+__all__ = ["BatchStats", "PortionScheduler", "Reply", "Silence", "cut"]

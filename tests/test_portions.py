@@ -13,20 +13,30 @@ import pytest
 from dbmpi.portions import PortionScheduler, cut
 
 
+FAIL = -1  # an event that is the coordinator declaring a replica failed
+
+
 def simulate(n_examples=1000, portion=25, speeds=(1.0, 1.0, 1.0), push_every=3, backups=True,
-             cost=1.0):
-    """Run one batch; returns (scheduler, finish time, flushed portion ids in order)."""
+             cost=1.0, deaths=None, timeout=5.0):
+    """Run one batch; returns (scheduler, finish time, flushed portion ids in order).
+    `deaths`: replica -> the time it dies (nothing from it arrives after that); the
+    coordinator declares it failed `timeout` later."""
+    deaths = deaths or {}
     scheduler = PortionScheduler(cut(0, n_examples, portion), len(speeds), push_every, backups)
     accumulator = {r: [] for r in range(len(speeds))}
     counted = []
     parked = set()
     events = [(0.0, r, None) for r in range(len(speeds))]  # (time, replica, finished portion)
+    events += [(t + timeout, r, FAIL) for r, t in deaths.items()]
     heapq.heapify(events)
     now = 0.0
     while events and not scheduler.complete:
         now, replica, done = heapq.heappop(events)
         flushed = None
-        while True:
+        if done == FAIL:  # flushes report at once here, so the sums always stay exact
+            assert scheduler.fail(replica) is True
+            parked.discard(replica)
+        while done != FAIL and now < deaths.get(replica, float("inf")):
             reply = scheduler.handle(replica, done, flushed)
             done, flushed = None, None
             if reply is None:
@@ -144,3 +154,62 @@ def test_data_affinity_gives_sequential_portions():
     sequential = sum(b == a + 1 for r in (0, 1) for a, b in zip(got[r], got[r][1:]))
     assert sequential >= 6, got
     assert abs(got[0][0] - got[1][0]) >= 3
+
+
+@pytest.mark.parametrize("speeds", [(1.0, 1.0, 1.0), (1.0, 0.3, 1.0), (0.2, 1.0)])
+@pytest.mark.parametrize("backups", [True, False])
+@pytest.mark.parametrize("push_every", [1, 4])
+@pytest.mark.parametrize("dies_at", [0.0, 2.5, 7.5])
+def test_a_dead_replicas_portions_are_reissued_and_each_counts_once(speeds, backups, push_every, dies_at):
+    """Replica 1 dies (at the start, or mid-batch while it computes and holds unflushed
+    commits); declared failed 5 units later, its portions go to the others: the batch
+    completes with every portion counted once (its earlier flushes included)."""
+    scheduler, _, counted = simulate(speeds=speeds, backups=backups, push_every=push_every,
+                                     deaths={1: dies_at})
+    assert scheduler.complete and scheduler.failed == {1}
+    assert sorted(counted) == list(range(len(scheduler.portions)))
+    assert scheduler.stats.examples == 1000
+    if dies_at > 0 and not backups:  # it held a portion nobody else had (with backups, maybe)
+        assert scheduler.stats.reissued >= 1
+
+
+def test_every_replica_but_one_dying_still_completes_the_batch():
+    scheduler, _, counted = simulate(speeds=(1.0, 1.0, 1.0, 1.0), deaths={0: 3.5, 2: 6.5, 3: 0.0})
+    assert scheduler.complete and scheduler.failed == {0, 2, 3}
+    assert sorted(counted) == list(range(len(scheduler.portions)))
+
+
+def test_a_replica_dying_between_its_flush_and_its_report_spoils_the_sums():
+    """Told to flush, it may have pushed part of its accumulator before dying: `fail` says
+    the batch must be computed again. A replica that dies while computing does not."""
+    s = PortionScheduler(cut(0, 30, 10), 2, push_every=1)
+    a = s.handle(0).portion[0]
+    s.handle(1)
+    reply = s.handle(0, done=a)
+    assert reply.commit and reply.flush  # push_every = 1
+    assert s.fail(0) is False
+    assert s.state[a] == "free" and s.stats.reissued == 1
+    with pytest.raises(ValueError, match="failed"):
+        s.handle(0)
+    # Replica 1 dies while computing: its portion goes back, the sums are intact.
+    assert s.fail(1) is True
+    assert s._free() == [0, 1, 2] and s.stats.reissued == 2
+    # A new batch that knows of the failures gives them nothing and counts on the rest.
+    t = PortionScheduler(cut(0, 30, 10), 3, push_every=1, failed=[0, 1])
+    assert t.failed == {0, 1} and t.handle(2).portion is not None
+
+
+def test_silence_takes_a_replica_that_owes_a_message_too_long_for_dead():
+    from dbmpi.portions import Silence
+
+    watch = Silence(3, timeout_s=10.0, now=0.0)  # every replica owes its first request
+    assert watch.overdue(9.0) == []
+    watch.heard(0)  # it asked for work, and was parked: it owes nothing
+    watch.heard(1)
+    watch.asked(1, now=5.0)  # given work at t = 5
+    assert watch.overdue(12.0) == [(2, 12.0)]
+    assert watch.overdue(16.0) == [(1, 11.0), (2, 16.0)]
+    watch.fail(2)
+    assert watch.live == [0, 1] and watch.overdue(16.0) == [(1, 11.0)]
+    watch.asked(2, now=16.0)  # a failed replica is never waited for again
+    assert watch.overdue(100.0) == [(1, 95.0)]
