@@ -212,14 +212,29 @@ class Checkpoint:
         if not attrs.get("complete", False):
             self.close()
             raise CheckpointError(f"{self.path}: incomplete checkpoint (no 'complete' mark)")
-        self.algorithm = str(attrs["algorithm"])
-        self.step = int(attrs["step"])
-        self.n_params = int(attrs["n_params"])
-        self.config_text = str(attrs["config"])
-        self.layout = json.loads(attrs["layout"])
-        self.state = json.loads(attrs["state"])
-        self.dbmpi_version = str(attrs["dbmpi_version"])
-        self.created_utc = str(attrs["created_utc"])
+        try:
+            self.algorithm = self._attribute("algorithm", str)
+            self.step = self._attribute("step", int, "an integer")
+            self.n_params = self._attribute("n_params", int, "an integer")
+            self.config_text = self._attribute("config", str)
+            self.layout = self._attribute("layout", _json_object, "a JSON object")
+            self.state = self._attribute("state", _json_object, "a JSON object")
+            self.dbmpi_version = self._attribute("dbmpi_version", str)
+            self.created_utc = self._attribute("created_utc", str)
+        except CheckpointError:
+            self.close()
+            raise
+
+    def _attribute(self, name: str, convert, expected: str = "text"):
+        """Root attribute `name` through `convert`; a damaged file gets one CheckpointError
+        naming the attribute, not a KeyError or JSON traceback."""
+        if name not in self.file.attrs:
+            raise CheckpointError(f"{self.path}: damaged checkpoint: no '{name}' attribute")
+        try:
+            return convert(self.file.attrs[name])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: damaged checkpoint: attribute '{name}' is not "
+                                  f"{expected} ({exc})") from None
 
     def vectors(self) -> list[str]:
         """Names of the canonical vectors stored ("params", "adagrad", "lbfgs/g", ...)."""
@@ -235,13 +250,25 @@ class Checkpoint:
 
     def tensor_datasets(self, vector: str = "params") -> list[tuple[str, h5py.Dataset]]:
         """(layer.tensor name, dataset) of a vector, in canonical order."""
-        if vector not in self.file:
+        if vector not in self.file or not isinstance(self.file[vector], h5py.Group):
             raise CheckpointError(f"{self.path}: no vector /{vector}")
         out = []
         for layer_name, group in self.file[vector].items():
+            if not isinstance(group, h5py.Group):
+                raise CheckpointError(f"{self.path}: damaged checkpoint: /{vector}/{layer_name} is not a layer group")
             for tname, ds in group.items():
-                out.append((f"{layer_name}.{tname}", ds))
-        return sorted(out, key=lambda item: int(item[1].attrs["offset"]))
+                out.append((f"{layer_name}.{tname}", ds, self._offset(ds)))
+        return [(name, ds) for name, ds, _ in sorted(out, key=lambda item: item[2])]
+
+    def _offset(self, ds) -> int:
+        """A tensor dataset's place in the canonical vector (CheckpointError if it has none)."""
+        if not isinstance(ds, h5py.Dataset):
+            raise CheckpointError(f"{self.path}: damaged checkpoint: {ds.name} is not a tensor dataset")
+        try:
+            return int(ds.attrs["offset"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: damaged checkpoint: tensor {ds.name} has no valid "
+                                  "'offset' attribute") from None
 
     def check_network(self, network) -> None:
         """Raise CheckpointError unless the checkpoint's tensors are the network's."""
@@ -288,8 +315,23 @@ class Checkpoint:
                     problems.append(f"/{vector}/{name.replace('.', '/')}: checksum mismatch")
                 total += ds.size
             if total != self.n_params:
-                problems.append(f"/{vector}: {total} values, expected {self.n_params}")
+                missing = sorted(self._model_tensors() - {name for name, _ in self.tensor_datasets(vector)})
+                named = f"missing tensor(s) {', '.join(missing)}: " if missing else ""
+                problems.append(f"/{vector}: {named}{total} values, expected {self.n_params}")
         return problems
+
+    def _model_tensors(self) -> set[str]:
+        """Names of the tensors of the model in the checkpoint's config (empty if it has no
+        usable [model]): what names a missing tensor."""
+        from dbmpi import config as configuration
+        from dbmpi.model import Network
+
+        try:
+            model = configuration.parse_toml(self.config_text).get("model")
+            model = configuration.validate({"model": model}, require_train=False)["model"]
+            return {t.name for t in Network(model, allocate=False).tensors}
+        except (configuration.ConfigError, TypeError, KeyError):
+            return set()
 
     def close(self) -> None:
         if getattr(self, "file", None) is not None:
@@ -301,6 +343,14 @@ class Checkpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _json_object(value) -> dict:
+    """A JSON-object attribute (layout, state) as a dict."""
+    decoded = json.loads(value)
+    if not isinstance(decoded, dict):
+        raise ValueError(f"a {type(decoded).__name__}")
+    return decoded
 
 
 def _read_flat(ds: h5py.Dataset, start: int, count: int) -> np.ndarray:

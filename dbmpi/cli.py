@@ -49,9 +49,9 @@ def _error_types():
 def cmd_train(args) -> int:
     from dbmpi.rundir import RunDirectory
 
-    cfg = configuration.load(args.config, args.set)
-    if args.threads is not None:
-        cfg["train"]["threads"] = args.threads
+    # --threads N is --set train.threads=N, given last: validated (and refused) the same way.
+    threads = [] if args.threads is None else [f"train.threads={args.threads}"]
+    cfg = configuration.load(args.config, args.set + threads)
     algorithm = cfg["train"]["algorithm"]
     if args.resume is not None and algorithm == "sgd":
         raise UsageError("--resume: resuming is implemented for Downpour and Sandblaster, not for the "
@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
     cfg["train"]["run_dir"] = str(run_path)
     from dbmpi import sgd
 
-    initial = sgd.initial_parameters(cfg, args.init) if args.init else None  # checked before the run exists
+    prepared = sgd.prepare(cfg, args.init)  # model, data, --init: all checked before the run exists
     run = RunDirectory(run_path)
     try:
         run.write_config(cfg)
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
         if args.init:
             say(f"initial parameters from {args.init}")
             run.log({"kind": "init", "checkpoint": str(args.init)})
-        summary = sgd.train(cfg, run, say, initial=initial)
+        summary = sgd.train(cfg, run, say, prepared)
     finally:
         run.close()
     say(f"final test accuracy {summary['test_accuracy']:.4f} "
@@ -99,6 +99,7 @@ def _train_distributed(args, cfg, say) -> int:
     from dbmpi.rundir import RunDirectory
 
     comm = MPI.COMM_WORLD
+    _check_rank_memory(cfg)  # same verdict on every rank, before any allocation or collective
     # Every rank must agree on the run directory: the lead's timestamp decides.
     default = str(RunDirectory.default_path(args.config)) if comm.rank == 0 else None
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
@@ -115,6 +116,25 @@ def _train_distributed(args, cfg, say) -> int:
         say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
             f"({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
     return 0
+
+
+def _check_rank_memory(cfg: dict) -> None:
+    """Refuse a distributed run whose biggest rank needs more memory than this machine has:
+    the model's values and gradient (every rank builds the network) plus that rank's buffers
+    from the `dbmpi plan` memory column. One line instead of a MemoryError traceback."""
+    from dbmpi.layout import layout_for, require_memory
+    from dbmpi.model import Network
+    from dbmpi.partition import plan_for
+
+    tcfg = cfg["train"]
+    network = Network(cfg["model"], allocate=False)
+    layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
+    plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
+    need = {rank: layout.memory_bytes(layout.role(rank), tcfg["optimizer"], plan) for rank in range(layout.world_size)}
+    rank = max(need, key=need.get)
+    require_memory(network.memory_bytes() + need[rank],
+                   f"rank {rank} ({layout.role(rank)}): the model's {network.n_params:,} parameters and "
+                   "this rank's buffers (dbmpi plan)")
 
 
 def cmd_evaluate(args) -> int:
@@ -137,7 +157,7 @@ def cmd_model(args) -> int:
     from dbmpi.model import Network
 
     cfg = configuration.load(args.config, args.set, require_train=False)
-    network = Network(cfg["model"])
+    network = Network(cfg["model"], allocate=False)
     print(network.summary())
     print(f"forward: {network.flops_per_example() / 1e6:.2f} MFLOP per example")
     if args.tensors:
@@ -152,7 +172,7 @@ def cmd_plan(args) -> int:
     from dbmpi.partition import plan_for
 
     cfg = configuration.load(args.config, args.set)
-    network = Network(cfg["model"])
+    network = Network(cfg["model"], allocate=False)
     tcfg = cfg["train"]
     if tcfg["algorithm"] == "sgd":
         print(network.summary())
@@ -466,7 +486,33 @@ def _settle_ranks(timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _abort_job_at_exit() -> None:
+    """Under mpiexec with several ranks, make this rank's exit call MPI_Abort, as
+    `python -m mpi4py` does: the `dbmpi` script must not leave peers waiting after an
+    unexpected error on one rank."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.size > 1:
+        from mpi4py.run import set_abort_status
+
+        set_abort_status(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `dbmpi` command: input errors end in one line (exit 2); an unexpected error on any
+    rank ends the whole MPI job; a closed pipe (`dbmpi inspect CKPT | head`) ends quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + 13  # as if killed by SIGPIPE, like other tools in a pipe
+    except Exception:
+        _abort_job_at_exit()
+        raise
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -475,12 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         _settle_ranks()
         return EXIT_USAGE
     except RuntimeError as exc:
-        from dbmpi.sgd import DivergedError
+        from dbmpi.sgd import EXIT_DIVERGED, DivergedError
 
         if not isinstance(exc, DivergedError):
             raise
         _error(f"training diverged: {exc}")
-        return 1
+        _settle_ranks()  # every rank of a distributed run says it too
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("dbmpi: interrupted", file=sys.stderr)
         return 130

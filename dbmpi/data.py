@@ -17,6 +17,7 @@ labelled by a fixed random teacher network); download and teacher helpers are in
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -757,6 +758,21 @@ def _plain(value):
     return value
 
 
+class NumberedClasses(Sequence):
+    """The default class names "0".."n-1" of a file without class_names, made on demand:
+    n_classes may be huge (a list of 10**10 names would exhaust memory)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        item = range(self.n)[index]
+        return str(item) if isinstance(item, int) else [str(i) for i in item]
+
+
 class Dataset:
     """An open, validated data set file; reads rows of a split on demand.
 
@@ -835,10 +851,11 @@ class Dataset:
             raise _err(p, f"attribute n_classes={self.attrs['n_classes']!r} is not an integer") from None
         if self.n_classes < 1:
             raise _err(p, f"attribute n_classes={self.n_classes} must be >= 1")
-        names = self.attrs.get("class_names", [str(i) for i in range(self.n_classes)])
-        if isinstance(names, str):
-            names = [names]
-        self.class_names = [str(n) for n in names]
+        if "class_names" in self.attrs:
+            names = self.attrs["class_names"]
+            self.class_names = [str(n) for n in ([names] if isinstance(names, str) else names)]
+        else:
+            self.class_names = NumberedClasses(self.n_classes)
         if len(self.class_names) != self.n_classes:
             raise _err(p, f"{len(self.class_names)} class_names for n_classes={self.n_classes}")
         self.source = str(self.attrs.get("source", "unknown"))
@@ -884,6 +901,24 @@ class Dataset:
             self._x[split].read_direct(x, selection)
         y = np.ascontiguousarray(self._y[split][start:stop], dtype=np.int32)
         return x, y
+
+    def check_finite(self, chunk_bytes: int = 1 << 24) -> None:
+        """Raise DatasetError naming the first row of x that holds NaN or Inf (a full scan in
+        chunks of about `chunk_bytes`; done once, before training)."""
+        for split in SPLITS:
+            x = self._x[split]
+            width = int(np.prod(self.input_shape))
+            step = max(1, chunk_bytes // max(1, 4 * width))
+            bad_rows, first = 0, None
+            for start in range(0, x.shape[0], step):
+                block = x[start:start + step].reshape(-1, width)
+                bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                if bad.size and first is None:
+                    first = start + int(bad[0])
+                bad_rows += int(bad.size)
+            if bad_rows:
+                raise _err(self.path, f"/{split}/x holds NaN or Inf in {bad_rows} row(s), the first "
+                                      f"at row {first}; clean the data set (training on it cannot work)")
 
     def groups(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """The group id of rows ``[start, stop)`` (``/<split>/group``), or None if the file has none."""

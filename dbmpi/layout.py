@@ -12,6 +12,7 @@ differ by at most one parameter) and may split a tensor.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 
@@ -215,10 +216,38 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes else "-"
 
 
+def human_bytes(nbytes: float) -> str:
+    """1536 -> '1.5 KiB', up to EiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} EiB"
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def require_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, what needs more memory than this machine has: one clear
+    LayoutError instead of numpy's MemoryError traceback (or the machine thrashing)."""
+    available = machine_memory()
+    if available is not None and nbytes > available:
+        raise LayoutError(f"{what} need {human_bytes(nbytes)} but this machine has "
+                          f"{human_bytes(available)} of memory; make the model smaller "
+                          "(see dbmpi plan CONFIG)")
+
+
 def layout_for(train: dict, n_params: int, *, coordinator: bool = False) -> Layout:
     """The layout a validated [train] table asks for."""
     return Layout(n_params=n_params, n_shards=train["n_shards"], n_replicas=train["n_replicas"],
                   n_partitions=train.get("n_partitions", 1), coordinator=coordinator)
 
 
-__all__ = ["Layout", "LayoutError", "Role", "Segment", "balanced_ranges", "layout_for"]
+__all__ = ["Layout", "LayoutError", "Role", "Segment", "balanced_ranges", "human_bytes", "layout_for",
+           "machine_memory", "require_memory"]

@@ -31,7 +31,10 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirectoryError(f"{self.path}: cannot create run directory: {exc.strerror}") from None
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        try:
+            self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        except OSError as exc:  # e.g. a read-only directory
+            raise RunDirectoryError(f"{self.path}: cannot write the run there: {exc.strerror}") from None
         self.started = time.time()
 
     @staticmethod

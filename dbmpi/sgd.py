@@ -22,7 +22,12 @@ from dbmpi.rundir import RunDirectory
 
 
 class DivergedError(RuntimeError):
-    """Training produced a non-finite loss."""
+    """Training diverged: a non-finite loss (any algorithm), too many non-finite pushes
+    (Downpour), a non-finite objective (Sandblaster) or test loss. The command line says
+    `dbmpi: error: training diverged: ...` on every rank and exits EXIT_DIVERGED."""
+
+
+EXIT_DIVERGED = 3
 
 
 def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
@@ -36,7 +41,9 @@ def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
     dataset = datasets.open_dataset(path)
     try:
         _check_fits(dataset, network, path)
-    except ConfigError:
+        _check_not_empty(dataset, path)
+        dataset.check_finite()  # NaN rows would only surface as a diverged run
+    except (ConfigError, datasets.DatasetError):
         dataset.close()
         raise
     return dataset
@@ -53,6 +60,15 @@ def _check_fits(dataset, network, path):
             f"{path} has {dataset.n_classes} classes")
 
 
+def _check_not_empty(dataset, path) -> None:
+    """Training steps through /train and ends evaluating on /test: neither may be empty
+    (found now, not as a ZeroDivisionError at the start or an error after training)."""
+    for split, rows in (("train", dataset.n_train), ("test", dataset.n_test)):
+        if rows == 0:
+            raise datasets.DatasetError(f"{path}: /{split} holds no examples; training needs "
+                                        "examples in both /train and /test")
+
+
 def initial_parameters(cfg: dict, path) -> np.ndarray:
     """The parameters of checkpoint `path`, checked (checksums, tensors) against the config's model."""
     from dbmpi.checkpoint import open_checkpoint
@@ -63,19 +79,23 @@ def initial_parameters(cfg: dict, path) -> np.ndarray:
         return ckpt.read_range("params", 0, network.n_params)
 
 
-def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print,
-          initial: np.ndarray | None = None) -> dict:
-    """Train with [train] algorithm = "sgd" (from `initial` parameters if given); returns the
-    summary also written to summary.json."""
-    tcfg = cfg["train"]
+def prepare(cfg: dict, init=None) -> tuple:
+    """Everything a run needs, checked before its run directory exists (no half-made run on
+    bad input): the network (with the parameters of checkpoint `init` if given) and the
+    train and test splits in memory. Returns the `prepared` argument of train()."""
     network = Network(cfg["model"])
-    if initial is not None:
-        network.params[:] = initial
-    with threadpool_limits(limits=tcfg["threads"], user_api="blas"):
-        with open_training_data(cfg["data"], network) as dataset:
-            train_x, train_y = dataset.load("train")
-            test_x, test_y = dataset.load("test")
-        return _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say)
+    if init is not None:
+        network.params[:] = initial_parameters(cfg, init)
+    with open_training_data(cfg["data"], network) as dataset:
+        return network, dataset.load("train"), dataset.load("test")
+
+
+def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print, prepared: tuple | None = None) -> dict:
+    """Train with [train] algorithm = "sgd" on what prepare(cfg) returned (called here if not
+    given); returns the summary also written to summary.json."""
+    network, (train_x, train_y), (test_x, test_y) = prepared or prepare(cfg)
+    with threadpool_limits(limits=cfg["train"]["threads"], user_api="blas"):
+        return _loop(cfg["train"], network, train_x, train_y, test_x, test_y, run, say)
 
 
 def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):

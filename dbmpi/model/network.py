@@ -16,6 +16,7 @@ import numpy as np
 
 from dbmpi import config as configuration
 from dbmpi.config import ConfigError
+from dbmpi.layout import require_memory
 from dbmpi.model.layers import LAYER_TYPES, Layer, Output
 
 
@@ -41,8 +42,9 @@ def _normalise_input_shape(input_shape) -> tuple[int, ...]:
 class Network:
     """Layers, their parameters in one flat vector, and minibatch loss/gradient/prediction."""
 
-    def __init__(self, model: dict):
-        """Build from a validated [model] table (see dbmpi.config)."""
+    def __init__(self, model: dict, allocate: bool = True):
+        """Build from a validated [model] table (see dbmpi.config). Without `allocate`, only
+        the structure (layers, tensors, sizes), to describe or plan a model of any size."""
         self.config = model
         self.name = model.get("name", "model")
         self.seed = model.get("seed", 0)
@@ -63,6 +65,13 @@ class Network:
                 self.tensors.append(Tensor(f"{layer.name}.{tname}", index, tuple(tshape), offset))
                 offset += math.prod(tshape)
         self.n_params = offset
+        if allocate:
+            self._allocate()
+
+    def _allocate(self) -> None:
+        """The parameter and gradient vectors, bound to the layers and initialised; refused
+        in one line when they cannot fit in this machine's memory."""
+        require_memory(self.memory_bytes(), f"model: {self.n_params:,} parameters (values and gradient, float32)")
         self.params = np.zeros(self.n_params, dtype=np.float32)
         self.grad = np.zeros(self.n_params, dtype=np.float32)
         for index, layer in enumerate(self.layers):
@@ -83,6 +92,10 @@ class Network:
         return cls(configuration.validate(raw, require_train=False)["model"])
 
     # Parameters ---------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of the parameter and gradient vectors (float32)."""
+        return 2 * 4 * self.n_params
+
     @staticmethod
     def view(tensor: Tensor, flat: np.ndarray) -> np.ndarray:
         """The tensor's view (shaped) into a flat vector laid out canonically."""
