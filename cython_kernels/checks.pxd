@@ -37,6 +37,16 @@ cdef inline void check_shape(cnp.ndarray a, str name, tuple expected) except *:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple((<object>a).shape)}")
 
 
+cdef inline void check_disjoint(cnp.ndarray out, str name, cnp.ndarray a, str other) except *:
+    """Raise ValueError when the output `out` shares memory with the input `a` (an aliased
+    output would be written while the input is still read: silently wrong results)."""
+    cdef char* p = <char*>cnp.PyArray_DATA(out)
+    cdef char* q = <char*>cnp.PyArray_DATA(a)
+    if p < q + cnp.PyArray_NBYTES(a) and q < p + cnp.PyArray_NBYTES(out):
+        raise ValueError(f"{name}: must not share memory with {other} "
+                         f"({name} is written while {other} is still read)")
+
+
 cdef inline void check_positive(long value, str name) except *:
     if value <= 0:
         raise ValueError(f"{name}: must be positive, got {value}")

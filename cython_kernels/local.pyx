@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
 from blas cimport gemm
-from checks cimport check_array, check_shape, check_positive, check_activation
+from checks cimport check_array, check_disjoint, check_shape, check_positive, check_activation
 from activations cimport activate, activation_grad
 
 cnp.import_array()
@@ -115,7 +115,7 @@ def local_backward(x, w, y, gy, gz, gw, gb, gx=None, kernel=None, stride=None,
     gx (N, H, W, C), when given, receives dL/dx: zeroed, then each position's gz_pos @ w[pos]
     is scatter-added into its patch (overlapping patches add up). All of gx is computed
     before gw is written, so gw may be w itself (fused update, scale = -lr,
-    accumulate = True). gx must not alias x.
+    accumulate = True). gx must not share memory with x, w or gz (ValueError).
     gw[pos] = accumulate * gw[pos] + scale * gz_pos.T @ patch(pos) and
     gb[pos] = accumulate * gb[pos] + scale * sum over the batch of gz_pos (float64 sums).
     Returns gx.
@@ -149,6 +149,9 @@ def local_backward(x, w, y, gy, gz, gw, gb, gx=None, kernel=None, stride=None,
     check_shape(agb, "gb", (oh_n, ow_n, f))
     if agx is not None:
         check_shape(agx, "gx", (n, h, wd, c))
+        check_disjoint(agx, "gx", ax, "x")
+        check_disjoint(agx, "gx", aw, "w")
+        check_disjoint(agx, "gx", agz, "gz")
     cdef float* px = <float*>cnp.PyArray_DATA(ax)
     cdef float* pw = <float*>cnp.PyArray_DATA(aw)
     cdef float* py = <float*>cnp.PyArray_DATA(ay)

@@ -15,7 +15,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-from checks cimport check_array, check_shape, check_positive
+from checks cimport check_array, check_disjoint, check_shape, check_positive
 
 cnp.import_array()
 
@@ -71,7 +71,7 @@ def l2pool_backward(x, y, gy, gx, int size, int stride):
     """gx[N, H, W, C] = sum over the windows containing each input of gy * x / y; returns gx.
 
     y is the output of l2pool_forward (with any eps); a window with y == 0 contributes 0.
-    gx is zeroed first, so it must not alias x.
+    gx is zeroed first, so it must not share memory with x, y or gy (ValueError).
     """
     cdef cnp.ndarray ax = check_array(x, "x", 4, cnp.NPY_FLOAT32)
     cdef cnp.ndarray ay = check_array(y, "y", 4, cnp.NPY_FLOAT32)
@@ -83,6 +83,9 @@ def l2pool_backward(x, y, gy, gx, int size, int stride):
     check_shape(ay, "y", (n, oh_n, ow_n, c))
     check_shape(agy, "gy", (n, oh_n, ow_n, c))
     check_shape(agx, "gx", (n, h, w, c))
+    check_disjoint(agx, "gx", ax, "x")
+    check_disjoint(agx, "gx", ay, "y")
+    check_disjoint(agx, "gx", agy, "gy")
     cdef float* px = <float*>cnp.PyArray_DATA(ax)
     cdef float* py = <float*>cnp.PyArray_DATA(ay)
     cdef float* pgy = <float*>cnp.PyArray_DATA(agy)

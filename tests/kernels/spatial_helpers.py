@@ -58,3 +58,13 @@ def bad_argument_cases(args, outputs, primary=()):
                                              shaped=name not in primary):
                 cases.append((name, label, bad))
     return cases
+
+
+def overlapping(a, shift):
+    """(x, gx): two C-contiguous float32 arrays shaped like `a` in one buffer, gx starting
+    `shift` floats after x (0: the same memory); x holds a's values."""
+    base = np.zeros(a.size + abs(shift), np.float32)
+    x = base[max(-shift, 0):][:a.size].reshape(a.shape)
+    gx = base[max(shift, 0):][:a.size].reshape(a.shape)
+    x[:] = a
+    return x, gx

@@ -6,7 +6,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dbmpi._kernels.local import local_backward, local_forward
-from tests.kernels.spatial_helpers import (ACTIVATIONS, activate64, assert_close,
+from tests.kernels.spatial_helpers import (ACTIVATIONS, activate64, assert_close, overlapping,
                                            bad_argument_cases, numeric_grad, randn)
 
 # (N, H, W, C, F, kernel, stride): odd and even sizes, non-square images, ragged strides.
@@ -214,6 +214,15 @@ def test_backward_rejects_bad_array(name, label, bad):
     args = _bwd_args()
     args[name] = bad
     with pytest.raises(ValueError, match=f"^{name}:"):
+        local_backward(**args, kernel=3, stride=2)
+
+
+@pytest.mark.parametrize("shift", [0, 7, -7])
+def test_backward_refuses_gx_sharing_memory_with_x(shift):
+    """x is read (pass 2) after gx is written (pass 1): an aliased gx gave wrong gradients."""
+    args = _bwd_args()
+    args["x"], args["gx"] = overlapping(args["x"], shift)
+    with pytest.raises(ValueError, match="^gx: must not share memory with x"):
         local_backward(**args, kernel=3, stride=2)
 
 

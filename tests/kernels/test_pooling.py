@@ -6,7 +6,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dbmpi._kernels.pooling import l2pool_backward, l2pool_forward
-from tests.kernels.spatial_helpers import assert_close, bad_argument_cases, numeric_grad, randn
+from tests.kernels.spatial_helpers import assert_close, bad_argument_cases, numeric_grad, overlapping, randn
 
 # (N, H, W, C, size, stride): odd and even windows, overlapping and ragged strides.
 SHAPES = [
@@ -116,6 +116,24 @@ def test_backward_rejects_bad_array(name, label, bad):
     args = _bwd_args()
     args[name] = bad
     with pytest.raises(ValueError, match=f"^{name}:"):
+        l2pool_backward(**args, size=3, stride=2)
+
+
+@pytest.mark.parametrize("shift", [0, 5, -5])
+def test_backward_refuses_gx_sharing_memory_with_x(shift):
+    """gx is zeroed and summed into while x is read: an aliased gx gave wrong gradients."""
+    args = _bwd_args()
+    args["x"], args["gx"] = overlapping(args["x"], shift)
+    with pytest.raises(ValueError, match="^gx: must not share memory with x"):
+        l2pool_backward(**args, size=3, stride=2)
+
+
+def test_backward_refuses_gx_sharing_memory_with_gy():
+    args = _bwd_args()
+    big = np.zeros(args["gx"].size, np.float32)
+    args["gx"] = big.reshape(args["gx"].shape)
+    args["gy"] = big[:args["gy"].size].reshape(args["gy"].shape)
+    with pytest.raises(ValueError, match="^gx: must not share memory with gy"):
         l2pool_backward(**args, size=3, stride=2)
 
 
