@@ -326,7 +326,8 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop
         data = _load_replica_data(cfg, network, layout, plan, topo)
         topo.world.Barrier()
         liveness.start()
-        client = _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop, liveness, data)
+        with liveness.partition_errors():  # a dead partition: this replica leaves, not the job
+            client = _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop, liveness, data)
         _end(topo, windows, liveness, client.close)
         return None
     lo, hi = layout.shard_ranges[role.shard]

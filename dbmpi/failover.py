@@ -12,6 +12,20 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
   cannot be survived (its parameters are gone), so whoever notices prints one line and
   calls MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written
   atomically, so the last one stays intact;
+- a shard that *dies* is seen sooner, by the ranks on its host: each knows every local
+  rank's process (pid and start time, exchanged when the windows are made) and its
+  watchdog thread looks at the shards' processes every 0.25 s (dbmpi.procfs). RMA on a dead
+  shard does not fail on one node (MPICH's shared-memory windows stay mapped: the replicas
+  would push into an inbox nobody drains until the heartbeat timeout), and a silence-based
+  timeout short enough to help would misjudge a busy shard (a long update, a checkpoint
+  write); a process that has ended is never a busy one. The main thread takes over at its
+  next beat: unless shard 0 already gave its verdict (the run is ending and ranks leave on
+  their own), the lowest live rank on the host prints one line (`dbmpi: shard K (rank R)
+  died ...`) and calls MPI_Abort(ABORT_SHARD_LOST); the others wait quietly for it (at most
+  the timeout, then they abort too). Measured: the line within 0.03-1.1 s, the job gone
+  within 0.5-1.6 s. A main thread stuck in MPI (the shard died holding a window mutex)
+  does not take over within SHARD_GRACE_S: the watchdog then ends its rank itself (status
+  4, the line from the reporter). Shards on other hosts are noticed by their heartbeat;
 - on shard 0, the failure detector reads every worker's slot. A worker whose count has not
   moved for the timeout gets its whole replica declared failed (a replica split into P
   partitions cannot step without all of them): its workers count as finished on every
@@ -33,6 +47,11 @@ partner died waits in a collective forever, and a process killed inside an MPI a
 can leave MPICH's shared-memory window mutex locked, after which every access to that
 window blocks. The job then ends in bounded time instead of hanging.
 
+A partition whose partner died may also get an MPI error from the collective instead of
+waiting in it (MPICH: `process_vm_readv failed (errno 3)` in Allgatherv). `partition_errors()`
+turns that into the watchdog's outcome: one line, EXIT_FROZEN, no MPI_Abort (which would end
+the surviving replicas too), so either path ends the same way.
+
 A live worker that learns its replica was declared failed (it was silent that long without
 dying) prints one line and leaves with EXIT_REPLICA_LOST: it must not count itself
 finished after the shards stopped counting it.
@@ -49,19 +68,24 @@ one dies.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
 from contextlib import contextmanager
 
+from mpi4py import MPI
+
+from dbmpi import procfs
 from dbmpi.layout import Layout
-from dbmpi.parameter_server import (BEATS, DONE_MARK, FAILED_MARK, SHARD_BEAT, WORKERS_DONE, WORKERS_FAILED,
-                                    ParameterWindows, add_counter, heartbeat_slot, read_counter)
+from dbmpi.parameter_server import (BEATS, DONE_MARK, FAILED_MARK, SHARD_BEAT, VERDICT, WORKERS_DONE,
+                                    WORKERS_FAILED, ParameterWindows, add_counter, heartbeat_slot, read_counter)
 
 EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
 ABORT_SHARD_LOST = 4  # MPI_Abort error code when a shard stopped responding
 EXIT_FROZEN = 5  # no progress for 2 x timeout: stuck inside MPI
 EXIT_ALL_REPLICAS_FAILED = 6  # shard 0 when no replica survived: nothing could finish
+SHARD_GRACE_S = 3.0  # a shard died: the main thread has this long to notice before the watchdog acts
 
 
 def stderr_line(text: str) -> None:
@@ -107,6 +131,15 @@ class Liveness:
         self.done_workers: set[int] = set()
         self._failed_count = 0
         self.events: list[dict] = []  # shard 0: one replica_failed record per failure
+        # The processes of the ranks on this host (collective): a shard among them that ends
+        # is seen at once (_watch_loop), whatever its heartbeat says.
+        peers = comm.allgather((socket.gethostname(), procfs.identity()))
+        host = peers[self.rank][0]
+        self.local = {r: ident for r, (name, ident) in enumerate(peers) if name == host and not procfs.gone(ident)}
+        self.watch_period = min(self.interval, 0.25)
+        self.dead_shard: tuple[int, float] | None = None  # (shard, when the watchdog saw it end)
+        self._run_ending = False  # shard 0 gave its verdict: shards leave on their own now
+        self._said, self._say_lock = False, threading.Lock()
 
     # The main thread -----------------------------------------------------------------------
     def start(self) -> "Liveness":
@@ -135,7 +168,11 @@ class Liveness:
         """Heartbeat and failure checks, if one is due (cheap otherwise)."""
         now = time.monotonic()
         self.last_tick = now
-        if not self._beating or (not force and now - self.last_beat < self.period):
+        if not self._beating:
+            return
+        if self.dead_shard is not None and not self._run_ending:
+            self._shard_ended()
+        if not force and now - self.last_beat < self.period:
             return
         if now - self.last_beat > self.timeout / 2:
             # This rank was busy: it saw nobody meanwhile, which says nothing about them.
@@ -188,6 +225,23 @@ class Liveness:
         """Wait for an MPI request politely (dbmpi.shard_checkpoint's progress protocol)."""
         self.wait(request.Test)
 
+    @contextmanager
+    def partition_errors(self):
+        """A worker's training. Under the failover launcher (dbmpi.supervise) with P > 1, an
+        MPI error there means a peer died mid-exchange, typically a partition of this replica
+        (MPICH reports a partner that died during a collective, e.g. `process_vm_readv failed
+        (errno 3)` in Allgatherv, or the collective just never returns: the watchdog). Either
+        way this rank leaves with EXIT_FROZEN and one line, instead of MPI_Abort ending the
+        whole job: the shards declare the replica failed and the others train on."""
+        try:
+            yield
+        except MPI.Exception as exc:
+            if self.layout.n_partitions > 1 and os.environ.get("DBMPI_SUPERVISED") == "1":
+                stderr_line(f"dbmpi: rank {self.rank} ({self.role}): MPI error ({str(exc).splitlines()[0]}) "
+                            "with a peer that died (a partition of this replica); leaving")
+                leave(EXIT_FROZEN)
+            raise
+
     def leave_released(self) -> None:
         role = self.role
         stderr_line(f"dbmpi: rank {self.rank} (replica {role.replica}, partition {role.partition}): the "
@@ -219,11 +273,48 @@ class Liveness:
                                    f"(train.replica_timeout_s = {self.timeout:g})")
 
     def shard_lost(self, shard: int, what: str) -> None:
-        """A shard is gone: its parameters cannot be recovered, so the whole job ends."""
-        stderr_line(f"dbmpi: shard {shard} (rank {self.layout.shard_rank(shard)}) {what}: a shard's parameters "
-                    "cannot be recovered, so the job ends; resume from the last checkpoint")
+        """A shard is gone: its parameters cannot be recovered, so the whole job ends. When
+        its process on this host has ended, the lowest live rank here says so (one line) and
+        aborts the job; the others wait for that, quietly (up to the timeout)."""
+        if self._ended(self.layout.shard_rank(shard)):
+            what = self._died(shard)
+            deadline = time.monotonic() + self.timeout
+            while self._reporter() != self.rank and time.monotonic() < deadline:
+                self.tick()  # no MPI: the reporter's MPI_Abort ends this rank
+                time.sleep(0.05)
+        self._say_once(self._lost_line(shard, what))
         time.sleep(0.5)  # let the launcher forward the line
         self.comm.Abort(ABORT_SHARD_LOST)
+
+    def _say_once(self, line: str) -> None:
+        """The shard-lost line, once per rank (the main thread or the watchdog says it)."""
+        with self._say_lock:
+            if not self._said:
+                stderr_line(line)
+                self._said = True
+
+    def _lost_line(self, shard: int, what: str) -> str:
+        return (f"dbmpi: shard {shard} (rank {self.layout.shard_rank(shard)}) {what}: a shard's parameters "
+                "cannot be recovered, so the job ends; resume from the last checkpoint")
+
+    def _died(self, shard: int) -> str:
+        return f"died (its process {self.local[self.layout.shard_rank(shard)][0]} ended)"
+
+    def _ended(self, rank: int) -> bool:
+        """Whether `rank` runs on this host and its process has ended (never a live one)."""
+        return rank != self.rank and rank in self.local and procfs.gone(self.local[rank])
+
+    def _reporter(self) -> int:
+        """The rank that reports a dead shard here: the lowest one on this host still alive."""
+        return min(r for r, ident in self.local.items() if r == self.rank or not procfs.gone(ident))
+
+    def _shard_ended(self) -> None:
+        """Main thread, the watchdog having seen a shard's process end: unless the run is
+        ending (shard 0 gave its verdict, after which ranks leave), the job ends."""
+        if read_counter(self.windows.control, self.shard0, VERDICT):
+            self._run_ending = True
+            return
+        self.shard_lost(self.dead_shard[0], "")
 
     def _detect(self, now: float) -> None:
         """Shard 0: count finished workers, declare silent ones' replicas failed."""
@@ -284,10 +375,26 @@ class Liveness:
     # The watchdog thread (no MPI) --------------------------------------------------------------
     def _watch_loop(self) -> None:
         limit = 2 * self.timeout
-        while not self._closed.wait(self.interval):
+        while not self._closed.wait(self.watch_period):
             now = time.monotonic()
+            self._watch_local_shards(now)
             if not self._busy and now - self.last_tick > limit:
                 stderr_line(f"dbmpi: rank {self.rank} ({self.role}): no progress for {now - self.last_tick:.0f} s "
                             "(2 x train.replica_timeout_s): waiting on a peer that died (a partition of this "
                             "replica, or a process killed inside an MPI call); leaving")
                 leave(EXIT_FROZEN)
+
+    def _watch_local_shards(self, now: float) -> None:
+        """A shard process on this host that ended is told to the main thread (next beat);
+        if the main thread does not tick within SHARD_GRACE_S (stuck in MPI, e.g. on a
+        window mutex the dead shard held), the watchdog ends this rank itself."""
+        if not self._beating or self._run_ending:
+            return
+        if self.dead_shard is None:
+            dead = [k for k, rank in enumerate(self.layout.shard_ranks) if self._ended(rank)]
+            if dead:
+                self.dead_shard = (dead[0], now)
+        elif now - self.dead_shard[1] > SHARD_GRACE_S and (self.last_tick < self.dead_shard[1] or self._said):
+            if self._reporter() == self.rank:  # the main thread is stuck, or its MPI_Abort is
+                self._say_once(self._lost_line(self.dead_shard[0], self._died(self.dead_shard[0])))
+            leave(ABORT_SHARD_LOST)

@@ -23,6 +23,17 @@ being killed, never leaves the rank running.
 
 MPI-free: the child inherits the PMI connection (its file descriptor, or PMI_PORT); the
 parent closes its own copy, so the launcher sees the connection close when the child dies.
+
+Shared memory. An MPICH job that ends without MPI_Finalize (a killed rank, a failover, an
+MPI_Abort) leaves its segment, /dev/shm/mpich_shm_<id>_<node> (4-5 MB), behind. So this
+parent forks a sweeper, in a session of its own (what ends the job's processes, MPI_Abort's
+SIGKILL of every rank's parent included, does not reach it): it reads which MPICH files the
+rank maps (/proc/PID/maps) for as long as the rank lives, then removes those that no process
+uses any more (jobs/slurm/mpich-shm-cleanup.sh, given the paths). The last rank of the job
+to end on a node finds them unused, so this job's files go, and only these: another job's
+name is never learnt. A parent that exits normally waits for its sweeper (at most
+SWEEP_WAIT_S), so the files are gone when mpiexec returns; after an MPI_Abort they go a
+moment later.
 """
 from __future__ import annotations
 
@@ -31,10 +42,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
+
+from dbmpi import procfs
 
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 IGNORED = (signal.SIGUSR1,)
 PR_SET_PDEATHSIG = 1
+SWEEP_POLL_S = 0.2
+SWEEP_WAIT_S = 10.0
 
 USAGE = """usage: python -m dbmpi.supervise COMMAND [ARG...]
 
@@ -54,6 +70,48 @@ def _in_child(libc) -> None:
         os._exit(127)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(127)
+
+
+def sweep(rank: tuple[int, int | None], poll_s: float = SWEEP_POLL_S) -> str:
+    """Learn the MPICH shared-memory files `rank` (procfs.identity) maps while it lives;
+    then remove those nothing uses any more. Returns the cleanup script's report."""
+    files: set[str] = set()
+    while not procfs.gone(rank):
+        files |= procfs.mpich_shm_files(rank[0])
+        time.sleep(poll_s)
+    return procfs.remove_unused(files)
+
+
+def start_sweeper(rank_pid: int) -> int | None:
+    """Fork sweep(rank) into a session of its own, its output to /dev/null and no other
+    descriptor (the PMI connection, the launcher's pipes) kept; returns its pid."""
+    rank = procfs.identity(rank_pid)
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid:
+        return pid
+    try:  # the sweeper: signals stay ignored (as set in main) until it is done
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        sweep(rank)
+    finally:
+        os._exit(0)
+
+
+def wait_for_sweeper(pid: int | None, limit_s: float = SWEEP_WAIT_S) -> None:
+    deadline = time.monotonic() + limit_s
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
 
 
 def exit_status(wait_status: int) -> int:
@@ -83,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dbmpi.supervise: error: cannot run {args[0]}: {exc.strerror}", file=sys.stderr)
         return 127
 
+    sweeper = start_sweeper(child.pid)
+
     def pass_on(signum, _frame) -> None:
         try:
             os.kill(child.pid, signum)
@@ -103,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
+    wait_for_sweeper(sweeper)
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: no interpreter teardown, during which a late SIGUSR1 from hydra (it sends

@@ -18,13 +18,16 @@
 #
 # A failing Prolog or Epilog drains the node, so this always exits 0.
 # By hand: SLURM_JOB_ID=123 bash mpich-shm-cleanup.sh --dry-run
+#
+# Given paths instead (`mpich-shm-cleanup.sh [--dry-run] PATH...`), it handles exactly those
+# MPICH segments, whatever their job (anything but $shm/mpich_shm_* and $shm/mpich_vci_* is
+# ignored): dbmpi.supervise passes the ones its rank mapped once that rank has ended.
 
 job=${SLURM_JOB_ID:-}
 steps=${DBMPI_SHM_CLEANUP_STEPS:-64}
 shm=${DBMPI_SHM_DIR:-/dev/shm}
 dry_run=
-[ "${1:-}" = --dry-run ] && dry_run=1
-case "$job" in '' | *[!0-9]*) exit 0 ;; esac
+[ "${1:-}" = --dry-run ] && dry_run=1 && shift
 case "$steps" in '' | *[!0-9]*) steps=64 ;; esac
 
 fnv1a() {  # sets id to the 32-bit FNV-1a hash of $1, in lower-case hex without leading zeros
@@ -44,17 +47,29 @@ in_use() {  # whether any process maps or holds open the file $1
   find /proc/[0-9]*/fd -maxdepth 1 -lname "$1" -print 2>/dev/null | grep -q .
 }
 
+clean() {  # remove the segment $1 unless a process uses it; $2 says whose it is
+  [ -e "$1" ] || return 0
+  if in_use "$1"; then
+    echo "mpich-shm-cleanup: $1 is in use; kept"
+  elif [ -n "$dry_run" ]; then
+    echo "mpich-shm-cleanup: would remove $1"
+  else
+    rm -f -- "$1" && echo "mpich-shm-cleanup: removed $1 ($2)"
+  fi
+}
+
+if [ $# -gt 0 ]; then
+  for path; do
+    [ "${path%/*}" = "$shm" ] || continue
+    case "${path##*/}" in mpich_shm_* | mpich_vci_*) clean "$path" "given" ;; esac
+  done
+  exit 0
+fi
+case "$job" in '' | *[!0-9]*) exit 0 ;; esac
 for ((step = 0; step < steps; step++)); do
   fnv1a "$job.$step"
   for path in "$shm/mpich_shm_${id}_"* "$shm/mpich_vci_${id}_"*; do
-    [ -e "$path" ] || continue
-    if in_use "$path"; then
-      echo "mpich-shm-cleanup: $path is in use; kept"
-    elif [ -n "$dry_run" ]; then
-      echo "mpich-shm-cleanup: would remove $path"
-    else
-      rm -f -- "$path" && echo "mpich-shm-cleanup: removed $path (job $job step $step)"
-    fi
+    clean "$path" "job $job step $step"
   done
 done
 exit 0
