@@ -1,4 +1,6 @@
 """HDF5 checkpoints without MPI: streamed writing, atomicity, verification, range reads."""
+import os
+import re
 import subprocess
 import shutil
 
@@ -42,10 +44,10 @@ def network():
     return Network.from_string(MODEL)
 
 
-def write(path, network, vectors, pieces=7, step=12, state=None):
+def write(path, network, vectors, pieces=7, step=12, state=None, config_text="[model]\n"):
     """Write `vectors` (name -> full canonical vector) in `pieces` uneven pieces each."""
     with CheckpointWriter(path, network.tensors, algorithm="downpour", step=step,
-                          config_text="[model]\n", layout={"n_shards": 3}, state=state or {"a": 1}) as w:
+                          config_text=config_text, layout={"n_shards": 3}, state=state or {"a": 1}) as w:
         for name, full in vectors.items():
             cuts = np.linspace(0, full.size, pieces + 1).astype(int)
             cuts[1:-1] += np.arange(pieces - 1) % 3  # uneven, crossing tensor boundaries
@@ -213,3 +215,47 @@ def test_inspect_verify_tensor_and_export(tmp_path, network, capsys):
     assert main(["inspect", str(path), "--verify"]) == 2
     captured = capsys.readouterr()
     assert "FAILED /params/dense1/b: checksum mismatch" in captured.out
+
+
+DAMAGE = {  # case -> (damage done with h5py, what the one error line says)
+    "no step": (lambda f: f.attrs.__delitem__("step"), "damaged checkpoint: no 'step' attribute"),
+    "state not JSON": (lambda f: f.attrs.__setitem__("state", "{not json"),
+                       "damaged checkpoint: attribute 'state' is not a JSON object"),
+    "layout a list": (lambda f: f.attrs.__setitem__("layout", "[1, 2]"),
+                      "damaged checkpoint: attribute 'layout' is not a JSON object"),
+    "tensor without offset": (lambda f: f["params/dense1/W"].attrs.__delitem__("offset"),
+                              "damaged checkpoint: tensor /params/dense1/W has no valid 'offset' attribute"),
+    "missing tensor": (lambda f: f.__delitem__("params/softmax2/b"), "/params: missing tensor(s) softmax2.b"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_checkpoint_is_one_error_naming_the_damage(tmp_path, network, case, capsys):
+    """Resuming from it and `dbmpi inspect --verify` both end in one CheckpointError line."""
+    from dbmpi.cli import main
+
+    path = write(tmp_path / "c.h5", network, {"params": network.params}, config_text=MODEL)
+    damage, message = DAMAGE[case]
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        with open_checkpoint(path) as ckpt:
+            ckpt.check_network(network)
+    assert main(["inspect", str(path), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("dbmpi: error:") == 1 and err.startswith("dbmpi: error:") and message in out + err
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(tmp_path, network):
+    """`dbmpi inspect CKPT | head -2`: the reader is gone; no BrokenPipeError traceback."""
+    import sys
+
+    path = write(tmp_path / "c.h5", network, {"params": network.params})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "dbmpi", "inspect", str(path)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141

@@ -121,3 +121,73 @@ def test_plan_prints_the_partition_plan_only_when_partitioned():
     assert "model parallelism: 3 partition(s)" in split.stdout and "[0,171) [171,342) [342,512)" in split.stdout
     line = error_line(run("plan", config, "--set", "train.n_partitions=11"))
     assert "train.n_partitions: 11 partitions but layer softmax2 (model.layers[2])" in line
+
+
+@pytest.mark.parametrize("threads", ["0", "-4"])
+def test_threads_below_one_is_refused_like_the_config_key(tmp_path, threads):
+    line = error_line(run("train", ROOT / "configs/mlp_digits.toml", "--run-dir", tmp_path / "r",
+                          "--threads", threads))
+    assert f"train.threads: must be a positive integer, got {threads}" in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("override", ["model.layers[0].units=1000000000000",
+                                      "model.layers[0].units=100000000000000000000",
+                                      "model.input_shape=[1000000,1000000,1]"])
+def test_a_model_larger_than_the_machine_is_refused_before_allocating(tmp_path, override):
+    args = ("--set", override, "--set", f"data.path={tmp_path / 'd.h5'}")
+    line = error_line(run("train", ROOT / "configs/mlp_digits.toml", "--run-dir", tmp_path / "r", *args))
+    assert "parameters (values and gradient, float32) need" in line and "but this machine has" in line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "d.h5").exists()
+    plan = run("plan", ROOT / "configs/downpour_digits.toml", *args)  # plan describes it all the same
+    assert plan.returncode == 0 and "shard 1" in plan.stdout, plan.stderr
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path):
+    def writable(directory):
+        try:
+            (directory / "probe").touch()
+        except OSError:
+            return False
+        (directory / "probe").unlink()
+        return True
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if writable(read_only):  # root ignores the mode bits; sysfs refuses root too
+        read_only = Path("/sys/kernel")
+        if not read_only.is_dir() or writable(read_only):
+            pytest.skip("no directory this user cannot write to")
+    line = error_line(run("train", ROOT / "configs/mlp_digits.toml", "--run-dir", read_only,
+                          "--set", f"data.path={tmp_path / 'd.h5'}", "--set", "train.steps=2"))
+    assert f"{read_only}: cannot write the run there" in line
+
+
+UNEXPECTED_ERROR_ON_RANK_1 = """
+import sys
+from mpi4py import MPI
+from dbmpi import cli
+
+def fail_on_rank_1(args):
+    if MPI.COMM_WORLD.rank == 1:
+        raise KeyError("injected")
+    MPI.COMM_WORLD.Barrier()  # rank 0 waits for a rank that will never come
+    return 0
+
+cli.cmd_version = fail_on_rank_1
+sys.exit(cli.main(["version"]))
+"""
+
+
+def test_an_unexpected_error_on_one_rank_ends_the_whole_job_under_the_script(tmp_path):
+    """The `dbmpi` script is cli.main without `python -m mpi4py`: an unexpected error on one
+    rank must abort the job (MPI_Abort), not leave the others waiting forever."""
+    from tests.test_downpour import mpiexec
+
+    start = time.monotonic()
+    result = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", UNEXPECTED_ERROR_ON_RANK_1],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "KeyError: 'injected'" in result.stderr

@@ -104,6 +104,7 @@ def test_warmstart_is_honoured(tmp_path):
     (5, ["train.n_partitions=2"],
      "5 MPI ranks were started but the layout needs 2 replica(s) x 2 partition(s) + 2 shard(s) = 6"),
     (4, ["train.n_partitions=11"], "train.n_partitions: 11 partitions but layer softmax2"),
+    (4, ["model.layers[0].units=1000000000000"], "rank 0 (replica 0 partition 0): the model's 129,000,000,000,714"),
 ])
 def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, message):
     sets = [a for o in overrides for a in ("--set", o)]
@@ -144,6 +145,38 @@ def test_an_error_on_one_rank_ends_the_whole_job(tmp_path, launcher):
     assert result.returncode != 0
     assert time.monotonic() - start < 60
     assert "dbmpi: error on rank 1: RuntimeError: failure injected at step 30" in result.stderr
+
+
+def test_the_dbmpi_script_resuming_a_damaged_checkpoint_ends_with_one_line(tmp_path):
+    """A checkpoint without its `step` attribute: `mpiexec -n 4 dbmpi train --resume` (the
+    console script, no `python -m mpi4py`) used to print a KeyError traceback on rank 0 and
+    hang the other ranks; now every rank says the same line and the job ends, no run made."""
+    import h5py
+
+    from dbmpi.checkpoint import CheckpointWriter
+    from dbmpi.model import Network
+
+    script = Path(sys.executable).with_name("dbmpi")
+    script = str(script) if script.exists() else shutil.which("dbmpi")
+    if not script:
+        pytest.skip("dbmpi console script not installed")
+    network = Network.from_toml(CONFIG)
+    damaged = tmp_path / "damaged.h5"
+    with CheckpointWriter(damaged, network.tensors, algorithm="downpour", step=10,
+                          config_text=CONFIG.read_text(), layout={}) as writer:
+        writer.write_vector("params", [(0, network.params)])
+        writer.commit()
+    with h5py.File(damaged, "r+") as f:
+        del f.attrs["step"]
+    cmd = [mpiexec(), "-n", "4", script, "train", str(CONFIG), "--run-dir", str(tmp_path / "run"),
+           "--resume", str(damaged), "--set", f"data.path={tmp_path / 'digits.h5'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert f"{damaged}: damaged checkpoint: no 'step' attribute" in lines[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 SPATIAL_DIGITS = """

@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from tests.conftest import require_fashion
+from tests.test_cli import error_line
+from tests.test_data import _retype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,3 +150,76 @@ def test_init_from_a_downpour_checkpoint_starts_from_its_parameters(tmp_path):
     result = dbmpi("train", config, "--run-dir", tmp_path / "bad", "--init", broken, "--set", data, cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "bad").exists()
     assert result.stderr.count("dbmpi: error:") == 1 and "broken.h5" in result.stderr
+
+
+
+def _data(mutate=lambda f: None, shape=(8, 8, 1)):
+    """Writes a small data set (10 classes, digits' shape unless told), then `mutate(h5py.File)`."""
+    def make(path):
+        from tests.test_data import small_dataset
+
+        small_dataset(path, n_train=40, n_test=20, n_classes=10, shape=shape)
+        with h5py.File(path, "a") as f:
+            mutate(f)
+    return make
+
+
+def _emptied(split):
+    def mutate(f):
+        for name, shape, dtype in (("x", (0, 8, 8, 1), np.float32), ("y", (0,), np.int32)):
+            del f[f"{split}/{name}"]
+            f.create_dataset(f"{split}/{name}", shape=shape, dtype=dtype)
+        f.attrs[f"n_{split}"] = 0
+    return mutate
+
+
+def _classes(n):
+    def mutate(f):
+        f.attrs["n_classes"] = n
+        del f.attrs["class_names"]
+    return mutate
+
+
+def _truncated(path):
+    _data()(path)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+LOCAL_9x9 = 'input_shape = [8, 8, 1]\n[[model.layers]]\ntype = "local"\nfilters = 2\nkernel = 9\nactivation = "relu"\n'
+BAD_INPUT = {  # case -> (writes the data file, or None: the good file; a config edit; part of the message)
+    "missing file": (lambda path: None, None, "data set file not found"),
+    "empty file": (lambda path: path.write_bytes(b""), None, "not an HDF5 file"),
+    "truncated file": (_truncated, None, "d.h5"),
+    "x as float64": (_data(_retype("/train/x", np.float64)), None, "/train/x has dtype float64"),
+    "label out of range": (_data(lambda f: f["/test/y"].__setitem__(0, 12)), None, "labels outside [0, 10)"),
+    "other input shape": (_data(shape=(3, 3, 1)), None, "model.input_shape: [8, 8, 1] does not match"),
+    "more classes than outputs": (_data(_classes(12)), None, "10 outputs but"),
+    "10**10 classes, no names": (_data(_classes(10**10)), None, "10000000000 classes"),
+    "empty train split": (_data(_emptied("train")), None, "/train holds no examples"),
+    "empty test split": (_data(_emptied("test")), None, "/test holds no examples"),
+    "kernel larger than input": (None, ("input_shape = [8, 8, 1]\n", LOCAL_9x9), "9 is larger than the input 8 x 8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_leaves_no_run_directory_and_the_corrected_rerun_works(tmp_path, case):
+    """Every input is checked before the run directory exists: one line, exit 2, nothing
+    written, and the same --run-dir then takes the corrected run."""
+    write_data, edit, message = BAD_INPUT[case]
+    good = tmp_path / "good.h5"
+    _data()(good)
+    bad = tmp_path / "d.h5"
+    if write_data is not None:
+        write_data(bad)
+    text = (ROOT / "configs/mlp_digits.toml").read_text().replace('source = "digits"', "")
+    config = tmp_path / "c.toml"
+    config.write_text(text.replace(*edit) if edit else text)
+    run_dir = tmp_path / "run"
+    args = ("train", config, "--run-dir", run_dir, "--quiet", "--set", "train.steps=3")
+    result = dbmpi(*args, "--set", f"data.path={bad if write_data else good}", cwd=tmp_path)
+    assert message in error_line(result)
+    assert not run_dir.exists()
+    config.write_text(text)
+    result = dbmpi(*args, "--set", f"data.path={good}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
