@@ -71,7 +71,8 @@ def bench_replicas(work, data, steps, cores):
     for r in (1, 2, 3):
         summary, _ = dbmpi_train(ROOT / "configs/downpour_fashion.toml", work / f"b-r{r}",
                                  [f"data.path={data}", f"train.n_replicas={r}", "train.n_shards=1",
-                                  f"train.steps={steps}", "train.warmstart_steps=0"], ranks=r + 1)
+                                  f"train.steps={steps}", "train.warmstart_steps=0", "train.eval_every=100000"],
+                                 ranks=r + 1)
         by_replicas[r] = summary["samples_per_s"]
         emit({"bench": "downpour_samples_per_s", "replicas": r, "shards": 1, "ranks": r + 1, "cores": cores,
               "samples_per_s": summary["samples_per_s"], "single_process_sgd_samples_per_s": base["samples_per_s"],
@@ -159,6 +160,7 @@ learning_rate = 0.01
 batch_size = 128
 steps = {steps}
 log_every = 1
+eval_every = 1000000  # throughput only: no evaluation during training
 """)
     summary, records = dbmpi_train(config, work / "d-speech", [], ranks=4)
     replicas = [r for r in records if r["kind"] == "replica"]

@@ -200,7 +200,7 @@ def _train(run_dir, ranks, sets, env, snapshots, timeout):
     full_env.update(CHILD_ENV)
     full_env.update(env or {})
     args = ["train", str(CONFIG), "--run-dir", str(run_dir), "--quiet"]
-    for item in sets:
+    for item in ["train.eval_every=1000000", *sets]:  # timed: no test evaluations unless asked
         args += ["--set", item]
     if snapshots is None:
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "dbmpi", *args]

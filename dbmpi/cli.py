@@ -213,9 +213,14 @@ def cmd_data_prepare(args) -> int:
     from dbmpi import data
 
     out = Path(args.out or f"data/{args.source}.h5")
-    # Only the options given are passed, so prepare() rejects one the source does not take.
     options = {key: getattr(args, attr) for key, attr in PREPARE_OPTIONS.items()
                if getattr(args, attr) is not None}
+    accepted = data.source_options(args.source)
+    taken = [args.flags[attr] for key, attr in PREPARE_OPTIONS.items() if key in accepted]
+    for key in options:
+        if key not in accepted:
+            raise UsageError(f"data prepare {args.source}: {args.flags[PREPARE_OPTIONS[key]]} does not apply "
+                             f"to this source; it takes {', '.join(taken) or 'no options'} (and --out)")
     path = data.prepare(args.source, out, **options)
     with data.open_dataset(path) as dataset:
         print(f"wrote {path}: {dataset.n_train} train + {dataset.n_test} test examples of shape "
@@ -241,19 +246,30 @@ PREPARE_OPTIONS = {
 
 
 def cmd_data_info(args) -> int:
+    """A short summary of a data set file; with --json, one JSON object (class names only
+    when the file stores them: the default names are "0".."n-1")."""
     from dbmpi import data
 
     with data.open_dataset(args.path) as dataset:
-        info = {
-            "path": str(args.path),
-            "source": dataset.source,
-            "input_shape": list(dataset.input_shape),
-            "n_classes": dataset.n_classes,
-            "class_names": list(dataset.class_names),
-            "n_train": dataset.n_train,
-            "n_test": dataset.n_test,
-        }
-    print(json.dumps(info, indent=2))
+        attrs, names = dataset.attrs, dataset.class_names
+        info = {"path": str(args.path), "source": dataset.source, "description": attrs.get("description"),
+                "input_shape": list(dataset.input_shape), "layout": attrs.get("layout"),
+                "x_range": attrs.get("x_range"), "scaling": attrs.get("scaling"),
+                "n_classes": dataset.n_classes, "n_train": dataset.n_train, "n_test": dataset.n_test}
+        if "class_names" in attrs:
+            info["class_names"] = list(names)
+        shown = list(names) if len(names) <= 10 else [*names[:6], "...", *names[-2:]]
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    x_range = info["x_range"]
+    print(f"{info['path']}: {info['source']}, {info['n_train']:,} train + {info['n_test']:,} test examples")
+    if info["description"]:
+        print(f"  {info['description']}")
+    print(f"  input shape {tuple(info['input_shape'])}, layout {info['layout'] or 'unknown'}, x in "
+          + (f"[{x_range[0]:g}, {x_range[1]:g}]" if x_range else "an unrecorded range")
+          + (f"; {info['scaling']}" if info["scaling"] else ""))
+    print(f"  {info['n_classes']:,} classes: {', '.join(shown)}")
     return 0
 
 
@@ -421,9 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--hidden", type=int, metavar="N", help="teacher hidden units (default 256)")
     synthetic.add_argument("--label-noise", type=float, metavar="P",
                            help="probability of replacing a label by a random class (default 0)")
-    prepare.set_defaults(func=cmd_data_prepare)
-    info = data_sub.add_parser("info", help="describe an HDF5 data set")
+    prepare.set_defaults(func=cmd_data_prepare,
+                         flags={a.dest: a.option_strings[0] for a in prepare._actions if a.option_strings})
+    info = data_sub.add_parser("info", help="describe an HDF5 data set",
+                               description="Source, description, sizes, input shape and layout, value "
+                                           "range and classes of a data set file.")
     info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead")
     info.set_defaults(func=cmd_data_info)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint on a data set",

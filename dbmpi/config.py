@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,14 @@ def shape(key, value):
     return list(value)
 
 
+def every_or_epoch(key, value):
+    if value == "epoch":
+        return value
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f'{key}: must be a positive integer or "epoch", got {value!r}')
+    return value
+
+
 def optional(check):
     def maybe(key, value):
         return None if value is None else check(key, value)
@@ -178,7 +187,8 @@ TRAIN_FIELDS = {
     "steps": Field(optional(positive_int), None),
     "seed": Field(nonnegative_int, 0),
     "log_every": Field(positive_int, 100),
-    "eval_every": Field(optional(positive_int), None),  # None: once per epoch
+    # Steps (Sandblaster: L-BFGS iterations) between test evaluations; see eval_interval.
+    "eval_every": Field(every_or_epoch, "epoch"),
     "eval_batch_size": Field(positive_int, 1000),
     "run_dir": Field(optional(string), None),
     "threads": Field(positive_int, 1),
@@ -202,6 +212,9 @@ TRAIN_FIELDS = {
     # Downpour: a replica whose heartbeat has not moved for this long is declared failed and
     # the others train on (dbmpi.failover); a shard that long silent ends the job.
     "replica_timeout_s": Field(at_least(1.0), 30.0),
+    # Downpour: the run diverged (exit status 3) when more than this fraction of the pushes
+    # were withheld as non-finite; a replica stops once its own share passes it (after 10).
+    "max_rejected_fraction": Field(unit_interval, 0.1),
     # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
     # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
     "iterations": Field(optional(positive_int), None),
@@ -220,6 +233,41 @@ TRAIN_FIELDS = {
 
 
 SECTIONS = {"model": MODEL_FIELDS, "data": DATA_FIELDS, "train": TRAIN_FIELDS}
+
+# [train] keys that only some algorithms read (a key not listed is read by all of them) and
+# keys that only one optimizer reads. Giving one where it is not read is an error, so a
+# setting never silently does nothing; the resolved config leaves them out.
+_SGD_LIKE, _DISTRIBUTED = ("sgd", "downpour"), ("downpour", "sandblaster")
+TRAIN_KEY_ALGORITHMS = {
+    **dict.fromkeys(("optimizer", "learning_rate", "momentum", "adagrad_eps", "adagrad_initial", "epochs",
+                     "steps", "seed", "log_every"), _SGD_LIKE),
+    "fused_update": ("sgd",),
+    **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "checkpoint_every", "checkpoint_every_s",
+                     "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
+    **dict.fromkeys(("n_fetch", "n_push", "warmstart_steps", "local_learning_rate", "max_rejected_fraction"),
+                    ("downpour",)),
+    **dict.fromkeys(("iterations", "portion_size", "history", "wolfe_c1", "wolfe_c2", "max_line_search",
+                     "tolerance", "backup_tasks", "weight_decay", "push_every"), ("sandblaster",)),
+}
+TRAIN_KEY_OPTIMIZER = {"momentum": "momentum", "adagrad_eps": "adagrad", "adagrad_initial": "adagrad"}
+
+
+def why_not_read(key: str, train: dict) -> str | None:
+    """Why the run described by `train` would ignore train.`key`, or None when it reads it."""
+    algorithms = TRAIN_KEY_ALGORITHMS.get(key)
+    if algorithms is not None and train["algorithm"] not in algorithms:
+        return f"not read by algorithm \"{train['algorithm']}\" (only by {' and '.join(algorithms)})"
+    optimizer = TRAIN_KEY_OPTIMIZER.get(key)
+    if optimizer is not None and train["optimizer"] != optimizer:
+        return f"not read by optimizer \"{train['optimizer']}\" (only by \"{optimizer}\")"
+    return None
+
+
+def eval_interval(train: dict, steps_per_epoch: int) -> int:
+    """Steps (Sandblaster: iterations) between test evaluations: train.eval_every, where
+    "epoch" means `steps_per_epoch` (steps, or batches, that make one pass over the data)."""
+    every = train["eval_every"]
+    return max(1, steps_per_epoch) if every == "epoch" else every
 
 
 def _check_table(where: str, table: Any, fields: dict[str, Field]) -> dict:
@@ -299,6 +347,10 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
         elif require_train:
             raise ConfigError(f"{section}: missing (required table [{section}])")
     train = resolved.get("train")
+    for key in raw.get("train", {}) if train is not None else ():
+        reason = why_not_read(key, train)
+        if reason is not None:
+            raise ConfigError(f"train.{key}: {reason}; remove it")
     if train is not None and train["algorithm"] == "sandblaster":
         if train["iterations"] is None and train["time_budget_s"] is None:
             raise ConfigError("train.iterations: give train.iterations (or train.time_budget_s), "
@@ -335,9 +387,26 @@ def _parse_value(text: str) -> Any:
 _PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)(?:\[(\d+)\])?$")
 
 
+def _set_aside(train: dict, overrides: list[str]) -> None:
+    """`--set train.algorithm=...` or `train.optimizer=...` with another choice than the
+    file's: drop the file's [train] keys that only the old choice reads (they were written
+    for it); keys given with --set are checked as usual."""
+    old = {"algorithm": train.get("algorithm"), "optimizer": train.get("optimizer", "sgd")}
+    new = dict(old)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in ("train.algorithm", "train.optimizer"):
+            new[key.strip().split(".")[1]] = _parse_value(value)
+    if new != old:
+        for key in [k for k in train if why_not_read(k, old) is None and why_not_read(k, new) is not None]:
+            del train[key]
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `--set section.key=value` overrides (layers addressed as model.layers[1].units)."""
     raw = copy.deepcopy(raw)
+    if isinstance(raw.get("train"), dict):
+        _set_aside(raw["train"], overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.learning_rate=0.1")
@@ -371,6 +440,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+DATA_PATHS = ("path", "source_dir")
+
+
+def _join_paths(config: dict, base: str) -> None:
+    """Make [data]'s relative paths absolute against `base`: the config file's directory for
+    the file's own values, then the current directory for those given with --set."""
+    data = config.get("data")
+    for key in DATA_PATHS if isinstance(data, dict) else ():
+        if isinstance(data.get(key), str) and data[key]:
+            data[key] = os.path.normpath(os.path.join(base, data[key]))
+
+
 def load(path: str | Path, overrides: list[str] | None = None, *, require_train: bool = True) -> dict:
     """Read, override and validate a TOML config; every failure is a ConfigError naming the file."""
     path = Path(path)
@@ -383,8 +464,11 @@ def load(path: str | Path, overrides: list[str] | None = None, *, require_train:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
     try:
-        raw = apply_overrides(parse_toml(text, str(path)), overrides or [])
-        return validate(raw, require_train=require_train)
+        raw = parse_toml(text, str(path))
+        _join_paths(raw, os.path.dirname(os.path.abspath(path)))
+        resolved = validate(apply_overrides(raw, overrides or []), require_train=require_train)
+        _join_paths(resolved, os.getcwd())
+        return resolved
     except ConfigError as exc:
         message = str(exc)
         if message.startswith(str(path)):
@@ -405,14 +489,23 @@ def _toml_scalar(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def _written(section: str, key: str, config: dict) -> bool:
+    """Whether dumps() writes this key: not train.run_dir (config.toml lives in the run
+    directory, and training it again makes a new one), nor a key the run does not read."""
+    if section != "train":
+        return True
+    return key != "run_dir" and why_not_read(key, config["train"]) is None
+
+
 def dumps(config: dict) -> str:
-    """Write a resolved config back as TOML (None values are left out: they mean 'default')."""
+    """Write a resolved config back as TOML, only the keys the run reads (None values are
+    left out: they mean 'default'); the result can be trained again as it is."""
     lines = []
     for section, table in config.items():
         arrays = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
         lines.append(f"[{section}]")
         for key, value in table.items():
-            if key not in arrays and value is not None:
+            if key not in arrays and value is not None and _written(section, key, config):
                 lines.append(f"{key} = {_toml_scalar(value)}")
         lines.append("")
         for key, items in arrays.items():

@@ -17,6 +17,7 @@ labelled by a fixed random teacher network); download and teacher helpers are in
 from __future__ import annotations
 
 import gzip
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,13 +194,24 @@ def _root_attrs(out: Path, attrs: dict, input_shape: tuple, n_train: int, n_test
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "layout": {1: "NC", 3: "NHWC"}.get(len(input_shape), "N" + "D" * len(input_shape)),
-        "x_range": [0.0, 1.0],
         **attrs,
         "n_classes": n_classes,
         "input_shape": list(input_shape),
         "n_train": int(n_train),
         "n_test": int(n_test),
     }
+
+
+def _x_range(out, declared, span: list) -> list:
+    """The file's x_range: the declared one (the scale a source promises, e.g. [0, 1] for
+    bytes / 255), checked to hold every value, or else the values' own [min, max]."""
+    if declared is None:
+        return [span[0], span[1]] if span[0] <= span[1] else [math.nan, math.nan]
+    low, high = (float(v) for v in declared)
+    if span[0] < low or span[1] > high:
+        raise _err(out, f"x values span [{span[0]:g}, {span[1]:g}], outside the declared x_range "
+                        f"[{low:g}, {high:g}]")
+    return [low, high]
 
 
 def _check_labels(out, split: str, y: np.ndarray, n_classes: int) -> None:
@@ -213,7 +225,8 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs, groups=None) 
     ``attrs`` must hold ``source`` and ``n_classes``; ``class_names`` defaults to "0".."n-1";
     any further keys (e.g. ``scaling``, ``x_range``, ``description``) are stored as root
     attributes too. ``input_shape``, ``layout``, ``n_train``, ``n_test`` and the format
-    markers are derived here. The file is written to ``.<name>.tmp-<pid>`` beside ``out``,
+    markers are derived here; ``x_range`` is the values' [min, max], or, when given, the
+    declared scale, checked to hold every value. The file is written to ``.<name>.tmp-<pid>`` beside ``out``,
     fsynced, renamed onto ``out`` and the directory fsynced; on any failure the temp file is
     removed and an existing ``out`` is left untouched. For data too large to hold in memory
     use ``write_dataset_stream``, which writes the same file from blocks of rows.
@@ -272,6 +285,7 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
             datasets = {split: _create_split(f, split, counts[split], input_shape, root)
                         for split in SPLITS}
             filled = dict.fromkeys(SPLITS, 0)
+            span = [math.inf, -math.inf]  # of every x value written (NaN ignored)
             for split, x, y in blocks:
                 if split not in datasets:
                     raise _err(out, f"unknown split {split!r} in a block; splits are {', '.join(SPLITS)}")
@@ -287,8 +301,10 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
                     raise _err(out, f"{split} blocks hold more than the {counts[split]} rows declared")
                 xd, yd = datasets[split]
                 if stop > start:
-                    xd[start:stop] = np.ascontiguousarray(x, dtype=np.float32)
+                    xd[start:stop] = x = np.ascontiguousarray(x, dtype=np.float32)
                     yd[start:stop] = np.ascontiguousarray(y, dtype=np.int32)
+                    span = [min(span[0], float(np.fmin.reduce(x, axis=None))),
+                            max(span[1], float(np.fmax.reduce(x, axis=None)))]
                 filled[split] = stop
             for split in SPLITS:
                 if filled[split] != counts[split]:
@@ -300,6 +316,7 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
                         raise _err(out, f"{split} groups need one id per row ({counts[split]})")
                     gd = f[split].create_dataset("group", data=ids, track_times=False)
                     gd.attrs["description"] = f"{split} row groups, int32: {root.get('group_meaning', 'a group id per row')}"
+            f.attrs["x_range"] = _attr_value(_x_range(out, root.get("x_range"), span))
             f.flush()
     return out
 
@@ -365,6 +382,7 @@ def prepare_digits(out, *, test_fraction: float = 0.2, seed: int = 0) -> Path:
             "n_classes": 10,
             "class_names": [str(i) for i in range(10)],
             "scaling": "x = pixel / 16 (pixels are 0..16)",
+            "x_range": [0.0, 1.0],
             "description": "scikit-learn load_digits (UCI optical handwritten digits, 8x8); "
                            f"stratified split, test_fraction={float(test_fraction)}, seed={int(seed)}",
             "split_seed": int(seed),
@@ -438,6 +456,7 @@ def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
             "n_classes": 10,
             "class_names": list(FASHION_MNIST_CLASSES),
             "scaling": "x = pixel / 255 (pixels are 0..255)",
+            "x_range": [0.0, 1.0],
             "description": "Fashion-MNIST (Zalando), 28x28 grey-scale, standard train/t10k split",
         },
     )
@@ -483,6 +502,7 @@ def prepare_mnist(out, *, source_dir=None, url: str = MNIST_URL, cache_dir=None,
             "n_classes": 10,
             "class_names": [str(i) for i in range(10)],
             "scaling": "x = pixel / 255 (pixels are 0..255)",
+            "x_range": [0.0, 1.0],
             "description": f"MNIST handwritten digits (LeCun, Cortes, Burges), 28x28 grey-scale, "
                            f"standard train/t10k split; {origin}",
             "raw_sha256": raw,
@@ -702,7 +722,6 @@ def prepare_fsdd(out, *, source_dir=None, cache_dir=None, context: int = 5,
             "n_classes": 10,
             "class_names": [str(i) for i in range(10)],
             "scaling": "each MFCC coefficient standardised with the training frames' mean and std",
-            "x_range": [float(train_x.min()), float(train_x.max())],
             "description": f"Free Spoken Digit Dataset, 13 MFCCs per frame, {width} frames per row "
                            f"(context {int(context)}); utterances split stratified by digit, "
                            f"test_fraction={float(test_fraction)}, seed={int(seed)}; from {origin}",
@@ -726,16 +745,20 @@ SOURCES = {
 }
 
 
-def prepare(source: str, out, **options) -> Path:
-    """Prepare the data set named ``source`` (a key of ``SOURCES``) at ``out``."""
-    try:
-        fn = SOURCES[source]
-    except (KeyError, TypeError):
+def source_options(source: str) -> set[str]:
+    """The keyword options prepare() takes for ``source`` (a key of ``SOURCES``)."""
+    if not isinstance(source, str) or source not in SOURCES:
         raise DatasetError(f"unknown data source {source!r}; known sources: "
-                           f"{', '.join(sorted(SOURCES))}") from None
+                           f"{', '.join(sorted(SOURCES))}")
     import inspect
 
-    accepted = set(inspect.signature(fn).parameters) - {"out"}
+    return set(inspect.signature(SOURCES[source]).parameters) - {"out"}
+
+
+def prepare(source: str, out, **options) -> Path:
+    """Prepare the data set named ``source`` (a key of ``SOURCES``) at ``out``."""
+    accepted = source_options(source)
+    fn = SOURCES[source]
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise DatasetError(f"{source}: unknown option(s) {', '.join(unknown)}; "

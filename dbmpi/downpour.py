@@ -451,14 +451,14 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
 
 def _load_replica_data(cfg, network, layout, plan, topo) -> dict:
     """A worker's model block and data: its replica's slice of the training set (only the
-    input rows its partition needs), and for replica 0 with eval_every the test set."""
+    input rows its partition needs), and for replica 0 the test set."""
     tcfg = cfg["train"]
     replica = topo.role.replica
     model, ranges, rows = worker_model(network, topo.replica, plan)
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
         start, stop = dataset.shard_range("train", replica, layout.n_replicas)
         x, y = dataset.load("train", start, stop, rows=rows)
-        test = dataset.load("test", rows=rows) if tcfg["eval_every"] and replica == 0 else None
+        test = dataset.load("test", rows=rows) if replica == 0 else None
     return {"model": model, "ranges": ranges, "rows": rows, "x": x, "y": y, "test": test}
 
 
@@ -484,7 +484,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
     warmstart = tcfg["warmstart_steps"] if n_replicas > 1 else 0
     log_every = tcfg["log_every"]
     # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
-    eval_every = tcfg["eval_every"] if replica == 0 else None
+    eval_every = configuration.eval_interval(tcfg, steps_per_epoch) if replica == 0 else None
 
     client = ShardClient(windows, replica, ranges)
     first_step = resumed["step"] if resumed else 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from dbmpi import config as configuration
 from dbmpi.checkpoint import open_checkpoint
-from dbmpi.data import open_dataset
+from dbmpi.data import DatasetError, open_dataset
 from dbmpi.model import Network
 from dbmpi.sgd import _check_fits
 
@@ -42,12 +42,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     """Loss and accuracy of a checkpoint's parameters on `split` of `data` (default: the data
     set its config names); adds per-group accuracy when the data set has groups."""
     with open_checkpoint(checkpoint) as ckpt:
-        cfg = configuration.validate(configuration.parse_toml(ckpt.config_text, str(checkpoint)),
-                                     require_train=False)
+        raw = configuration.parse_toml(ckpt.config_text, str(checkpoint))
+        raw.pop("train", None)  # only the model and the data matter here
+        cfg = configuration.validate(raw, require_train=False)
         network = Network(cfg["model"])
         ckpt.check_network(network)
         network.params[:] = ckpt.read_range("params", 0, network.n_params)
         step, algorithm = ckpt.step, ckpt.algorithm
+    if data is None and not Path(cfg.get("data", {}).get("path") or "").is_file():
+        raise DatasetError(f"{checkpoint}: the data set its config names "
+                           f"({cfg.get('data', {}).get('path', 'none')}) is not there; give one with --data FILE")
     data = Path(data or cfg["data"]["path"])
     with open_dataset(data) as dataset:
         _check_fits(dataset, network, data)

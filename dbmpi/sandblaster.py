@@ -617,7 +617,7 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
     status, iteration = "budget", lbfgs.iteration
     iterations: list[dict] = []
     every, every_s = tcfg["checkpoint_every"], tcfg["checkpoint_every_s"]
-    eval_every = tcfg["eval_every"]  # iterations between test evaluations
+    eval_every = configuration.eval_interval(tcfg, len(batches))  # iterations between test evaluations
     last_checkpoint, checkpointed_at = time.perf_counter(), None
     written: list[str] = []
     config_text = configuration.dumps(cfg)

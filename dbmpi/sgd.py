@@ -15,7 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dbmpi import data as datasets
-from dbmpi.config import ConfigError
+from dbmpi.config import ConfigError, eval_interval
 from dbmpi.model import Network
 from dbmpi.optimizers import make_optimizer
 from dbmpi.rundir import RunDirectory
@@ -106,7 +106,7 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     total = tcfg["steps"] or (max(1, round(tcfg["epochs"] * steps_per_epoch)) if tcfg["epochs"] is not None
                               else None)
     budget_s = tcfg.get("time_budget_s")
-    eval_every = tcfg["eval_every"] or steps_per_epoch
+    eval_every = eval_interval(tcfg, steps_per_epoch)
     fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
     optimizer = None if fused else make_optimizer(tcfg, network.n_params)
     lr = tcfg["learning_rate"]

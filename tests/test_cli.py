@@ -43,8 +43,23 @@ def test_data_prepare_and_info(tmp_path):
     result = run("data", "prepare", "digits", "--out", tmp_path / "d.h5", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert "1438 train + 359 test" in result.stdout
-    info = json.loads(run("data", "info", tmp_path / "d.h5").stdout)
+    info = json.loads(run("data", "info", tmp_path / "d.h5", "--json").stdout)
     assert info["n_classes"] == 10 and info["input_shape"] == [8, 8, 1]
+    assert info["layout"] == "NHWC" and info["x_range"] == [0.0, 1.0] and "load_digits" in info["description"]
+
+
+def test_data_info_is_a_short_summary(tmp_path):
+    """Not 38 lines of JSON, mostly class names: a few lines a person reads, with the
+    description, the layout and the value range."""
+    assert run("data", "prepare", "digits", "--out", tmp_path / "d.h5").returncode == 0
+    result = run("data", "info", tmp_path / "d.h5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 5, result.stdout
+    assert lines[0] == f"{tmp_path / 'd.h5'}: digits, 1,438 train + 359 test examples"
+    assert "load_digits" in lines[1]
+    assert "input shape (8, 8, 1), layout NHWC, x in [0, 1]; x = pixel / 16" in lines[2]
+    assert lines[3] == "  10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
 
 
 def error_line(result):
@@ -73,7 +88,7 @@ def test_bad_data_errors(tmp_path):
     not_hdf5.write_text("hello")
     assert "x.h5" in error_line(run("data", "info", not_hdf5))
     line = error_line(run("data", "prepare", "fashion-mnist", "--seed", "3", "--out", tmp_path / "y.h5"))
-    assert "unknown option(s) seed" in line
+    assert "--seed does not apply to this source; it takes --source-dir (and --out)" in line
 
 
 def test_mismatched_model_and_data(tmp_path):
@@ -89,6 +104,51 @@ def test_run_directory_is_never_overwritten(tmp_path):
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
     assert "already holds a run" in error_line(run(*args))
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_a_runs_config_toml_trains_again_as_it_is(tmp_path):
+    """config.toml in a run directory is complete (eval_every written out, data.path
+    absolute) and holds no run_dir, so training it again makes a new run, from anywhere."""
+    config = tmp_path / "configs" / "c.toml"
+    config.parent.mkdir()
+    text = (ROOT / "configs/mlp_digits.toml").read_text().replace("epochs = 30", "steps = 5")
+    config.write_text(text + f'run_dir = "{tmp_path / "first"}"\n')
+    assert run("train", config, "--quiet", "--set", f"data.path={tmp_path / 'digits.h5'}").returncode == 0
+    written = (tmp_path / "first" / "config.toml").read_text()
+    assert "run_dir" not in written and 'eval_every = "epoch"' in written
+    assert f'path = "{tmp_path / "digits.h5"}"' in written
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = run("train", tmp_path / "first" / "config.toml", "--run-dir", tmp_path / "second", "--quiet",
+                cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "second" / "config.toml").read_text() == written
+
+
+def test_data_path_is_relative_to_the_config_file_and_evaluate_hints_at_data(tmp_path):
+    """A config's relative data.path is found from any directory; a checkpoint whose data
+    set is not there says to give --data."""
+    from dbmpi.checkpoint import CheckpointWriter
+    from dbmpi.model import Network
+
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.toml"
+    config.write_text((ROOT / "configs/mlp_digits.toml").read_text().replace("epochs = 30", "steps = 5"))
+    elsewhere = tmp_path / "a" / "b"  # ../data is not there
+    elsewhere.mkdir(parents=True)
+    result = run("train", config, "--run-dir", tmp_path / "r", "--quiet", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "digits.h5").is_file()  # ../data/digits.h5 from configs/, prepared there
+    network = Network.from_toml(config)
+    text = (ROOT / "configs/mlp_digits.toml").read_text()  # path = "../data/digits.h5", as old runs kept it
+    with CheckpointWriter(tmp_path / "c.h5", network.tensors, algorithm="sgd", step=5, config_text=text,
+                          layout={}) as writer:
+        writer.write_vector("params", [(0, network.params)])
+        writer.commit()
+    line = error_line(run("evaluate", tmp_path / "c.h5", cwd=elsewhere))
+    assert "../data/digits.h5" in line and "give one with --data FILE" in line
+    result = run("evaluate", tmp_path / "c.h5", "--data", tmp_path / "data" / "digits.h5", cwd=elsewhere)
+    assert result.returncode == 0 and "accuracy" in result.stdout, result.stderr
 
 
 def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):

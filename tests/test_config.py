@@ -136,3 +136,81 @@ def test_overriding_the_budget_replaces_the_other_kind(tmp_path):
     assert cfg["train"]["steps"] == 7 and cfg["train"]["epochs"] is None
     cfg = config.load(write(tmp_path, GOOD.replace("epochs = 1", "steps = 9")), ["train.epochs=2"])
     assert cfg["train"]["epochs"] == 2 and cfg["train"]["steps"] is None
+
+
+SANDBLASTER = GOOD.replace('algorithm = "sgd"\nlearning_rate = 0.1\nepochs = 1',
+                           'algorithm = "sandblaster"\niterations = 5')
+
+
+@pytest.mark.parametrize("algorithm,line,words", [
+    ("sgd", "weight_decay = 10", 'not read by algorithm "sgd" (only by sandblaster)'),
+    ("sgd", "iterations = 5", 'not read by algorithm "sgd" (only by sandblaster)'),
+    ("sgd", "history = 3", 'not read by algorithm "sgd" (only by sandblaster)'),
+    ("sgd", "n_fetch = 2", 'not read by algorithm "sgd" (only by downpour)'),
+    ("sgd", "momentum = 0.5", 'not read by optimizer "sgd" (only by "momentum")'),
+    ("downpour", "fused_update = false", 'not read by algorithm "downpour" (only by sgd)'),
+    ("sandblaster", "learning_rate = 0.1", 'not read by algorithm "sandblaster" (only by sgd and downpour)'),
+    ("sandblaster", "epochs = 3", 'not read by algorithm "sandblaster" (only by sgd and downpour)'),
+])
+def test_a_key_the_algorithm_does_not_read_is_refused(tmp_path, algorithm, line, words):
+    """weight_decay = 10 with sgd used to be accepted and ignored (an identical run)."""
+    text = SANDBLASTER if algorithm == "sandblaster" else GOOD.replace('"sgd"', f'"{algorithm}"')
+    key = line.split()[0]
+    path = write(tmp_path, text + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: train.{key}: {words}; remove it"
+    with pytest.raises(ConfigError, match=f"train.{key}: not read by"):
+        config.load(write(tmp_path, text), ["train." + line.replace(" = ", "=")])
+
+
+def test_switching_algorithm_on_the_command_line_sets_the_files_keys_for_the_old_one_aside(tmp_path):
+    """--set train.algorithm (or train.optimizer) drops the file's keys only the old choice
+    reads; a key given with --set is still checked."""
+    path = write(tmp_path, SANDBLASTER + "history = 3\nweight_decay = 0.5\nbatch_size = 7\n")
+    cfg = config.load(path, ['train.algorithm="sgd"', "train.learning_rate=0.2", "train.steps=4"])
+    assert cfg["train"]["algorithm"] == "sgd" and cfg["train"]["weight_decay"] == 0.0
+    assert cfg["train"]["batch_size"] == 7  # read by both: kept
+    with pytest.raises(ConfigError, match='train.weight_decay: not read by algorithm "sgd"'):
+        config.load(path, ["train.algorithm=sgd", "train.learning_rate=0.2", "train.steps=4", "train.weight_decay=1"])
+    momentum = write(tmp_path, GOOD.replace("epochs = 1", 'epochs = 1\noptimizer = "momentum"\nmomentum = 0.5'))
+    assert config.load(momentum, ["train.optimizer=adagrad"])["train"]["optimizer"] == "adagrad"
+
+
+def test_the_resolved_config_holds_only_what_the_run_reads(tmp_path):
+    """A Downpour-with-Adagrad run's config.toml lists no Sandblaster keys and no momentum,
+    no run_dir (so it can be trained again as it is), and eval_every written out."""
+    text = GOOD.replace('"sgd"', '"downpour"') + 'optimizer = "adagrad"\nrun_dir = "runs/x"\n'
+    cfg = config.load(write(tmp_path, text))
+    written = config.dumps(cfg)
+    train = config.parse_toml(written)["train"]
+    assert train["eval_every"] == "epoch" and train["optimizer"] == "adagrad" and train["n_shards"] == 1
+    for key in ("run_dir", "momentum", "history", "weight_decay", "iterations", "fused_update", "wolfe_c1"):
+        assert key not in train, key
+    again = write(tmp_path, written)
+    assert config.dumps(config.load(again)) == written
+    assert "eval_every" not in config.parse_toml(config.dumps(config.load(write(tmp_path, GOOD))))["model"]
+
+
+@pytest.mark.parametrize("value,words", [("0", "positive integer or \"epoch\""), ('"daily"', "positive integer")])
+def test_eval_every_is_a_step_count_or_epoch(tmp_path, value, words):
+    assert config.load(write(tmp_path, GOOD + "eval_every = 7\n"))["train"]["eval_every"] == 7
+    assert config.load(write(tmp_path, GOOD), ["train.eval_every=epoch"])["train"]["eval_every"] == "epoch"
+    with pytest.raises(ConfigError, match=f"train.eval_every: must be a {words}"):
+        config.load(write(tmp_path, GOOD + f"eval_every = {value}\n"))
+
+
+def test_data_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    """The file's relative data.path is resolved against the file's directory (not the
+    current one); one given with --set against the current directory; both recorded absolute."""
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "run.toml"
+    path.write_text(GOOD.replace('path = "data/digits.h5"', 'path = "../data/digits.h5"\nsource_dir = "raw"'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = config.load(path)["data"]
+    assert data["path"] == str(tmp_path / "data" / "digits.h5")
+    assert data["source_dir"] == str(tmp_path / "configs" / "raw")
+    assert config.load(path, ["data.path=mine.h5"])["data"]["path"] == str(elsewhere / "mine.h5")
+    assert config.load(path, ["data.path=/abs/d.h5"])["data"]["path"] == "/abs/d.h5"

@@ -340,6 +340,26 @@ def test_write_replaces_atomically_and_validates(tmp_path):
     assert not (tmp_path / "e.h5").exists()
 
 
+def test_x_range_is_what_the_data_holds(tmp_path):
+    """Standardised data is not labelled [0, 1]: x_range is the values' own min and max over
+    both splits, or a declared scale that every value must respect."""
+    rng = np.random.default_rng(0)
+    tx, vx = rng.standard_normal((50, 4)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)
+    vx[3, 1] = -3.9
+    y50, y20 = np.zeros(50, np.int32), np.zeros(20, np.int32)
+    data.write_dataset(tmp_path / "s.h5", tx, y50, vx, y20, attrs={"source": "t", "n_classes": 1})
+    with data.open_dataset(tmp_path / "s.h5") as ds:
+        assert ds.attrs["x_range"] == pytest.approx([-3.9, max(tx.max(), vx.max())])
+    data.write_dataset(tmp_path / "d.h5", tx / 10, y50, vx / 10, y20,
+                       attrs={"source": "t", "n_classes": 1, "x_range": [-1, 1]})
+    with data.open_dataset(tmp_path / "d.h5") as ds:
+        assert ds.attrs["x_range"] == [-1.0, 1.0]
+    with pytest.raises(DatasetError, match=r"x values span \[-3.9, .*outside the declared x_range \[0, 1\]"):
+        data.write_dataset(tmp_path / "e.h5", tx, y50, vx, y20,
+                           attrs={"source": "t", "n_classes": 1, "x_range": [0, 1]})
+    assert not (tmp_path / "e.h5").exists()
+
+
 # ------------------------------------------------------------------------------- open_dataset errors
 
 def _make(path, mutate):

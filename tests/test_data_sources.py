@@ -501,8 +501,10 @@ def test_cli_prepare_synthetic_and_mnist(tmp_path, mnist_files):
     assert result.returncode == 0, result.stderr
     assert "12 train + 5 test" in result.stdout
 
-    # An option the source does not take, and an unreachable mirror: one error line each.
-    for args, words in ((("digits", "--n-train", "5"), ("unknown option", "n_train")),
+    # An option the source does not take (named, with the source's own, as command-line
+    # flags, not prepare()'s keywords), and an unreachable mirror: one error line each.
+    for args, words in ((("digits", "--n-train", "5"), ("--n-train does not apply", "takes --seed (and --out)")),
+                        (("mnist", "--seed", "3"), ("--seed does not apply", "--source-dir, --url, --cache-dir")),
                         (("mnist", "--url", f"http://127.0.0.1:{dead_port()}/", "--cache-dir",
                           tmp_path / "cache"), ("offline", "--source-dir"))):
         result = cli("data", "prepare", *args, "--out", tmp_path / "x.h5")
