@@ -17,16 +17,33 @@ Ranks (dbmpi.layout with a coordinator): R x P workers, S shards, then the coord
   portion's loss and gradient, accrue the committed ones and push them into the shards'
   inboxes (one-sided accumulate) when told to, then report the flush.
 
+Failed replicas (under `mpiexec -disable-auto-cleanup` with each rank under
+dbmpi.supervise, as for Downpour). The coordinator is the detector: a replica owes it a
+message from when it is sent anything but a stop until its next message
+(dbmpi.portions.Silence); one that owes it for `train.replica_timeout_s` is declared failed
+(one stderr line, a `replica_failed` record). Its portions go to the others
+(PortionScheduler.fail); what it flushed stays counted, so every example counts once and a
+full batch gives the same iterates. If it died told to flush and before its report, part of
+its push may be in the inboxes: the coordinator waits for the live replicas' pushes,
+empties the inboxes and computes the batch again. Test evaluations go to the lowest live
+replica. The end is point to point: each live rank sends its records to the coordinator and
+waits for the verdict; after a failure every rank leaves without collectives (os._exit),
+and with P > 1 partitions the coordinator ends the dead one's stuck partners with
+MPI_Abort(7) once the run is written. A shard or the coordinator cannot be lost.
+
 Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
 request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
 computing. Test hooks: DBMPI_SLOW="REPLICA:FACTOR" makes a replica FACTOR times slower
 (it sleeps (FACTOR - 1) x its compute time per portion); DBMPI_PORTION_DELAY=SECONDS adds a
-fixed sleep to every portion, so timing tests do not depend on the machine's load.
+fixed sleep to every portion, so timing tests do not depend on the machine's load;
+DBMPI_DIE_AFTER_PUSH="REPLICA:N" SIGKILLs the replica's ranks right after their N-th push
+lands, before it reports it (the failure that makes a batch be computed again).
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,9 +61,10 @@ from dbmpi.layout import Layout, layout_for
 from dbmpi.lbfgs import LBFGS, X, vector_names
 from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
-from dbmpi.parameter_server import ParameterWindows, ShardClient, gather_parameters
+from dbmpi.parameter_server import ParameterWindows, ShardClient
 from dbmpi.partition import PartitionPlan
-from dbmpi.portions import PortionScheduler, Reply, cut
+from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
+from dbmpi.portions import PortionScheduler, Reply, Silence, cut
 from dbmpi.rundir import RunDirectory
 from dbmpi.shard_checkpoint import ShardCheckpoints
 from dbmpi.signals import StopRequest
@@ -55,6 +73,9 @@ from dbmpi.topology import Topology
 # Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
 DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP, CHECKPOINT, SIGNALLED = range(10)
 REQUEST, REPLY, RESULT = 101, 102, 103  # tags of replica <-> coordinator messages
+RECORDS, VERDICT = 105, 106  # tags of the end: every live rank's records, how the run ends
+STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
+ABORT_PARTITIONS_LEFT = 7  # MPI_Abort code ending a failed run whose replicas have P > 1 partitions
 # A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop,
 # evaluation, n, test (evaluate the published point on the test set)
 REPLY_FIELDS = 10
@@ -209,6 +230,16 @@ class ShardSpace:
         self.replica_signalled = False  # a replica relayed a stop signal in a request
         # Requests that arrived between two evaluations, answered when the next one starts.
         self.stashed: dict[int, dict] = {}
+        # Failures: who owes a message since when, the batch's scheduler while one runs,
+        # whether a lost push may have spoiled the inboxes, one record per failure.
+        self.silence = Silence(layout.n_replicas, tcfg["replica_timeout_s"], time.monotonic())
+        self.scheduler: PortionScheduler | None = None
+        self.inbox_spoiled = False
+        self.recomputed = 0  # batches computed again because of a lost push
+        self.dismissed: set[int] = set()
+        self.dismissals: list[MPI.Request] = []
+        self.events: list[dict] = []
+        self.started = time.monotonic()
 
     def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
         ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
@@ -254,32 +285,26 @@ class ShardSpace:
 
     # Batch gradients ----------------------------------------------------------------------
     def evaluate(self, point: str, grad: str) -> float:
-        """Mean loss over the current batch at `point`; its gradient into `grad`."""
-        self._send(PUBLISH, 0.0, point)
-        self._reduce()  # every shard has published
-        self.evaluation += 1
-        start, stop = self.batches[self.batch]
-        n = stop - start
-        scheduler = PortionScheduler(cut(start, stop, self.portion_size), self.layout.n_replicas,
-                                     self.push_every, self.backups)
+        """Mean loss over the current batch at `point`; its gradient into `grad`. A replica
+        that fails meanwhile has its portions reissued to the others; if it may have landed
+        part of a push (dbmpi.portions), the batch is computed again from empty inboxes."""
         started = time.perf_counter()
-        self._wake_parked(scheduler, n)
-        for message in self.stashed.values():
-            self._serve(scheduler, message, n)
-        self.stashed.clear()
-        while not scheduler.complete:
-            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
-            self._serve(scheduler, message, n)
-        for shard in range(self.control.size - 1):
-            self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
-        self._send(COLLECT, 0.0, grad)
-        nonfinite = self._reduce() + scheduler.stats.nonfinite
+        while True:
+            scheduler, n = self._batch(point)
+            for shard in range(self.control.size - 1):
+                self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
+            self._send(COLLECT, 0.0, grad)  # also empties the inboxes
+            nonfinite = self._reduce() + scheduler.stats.nonfinite
+            if not self.inbox_spoiled:
+                break
+            self.inbox_spoiled = False
+            self.recomputed += 1
         s = scheduler.stats
         self.stats_log.append({
             "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples,
             "portions": s.portions, "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
             "backups_issued": s.backups_issued, "backups_won": s.backups_won,
-            "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked,
+            "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked, "reissued": s.reissued,
             "seconds": time.perf_counter() - started})
         if s.examples != n:  # the commit protocol's invariant; never expected
             raise RuntimeError(f"batch gradient counted {s.examples} examples, expected {n}")
@@ -288,6 +313,36 @@ class ShardSpace:
             loss += 0.5 * self.weight_decay * self.dot(point, point)
             self.axpy(self.weight_decay, point, grad)
         return loss if nonfinite == 0 and math.isfinite(loss) else math.inf
+
+    def _batch(self, point: str) -> tuple[PortionScheduler, int]:
+        """Publish `point` and hand out the current batch's portions until every one is
+        counted, or until a failure spoiled the inboxes (then only until no live replica's
+        push is in flight; their requests wait for the next attempt). The shards sleep."""
+        self._send(PUBLISH, 0.0, point)
+        self._reduce()  # every shard has published
+        self.evaluation += 1
+        start, stop = self.batches[self.batch]
+        n = stop - start
+        scheduler = self.scheduler = PortionScheduler(
+            cut(start, stop, self.portion_size), self.layout.n_replicas, self.push_every, self.backups,
+            failed=self.silence.failed)
+        self._wake_parked(scheduler, n)
+        for message in self.stashed.values():
+            self._serve(scheduler, message, n)
+        self.stashed.clear()
+        while not scheduler.complete and not self.inbox_spoiled:
+            message = self._receive()
+            if message is not None:
+                self._serve(scheduler, message, n)
+            else:  # a replica failed: its portions are free for the parked ones
+                self._wake_parked(scheduler, n)
+        while self.inbox_spoiled and scheduler.flushing:
+            message = self._receive()
+            if message is not None:
+                scheduler.flushing.discard(message["replica"])
+                self._stash(message)
+        self.scheduler = None
+        return scheduler, n
 
     def _serve(self, scheduler: PortionScheduler, message: dict, n: int) -> None:
         replica = message["replica"]
@@ -318,58 +373,172 @@ class ShardSpace:
         message = reply.as_message(self.batch)
         message.update(evaluation=self.evaluation, n=n, stop=False)
         self.world.send(message, dest=self.leads[replica], tag=REPLY)
+        self.silence.asked(replica, time.monotonic())
+
+    def _stash(self, message: dict) -> None:
+        """A request to answer later (when the next evaluation starts, or with stop)."""
+        self.stashed[message["replica"]] = message
+        self.replica_signalled |= bool(message.get("signal"))
+
+    # Failures -------------------------------------------------------------------------------
+    def _receive(self, tag: int = REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
+        """The next message with `tag` from `source`, or None once a replica was declared
+        failed meanwhile (the caller checks again what it waits for). Requests that come
+        while it waits for something else are stashed. Polled (dbmpi.sandblaster._poll)."""
+        got: list[dict] = []
+
+        def arrived() -> bool:
+            message = self._probe(tag, source)
+            if message is not None:
+                got.append(message)
+                return True
+            if tag != REQUEST and (request := self._probe(REQUEST, MPI.ANY_SOURCE)) is not None:
+                self._stash(request)
+            overdue = self.silence.overdue(time.monotonic())
+            for replica, silent_s in overdue:
+                self._declare(replica, silent_s)
+            return bool(overdue)
+
+        _poll(arrived, SPIN_S, 5e-5, 2e-3)
+        return got[0] if got else None
+
+    def _probe(self, tag: int, source: int) -> dict | None:
+        """A message with `tag` from `source` if one is in. A failed replica's messages are
+        not passed on: its requests are answered with its dismissal, and one reporting a
+        flush spoils the inboxes (it was silent too long, not dead, and pushed)."""
+        status = MPI.Status()
+        found = self.world.improbe(source=source, tag=tag, status=status)
+        if found is None:
+            return None
+        message = found.recv()
+        role = self.layout.role(status.Get_source())
+        if not role.is_worker:
+            return message
+        if role.replica in self.silence.failed:
+            if tag == REQUEST:
+                self.inbox_spoiled |= message.get("flushed") is not None
+                self._dismiss(role.replica)
+            return None
+        self.silence.heard(role.replica)
+        return message
+
+    def _dismiss(self, replica: int) -> None:
+        """Tell a replica declared failed to leave, in reply to its next request."""
+        if replica not in self.dismissed:
+            self.dismissed.add(replica)  # never waited for (it may be dead): kept, not freed
+            self.dismissals.append(self.world.isend({"stop": True, "dismissed": True},
+                                                    dest=self.leads[replica], tag=REPLY))
+
+    def _declare(self, replica: int, silent_s: float) -> None:
+        """A replica that owed a message for `train.replica_timeout_s` is failed: the
+        others take over what it held; it is never waited for again."""
+        self.silence.fail(replica)
+        self.parked.discard(replica)
+        self.stashed.pop(replica, None)
+        intact = self.scheduler.fail(replica) if self.scheduler is not None else True
+        self.inbox_spoiled |= not intact
+        elapsed, live = time.monotonic() - self.started, self.silence.live
+        ranks = [self.layout.worker_rank(replica, p) for p in range(self.layout.n_partitions)]
+        self.events.append({"kind": "replica_failed", "replica": replica, "ranks": ranks,
+                            "silent_s": round(silent_s, 2), "detected_s": round(elapsed, 2),
+                            "detected_unix": round(time.time(), 3), "evaluation": self.evaluation,
+                            "batch_recomputed": not intact})
+        stderr_line(f"dbmpi: replica {replica} failed (no message for {silent_s:.1f} s, train.replica_timeout_s = "
+                    f"{self.silence.timeout_s:g}) {elapsed:.1f} s into the run; {len(live)} replica(s) go on")
+        if not live:
+            stderr_line("dbmpi: every Sandblaster replica failed: nothing can finish; resume from the last checkpoint")
+            time.sleep(0.5)  # let the launcher forward the lines
+            self.world.Abort(EXIT_ALL_REPLICAS_FAILED)
 
     def test(self, point: str) -> tuple[float, float]:
-        """(loss, accuracy) of `point` on the test set, computed by replica 0 between two
-        evaluations: the shards publish the point, replica 0 fetches and evaluates it."""
+        """(loss, accuracy) of `point` on the test set, computed between two evaluations by
+        the lowest live replica (replica 0 unless it failed): the shards publish the point,
+        the replica fetches and evaluates it; another one does if it fails meanwhile."""
         self._send(PUBLISH, 0.0, point)
         self._reduce()
-        while 0 not in self.parked and 0 not in self.stashed:
-            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
-            self.stashed[message["replica"]] = message
-            self.replica_signalled |= bool(message.get("signal"))
-        # A stashed request reports work of an evaluation that is over: discard it, as the
-        # next evaluation would.
-        discard = self.stashed.pop(0, None) is not None
-        self.parked.discard(0)
-        self.world.send({"stop": False, "test": True, "discard": discard, "commit": False, "flush": False,
-                         "portion": None, "evaluation": self.evaluation, "n": 1},
-                        dest=self.leads[0], tag=REPLY)
-        loss, accuracy = wait(self.world.irecv(source=self.leads[0], tag=RESULT))
+        result = None
+        while result is None:
+            chosen = self.silence.live[0]
+            if chosen not in self.parked and chosen not in self.stashed:
+                message = self._receive()
+                if message is not None:
+                    self._stash(message)
+                continue
+            # A stashed request reports work of an evaluation that is over: discard it, as
+            # the next evaluation would.
+            discard = self.stashed.pop(chosen, None) is not None
+            self.parked.discard(chosen)
+            self.world.send({"stop": False, "test": True, "discard": discard, "commit": False, "flush": False,
+                             "portion": None, "evaluation": self.evaluation, "n": 1},
+                            dest=self.leads[chosen], tag=REPLY)
+            self.silence.asked(chosen, time.monotonic())
+            while result is None and chosen not in self.silence.failed:
+                result = self._receive(tag=RESULT, source=self.leads[chosen])
         for shard in range(self.control.size - 1):
             self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
-        return loss, accuracy
+        return result
 
     def stop_replicas(self) -> None:
-        """Answer every replica's next request with stop (parked and stashed ones at once)."""
+        """Answer every live replica's next request with stop (parked and stashed ones at
+        once); dismiss the failed ones (in case one is alive after all)."""
         ready = self.parked | set(self.stashed)
-        waiting = set(range(self.layout.n_replicas)) - ready
-        for replica in ready:
-            self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
+        waiting = set(self.silence.live) - ready
+        for replica in sorted(ready):
+            self._stop(replica)
         self.parked.clear()
         self.stashed.clear()
         while waiting:
-            message = wait(self.world.irecv(source=MPI.ANY_SOURCE, tag=REQUEST))
-            self.world.send({"stop": True}, dest=self.leads[message["replica"]], tag=REPLY)
-            waiting.discard(message["replica"])
+            message = self._receive()
+            if message is not None:
+                self._stop(message["replica"])
+                waiting.discard(message["replica"])
+            waiting &= set(self.silence.live)
+        for replica in sorted(self.silence.failed):
+            self._dismiss(replica)
+
+    def _stop(self, replica: int) -> None:
+        self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
+        self.silence.asked(replica, time.monotonic())  # it owes its records now
+
+    def records(self) -> list[list[dict]]:
+        """After stop: every live rank's records, point to point (a collective would wait
+        for a dead rank forever), then the verdict to each: True, end with the collective
+        teardown; False (a replica failed), leave without collectives. The failure records
+        come last."""
+        gathered, senders = [], []
+        for rank in range(self.layout.coordinator_rank):
+            role = self.layout.role(rank)
+            while not (role.is_worker and role.replica in self.silence.failed):
+                if role.is_worker:
+                    self.silence.asked(role.replica, time.monotonic())
+                message = self._receive(tag=RECORDS, source=rank)
+                if message is not None:
+                    gathered.append(message)
+                    senders.append(rank)
+                    break
+        clean = not self.silence.failed
+        for rank in senders:
+            self.world.send(clean, dest=rank, tag=VERDICT)
+        return gathered + [self.events]
 
 
 # Replicas -----------------------------------------------------------------------------------
+def _hook(variable: str, replica: int) -> str | None:
+    """VALUE of a test hook VARIABLE="REPLICA:VALUE" when REPLICA is `replica`."""
+    who, _, value = os.environ.get(variable, "").partition(":")
+    return value if value and int(who) == replica else None
+
+
 def _injected_delays(replica: int) -> tuple[float, float]:
     """(slowdown factor, fixed seconds per portion) from the test hooks."""
-    factor = 1.0
-    spec = os.environ.get("DBMPI_SLOW", "")
-    if ":" in spec:
-        who, how = spec.split(":", 1)
-        if int(who) == replica:
-            factor = float(how)
+    factor = float(_hook("DBMPI_SLOW", replica) or 1.0)
     return factor, float(os.environ.get("DBMPI_PORTION_DELAY", "0") or 0)
 
 
 def _encode(message: dict) -> np.ndarray:
     out = np.zeros(REPLY_FIELDS, np.int64)
     if message.get("stop"):
-        out[0] = 1
+        out[0] = DISMISSED if message.get("dismissed") else STOPPED
         return out
     portion = message["portion"] or (-1, 0, 0)
     out[1:] = [message["discard"], 1 if message["commit"] else 0, message["flush"],
@@ -388,6 +557,7 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
     client = ShardClient(windows, replica, ranges)
     accrued = np.zeros(model.n_params, np.float32)
     factor, fixed_delay = _injected_delays(replica)
+    die_after_push = _hook("DBMPI_DIE_AFTER_PUSH", replica)
     fetched = -1  # the evaluation whose point model.params holds
     loss_acc, nonfinite, committed = 0.0, 0, []
     done, done_evaluation, flushed = None, 0, None  # what the next request reports
@@ -410,6 +580,10 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
                 else:
                     Wait(topo.replica.Irecv(reply, source=0, tag=REPLY))
             stop, discard, commit, flush, index, a, b, evaluation, n, test = (int(v) for v in reply)
+            if stop == DISMISSED:  # silent too long: the others took over its portions
+                stderr_line(f"dbmpi: rank {topo.rank} (replica {replica}, partition {partition}): the coordinator "
+                            f"declared replica {replica} failed; this rank leaves, the others go on")
+                leave(EXIT_REPLICA_LOST)
             if stop:
                 break
             if discard:  # the coordinator revoked what this replica holds
@@ -433,6 +607,8 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
             if flush:
                 client.push(accrued, nonfinite)
                 client.finish_push()  # in the shards' inboxes before the report says so
+                if str(client.pushes) == die_after_push:  # test hook: pushed, never reported
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if layout.n_partitions > 1:  # every partition's share has landed
                     topo.replica.Allreduce(np.array([int(signals.requested)]), signalled, op=MPI.MAX)
                 flushed = {"portions": committed, "loss": loss_acc, "nonfinite": nonfinite}
@@ -519,10 +695,12 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
         say(network.summary())
         say(layout.describe("sgd", plan))
         say(f"run directory: {run_dir.path}")
-        summary = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop)
+        summary, gathered = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop)
+        summary = _finish(summary, gathered, run_dir, say)
+        if summary["failed_replicas"]:
+            _leave_after_failure(summary, layout, topo, say)
     else:
         windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
-        final_slice = None
         if role.is_shard:
             lo, hi = layout.shard_ranges[role.shard]
             checkpoints = ShardCheckpoints(topo.control, list(range(layout.n_shards)), layout.shard_ranges,
@@ -533,26 +711,32 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
                     for stored, name in _resumed_vectors(resumed):
                         ckpt.read_range(stored, lo, hi, out=shard.vector(name))
             shard.serve()
-            shard.close()
-            final_slice = shard.vectors["x"]
             records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
                             "commands": shard.commands, "vectors": len(shard.vectors),
                             "checkpoints_written": checkpoints.written})
         else:
             records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
+        # Records to the coordinator, point to point; its verdict says how to end.
+        topo.world.send(records, dest=layout.coordinator_rank, tag=RECORDS)
+        if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=VERDICT), high=0.05):
+            leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
+        if role.is_shard:
+            shard.close()
         windows.free()
-        final = gather_parameters(topo.window, layout, final_slice, root=0)
-        if topo.rank == 0:  # replica 0's lead evaluates the final iterate for the coordinator
-            network.params[:] = final
-            with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-                test_x, test_y = dataset.load("test")
-            test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
-            topo.world.send({"test_loss": test_loss, "test_accuracy": test_acc},
-                            dest=layout.coordinator_rank, tag=RESULT)
-    gathered = topo.world.gather(records, root=layout.coordinator_rank)
-    if role.is_coordinator:
-        return _finish(summary, gathered, run_dir, say)
-    return None
+    return summary
+
+
+def _leave_after_failure(summary: dict, layout: Layout, topo: Topology, say) -> None:
+    """The coordinator, once the run is written: leave without collectives (the others
+    have). Partitions of a failed replica may still wait in a collective with their dead
+    partner: with P > 1 partitions, MPI_Abort ends them (and the job)."""
+    say(f"replica(s) {summary['failed_replicas']} failed; the others finished the run")
+    if layout.n_partitions > 1:
+        stderr_line(f"dbmpi: ending the partitions of failed replica(s) {summary['failed_replicas']} "
+                    f"(MPI_Abort {ABORT_PARTITIONS_LEFT}); the run is complete and written")
+        time.sleep(0.5)  # let the launcher forward the line
+        topo.world.Abort(ABORT_PARTITIONS_LEFT)
+    leave(1 if summary.get("failure") else 0)
 
 
 def _restore(lbfgs: LBFGS, space: "ShardSpace", resumed: dict, say) -> dict:
@@ -688,24 +872,29 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
             checkpoint("periodic")
     if checkpointed_at != lbfgs.iteration:
         checkpoint("signal" if status == "signal" else "final")
+    # The final iterate on the test set, by the lowest live replica.
+    result = dict(zip(("test_loss", "test_accuracy"), space.test(X)))
     space.stop_replicas()
     space.stop_shards()
+    gathered = space.records()
     wall = time.perf_counter() - started
-    result = topo.world.recv(source=0, tag=RESULT)
     summary = {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
                "iterations": iteration, "status": status, "final_loss": lbfgs.f,
                "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
                "history": tcfg["history"], "backup_tasks": tcfg["backup_tasks"],
+               "weight_decay": tcfg["weight_decay"],  # in final_loss (the objective), not in test_loss
                "backups_issued": sum(r["backups_issued"] for r in iterations),
                "backups_won": sum(r["backups_won"] for r in iterations),
                "wall_time_s": round(wall, 3), "n_params": network.n_params,
                "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"],
-               "checkpoints_written": written, "stopped_by_signal": status == "signal"}
+               "checkpoints_written": written, "stopped_by_signal": status == "signal",
+               "failed_replicas": sorted(space.silence.failed), "batches_recomputed": space.recomputed,
+               "portions_reissued": sum(e["reissued"] for e in space.stats_log)}
     if resumed and resumed.get("parameters_only"):
         summary["initial_parameters"] = resumed["path"]
     elif resumed:
         summary["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
-    return summary
+    return summary, gathered
 
 
 def _finish(summary, gathered, run_dir, say) -> dict:
@@ -715,7 +904,9 @@ def _finish(summary, gathered, run_dir, say) -> dict:
     run_dir.log({"kind": "eval", "source": "shards", "test_loss": summary["test_loss"],
                  "test_accuracy": summary["test_accuracy"]})
     workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
-    summary["portions_computed_by_replica"] = [r["portions_computed"] for r in workers if r["partition"] == 0]
+    computed = {r["replica"]: r["portions_computed"] for r in workers if r["partition"] == 0}
+    # None for a failed replica (it sent no records)
+    summary["portions_computed_by_replica"] = [computed.get(r) for r in range(summary["layout"]["n_replicas"])]
     run_dir.write_json("summary.json", summary)
     run_dir.close()
     say(f"sandblaster: {summary['iterations']} iterations ({summary['status']}), "

@@ -1,0 +1,111 @@
+"""Sandblaster survives a failed replica (the paper: both algorithms tolerate "the wholesale
+failure of model replicas"): `mpiexec -disable-auto-cleanup` with every rank under
+`python -m dbmpi.supervise`, a replica SIGKILLed mid-run, every MPI launch under a timeout.
+
+The batch is the whole training set (full batch), so the iterates are those of the serial
+L-BFGS whichever replica computed which portion: a run that lost a replica must follow them
+as closely as a run that did not (tests.test_sandblaster checks the same for runs without
+failures). Every portion sleeps DBMPI_PORTION_DELAY, so the victim is almost always inside
+a portion, or parked, when it dies, whatever the machine's load; where exactly does not
+matter: its portions are reissued, or, if it died between pushing and reporting a flush, the
+batch is computed again (dbmpi.portions).
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_downpour import background_training, rank_pids, records
+from tests.test_failover import none_left
+from tests.test_sandblaster import CONFIG, serial_reference
+
+TIMEOUT_S = 4  # train.replica_timeout_s in these runs
+N_ITER = 14
+
+
+def wait_for_iterations(run_dir, proc, n, ranks, timeout=120):
+    """The rank pids once the coordinator has logged `n` iterations (all ranks running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "iteration"') >= n + 1 \
+                and len(rank_pids(str(run_dir))) == ranks:
+            return rank_pids(str(run_dir))
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
+    pytest.fail(f"training did not get to iteration {n}: {err[-2000:]}")
+
+
+def failover_run(tmp_path, *sets, env=None, kill=None):
+    """A supervised 5-rank run (3 replicas, 1 shard, full batch, N_ITER iterations) with
+    `sets`; `kill`: SIGKILL that rank once iteration 2 is logged. Returns (proc, stderr,
+    summary, records, seconds from the kill to the end)."""
+    run_dir, ranks = tmp_path / "run", 5
+    with background_training(tmp_path, run_dir, "train.n_replicas=3", "train.n_shards=1",
+                             f"train.iterations={N_ITER}", "train.tolerance=0",
+                             f"train.replica_timeout_s={TIMEOUT_S}", *sets, config=CONFIG, ranks=ranks,
+                             env={"DBMPI_PORTION_DELAY": "0.05", **(env or {})}, budget=(),
+                             mpiexec_args=["-disable-auto-cleanup"],
+                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+        killed = time.monotonic()
+        if kill is not None:
+            pids = wait_for_iterations(run_dir, proc, 2, ranks)
+            killed = time.monotonic()
+            os.kill(pids[kill], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+        ended_s = time.monotonic() - killed
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+    assert summary is not None, err[-3000:]
+    assert none_left(str(run_dir))
+    return proc, err, summary, records(run_dir), ended_s
+
+
+def check_survived(tmp_path, proc, err, summary, recs, victim):
+    """The run completed without `victim`, said so once, and followed the serial L-BFGS's
+    iterates with every example of every evaluation counted once; the job's status is the
+    victim's (128 + SIGKILL, as its supervisor reports it)."""
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert summary["failed_replicas"] == [victim], err[-3000:]
+    assert summary["iterations"] == N_ITER and summary["status"] == "budget"
+    assert summary["test_accuracy"] > 0.9  # measured by a survivor
+    failures = [r for r in recs if r["kind"] == "replica_failed"]
+    assert len(failures) == 1 and failures[0]["replica"] == victim and failures[0]["ranks"] == [victim]
+    assert failures[0]["silent_s"] >= TIMEOUT_S
+    assert err.count(f"dbmpi: replica {victim} failed") == 1, err[-3000:]
+    assert "Traceback" not in err
+    # The survivors' records (the victim sent none).
+    assert sorted(r["replica"] for r in recs if r["kind"] == "replica") == sorted({0, 1, 2} - {victim})
+    assert summary["portions_computed_by_replica"][victim] is None
+    iterations = [r for r in recs if r["kind"] == "iteration"]
+    assert all(n == summary["batch_size"] for r in iterations for n in r["examples_per_evaluation"])
+    reference, _, _ = serial_reference(tmp_path, [], N_ITER)
+    np.testing.assert_allclose([r["loss"] for r in iterations], reference, rtol=2e-5)
+
+
+@pytest.mark.parametrize("victim,backups", [(1, False), (0, True)], ids=["replica-1", "replica-0-with-backups"])
+def test_a_killed_replica_has_its_portions_reissued_and_the_iterates_stay_exact(tmp_path, victim, backups):
+    """Three replicas, one shard, full batch; one replica is SIGKILLed after iteration 2
+    (replica 0 is the one that measured the test accuracy). The coordinator declares it
+    failed after train.replica_timeout_s without the message it owed, the others compute
+    its portions, and the run completes with the serial L-BFGS's iterates."""
+    proc, err, summary, recs, ended_s = failover_run(
+        tmp_path, f"train.backup_tasks={str(backups).lower()}", kill=victim)  # replica r is rank r
+    check_survived(tmp_path, proc, err, summary, recs, victim)
+    assert ended_s < 120
+    if not backups:  # its portion had no other copy: reissued (or the batch computed again)
+        assert summary["portions_reissued"] + summary["batches_recomputed"] >= 1, summary
+
+
+def test_a_replica_dying_between_its_push_and_its_report_has_the_batch_computed_again(tmp_path):
+    """Replica 2 dies right after its 10th push (about evaluation 4) landed in the shard's inbox, before it
+    reported it: the coordinator cannot tell what of it landed, so once it declares the
+    replica failed it empties the inbox and has the batch computed again. Counting that push
+    and recomputing its portions would double them: the iterates show it."""
+    proc, err, summary, recs, _ = failover_run(tmp_path, env={"DBMPI_DIE_AFTER_PUSH": "2:10"})
+    check_survived(tmp_path, proc, err, summary, recs, victim=2)
+    assert summary["batches_recomputed"] == 1, summary
+    assert [r["batch_recomputed"] for r in recs if r["kind"] == "replica_failed"] == [True]
