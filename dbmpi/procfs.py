@@ -48,8 +48,9 @@ def mpich_shm_files(pid: int) -> set[str]:
     try:
         with open(f"/proc/{pid}/maps") as maps:
             for line in maps:
-                path = line.rstrip("\n").split(None, 5)[-1]
-                if path.startswith(SHM_DIR + "/") and Path(path).name.startswith(MPICH_SHM_PREFIXES):
+                path = line.rstrip("\n").split(None, 5)[-1]  # " (deleted)" once unlinked: skipped
+                if path.startswith(SHM_DIR + "/") and Path(path).name.startswith(MPICH_SHM_PREFIXES) \
+                        and not path.endswith(" (deleted)"):
                     found.add(path)
     except OSError:
         pass

@@ -73,11 +73,13 @@ def _in_child(libc) -> None:
 
 
 def sweep(rank: tuple[int, int | None], poll_s: float = SWEEP_POLL_S) -> str:
-    """Learn the MPICH shared-memory files `rank` (procfs.identity) maps while it lives;
-    then remove those nothing uses any more. Returns the cleanup script's report."""
+    """Learn the MPICH shared-memory files `rank` (procfs.identity) maps (MPI_Init maps
+    them: read until found); once it has ended, remove those nothing uses any more. Returns
+    the cleanup script's report."""
     files: set[str] = set()
     while not procfs.gone(rank):
-        files |= procfs.mpich_shm_files(rank[0])
+        if not files:
+            files = procfs.mpich_shm_files(rank[0])
         time.sleep(poll_s)
     return procfs.remove_unused(files)
 
