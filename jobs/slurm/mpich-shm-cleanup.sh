@@ -39,11 +39,8 @@ fnv1a() {  # sets id to the 32-bit FNV-1a hash of $1, in lower-case hex without 
   printf -v id '%x' "$hash"
 }
 
-in_use() {  # whether any process maps or holds open the file $1
-  local maps
-  for maps in /proc/[0-9]*/maps; do
-    grep -qsF -- "$1" "$maps" && return 0
-  done
+in_use() {  # whether any process maps or holds open the file $1 (one grep over all maps)
+  grep -qsF -- "$1" /proc/[0-9]*/maps && return 0
   find /proc/[0-9]*/fd -maxdepth 1 -lname "$1" -print 2>/dev/null | grep -q .
 }
 
