@@ -58,6 +58,11 @@ def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
     assert all(sum(r["staleness_histogram"].values()) == r["pushes"] for r in shards)
     evals = [r for r in recs if r["kind"] == "eval" and r.get("source") == "shards"]
     assert evals and evals[-1]["test_accuracy"] == summary["test_accuracy"]
+    # Without eval_every, replica 0 still logs an accuracy curve: once per epoch of its
+    # slice (719 rows, batch 32: 22 steps), as eval_every = "epoch" says.
+    curve = [r["step"] for r in recs if r["kind"] == "eval" and r.get("source") == "replica 0"]
+    assert len(curve) >= 15 and all(step % 22 == 0 for step in curve), curve
+    assert 'eval_every = "epoch"' in (run_dir / "config.toml").read_text()
     assert json.loads((run_dir / "layout.json").read_text())["roles"][2] == "shard 0"
     assert "final test accuracy" in result.stdout
 

@@ -118,6 +118,9 @@ def test_final_loss_matches_scipy_lbfgsb(tmp_path):
     best = scipy.optimize.minimize(fun64, network.params.astype(np.float64), jac=True, method="L-BFGS-B",
                                    options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
     final = iterations[-1]["loss"]
+    # final_loss is the objective, L2 term included (summary.json says with which weight);
+    # test_loss is the plain test cross-entropy, no L2 term.
+    assert summary["final_loss"] == final and summary["weight_decay"] == 1e-3
     assert summary["status"] in ("converged", "budget", "stalled")
     assert abs(final - best.fun) <= 1e-4 * abs(best.fun), (final, best.fun)
 
