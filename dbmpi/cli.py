@@ -494,7 +494,9 @@ def _error(message: str) -> None:
 def _settle_ranks(timeout_s: float = 10.0) -> None:
     """Under mpiexec, wait (bounded) until every rank has reported its error too: the first
     rank to exit non-zero may take the job down (python -m mpi4py aborts) before slower
-    ranks have printed. Input errors are found identically on every rank, so all arrive."""
+    ranks have printed. Input errors are found identically on every rank, so all arrive.
+    When all did, MPI is finalized: the job ends with their one line each and status 2, no
+    `Abort(2) on node ...` lines from python -m mpi4py's abort on a non-zero exit."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size == 1:
         return
@@ -504,6 +506,8 @@ def _settle_ranks(timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not request.Test() and time.monotonic() < deadline:
         time.sleep(0.01)
+    if request.Test():
+        mpi.Finalize()
 
 
 def _abort_job_at_exit() -> None:
