@@ -185,7 +185,7 @@ def _truncated(path):
     path.write_bytes(path.read_bytes()[:3000])
 
 
-LOCAL_9x9 = 'input_shape = [8, 8, 1]\n[[model.layers]]\ntype = "local"\nfilters = 2\nkernel = 9\nactivation = "relu"\n'
+LOCAL_9x9 = 'seed = 0\n[[model.layers]]\ntype = "local"\nfilters = 2\nkernel = 9\nactivation = "relu"\n'
 BAD_INPUT = {  # case -> (writes the data file, or None: the good file; a config edit; part of the message)
     "missing file": (lambda path: None, None, "data set file not found"),
     "empty file": (lambda path: path.write_bytes(b""), None, "not an HDF5 file"),
@@ -197,7 +197,7 @@ BAD_INPUT = {  # case -> (writes the data file, or None: the good file; a config
     "10**10 classes, no names": (_data(_classes(10**10)), None, "10000000000 classes"),
     "empty train split": (_data(_emptied("train")), None, "/train holds no examples"),
     "empty test split": (_data(_emptied("test")), None, "/test holds no examples"),
-    "kernel larger than input": (None, ("input_shape = [8, 8, 1]\n", LOCAL_9x9), "9 is larger than the input 8 x 8"),
+    "kernel larger than input": (None, ("seed = 0\n", LOCAL_9x9), "9 is larger than the input 8 x 8"),
 }
 
 
