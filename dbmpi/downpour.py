@@ -42,7 +42,7 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.optimizers import make_optimizer
 from dbmpi.partition import PartitionPlan
-from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
+from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave, stderr_line
 from dbmpi.parameter_server import (CHECKPOINTS, DONE_MARK, FAILED_MARK, RELEASED, STOPS, VERDICT, VERDICT_CLEAN,
                                     VERDICT_FAILED, WARMED, ParameterWindows, Shard, ShardClient, add_counter,
                                     bucket_label, heartbeat_slot, read_counter)
@@ -52,6 +52,7 @@ from dbmpi.atomic import atomic_write_text
 from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
 from dbmpi import config as configuration
 from dbmpi.rundir import RunDirectory, RunDirectoryError
+from dbmpi.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
@@ -60,6 +61,8 @@ AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutErro
 # shards to stream their slices for a checkpoint; its last order, whether a final checkpoint
 # is written (not when no replica survived).
 CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205  # (202: dbmpi.shard_checkpoint's slices)
+OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why the training diverged
+MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 
 
 def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
@@ -303,6 +306,8 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
                            writer_say, run_started)
         topo.free()
         return summary
+    except DivergedError:  # every rank raises it, after the teardown
+        raise
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
@@ -385,13 +390,18 @@ def _end(topo, windows, liveness: Liveness, close) -> None:
     """Every rank but shard 0, once its part is done: without failures, the collective
     teardown; after one, tell shard 0 and leave without collectives."""
     verdict = _verdict(windows, topo.layout, liveness)
+    diverged = receive(topo.world, topo.layout.shard_rank(0), OUTCOME, liveness)
     liveness.stop()
     if verdict == VERDICT_FAILED:
         add_counter(windows.control, topo.layout.shard_rank(0), RELEASED)
+        if diverged is not None:
+            _end_diverged(diverged, leaving=True)
         leave(0)
     close()
     windows.free()
     liveness.close()
+    if diverged is not None:
+        _end_diverged(diverged, leaving=False)
 
 
 def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop, run_path, say,
@@ -413,7 +423,9 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()
                     if msg["state"] is not None)
     failed = liveness.failed_replicas()
-    go = bool(states)
+    records = [r for w in sorted(finals) for r in finals[w]["records"]]
+    diverged = _divergence(records, cfg["train"])
+    go = bool(states) and diverged is None  # a diverged run keeps its last good checkpoint
     for k in range(1, layout.n_shards):
         send(world, go, layout.shard_rank(k), CKPT_LAST, liveness)
     final_path = None
@@ -421,23 +433,32 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
         state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
         checkpointer(state)  # the final checkpoint
         final_path = checkpointer.last
-    records = [r for w in sorted(finals) for r in finals[w]["records"]]
     records.append(_shard_record(topo, stats, checkpointer))
     for k in range(1, layout.n_shards):
         records.extend(receive(world, layout.shard_rank(k), FINAL, liveness)["records"])
     records.extend(liveness.events)
+    liveness.beat(force=True)  # the others wait for the verdict: the evaluation must take less than the timeout
+    with liveness.busy():
+        test = _evaluate_final(cfg, network, final_path)
+    if test[0] is not None and not math.isfinite(test[0]):
+        diverged = f"the final test loss is {test[0]}; lower train.learning_rate"
+        final_path = _set_aside(final_path)
+    told = _tell_outcome(world, layout, liveness, diverged)
     liveness.stop()
     if not failed:
         add_counter(windows.control, topo.rank, VERDICT, VERDICT_CLEAN)
+        liveness.wait(told)
         shard.close()
         windows.free()
     else:  # no collective: wait (bounded) until the others have read the verdict
         add_counter(windows.control, topo.rank, VERDICT, VERDICT_FAILED)
         expected = len(liveness.done_workers) + layout.n_shards - 1
-        liveness.wait(lambda: read_counter(windows.control, topo.rank, RELEASED) >= expected,
+        liveness.wait(lambda: told() and read_counter(windows.control, topo.rank, RELEASED) >= expected,
                       limit_s=liveness.timeout)
     liveness.close()
-    summary = _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say)
+    summary = _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say, test, diverged)
+    if diverged is not None:
+        _end_diverged(diverged, leaving=bool(failed))
     if not failed:
         return summary
     if final_path is None:
@@ -447,6 +468,30 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
         f"({summary['wall_time_s']:.1f} s) without failed replica(s) {failed}; summary in "
         f"{run_path / 'summary.json'}")
     leave(0)
+
+
+def _tell_outcome(world, layout, liveness: Liveness, diverged: str | None) -> Callable[[], bool]:
+    """Shard 0: send `diverged` (None: it did not) to every rank that reads the verdict, so
+    each ends the same way; returns a test that the sends are done (a reader that died
+    meanwhile counts as told)."""
+    readers = sorted(liveness.done_workers) + list(layout.shard_ranks[1:])
+    requests = [world.isend(diverged, dest=rank, tag=OUTCOME) for rank in readers]
+
+    def told() -> bool:
+        try:
+            return MPI.Request.Testall(requests)
+        except MPI.Exception:
+            return True
+    return told
+
+
+def _set_aside(path: Path | None) -> Path | None:
+    """Rename a checkpoint of a diverged state so that --resume auto never picks it."""
+    if path is None:
+        return None
+    aside = path.with_name(path.name + ".diverged")
+    os.replace(path, aside)
+    return aside
 
 
 def _load_replica_data(cfg, network, layout, plan, topo) -> dict:
@@ -523,12 +568,19 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
     def keep_going(step: int, last: float) -> bool:
         if step >= last:
             return False
-        stop_flag[0] = time.perf_counter() >= deadline or stop_requested()
+        stop_flag[0] = time.perf_counter() >= deadline or stop_requested() or diverging()
         if n_partitions > 1:
             topo.replica.Allreduce(MPI.IN_PLACE, stop_flag, op=MPI.MAX)
         return not stop_flag[0]
 
     nonfinite = 0  # NaN/Inf entries in the accrued gradient
+    max_rejected = tcfg["max_rejected_fraction"]
+    rejected_then = 0  # client.rejected at the last periodic checkpoint
+
+    def diverging() -> bool:
+        """This worker's pushes were mostly withheld as non-finite: stop (shard 0 fails the run)."""
+        rejected = client.rejected
+        return rejected >= MIN_REJECTED and rejected > max_rejected * (client.pushes + rejected)
 
     fail_at = _injected_failure(topo.rank)
 
@@ -552,7 +604,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
         add_counter(windows.control, shard0, CHECKPOINTS)
 
     def train_steps(first: int, count: float, phase: str) -> int:
-        nonlocal current, nonfinite, last_checkpoint
+        nonlocal current, nonfinite, last_checkpoint, rejected_then
         step = first
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         staleness_seen = len(client.staleness)
@@ -578,7 +630,12 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
             if ((checkpoint_every and step % checkpoint_every == 0) or
                     (checkpoint_every_s and time.perf_counter() - last_checkpoint >= checkpoint_every_s)) \
                     and acting_lead():
-                request_checkpoint(step, phase)
+                if client.rejected == rejected_then:  # no checkpoint of a diverging run
+                    request_checkpoint(step, phase)
+                else:
+                    say(f"[{phase}] step {step:>7}  no checkpoint: {client.rejected - rejected_then} "
+                        f"non-finite push(es) withheld since the last one")
+                rejected_then = client.rejected
                 last_checkpoint = time.perf_counter()
             if step % log_every == 0:
                 now = time.perf_counter()
@@ -650,7 +707,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
                     "activation_bytes_received": getattr(model, "bytes_received", 0),
                     "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
                     "examples": int(x.shape[0]), "batch": batch,
-                    "stopped_by_signal": signalled["seen"]})
+                    "stopped_by_signal": signalled["seen"], "diverged": diverging()})
     if topo.is_lead:
         run_dir.close()  # shard 0 appends the rest
     # The records (and, from a replica's first partition, the state for the final
@@ -675,17 +732,49 @@ def _injected_failure(rank: int) -> int | None:
     return None
 
 
-def _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say) -> dict:
-    """On shard 0: evaluate the parameters of the final checkpoint (the shards' parameters
-    at the end), append every record to metrics.jsonl and write summary.json."""
+def _evaluate_final(cfg, network, final_path) -> tuple:
+    """On shard 0: test loss and accuracy of the final checkpoint's parameters (the shards'
+    parameters at the end); (None, None) without one."""
+    if final_path is None:
+        return None, None
+    with open_checkpoint(final_path, verify=False) as ckpt:
+        ckpt.read_range("params", 0, network.n_params, out=network.params)
+    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
+        test_x, test_y = dataset.load("test")
+    return network.evaluate(test_x, test_y, cfg["train"]["eval_batch_size"])
+
+
+def _divergence(records: list[dict], tcfg: dict) -> str | None:
+    """Why the training diverged, from the workers' records (None if it did not): more than
+    train.max_rejected_fraction of the pushes withheld as non-finite, or a replica stopped
+    because its own pushes were."""
+    workers = [r for r in records if r["kind"] == "replica"]
+    rejected = sum(r["rejected"] for r in workers)
+    attempted = rejected + sum(r["pushes"] for r in workers)
+    limit = tcfg["max_rejected_fraction"]
+    stopped = sorted({r["replica"] for r in workers if r.get("diverged")})
+    if not stopped and rejected <= limit * attempted:
+        return None
+    return (f"{rejected} of {attempted} pushes were withheld as non-finite (train.max_rejected_fraction = "
+            f"{limit:g})" + (f"; replica(s) {stopped} stopped early" if stopped else "")
+            + "; lower train.learning_rate or check the data")
+
+
+def _end_diverged(message: str, leaving: bool) -> None:
+    """Every rank of a diverged run ends with the same line: with a failed replica (no
+    collectives) it leaves now, else the command line prints it after the teardown."""
+    if leaving:
+        stderr_line(f"dbmpi: error: training diverged: {message}")
+        leave(EXIT_DIVERGED)
+    raise DivergedError(message)
+
+
+def _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say,
+            test=(None, None), diverged: str | None = None) -> dict:
+    """On shard 0: append every record to metrics.jsonl and write summary.json (`test`: the
+    final checkpoint's test loss and accuracy; `diverged`: why the training failed)."""
     tcfg = cfg["train"]
-    test_loss = test_acc = None
-    if final_path is not None:
-        with open_checkpoint(final_path, verify=False) as ckpt:
-            ckpt.read_range("params", 0, network.n_params, out=network.params)
-        with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-            test_x, test_y = dataset.load("test")
-        test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+    test_loss, test_acc = test
     metrics = Path(run_path) / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size:
         with open(metrics, "rb") as f:  # a writer killed mid-line must not swallow ours
@@ -723,6 +812,7 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         "failed_replicas": failed,
         "final_checkpoint": final_path.name if final_path is not None else None,
         "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
+        "status": "diverged" if diverged else "finished", "failure": diverged,
     }
     run_dir.write_json("summary.json", summary)
     run_dir.close()

@@ -53,6 +53,10 @@ CONVERGED = "converged"  # gradient or loss change below tolerance; possibly no 
 STALLED = "stalled"      # no decrease found even along steepest descent: x unchanged
 
 
+class NotFinite(ValueError):
+    """The objective or its gradient is not finite at the point `start` evaluates."""
+
+
 @runtime_checkable
 class VectorSpace(Protocol):
     """Named float32 vectors that live elsewhere; only scalars come back."""
@@ -267,7 +271,7 @@ class LBFGS:
         self._x_norm = None
         self.grad_norm = math.sqrt(self.space.dot(G, G))
         if not (math.isfinite(self.f) and math.isfinite(self.grad_norm)):
-            raise ValueError(f"the objective is not finite at the initial point "
+            raise NotFinite(f"the objective is not finite at x "
                              f"(loss {self.f}, gradient norm {self.grad_norm})")
         self.started = True
         return self.f

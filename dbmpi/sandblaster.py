@@ -56,9 +56,9 @@ from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
 from dbmpi.checkpoint import checkpoint_name, open_checkpoint
-from dbmpi.downpour import abort_on_error, agree
+from dbmpi.downpour import _set_aside, abort_on_error, agree
 from dbmpi.layout import Layout, layout_for
-from dbmpi.lbfgs import LBFGS, X, vector_names
+from dbmpi.lbfgs import LBFGS, NotFinite, X, vector_names
 from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parameter_server import ParameterWindows, ShardClient
@@ -66,6 +66,7 @@ from dbmpi.partition import PartitionPlan
 from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
 from dbmpi.portions import PortionScheduler, Reply, Silence, cut
 from dbmpi.rundir import RunDirectory
+from dbmpi.sgd import DivergedError
 from dbmpi.shard_checkpoint import ShardCheckpoints
 from dbmpi.signals import StopRequest
 from dbmpi.topology import Topology
@@ -669,6 +670,8 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
                            Path(run_path), resumed, stop)
         topo.free()
         return summary
+    except DivergedError:  # every rank raises it, after the teardown
+        raise
     except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
         abort_on_error(comm, exc)
 
@@ -723,6 +726,9 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
         if role.is_shard:
             shard.close()
         windows.free()
+    failure = topo.world.bcast(summary["failure"] if role.is_coordinator else None, root=layout.coordinator_rank)
+    if failure is not None:  # the same line on every rank (dbmpi.cli), the last good checkpoint kept
+        raise DivergedError(failure)
     return summary
 
 
@@ -784,11 +790,19 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
         f"backups {'on' if tcfg['backup_tasks'] else 'off'}")
     started = time.perf_counter()
     earlier_s = 0.0  # seconds trained before a resume, so times continue
+    failure: list[str] = []  # why the training diverged
+
+    def start() -> float:
+        """f and g at x on the current batch; NaN (and a failure) when they are not finite."""
+        try:
+            return lbfgs.start()
+        except NotFinite as exc:
+            failure.append(f"iteration {lbfgs.iteration + 1}, batch {space.batch}: {exc}; check the data")
+            return math.nan
     if resumed and resumed.get("parameters_only"):
         say(f"initial parameters from {resumed['path']}")
         run_dir.log({"kind": "init", "checkpoint": resumed["path"]})
-        lbfgs.start()
-        loss = lbfgs.f
+        loss = start()
     elif resumed:
         say(f"resuming from {resumed['path']} at iteration {resumed['step']}")
         run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
@@ -796,7 +810,7 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
         earlier_s = restored["elapsed_s"]
         loss = lbfgs.f
     else:
-        loss = lbfgs.start()
+        loss = start()
     seen = 0
     status, iteration = "budget", lbfgs.iteration
     iterations: list[dict] = []
@@ -845,10 +859,12 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
     log({"iteration": lbfgs.iteration, "loss": loss, "step_length": 0.0, "evaluations": 1,
          "status": "resume" if resumed and not resumed.get("parameters_only") else "start"})
     say(f"[lbfgs] iteration {lbfgs.iteration:>5}  loss {loss:.6f}")
-    while iteration < budget and time.perf_counter() < deadline:
+    while not failure and iteration < budget and time.perf_counter() < deadline:
         if len(batches) > 1:  # the next batch: f and g at x on it
             space.batch = (space.batch + 1) % len(batches)
-            lbfgs.start()
+            start()
+            if failure:
+                break
         record = lbfgs.step(tcfg["tolerance"])
         iteration += 1
         log(dict(record))
@@ -865,12 +881,19 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
             break
         if eval_every and lbfgs.iteration % eval_every == 0:
             test_loss, test_accuracy = space.test(X)
+            if not math.isfinite(test_loss):
+                failure.append(f"iteration {lbfgs.iteration}: the test loss is {test_loss}")
             run_dir.log({"kind": "eval", "source": "replica 0", "iteration": lbfgs.iteration,
                          "time_s": round(elapsed(), 4), "test_loss": test_loss, "test_accuracy": test_accuracy})
             say(f"[lbfgs] iteration {lbfgs.iteration:>5}  test accuracy {test_accuracy:.4f}")
+            if failure:
+                break
         if (every and lbfgs.iteration % every == 0) or (every_s and time.perf_counter() - last_checkpoint >= every_s):
             checkpoint("periodic")
-    if checkpointed_at != lbfgs.iteration:
+    if failure:
+        status = "diverged"
+        say(f"training diverged: {failure[0]}; no final checkpoint")
+    elif checkpointed_at != lbfgs.iteration:
         checkpoint("signal" if status == "signal" else "final")
     # The final iterate on the test set, by the lowest live replica.
     result = dict(zip(("test_loss", "test_accuracy"), space.test(X)))
@@ -878,6 +901,10 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
     space.stop_shards()
     gathered = space.records()
     wall = time.perf_counter() - started
+    if not failure and not math.isfinite(result["test_loss"]):
+        status = "diverged"
+        failure.append(f"the final test loss is {result['test_loss']}")
+        _set_aside(run_dir.path / "checkpoints" / written[-1])  # --resume auto must not pick it
     summary = {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
                "iterations": iteration, "status": status, "final_loss": lbfgs.f,
                "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
@@ -889,7 +916,8 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
                "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"],
                "checkpoints_written": written, "stopped_by_signal": status == "signal",
                "failed_replicas": sorted(space.silence.failed), "batches_recomputed": space.recomputed,
-               "portions_reissued": sum(e["reissued"] for e in space.stats_log)}
+               "portions_reissued": sum(e["reissued"] for e in space.stats_log),
+               "failure": failure[0] if failure else None}
     if resumed and resumed.get("parameters_only"):
         summary["initial_parameters"] = resumed["path"]
     elif resumed:

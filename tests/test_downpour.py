@@ -123,6 +123,7 @@ def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, 
     assert len(lines) == ranks and len(set(lines)) == 1, result.stderr[-3000:]
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "\n".join(lines)  # nothing else: no "Abort(2) on node ..." lines
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -472,3 +473,84 @@ def test_checkpoints_every_t_seconds(tmp_path):
     written = shard0["checkpoints_written"]
     assert 3 <= len(written) <= 7, written  # about one a second for 4 s, plus the final one
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == sorted(set(written))
+
+
+# Failed trainings ------------------------------------------------------------------------------
+def damaged_digits(tmp_path, name, rows, value):
+    """A copy of the digits data set with training rows `rows` (a slice) set to `value`."""
+    import h5py
+
+    from dbmpi.data import prepare_digits
+
+    if not (tmp_path / "digits.h5").exists():
+        prepare_digits(tmp_path / "digits.h5")
+    path = tmp_path / name
+    shutil.copy(tmp_path / "digits.h5", path)
+    with h5py.File(path, "r+") as f:
+        f["train/x"][rows] = value
+    return path
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dbmpi: error:")]
+
+
+def test_nan_in_the_training_data_is_an_input_error_on_every_rank(tmp_path):
+    """NaN rows used to train on (pushes withheld, accuracy 0.014, exit 0): now refused up
+    front, naming the file and the first bad row, before a run directory exists."""
+    data = damaged_digits(tmp_path, "nan.h5", slice(5, 8), float("nan"))
+    result, elapsed = launch(4, "train", CONFIG, "--run-dir", tmp_path / "run", "--set", f"data.path={data}",
+                             cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and elapsed < 60, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert f"{data}: /train/x holds NaN or Inf in 3 row(s), the first at row 5" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_exits_3_on_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
+    """learning_rate = 1e30 used to exit 0 with a NaN test loss. A healthy run writes
+    checkpoints; resumed with that learning rate it diverges: every rank prints the same
+    line and exits 3 (soon: the replicas stop once their pushes are mostly non-finite),
+    summary.json says why, and --resume auto still finds the healthy run's newest checkpoint."""
+    from dbmpi.checkpoint import list_checkpoints, newest_valid
+
+    run_dir = tmp_path / "run"
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.steps=100",
+                       "--set", "train.checkpoint_every=50", "--set", data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    good = {p.name: p.read_bytes() for p in list_checkpoints(run_dir / "checkpoints")}
+    assert "ckpt-000000150.h5" in good  # warmstart 50 + 100 steps
+
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--resume", "auto", "--set", data,
+                       "--set", "train.learning_rate=1e30", "--set", "train.steps=100000",
+                       "--set", "train.checkpoint_every=20", cwd=tmp_path, timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert "training diverged:" in lines[0] and "pushes were withheld as non-finite" in lines[0]
+    assert "Traceback" not in result.stderr and "final test accuracy" not in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and lines[0].endswith(summary["failure"])
+    assert summary["final_checkpoint"] is None and max(summary["steps_by_replica"]) < 1000
+    assert {p.name: p.read_bytes() for p in list_checkpoints(run_dir / "checkpoints")} == good
+    assert newest_valid(run_dir / "checkpoints").name == "ckpt-000000150.h5"
+
+
+def test_a_run_that_diverges_at_once_fails_without_a_checkpoint(tmp_path):
+    """A fresh run with learning_rate = 1e30 and a budget too short for a replica to stop
+    early: the shards' count of withheld pushes fails it (exit 3), no checkpoint is written."""
+    from dbmpi.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.learning_rate=1e30",
+                       "--set", "train.steps=5", "--set", "train.warmstart_steps=2",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["pushes_rejected"] > 0
+    assert "stopped early" not in summary["failure"]
+    assert not list_checkpoints(run_dir / "checkpoints")

@@ -17,7 +17,7 @@ from dbmpi import config as configuration
 from dbmpi.data import open_dataset
 from dbmpi.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.model import Network
-from tests.test_downpour import ROOT, background_training, launch, records
+from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, records
 
 CONFIG = ROOT / "configs/sandblaster_digits.toml"
 # A Sandblaster run in the background (tests.test_downpour.background_training): an iteration
@@ -336,3 +336,41 @@ def test_init_takes_only_the_parameters_of_a_checkpoint(tmp_path):
     assert its[1]["loss"] < its[0]["loss"]
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert summary["initial_parameters"] == str(ckpt) and "resumed_from" not in summary
+
+
+# Failed trainings ------------------------------------------------------------------------------
+def test_nan_in_the_data_is_one_line_on_every_sandblaster_rank(tmp_path):
+    """NaN data used to end in `error on rank 4: ValueError: the objective is not finite`
+    on one rank: now the data set is refused up front, naming the file, on every rank."""
+    data = damaged_digits(tmp_path, "nan.h5", slice(700, 701), float("inf"))
+    result, elapsed = launch(5, "train", CONFIG, "--run-dir", tmp_path / "run", "--set", f"data.path={data}",
+                             cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and elapsed < 60, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 5 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert f"{data}: /train/x holds NaN or Inf in 1 row(s), the first at row 700" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_objective_later_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Finite rows so large (3e38) that the loss overflows, in the third batch: iteration
+    1 checkpoints, iteration 2's batch gives a non-finite objective. Every rank prints the
+    same `training diverged` line and exits 3; no final checkpoint is written, so
+    --resume auto would take iteration 1's; summary.json says why."""
+    from dbmpi.checkpoint import list_checkpoints, newest_valid
+
+    data = damaged_digits(tmp_path, "huge.h5", slice(1000, 1010), 3e38)
+    run_dir = tmp_path / "run"
+    result, _ = launch(5, "train", CONFIG, "--run-dir", run_dir, "--set", f"data.path={data}",
+                       "--set", "train.batch_size=500", "--set", "train.checkpoint_every=1", cwd=tmp_path,
+                       timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 5 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert "training diverged: iteration 2, batch 2: the objective is not finite" in lines[0]
+    assert "Traceback" not in result.stderr and "final test accuracy" not in result.stdout
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["ckpt-000000001.h5"]
+    assert newest_valid(run_dir / "checkpoints").name == "ckpt-000000001.h5"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and lines[0].endswith(summary["failure"])
+    assert summary["iterations"] == 1
