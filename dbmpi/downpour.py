@@ -46,7 +46,7 @@ from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave, stderr_lin
 from dbmpi.parameter_server import (CHECKPOINTS, DONE_MARK, FAILED_MARK, RELEASED, STOPS, VERDICT, VERDICT_CLEAN,
                                     VERDICT_FAILED, WARMED, ParameterWindows, Shard, ShardClient, add_counter,
                                     bucket_label, heartbeat_slot, read_counter)
-from dbmpi.shard_checkpoint import ShardCheckpoints, SliceLost
+from dbmpi.shard_checkpoint import ServingProgress, ShardCheckpoints, SliceLost
 from dbmpi.signals import StopRequest
 from dbmpi.atomic import atomic_write_text
 from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
@@ -58,9 +58,10 @@ from dbmpi.topology import Topology
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
 # Tags: the acting lead's state to shard 0 (periodic checkpoints); shards' slices to shard 0;
 # every rank's records (and a replica's final state) to shard 0; shard 0's order to the other
-# shards to stream their slices for a checkpoint; its last order, whether a final checkpoint
-# is written (not when no replica survived).
-CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205  # (202: dbmpi.shard_checkpoint's slices)
+# shards to stream their slices for a checkpoint (its step); its last order, the final
+# checkpoint's step or False (none: no replica survived).
+# (202 and 207: dbmpi.shard_checkpoint's slices and snapshot versions)
+CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205
 OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why the training diverged
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 
@@ -89,33 +90,45 @@ class ShardCheckpointer:
     slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
     asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
     other shards point to point, so a lead dying halfway through asking cannot leave the
-    shards disagreeing on which checkpoint they are at. Every wait is polled (no spinning on
-    shared cores) and keeps the heartbeat going (dbmpi.failover)."""
+    shards disagreeing on which checkpoint they are at.
+
+    Each shard records a snapshot of its slices (a copy: memory for one more slice per
+    vector) and keeps applying pushes while the snapshot is written: every wait serves
+    (dbmpi.shard_checkpoint.ServingProgress) and keeps the heartbeat going
+    (dbmpi.failover). Each checkpoint leaves a record: the shard's update count at the
+    snapshot, the updates applied while it was written, the longest stall of updates and
+    the most pushes one update merged meanwhile."""
 
     def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
         self.cfg, self.layout, self.topo, self.shard, self.liveness = cfg, layout, topo, shard, liveness
+        self.progress = ServingProgress(liveness, shard.apply_pending)
         self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
-                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"], liveness)
+                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"], self.progress)
         self.last: Path | None = None  # the newest checkpoint this shard 0 wrote
+        self.records: list[dict] = []  # one per checkpoint this shard took part in
 
     @property
     def written(self) -> list[str]:
         return self.files.written
 
-    def vectors(self) -> list[tuple[str, np.ndarray]]:
-        state = [(f"{self.shard.optimizer.name}/{key}", value)
-                 for key, value in sorted(self.shard.optimizer.state.items())]
-        return [("params", self.shard.work)] + state
-
-    def stream(self) -> None:
-        """Shards but 0: send this shard's slices to shard 0."""
-        self.files.write(self.vectors())
+    def _take(self, step: int, write: Callable[[list, int], None]) -> None:
+        """Snapshot this shard's slices, then `write(snapshot, version)` while serving."""
+        began, shard = time.perf_counter(), self.shard
+        self.progress.begin()
+        shard.max_merged_since = 0
+        version = shard.version()
+        write(shard.snapshot(), version)
+        self.progress.serve_now()  # closes the stall measurement
+        self.records.append({"step": step, "version": version, "updates_during": shard.version() - version,
+                             "stall_s": round(self.progress.stall_s, 4),
+                             "duration_s": round(time.perf_counter() - began, 4),
+                             "max_merged_during": shard.max_merged_since})
 
     def obey(self) -> None:
-        """Shards but 0, while serving: stream a slice for every order shard 0 gave."""
+        """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
         while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=CKPT_ORDER):
-            receive(self.topo.world, self.layout.shard_rank(0), CKPT_ORDER, self.liveness)
-            self.stream()
+            step = receive(self.topo.world, self.layout.shard_rank(0), CKPT_ORDER, self.progress)
+            self._take(step, lambda vectors, version: self.files.write(vectors, version=version))
 
     def last_order(self) -> bool:
         """Shards but 0, after serving: obey orders until the last one; True if it asks for
@@ -129,9 +142,9 @@ class ShardCheckpointer:
             return bool(got)
 
         self.liveness.wait(last)
-        if got[0]:
-            self.stream()
-        return got[0]
+        if got[0] is not False:
+            self._take(got[0], lambda vectors, version: self.files.write(vectors, version=version))
+        return got[0] is not False
 
     def __call__(self, state: dict | None = None) -> None:
         """Shard 0: one checkpoint, written with `state` (the final one: the other shards
@@ -139,15 +152,21 @@ class ShardCheckpointer:
         (CKPT_STATE) before it asked; the other shards are ordered to stream."""
         world = self.topo.world
         if state is None:
-            state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.liveness)
+            state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.progress)
             for k in range(1, self.layout.n_shards):
-                send(world, True, self.layout.shard_rank(k), CKPT_ORDER, self.liveness)
-        try:
-            self.last = self.files.write(self.vectors(), step=state["step"], algorithm="downpour",
-                                         config_text=configuration.dumps(self.cfg),
-                                         layout=self.layout.to_dict(), state=state)
-        except SliceLost as lost:  # e.g. the sender died mid-transfer
-            self.liveness.shard_lost(lost.shard, lost.what)
+                send(world, state["step"], self.layout.shard_rank(k), CKPT_ORDER, self.progress)
+
+        def write(vectors, version) -> None:
+            try:
+                self.last = self.files.write(vectors, step=state["step"], algorithm="downpour",
+                                             config_text=configuration.dumps(self.cfg),
+                                             layout=self.layout.to_dict(), state=state, version=version)
+            except SliceLost as lost:  # e.g. the sender died mid-transfer
+                self.liveness.shard_lost(lost.shard, lost.what)
+
+        self._take(state["step"], write)
+        self.records[-1]["file"] = self.last.name if self.last is not None else None
+        self.records[-1]["time"] = time.time()
 
 
 def receive(comm: MPI.Intracomm, source: int, tag: int, liveness: Liveness):
@@ -371,7 +390,9 @@ def _shard_record(topo, stats, checkpointer) -> dict:
             "pushes_by_replica": stats.pushes_by_replica, "first_push_after": stats.first_push_after,
             "workers_failed": stats.workers_failed,
             "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
-            "checkpoints_written": checkpointer.written}
+            "merged_histogram": {bucket_label(b): n for b, n in enumerate(stats.merged_histogram) if n},
+            "max_merged": stats.max_merged,
+            "checkpoints_written": checkpointer.written, "checkpoints": checkpointer.records}
 
 
 def _verdict(windows, layout, liveness: Liveness) -> int:
@@ -426,8 +447,8 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     records = [r for w in sorted(finals) for r in finals[w]["records"]]
     diverged = _divergence(records, cfg["train"])
     go = bool(states) and diverged is None  # a diverged run keeps its last good checkpoint
-    for k in range(1, layout.n_shards):
-        send(world, go, layout.shard_rank(k), CKPT_LAST, liveness)
+    for k in range(1, layout.n_shards):  # the final checkpoint's step, or False: none
+        send(world, states[0][1]["step"] if go else False, layout.shard_rank(k), CKPT_LAST, liveness)
     final_path = None
     if go:
         state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
@@ -787,12 +808,15 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         run_dir.started = run_started  # one time axis with the lead's records
     for record in records:
         run_dir.log(record)
+    shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
+    checkpoints = checkpoint_records(shards, run_dir.started)
+    for record in checkpoints:
+        run_dir.log(record)
     if final_path is not None:
         run_dir.log({"kind": "eval", "source": "shards", "checkpoint": final_path.name,
                      "test_loss": test_loss, "test_accuracy": test_acc})
     workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
     replicas = {r["replica"]: r for r in workers if r["partition"] == 0}
-    shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
     finished = [replicas[k] for k in sorted(replicas) if k not in failed]
     wall = max((r["wall_s"] for r in replicas.values()), default=0.0)
     summary = {
@@ -808,6 +832,10 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         "pushes_rejected": sum(r["rejected"] for r in workers),
         "stopped_by_signal": any(r.get("stopped_by_signal") for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
+        "merged_histogram": _sum_histograms(s["merged_histogram"] for s in shards),
+        "max_merged_pushes": max((s["max_merged"] for s in shards), default=0),
+        "checkpoints": len(checkpoints),
+        "checkpoint_stall_s_max": max((max(c["stall_s_by_shard"]) for c in checkpoints), default=0.0),
         "mean_staleness": _mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
         "failed_replicas": failed,
         "final_checkpoint": final_path.name if final_path is not None else None,
@@ -819,7 +847,37 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
     say(f"shards applied {summary['updates_by_shard']} updates; replicas ran {summary['steps_by_replica']} "
         f"steps; {summary['pushes_rejected']} pushes rejected, {summary['drains_dropped']} drains dropped"
         + (f"; replica(s) {failed} failed" if failed else ""))
+    say(f"one update merged at most {summary['max_merged_pushes']} pushes"
+        + (f"; {len(checkpoints)} checkpoint(s) stalled updates at most "
+           f"{1e3 * summary['checkpoint_stall_s_max']:.1f} ms" if checkpoints else ""))
     return summary
+
+
+def checkpoint_records(shards: list[dict], started: float) -> list[dict]:
+    """One `checkpoint` record per checkpoint, from the shards' own records (sorted by
+    shard): its file and step, the shards' update counts at their snapshots, and per shard
+    how long updates stalled, how many were applied while it was written and the most
+    pushes one of them merged."""
+    if not shards:
+        return []
+    records = []
+    for i, head in enumerate(shards[0]["checkpoints"]):
+        mine = [s["checkpoints"][i] if i < len(s["checkpoints"]) else {} for s in shards]
+        records.append({"kind": "checkpoint", "time": round(head["time"] - started, 4), "step": head["step"],
+                        "file": head.get("file"), "duration_s": head["duration_s"],
+                        "shard_versions": [c.get("version") for c in mine],
+                        "stall_s_by_shard": [c.get("stall_s", 0.0) for c in mine],
+                        "updates_during_by_shard": [c.get("updates_during") for c in mine],
+                        "max_merged_during_by_shard": [c.get("max_merged_during") for c in mine]})
+    return records
+
+
+def _sum_histograms(histograms) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for histogram in histograms:
+        for label, n in histogram.items():
+            total[label] = total.get(label, 0) + n
+    return total
 
 
 def _mean(values):

@@ -201,6 +201,10 @@ class ShardStats:
     workers_failed: int = 0
     busy_s: float = 0.0
     wall_s: float = 0.0
+    # Pushes each update merged (bucketed like staleness: 1, 2-3, 4-7, ...); bucket 0 counts
+    # drains that found data no counted push had announced yet.
+    merged_histogram: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
+    max_merged: int = 0
 
 
 class Shard:
@@ -218,6 +222,8 @@ class Shard:
         self.negated = np.empty_like(self.work)
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.stats = ShardStats(shard=index)
+        self.seen = 0  # the PUSHES count at the last drain
+        self.max_merged_since = 0  # the most pushes one update merged since a caller reset it
         windows.lock_shards()
         self._publish()
 
@@ -246,8 +252,14 @@ class Shard:
     # The loop -----------------------------------------------------------------------------
     def step(self) -> bool:
         """Drain once and apply the update if there was a finite gradient; True if applied."""
-        if not self._drain():
+        announced = self._counter(PUSHES)
+        merged = max(announced - self.seen, 0)  # pushes counted since the last drain
+        self.seen = max(self.seen, announced)
+        if not self._drain():  # their data came with the last drain (it lands before the count)
             return False
+        self.stats.merged_histogram[staleness_bucket(merged)] += 1
+        self.stats.max_merged = max(self.stats.max_merged, merged)
+        self.max_merged_since = max(self.max_merged_since, merged)
         control = self.windows.control
         add_counter(control, self.me, DRAINS)
         if kernels.count_nonfinite(self.drained):
@@ -258,6 +270,28 @@ class Shard:
         add_counter(control, self.me, VERSION)
         return True
 
+    def apply_pending(self) -> bool:
+        """One round of serving: if pushes were announced since the last drain, drain and
+        apply them; True if it did. Also called from the waits of a checkpoint, so updates
+        go on while one is written (a backlog never piles up into one giant step)."""
+        if self._counter(PUSHES) == self.seen:
+            return False
+        t0 = time.perf_counter()
+        self.step()
+        self.stats.busy_s += time.perf_counter() - t0
+        return True
+
+    def version(self) -> int:
+        """Updates applied so far."""
+        return self._counter(VERSION)
+
+    def snapshot(self) -> list[tuple[str, np.ndarray]]:
+        """Copies of this shard's slices (parameters, then the optimizer's state in a fixed
+        order) as they are now: what a checkpoint records while updates go on."""
+        state = [(f"{self.optimizer.name}/{key}", value.copy())
+                 for key, value in sorted(self.optimizer.state.items())]
+        return [("params", self.work.copy())] + state
+
     def serve(self, checkpoint=None, stop=None, tick=None) -> ShardStats:
         """Apply pushes until every worker has finished (or was declared failed: see
         dbmpi.failover) and the inbox is empty. Between drains, `checkpoint()` runs once for
@@ -266,7 +300,7 @@ class Shard:
         watchdog's sign of progress)."""
         started = time.perf_counter()
         n_workers = self.layout.n_workers
-        seen, backoff = 0, self.poll_min_s
+        backoff = self.poll_min_s
         written = 0
         relayed = False
         while True:
@@ -279,18 +313,13 @@ class Shard:
                 while self._counter(CHECKPOINTS) > written:
                     checkpoint()
                     written += 1
-            pushes = self._counter(PUSHES)
-            if pushes != seen:
-                seen = pushes
-                t0 = time.perf_counter()
-                self.step()
-                self.stats.busy_s += time.perf_counter() - t0
+            if self.apply_pending():
                 backoff = self.poll_min_s
                 continue
             if self._counter(WORKERS_DONE) + self._counter(WORKERS_FAILED) >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
-                if self._counter(PUSHES) == seen:
+                if self._counter(PUSHES) == self.seen:
                     self.step()
                     while checkpoint is not None and self._counter(CHECKPOINTS) > written:
                         checkpoint()
