@@ -66,7 +66,7 @@ from dbmpi.partition import PartitionPlan
 from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
 from dbmpi.portions import PortionScheduler, Reply, Silence, cut
 from dbmpi.rundir import RunDirectory
-from dbmpi.sgd import DivergedError
+from dbmpi.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.shard_checkpoint import ShardCheckpoints
 from dbmpi.signals import StopRequest
 from dbmpi.topology import Topology
@@ -742,7 +742,10 @@ def _leave_after_failure(summary: dict, layout: Layout, topo: Topology, say) -> 
                     f"(MPI_Abort {ABORT_PARTITIONS_LEFT}); the run is complete and written")
         time.sleep(0.5)  # let the launcher forward the line
         topo.world.Abort(ABORT_PARTITIONS_LEFT)
-    leave(1 if summary.get("failure") else 0)
+    if summary["failure"] is not None:  # the others left without knowing: this rank says it
+        stderr_line(f"dbmpi: error: training diverged: {summary['failure']}")
+        leave(EXIT_DIVERGED)
+    leave(0)
 
 
 def _restore(lbfgs: LBFGS, space: "ShardSpace", resumed: dict, say) -> dict:

@@ -458,3 +458,16 @@ def test_shard_range_errors(tmp_path):
             ds.shard_range("train", 3, 3)
         with pytest.raises(DatasetError, match="shard count"):
             ds.shard_range("train", 0, 0)
+
+
+def test_check_finite_names_the_split_and_the_first_bad_row_across_chunks(tmp_path):
+    """Training on NaN/Inf rows can only diverge: the scan (in chunks) names the first one."""
+    small_dataset(tmp_path / "ok.h5", n_train=50)
+    with data.open_dataset(tmp_path / "ok.h5") as dataset:
+        dataset.check_finite(chunk_bytes=64)  # finite: no error
+    with h5py.File(tmp_path / "ok.h5", "r+") as f:
+        f["train/x"][37, 1, 0, 0] = np.inf
+        f["train/x"][41, 0, 1, 0] = np.nan
+    with data.open_dataset(tmp_path / "ok.h5") as dataset:
+        with pytest.raises(DatasetError, match=r"ok\.h5: /train/x holds NaN or Inf in 2 row\(s\), the first at row 37"):
+            dataset.check_finite(chunk_bytes=64)  # 4 rows a chunk
