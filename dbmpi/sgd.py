@@ -137,7 +137,10 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
             loss = network.loss_and_grad(xb, yb)
             optimizer.step(network.params, network.grad)
         if not math.isfinite(loss):
-            raise DivergedError(f"step {step}: loss is {loss}; lower train.learning_rate")
+            failure = f"step {step}: loss is {loss}; lower train.learning_rate"
+            run.write_json("summary.json", {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
+                                            "status": "diverged", "failure": failure})
+            raise DivergedError(failure)
         window_loss += loss
         window_steps += 1
         last = step == total or time.perf_counter() >= deadline
@@ -162,6 +165,7 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     summary = {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
                "epochs": round(step / steps_per_epoch, 4), "batch_size": batch,
                "wall_time_s": round(elapsed, 3), "samples_per_s": round(step * batch / elapsed, 1),
-               "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params}
+               "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
+               "status": "finished", "failure": None}
     run.write_json("summary.json", summary)
     return summary

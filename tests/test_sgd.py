@@ -80,9 +80,11 @@ def test_divergence_is_reported(tmp_path):
     result = dbmpi("train", ROOT / "configs/mlp_digits.toml", "--run-dir", tmp_path / "run",
                    "--set", "train.optimizer=sgd", "--set", "train.learning_rate=1e30",
                    "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 3  # EXIT_DIVERGED, as for Downpour and Sandblaster
     assert "dbmpi: error: training diverged" in result.stderr
     assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["failure"] in result.stderr
 
 
 @pytest.mark.slow
