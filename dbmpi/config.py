@@ -215,6 +215,9 @@ TRAIN_FIELDS = {
     # Downpour: the run diverged (exit status 3) when more than this fraction of the pushes
     # were withheld as non-finite; a replica stops once its own share passes it (after 10).
     "max_rejected_fraction": Field(unit_interval, 0.1),
+    # Downpour: the most pushes a shard may hold undrained before a replica that pushed waits
+    # for it (none: twice the worker ranks), so a backlog never becomes one giant update.
+    "max_push_backlog": Field(optional(positive_int), None),
     # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
     # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
     "iterations": Field(optional(positive_int), None),
@@ -244,8 +247,8 @@ TRAIN_KEY_ALGORITHMS = {
     "fused_update": ("sgd",),
     **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "checkpoint_every", "checkpoint_every_s",
                      "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
-    **dict.fromkeys(("n_fetch", "n_push", "warmstart_steps", "local_learning_rate", "max_rejected_fraction"),
-                    ("downpour",)),
+    **dict.fromkeys(("n_fetch", "n_push", "warmstart_steps", "local_learning_rate", "max_rejected_fraction",
+                     "max_push_backlog"), ("downpour",)),
     **dict.fromkeys(("iterations", "portion_size", "history", "wolfe_c1", "wolfe_c2", "max_line_search",
                      "tolerance", "backup_tasks", "weight_decay", "push_every"), ("sandblaster",)),
 }

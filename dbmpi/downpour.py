@@ -552,7 +552,9 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
     # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
     eval_every = configuration.eval_interval(tcfg, steps_per_epoch) if replica == 0 else None
 
-    client = ShardClient(windows, replica, ranges)
+    backlog = tcfg["max_push_backlog"] or 2 * layout.n_workers
+    client = ShardClient(windows, replica, ranges, max_backlog=backlog,
+                         wait=lambda done: liveness.wait(done, high=2e-3))
     first_step = resumed["step"] if resumed else 0
     # Every partition of a replica shuffles with the replica's seed (and, resumed, the step
     # it resumes at): the same examples.
@@ -721,6 +723,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
                     "steps": step, "wall_s": round(elapsed, 3),
                     "samples_per_s": round(step * batch / max(elapsed, 1e-9), 1),
                     "fetches": client.fetches, "pushes": client.pushes, "rejected": client.rejected,
+                    "backlog_waits": client.backlog_waits,
                     "n_params": model.n_params, "shards": client.shards,
                     "input_rows": list(rows) if rows is not None else [0, network.input_shape[0]],
                     "bytes_fetched": client.bytes_fetched, "bytes_pushed": client.bytes_pushed,

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
@@ -75,7 +76,10 @@ SHARD_BEAT = WORKERS_FAILED + 1  # this shard's heartbeat, bumped from its own l
 WARMED = SHARD_BEAT + 1  # 1 once replica 0 has finished warmstart: the other replicas start
 VERDICT = WARMED + 1  # how the run ends, set by shard 0 once everything is written (below)
 RELEASED = VERDICT + 1  # ranks that read a FAILED verdict and are leaving
-PER_REPLICA = RELEASED + 1
+# On every shard: the PUSHES count as of the shard's last drain. PUSHES - ABSORBED is the
+# backlog the next update would merge; a replica waits while it is past its bound.
+ABSORBED = RELEASED + 1
+PER_REPLICA = ABSORBED + 1
 VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
 # A worker's heartbeat slot (on shard 0) counts its beats; these marks are added to it once.
 FAILED_MARK = 1 << 40  # shard 0 declared the worker failed
@@ -254,7 +258,10 @@ class Shard:
         """Drain once and apply the update if there was a finite gradient; True if applied."""
         announced = self._counter(PUSHES)
         merged = max(announced - self.seen, 0)  # pushes counted since the last drain
-        self.seen = max(self.seen, announced)
+        if merged:
+            self.seen = announced
+            add_counter(self.windows.control, self.me, ABSORBED, merged)  # before the drain: a
+            # replica may push again now; its data lands in the next drain at the latest
         if not self._drain():  # their data came with the last drain (it lands before the count)
             return False
         self.stats.merged_histogram[staleness_bucket(merged)] += 1
@@ -358,8 +365,16 @@ class ShardClient:
     concatenation, and only the shards holding them are read, written and counted.
     """
 
-    def __init__(self, windows: ParameterWindows, replica: int, ranges):
+    def __init__(self, windows: ParameterWindows, replica: int, ranges, max_backlog: int | None = None,
+                 wait: Callable[[Callable[[], bool]], object] | None = None):
+        """`max_backlog`: after a push, wait (with `wait(done)`, by default a polite poll)
+        while a shard holds more than this many pushes it has not drained yet, so a shard
+        that falls behind (busy, descheduled) never merges a long backlog into one update.
+        None: never wait."""
         self.windows = windows
+        self.max_backlog = max_backlog
+        self.wait = wait or poll
+        self.backlog_waits = 0  # pushes after which this worker waited for a shard
         self.layout = windows.layout
         self.replica = replica
         self.ranges = [(int(a), int(b)) for a, b in ranges]
@@ -447,8 +462,18 @@ class ShardClient:
             before = add_counter(control, rank, PUSHES)  # last: the shard may drain from here on
             if first:
                 add_counter(control, rank, first_push_after(self.replica), before + 1)
+            if self.max_backlog is not None:
+                self._bound_backlog(rank, before + 1 - self.max_backlog)
         self.pushes += 1
         self._pending_staleness = False
+
+    def _bound_backlog(self, rank: int, absorbed: int) -> None:
+        """Wait until shard `rank` has drained at least `absorbed` pushes."""
+        control = self.windows.control
+        if absorbed <= 0 or read_counter(control, rank, ABSORBED) >= absorbed:
+            return
+        self.backlog_waits += 1
+        self.wait(lambda: read_counter(control, rank, ABSORBED) >= absorbed)
 
     def shard_versions(self) -> list[int]:
         """The update count of every shard (for progress lines)."""
@@ -464,6 +489,15 @@ class ShardClient:
 
     def close(self) -> None:
         self.windows.unlock_shards()
+
+
+def poll(done: Callable[[], bool], low: float = 5e-5, high: float = 2e-3) -> None:
+    """Call `done()` until it is true, sleeping with exponential back-off between calls
+    (ranks share cores: never spin)."""
+    backoff = low
+    while not done():
+        time.sleep(backoff)
+        backoff = min(2 * backoff, high)
 
 
 def gather_parameters(comm: MPI.Intracomm, layout: Layout, my_slice: np.ndarray, root: int = 0):

@@ -326,6 +326,39 @@ def test_checkpoints_and_resume_with_another_layout(tmp_path):
     assert "resuming from" in result.stdout and "ckpt-000000350.h5" in result.stdout
 
 
+def test_checkpoints_do_not_change_what_the_training_reaches(tmp_path):
+    """R = 2, S = 2 on digits, three runs with a checkpoint every 50 steps and three
+    without: the same accuracy band; no update merges a long backlog (during checkpoints or
+    not); each checkpoint records the shards' update counts at its snapshot, and they move
+    on between checkpoints (the shards kept applying pushes)."""
+    from dbmpi.checkpoint import open_checkpoint
+
+    data = f"data.path={tmp_path / 'digits.h5'}"
+    accuracy = {True: [], False: []}
+    for run in range(6):
+        every = run % 2 == 0
+        run_dir = tmp_path / f"run{run}"
+        extra = ["--set", "train.checkpoint_every=50", "--set", "train.checkpoint_keep=10"] if every else []
+        result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.steps=300",
+                           "--set", "train.warmstart_steps=20", "--set", data, *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        accuracy[every].append(summary["test_accuracy"])
+        backlog = 2 * 2  # the default bound: twice the workers
+        assert 1 <= summary["max_merged_pushes"] <= backlog + 2, summary  # + pushes in flight
+        checkpoints = [r for r in records(run_dir) if r["kind"] == "checkpoint"]
+        assert [r["step"] for r in checkpoints] == ([50, 100, 150, 200, 250, 300, 320] if every else [320])
+        assert all(max(r["max_merged_during_by_shard"]) <= backlog + 2 for r in checkpoints)
+        versions = [r["shard_versions"] for r in checkpoints]
+        assert all(b >= a for earlier, later in zip(versions, versions[1:]) for a, b in zip(earlier, later))
+        if every:
+            assert sum(versions[-1]) > sum(versions[0])  # ckpt-300 is not ckpt-50 again
+            with open_checkpoint(run_dir / "checkpoints" / checkpoints[2]["file"]) as ckpt:
+                assert ckpt.step == 150 and ckpt.state["shard_versions"] == versions[2]
+    assert min(accuracy[True]) >= 0.9 and min(accuracy[False]) >= 0.9, accuracy
+    assert abs(sum(accuracy[True]) - sum(accuracy[False])) / 3 <= 0.03, accuracy
+
+
 @pytest.mark.parametrize("damage,message", [
     ("flip", "corrupt: /params/dense0/W: checksum mismatch"),
     ("truncate", "truncated or corrupt"),

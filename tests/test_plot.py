@@ -20,7 +20,10 @@ def test_downpour_run(tmp_path, capsys):
                  "loss": 1.1 / i, "elapsed_s": 0.11 * i} for i in range(1, 6)]
     records += [{"time": 0.3, "kind": "eval", "source": "replica 0", "test_accuracy": 0.8, "step": 300},
                 {"time": 2.1, "kind": "eval", "source": "shards", "test_accuracy": 0.9},
-                {"time": 2.0, "kind": "shard", "shard": 0, "staleness_histogram": {"0": 5, "1": 3, "2-3": 1}}]
+                {"time": 2.0, "kind": "shard", "shard": 0, "staleness_histogram": {"0": 5, "1": 3, "2-3": 1},
+                 "merged_histogram": {"1": 7, "2-3": 1}},
+                {"time": 0.25, "kind": "checkpoint", "step": 200, "stall_s_by_shard": [0.004]},
+                {"time": 0.45, "kind": "checkpoint", "step": 400, "stall_s_by_shard": [0.006]}]
     write_metrics(tmp_path / "run", records)
     assert main(["plot", str(tmp_path / "run")]) == 0
     png = tmp_path / "run" / "metrics.png"
