@@ -29,7 +29,8 @@ empties the inboxes and computes the batch again. Test evaluations go to the low
 replica. The end is point to point: each live rank sends its records to the coordinator and
 waits for the verdict; after a failure every rank leaves without collectives (os._exit),
 and with P > 1 partitions the coordinator ends the dead one's stuck partners with
-MPI_Abort(7) once the run is written. A shard or the coordinator cannot be lost.
+MPI_Abort(7) once the run is written. A shard or the coordinator cannot be lost: the ranks
+on its host see its process end (VitalWatch) and the job ends with MPI_Abort(4).
 
 Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
 request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
@@ -44,6 +45,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,7 +57,7 @@ from threadpoolctl import threadpool_limits
 
 from dbmpi import config as configuration
 from dbmpi import data as datasets
-from dbmpi import kernels
+from dbmpi import kernels, procfs
 from dbmpi.checkpoint import checkpoint_name, open_checkpoint
 from dbmpi.downpour import _set_aside, abort_on_error, agree
 from dbmpi.layout import Layout, layout_for
@@ -63,7 +66,7 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parameter_server import ParameterWindows, ShardClient
 from dbmpi.partition import PartitionPlan
-from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
+from dbmpi.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
 from dbmpi.portions import PortionScheduler, Reply, Silence, cut
 from dbmpi.rundir import RunDirectory
 from dbmpi.sgd import EXIT_DIVERGED, DivergedError
@@ -119,6 +122,53 @@ def wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: fl
 def Wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3) -> None:
     """Complete a buffer request (Irecv, ...) politely."""
     _poll(request.Test, spin, low, high)
+
+
+class VitalWatch:
+    """Ends the job (MPI_Abort(4)) when the process of a shard or of the coordinator on this
+    host has ended: they hold the optimizer's vectors and state, and a collective over a dead
+    one never returns, so under the failover launcher the job would otherwise hang. A thread
+    looks at their processes (dbmpi.procfs) every `period` s; the lowest live rank on the
+    host says so in one line, the others abort quietly a moment later. Construction is
+    collective (the ranks' hosts and processes); `stop()` once this rank's part of the run
+    is over (the others may leave from then on)."""
+
+    def __init__(self, comm: MPI.Intracomm, layout: Layout, period: float = 0.25):
+        self.comm, self.layout, self.period = comm, layout, period
+        peers = comm.allgather((socket.gethostname(), procfs.identity()))
+        host = peers[comm.rank][0]
+        self.local = {r: ident for r, (name, ident) in enumerate(peers) if name == host}
+        self.vital = [r for r in (*layout.shard_ranks, layout.coordinator_rank) if r in self.local and r != comm.rank]
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def start(self) -> "VitalWatch":
+        threading.Thread(target=self._loop, name="dbmpi-vital-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.period)
+            dead = [r for r in self.vital if procfs.gone(self.local[r])]
+            with self.lock:
+                if self.stopped:
+                    return
+                if dead:
+                    self._abort(dead[0])
+
+    def _abort(self, rank: int) -> None:
+        role = self.layout.role(rank)
+        what = "the coordinator" if role.is_coordinator else f"shard {role.shard}"
+        reporter = min(r for r, ident in self.local.items() if r == self.comm.rank or not procfs.gone(ident))
+        if reporter == self.comm.rank:
+            stderr_line(f"dbmpi: {what} (rank {rank}) died (its process {self.local[rank][0]} ended): it cannot "
+                        "be recovered, so the job ends; resume from the last checkpoint")
+        time.sleep(0.5)  # let the launcher forward the line
+        self.comm.Abort(ABORT_SHARD_LOST)
 
 
 # Shards -------------------------------------------------------------------------------------
@@ -501,7 +551,7 @@ class ShardSpace:
         self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
         self.silence.asked(replica, time.monotonic())  # it owes its records now
 
-    def records(self) -> list[list[dict]]:
+    def records(self, before_verdict: Callable[[], None] = lambda: None) -> list[list[dict]]:
         """After stop: every live rank's records, point to point (a collective would wait
         for a dead rank forever), then the verdict to each: True, end with the collective
         teardown; False (a replica failed), leave without collectives. The failure records
@@ -518,6 +568,7 @@ class ShardSpace:
                     senders.append(rank)
                     break
         clean = not self.silence.failed
+        before_verdict()
         for rank in senders:
             self.world.send(clean, dest=rank, tag=VERDICT)
         return gathered + [self.events]
@@ -694,11 +745,13 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
     names = vector_names(tcfg["history"])
     records: list[dict] = []
     summary = None
+    watch = VitalWatch(topo.world, layout).start()
     if role.is_coordinator:
         say(network.summary())
         say(layout.describe("sgd", plan))
         say(f"run directory: {run_dir.path}")
-        summary, gathered = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop)
+        summary, gathered = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop,
+                                        watch)
         summary = _finish(summary, gathered, run_dir, say)
         if summary["failed_replicas"]:
             _leave_after_failure(summary, layout, topo, say)
@@ -721,6 +774,7 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
             records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
         # Records to the coordinator, point to point; its verdict says how to end.
         topo.world.send(records, dest=layout.coordinator_rank, tag=RECORDS)
+        watch.stop()  # the run is over for this rank; the others may leave from here on
         if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=VERDICT), high=0.05):
             leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
         if role.is_shard:
@@ -776,7 +830,7 @@ def _restore(lbfgs: LBFGS, space: "ShardSpace", resumed: dict, say) -> dict:
     return {"iteration": lbfgs.iteration, "elapsed_s": float(state.get("elapsed_s", 0.0))}
 
 
-def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop) -> dict:
+def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop, watch) -> dict:
     tcfg = cfg["train"]
     n_train = data_info["n_train"]
     size = min(tcfg["batch_size"], n_train)
@@ -902,7 +956,7 @@ def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resu
     result = dict(zip(("test_loss", "test_accuracy"), space.test(X)))
     space.stop_replicas()
     space.stop_shards()
-    gathered = space.records()
+    gathered = space.records(before_verdict=watch.stop)
     wall = time.perf_counter() - started
     if not failure and not math.isfinite(result["test_loss"]):
         status = "diverged"

@@ -109,3 +109,56 @@ def test_a_replica_dying_between_its_push_and_its_report_has_the_batch_computed_
     check_survived(tmp_path, proc, err, summary, recs, victim=2)
     assert summary["batches_recomputed"] == 1, summary
     assert [r["batch_recomputed"] for r in recs if r["kind"] == "replica_failed"] == [True]
+
+
+def test_a_killed_partition_takes_its_replica_out_and_the_job_ends_with_status_7(tmp_path):
+    """Two replicas of two partitions: partition 1 of replica 1 is killed. Its partner waits
+    in a collective and falls silent too, so replica 1 is declared failed and replica 0
+    finishes with the exact iterates; the partner cannot be reached, so once the run is
+    written the coordinator ends the job with MPI_Abort(7)."""
+    run_dir = tmp_path / "run"
+    with background_training(tmp_path, run_dir, "train.n_replicas=2", "train.n_partitions=2", "train.n_shards=1",
+                             f"train.iterations={N_ITER}", "train.tolerance=0",
+                             f"train.replica_timeout_s={TIMEOUT_S}", config=CONFIG, ranks=6,
+                             env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(), mpiexec_args=["-disable-auto-cleanup"],
+                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+        pids = wait_for_iterations(run_dir, proc, 2, 6)
+        os.kill(pids[3], signal.SIGKILL)  # replica 1, partition 1
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 7, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [1] and summary["iterations"] == N_ITER
+    assert err.count("dbmpi: replica 1 failed") == 1 and "MPI_Abort 7" in err, err[-3000:]
+    recs = records(run_dir)
+    reference, _, _ = serial_reference(tmp_path, [], N_ITER)
+    np.testing.assert_allclose([r["loss"] for r in recs if r["kind"] == "iteration"], reference, rtol=2e-5)
+    assert none_left(str(run_dir))
+
+
+@pytest.mark.parametrize("victim,who", [(3, "shard 0"), (4, "the coordinator")], ids=["shard", "coordinator"])
+def test_a_killed_shard_or_coordinator_ends_the_job_with_status_4(tmp_path, victim, who):
+    """They hold the vectors and the optimizer's state: not survivable. Under the failover
+    launcher nothing else would end the job (a collective over a dead rank never returns):
+    the ranks on its host see its process end, one says so, and the job ends with status 4
+    within seconds; the checkpoints written so far all verify."""
+    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+
+    run_dir = tmp_path / "run"
+    with background_training(tmp_path, run_dir, "train.n_replicas=3", "train.n_shards=1", "train.iterations=1000",
+                             "train.tolerance=0", "train.checkpoint_every=1", f"train.replica_timeout_s={TIMEOUT_S}",
+                             config=CONFIG, ranks=5, env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(),
+                             mpiexec_args=["-disable-auto-cleanup"],
+                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+        pids = wait_for_iterations(run_dir, proc, 2, 5)
+        killed = time.monotonic()
+        os.kill(pids[victim], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        ended_s = time.monotonic() - killed
+    assert proc.returncode == 4, err[-3000:]
+    assert ended_s < 30
+    assert err.count(f"dbmpi: {who} (rank {victim}) died") == 1, err[-3000:]
+    kept = list_checkpoints(run_dir / "checkpoints")
+    assert kept
+    for path in kept:
+        open_checkpoint(path).close()  # verifies every checksum
+    assert none_left(str(run_dir))
