@@ -26,7 +26,7 @@
 #   DBMPI_LAUNCHER_ARGS  extra arguments for srun or mpiexec (split on spaces)
 #   DBMPI_RESUME     auto (default: the run directory's newest checkpoint, or a fresh start),
 #                    or a checkpoint to start from (later starts of a requeued job: auto)
-#   DBMPI_FAILOVER   1: Downpour survives a failed replica (mpiexec -disable-auto-cleanup,
+#   DBMPI_FAILOVER   1: Downpour and Sandblaster survive a failed replica (mpiexec -disable-auto-cleanup,
 #                    each rank under python -m dbmpi.supervise; needs DBMPI_LAUNCHER=mpiexec)
 #   DBMPI_SIGNAL_WAIT    seconds a USR1 may wait for training to start before it is passed
 #                    on regardless (default 60)
