@@ -518,7 +518,6 @@ def _set_aside(path: Path | None) -> Path | None:
 def _load_replica_data(cfg, network, layout, plan, topo) -> dict:
     """A worker's model block and data: its replica's slice of the training set (only the
     input rows its partition needs), and for replica 0 the test set."""
-    tcfg = cfg["train"]
     replica = topo.role.replica
     model, ranges, rows = worker_model(network, topo.replica, plan)
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:
