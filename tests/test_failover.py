@@ -459,3 +459,21 @@ def test_supervise_removes_the_mpich_files_its_rank_mapped_once_unused_and_no_ot
         for path in (shared, other):
             path.unlink(missing_ok=True)
 
+
+
+def test_procfs_tells_an_ended_process_from_a_live_one():
+    """What the dead-shard check relies on: a live process is never `gone`; a killed one is,
+    zombie (not yet reaped) or reaped; a reused pid (another start time) is another process."""
+    from dbmpi import procfs
+
+    proc = subprocess.Popen(["sleep", "60"])
+    ident = procfs.identity(proc.pid)
+    assert ident[1] is not None and not procfs.gone(ident)
+    assert procfs.gone((proc.pid, ident[1] + 1))
+    os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not procfs.gone(ident) and time.monotonic() < deadline:  # a zombie until reaped
+        time.sleep(0.05)
+    assert procfs.gone(ident)
+    proc.wait(timeout=30)
+    assert procfs.gone(ident) and not procfs.gone(procfs.identity())
