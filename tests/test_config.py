@@ -214,3 +214,12 @@ def test_data_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
     assert data["source_dir"] == str(tmp_path / "configs" / "raw")
     assert config.load(path, ["data.path=mine.h5"])["data"]["path"] == str(elsewhere / "mine.h5")
     assert config.load(path, ["data.path=/abs/d.h5"])["data"]["path"] == "/abs/d.h5"
+
+
+def test_every_train_key_says_which_algorithms_read_it():
+    """A new [train] key read by some algorithms only must be listed in
+    TRAIN_KEY_ALGORITHMS, or it would be accepted and ignored by the others."""
+    read_by_all = set(config.TRAIN_FIELDS) - set(config.TRAIN_KEY_ALGORITHMS)
+    assert read_by_all == {"algorithm", "batch_size", "eval_every", "eval_batch_size", "run_dir", "threads",
+                           "time_budget_s"}
+    assert all(set(algorithms) <= set(config.ALGORITHMS) for algorithms in config.TRAIN_KEY_ALGORITHMS.values())
