@@ -47,10 +47,12 @@ partner died waits in a collective forever, and a process killed inside an MPI a
 can leave MPICH's shared-memory window mutex locked, after which every access to that
 window blocks. The job then ends in bounded time instead of hanging.
 
-A partition whose partner died may also get an MPI error from the collective instead of
-waiting in it (MPICH: `process_vm_readv failed (errno 3)` in Allgatherv). `partition_errors()`
-turns that into the watchdog's outcome: one line, EXIT_FROZEN, no MPI_Abort (which would end
-the surviving replicas too), so either path ends the same way.
+A partition whose partner died may instead get an MPI error from the collective, where MPI
+reports the dead peer. `partition_errors()` turns that into the watchdog's outcome (one
+line, EXIT_FROZEN, no MPI_Abort, which would end the surviving replicas too), so either path
+ends the same way. One such error MPICH does not return: reading a large message straight
+from the dying partner's memory (CMA, `process_vm_readv failed (errno 3)` in Allgatherv) is
+fatal, and MPICH aborts the whole job itself; dbmpi.supervise turns CMA off for that reason.
 
 A live worker that learns its replica was declared failed (it was silent that long without
 dying) prints one line and leaves with EXIT_REPLICA_LOST: it must not count itself
@@ -229,10 +231,10 @@ class Liveness:
     def partition_errors(self):
         """A worker's training. Under the failover launcher (dbmpi.supervise) with P > 1, an
         MPI error there means a peer died mid-exchange, typically a partition of this replica
-        (MPICH reports a partner that died during a collective, e.g. `process_vm_readv failed
-        (errno 3)` in Allgatherv, or the collective just never returns: the watchdog). Either
-        way this rank leaves with EXIT_FROZEN and one line, instead of MPI_Abort ending the
-        whole job: the shards declare the replica failed and the others train on."""
+        (where MPI reports it; on one node the collective just never returns: the watchdog).
+        This rank then leaves with EXIT_FROZEN and one line, as the watchdog would, instead of
+        MPI_Abort ending the whole job: the shards declare the replica failed and the others
+        train on."""
         try:
             yield
         except MPI.Exception as exc:

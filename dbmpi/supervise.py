@@ -21,6 +21,9 @@ passed on, as are SIGINT, SIGHUP and SIGUSR2. The child gets SIGKILL when this p
 (Linux's PR_SET_PDEATHSIG), so hydra killing the parent's process group, or the parent
 being killed, never leaves the rank running.
 
+Single copies. The rank runs with MPICH's CMA transfers off (RANK_ENV): with them, a peer
+dying mid-transfer makes MPICH abort the whole job.
+
 MPI-free: the child inherits the PMI connection (its file descriptor, or PMI_PORT); the
 parent closes its own copy, so the launcher sees the connection close when the child dies.
 
@@ -51,6 +54,14 @@ IGNORED = (signal.SIGUSR1,)
 PR_SET_PDEATHSIG = 1
 SWEEP_POLL_S = 0.2
 SWEEP_WAIT_S = 10.0
+# The rank's MPICH settings, unless already set: no single-copy (CMA) transfers. MPICH reads
+# a large message straight from the sender's memory (process_vm_readv); when the sender has
+# died meanwhile, that fails with ESRCH, which MPICH 5.0.2 treats as fatal whatever the error
+# handler: the rank aborts the whole job (seen in a partitioned replica's Allgatherv), the
+# surviving replicas included. Without CMA such a message goes through shared-memory cells,
+# and a dead partner leaves the collective waiting: dbmpi.failover's watchdog then ends that
+# rank alone.
+RANK_ENV = {"MPIR_CVAR_CH4_CMA_ENABLE": "0"}
 
 USAGE = """usage: python -m dbmpi.supervise COMMAND [ARG...]
 
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ignore everything we pass on until the child exists (it restores the defaults).
     for signum in PASSED_ON + IGNORED:
         signal.signal(signum, signal.SIG_IGN)
-    env = dict(os.environ, DBMPI_SUPERVISED="1")
+    env = {**RANK_ENV, **os.environ, "DBMPI_SUPERVISED": "1"}
     libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
     try:
         child = subprocess.Popen(args, close_fds=False, preexec_fn=lambda: _in_child(libc), env=env)

@@ -136,12 +136,13 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
 
 def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes(tmp_path):
     """Two replicas of two partitions and one shard; partition 1 of replica 0 is killed.
-    Its sibling either waits in a collective that never completes (its watchdog ends it
-    after 2 x the timeout) or gets an MPI error from it (MPICH: `process_vm_readv failed
-    (errno 3)` in Allgatherv, when the partner dies while its data is being read): either
-    way it leaves with one line and status 5, never MPI_Abort (which used to end replica 1
-    too). The shards declare the whole replica failed, replica 1 finishes and gives the
-    final checkpoint its state. The run is short (1000 steps, the kill after 200): a
+    Its sibling waits in a collective that never completes (its watchdog ends it after
+    2 x the timeout) or, where MPI reports the dead partner, gets an MPI error from it:
+    either way it leaves with one line and status 5, never MPI_Abort. (This test once
+    failed when MPICH read the dying partner's memory with process_vm_readv, got ESRCH and
+    aborted the whole job from inside Allgatherv, replica 1 included: the supervisor now
+    turns those single-copy transfers off.) The shards declare the whole replica failed,
+    replica 1 finishes and gives the final checkpoint its state. The run is short (1000 steps, the kill after 200): a
     partitioned replica steps in lockstep, which on an oversubscribed machine takes
     scheduler turns per step (under heavy load 5000 steps took more than 8 minutes), and
     the shards wait for the verdict on replica 0 however early replica 1 finishes."""
@@ -477,3 +478,12 @@ def test_procfs_tells_an_ended_process_from_a_live_one():
     assert procfs.gone(ident)
     proc.wait(timeout=30)
     assert procfs.gone(ident) and not procfs.gone(procfs.identity())
+
+
+def test_supervise_turns_mpich_single_copy_transfers_off_unless_set():
+    """With CMA a partner's death mid-transfer is fatal to the whole job in MPICH (see
+    dbmpi.supervise): the rank runs without it, unless the user chose otherwise."""
+    show = [sys.executable, "-c", "import os; print(os.environ['MPIR_CVAR_CH4_CMA_ENABLE'])"]
+    assert supervise(*show).communicate(timeout=60)[0].strip() == "0"
+    env = {**os.environ, "MPIR_CVAR_CH4_CMA_ENABLE": "1"}
+    assert supervise(*show, env=env).communicate(timeout=60)[0].strip() == "1"
