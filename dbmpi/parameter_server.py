@@ -37,6 +37,11 @@ Plain Get measured within 5% of Get_accumulate(NO_OP) here, so being well-define
 little. Transfers go out as requests of at most FETCH_CHUNK values: MPICH slows down on
 single accumulate-class transfers of hundreds of MB.
 
+A shard that falls behind would merge its whole backlog into one update (one Adagrad step
+the size of the learning rate in every coordinate), so a client given `max_backlog` waits
+after a push while the shard's undrained pushes (PUSHES - ABSORBED) exceed it; each update
+records how many pushes it merged.
+
 The shard loop polls its push counter through MPI (each poll is an RMA call, which also
 drives progress of passive-target operations on implementations without a progress
 thread) and sleeps with exponential back-off when idle, so it never spins a core.
