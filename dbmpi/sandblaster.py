@@ -469,6 +469,8 @@ class ShardSpace:
             if tag == REQUEST:
                 self.inbox_spoiled |= message.get("flushed") is not None
                 self._dismiss(role.replica)
+            elif tag == RECORDS:  # stopped, then silent too long: it leaves without collectives
+                self.world.send(False, dest=status.Get_source(), tag=VERDICT)
             return None
         self.silence.heard(role.replica)
         return message
@@ -555,23 +557,26 @@ class ShardSpace:
         """After stop: every live rank's records, point to point (a collective would wait
         for a dead rank forever), then the verdict to each: True, end with the collective
         teardown; False (a replica failed), leave without collectives. The failure records
-        come last."""
-        gathered, senders = [], []
-        for rank in range(self.layout.coordinator_rank):
-            role = self.layout.role(rank)
-            while not (role.is_worker and role.replica in self.silence.failed):
-                if role.is_worker:
-                    self.silence.asked(role.replica, time.monotonic())
-                message = self._receive(tag=RECORDS, source=rank)
-                if message is not None:
-                    gathered.append(message)
-                    senders.append(rank)
-                    break
+        come last. Records are taken as they come, so a dead rank delays no one's."""
+        layout, received = self.layout, {}
+
+        def missing() -> list[int]:
+            return [r for r in range(layout.coordinator_rank) if r not in received
+                    and not (layout.role(r).is_worker and layout.role(r).replica in self.silence.failed)]
+
+        while missing():
+            message = self._receive(tag=RECORDS)
+            if message is None:
+                continue
+            received[message["rank"]] = message["records"]
+            role = layout.role(message["rank"])
+            if role.is_worker and any(layout.role(r).replica == role.replica for r in missing()):
+                self.silence.asked(role.replica, time.monotonic())  # its other partitions' are due
         clean = not self.silence.failed
         before_verdict()
-        for rank in senders:
+        for rank in sorted(received):
             self.world.send(clean, dest=rank, tag=VERDICT)
-        return gathered + [self.events]
+        return [received[r] for r in sorted(received)] + [self.events]
 
 
 # Replicas -----------------------------------------------------------------------------------
@@ -773,7 +778,7 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
         else:
             records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
         # Records to the coordinator, point to point; its verdict says how to end.
-        topo.world.send(records, dest=layout.coordinator_rank, tag=RECORDS)
+        topo.world.send({"rank": topo.rank, "records": records}, dest=layout.coordinator_rank, tag=RECORDS)
         watch.stop()  # the run is over for this rank; the others may leave from here on
         if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=VERDICT), high=0.05):
             leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
