@@ -604,6 +604,13 @@ def _encode(message: dict) -> np.ndarray:
     return out
 
 
+def _leave_dismissed(topo: Topology) -> None:
+    role = topo.role
+    stderr_line(f"dbmpi: rank {topo.rank} (replica {role.replica}, partition {role.partition}): the coordinator "
+                f"declared replica {role.replica} failed; this rank leaves, the others go on")
+    leave(EXIT_REPLICA_LOST)
+
+
 def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) -> dict:
     """A worker's loop: ask the coordinator for work, compute portions, accrue what it
     commits, push when told to. A replica's partitions follow their lead's replies."""
@@ -638,9 +645,7 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
                     Wait(topo.replica.Irecv(reply, source=0, tag=REPLY))
             stop, discard, commit, flush, index, a, b, evaluation, n, test = (int(v) for v in reply)
             if stop == DISMISSED:  # silent too long: the others took over its portions
-                stderr_line(f"dbmpi: rank {topo.rank} (replica {replica}, partition {partition}): the coordinator "
-                            f"declared replica {replica} failed; this rank leaves, the others go on")
-                leave(EXIT_REPLICA_LOST)
+                _leave_dismissed(topo)
             if stop:
                 break
             if discard:  # the coordinator revoked what this replica holds
