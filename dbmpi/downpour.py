@@ -683,7 +683,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
                 window_loss, window_steps, window_start = 0.0, 0, now
             if eval_every and step % eval_every == 0:
                 liveness.beat(force=True)  # the evaluation must take less than the timeout
-                with liveness.busy():
+                with liveness.busy(alone=n_partitions == 1):
                     test_loss, test_acc = model.evaluate(test[0], test[1], tcfg["eval_batch_size"])
                 if topo.is_lead:
                     record = {"kind": "eval", "source": "replica 0", "step": step,

@@ -42,10 +42,10 @@ a watchdog must not cost. So a rank is alive to the others while its loops run:
 step, one evaluation by replica 0).
 
 A watchdog thread that makes no MPI call ends this process when the main thread has made
-no progress (no `tick()`) for 2 x timeout outside a `busy()` section: a partition whose
-partner died waits in a collective forever, and a process killed inside an MPI accumulate
-can leave MPICH's shared-memory window mutex locked, after which every access to that
-window blocks. The job then ends in bounded time instead of hanging.
+no progress (no `tick()`) for 2 x timeout outside a `busy()` section (a partitioned
+replica's evaluation is none: it waits on the partner): a partition whose partner died waits
+in a collective forever, and a process killed inside an MPI accumulate can leave MPICH's
+shared-memory window mutex locked, after which every access to that window blocks. The job then ends in bounded time instead of hanging.
 
 A partition whose partner died may instead get an MPI error from the collective, where MPI
 reports the dead peer. `partition_errors()` turns that into the watchdog's outcome (one
@@ -156,9 +156,15 @@ class Liveness:
         self.last_tick = time.monotonic()
 
     @contextmanager
-    def busy(self):
+    def busy(self, alone: bool = True):
         """A long local computation: the watchdog does not count it as a stall (it is not a
-        heartbeat: it must stay shorter than the timeout if others are watching)."""
+        heartbeat: it must stay shorter than the timeout if others are watching). Not so one
+        that is not done `alone` (a partitioned replica's evaluation, collective over its
+        partitions): a partner dying there leaves this rank waiting for good, which the
+        watchdog must end."""
+        if not alone:
+            yield
+            return
         self._busy += 1
         try:
             yield
@@ -389,14 +395,19 @@ class Liveness:
     def _watch_local_shards(self, now: float) -> None:
         """A shard process on this host that ended is told to the main thread (next beat);
         if the main thread does not tick within SHARD_GRACE_S (stuck in MPI, e.g. on a
-        window mutex the dead shard held), the watchdog ends this rank itself."""
+        window mutex the dead shard held), the watchdog ends this rank itself. Not when the
+        main thread was stuck since well before (over the timeout: on a dead partner, say,
+        while the shards ended the run without it): the frozen check ends that one."""
         if not self._beating or self._run_ending:
             return
         if self.dead_shard is None:
             dead = [k for k, rank in enumerate(self.layout.shard_ranks) if self._ended(rank)]
             if dead:
                 self.dead_shard = (dead[0], now)
-        elif now - self.dead_shard[1] > SHARD_GRACE_S and (self.last_tick < self.dead_shard[1] or self._said):
+            return
+        seen = self.dead_shard[1]
+        stuck_before = seen - self.last_tick > self.timeout
+        if now - seen > SHARD_GRACE_S and (self.last_tick < seen or self._said) and not stuck_before:
             if self._reporter() == self.rank:  # the main thread is stuck, or its MPI_Abort is
                 self._say_once(self._lost_line(self.dead_shard[0], self._died(self.dead_shard[0])))
             leave(ABORT_SHARD_LOST)
