@@ -162,3 +162,34 @@ def test_a_killed_shard_or_coordinator_ends_the_job_with_status_4(tmp_path, vict
     for path in kept:
         open_checkpoint(path).close()  # verifies every checksum
     assert none_left(str(run_dir))
+
+
+def test_a_stalled_replica_is_declared_failed_then_dismissed(tmp_path):
+    """SIGSTOP, not SIGKILL: replica 1 is declared failed after the timeout and its work goes
+    to the others; when it runs again, its next request is answered with its dismissal: it
+    leaves with one line and status 1 (the job's status), and the iterates stay exact.
+    Without backups every evaluation needs replica 1 or its declaration, so three more
+    iterations after the SIGSTOP mean it was declared failed."""
+    run_dir, n_iter = tmp_path / "run", 30
+    with background_training(tmp_path, run_dir, "train.n_replicas=3", "train.n_shards=1",
+                             f"train.iterations={n_iter}", "train.tolerance=0", "train.backup_tasks=false",
+                             f"train.replica_timeout_s={TIMEOUT_S}", config=CONFIG, ranks=5,
+                             env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(), mpiexec_args=["-disable-auto-cleanup"],
+                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+        pids = wait_for_iterations(run_dir, proc, 2, 5)
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            seen = (run_dir / "metrics.jsonl").read_text().count('"kind": "iteration"')
+            wait_for_iterations(run_dir, proc, seen + 2, 5)  # (seen - 1) + 3
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("dbmpi: replica 1 failed") == 1, err[-3000:]
+    assert err.count("the coordinator declared replica 1 failed; this rank leaves") == 1, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_replicas"] == [1] and summary["iterations"] == n_iter
+    reference, _, _ = serial_reference(tmp_path, [], n_iter)
+    np.testing.assert_allclose([r["loss"] for r in records(run_dir) if r["kind"] == "iteration"], reference,
+                               rtol=2e-5)
+    assert none_left(str(run_dir))
