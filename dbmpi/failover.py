@@ -70,7 +70,6 @@ one dies.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -135,9 +134,7 @@ class Liveness:
         self.events: list[dict] = []  # shard 0: one replica_failed record per failure
         # The processes of the ranks on this host (collective): a shard among them that ends
         # is seen at once (_watch_loop), whatever its heartbeat says.
-        peers = comm.allgather((socket.gethostname(), procfs.identity()))
-        host = peers[self.rank][0]
-        self.local = {r: ident for r, (name, ident) in enumerate(peers) if name == host and not procfs.gone(ident)}
+        self.local = procfs.host_peers(comm)
         self.watch_period = min(self.interval, 0.25)
         self.dead_shard: tuple[int, float] | None = None  # (shard, when the watchdog saw it end)
         self._run_ending = False  # shard 0 gave its verdict: shards leave on their own now
@@ -314,7 +311,7 @@ class Liveness:
 
     def _reporter(self) -> int:
         """The rank that reports a dead shard here: the lowest one on this host still alive."""
-        return min(r for r, ident in self.local.items() if r == self.rank or not procfs.gone(ident))
+        return procfs.lowest_alive(self.local, self.rank)
 
     def _shard_ended(self) -> None:
         """Main thread, the watchdog having seen a shard's process end: unless the run is

@@ -8,6 +8,7 @@ zombie (dead, not yet reaped by its parent) counts as gone.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def gone(ident: tuple[int, int | None]) -> bool:
     """Whether the process named by `identity()` has ended (or its pid names another one)."""
     pid, started = ident
     return started is None or start_time(pid) != started
+
+
+def host_peers(comm) -> dict[int, tuple[int, int | None]]:
+    """Collective over `comm` (an mpi4py communicator): rank -> identity of every rank on
+    this host whose process this one can see (not in another PID namespace)."""
+    peers = comm.allgather((socket.gethostname(), identity()))
+    host = peers[comm.rank][0]
+    return {r: ident for r, (name, ident) in enumerate(peers) if name == host and not gone(ident)}
+
+
+def lowest_alive(peers: dict[int, tuple[int, int | None]], me: int) -> int:
+    """The lowest rank of `peers` (host_peers) still alive, `me` included: the one that
+    speaks for the host when a peer dies, so that the job gets one line."""
+    return min(r for r, ident in peers.items() if r == me or not gone(ident))
 
 
 def mpich_shm_files(pid: int) -> set[str]:
