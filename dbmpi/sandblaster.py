@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -135,9 +134,7 @@ class VitalWatch:
 
     def __init__(self, comm: MPI.Intracomm, layout: Layout, period: float = 0.25):
         self.comm, self.layout, self.period = comm, layout, period
-        peers = comm.allgather((socket.gethostname(), procfs.identity()))
-        host = peers[comm.rank][0]
-        self.local = {r: ident for r, (name, ident) in enumerate(peers) if name == host}
+        self.local = procfs.host_peers(comm)
         self.vital = [r for r in (*layout.shard_ranks, layout.coordinator_rank) if r in self.local and r != comm.rank]
         self.lock = threading.Lock()
         self.stopped = False
@@ -163,8 +160,7 @@ class VitalWatch:
     def _abort(self, rank: int) -> None:
         role = self.layout.role(rank)
         what = "the coordinator" if role.is_coordinator else f"shard {role.shard}"
-        reporter = min(r for r, ident in self.local.items() if r == self.comm.rank or not procfs.gone(ident))
-        if reporter == self.comm.rank:
+        if procfs.lowest_alive(self.local, self.comm.rank) == self.comm.rank:
             stderr_line(f"dbmpi: {what} (rank {rank}) died (its process {self.local[rank][0]} ended): it cannot "
                         "be recovered, so the job ends; resume from the last checkpoint")
         time.sleep(0.5)  # let the launcher forward the line
