@@ -86,6 +86,7 @@ EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
 ABORT_SHARD_LOST = 4  # MPI_Abort error code when a shard stopped responding
 EXIT_FROZEN = 5  # no progress for 2 x timeout: stuck inside MPI
 EXIT_ALL_REPLICAS_FAILED = 6  # shard 0 when no replica survived: nothing could finish
+STUCK_S = 1.0  # a main thread that has not ticked this long (outside busy()) is stuck: a live one ticks every step and poll
 SHARD_GRACE_S = 3.0  # a shard died: the main thread has this long to notice before the watchdog acts
 
 
@@ -393,8 +394,9 @@ class Liveness:
         """A shard process on this host that ended is told to the main thread (next beat);
         if the main thread does not tick within SHARD_GRACE_S (stuck in MPI, e.g. on a
         window mutex the dead shard held), the watchdog ends this rank itself. Not when the
-        main thread was stuck since well before (over the timeout: on a dead partner, say,
-        while the shards ended the run without it): the frozen check ends that one."""
+        main thread was already stuck when the shard ended (no tick for STUCK_S outside a
+        busy() section: on a dead partner, say, while the shards ended the run without it and
+        left): the frozen check ends that one, with its own line."""
         if not self._beating or self._run_ending:
             return
         if self.dead_shard is None:
@@ -403,7 +405,7 @@ class Liveness:
                 self.dead_shard = (dead[0], now)
             return
         seen = self.dead_shard[1]
-        stuck_before = seen - self.last_tick > self.timeout
+        stuck_before = not self._busy and seen - self.last_tick > STUCK_S
         if now - seen > SHARD_GRACE_S and (self.last_tick < seen or self._said) and not stuck_before:
             if self._reporter() == self.rank:  # the main thread is stuck, or its MPI_Abort is
                 self._say_once(self._lost_line(self.dead_shard[0], self._died(self.dead_shard[0])))
