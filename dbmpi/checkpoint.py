@@ -204,10 +204,11 @@ class Checkpoint:
             self.close()
             raise CheckpointError(f"{self.path}: not a dbmpi checkpoint (format attribute "
                                   f"{attrs.get('format')!r})")
-        version = int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        version = attrs.get("format_version", -1)
+        if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
             self.close()
-            raise CheckpointError(f"{self.path}: checkpoint format version {version}; this dbmpi "
+            shown = int(version) if isinstance(version, (int, np.integer)) else repr(version)
+            raise CheckpointError(f"{self.path}: checkpoint format version {shown}; this dbmpi "
                                   f"reads version {FORMAT_VERSION}")
         if not attrs.get("complete", False):
             self.close()
