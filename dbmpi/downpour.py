@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -124,11 +125,15 @@ class ShardCheckpointer:
                              "duration_s": round(time.perf_counter() - began, 4),
                              "max_merged_during": shard.max_merged_since})
 
+    def _stream(self, vectors, version: int) -> None:
+        """Shards but 0: send this shard's snapshot to shard 0."""
+        self.files.write(vectors, version=version)
+
     def obey(self) -> None:
         """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
         while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=CKPT_ORDER):
             step = receive(self.topo.world, self.layout.shard_rank(0), CKPT_ORDER, self.progress)
-            self._take(step, lambda vectors, version: self.files.write(vectors, version=version))
+            self._take(step, self._stream)
 
     def last_order(self) -> bool:
         """Shards but 0, after serving: obey orders until the last one; True if it asks for
@@ -143,7 +148,7 @@ class ShardCheckpointer:
 
         self.liveness.wait(last)
         if got[0] is not False:
-            self._take(got[0], lambda vectors, version: self.files.write(vectors, version=version))
+            self._take(got[0], self._stream)
         return got[0] is not False
 
     def __call__(self, state: dict | None = None) -> None:
@@ -834,7 +839,7 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         "pushes_rejected": sum(r["rejected"] for r in workers),
         "stopped_by_signal": any(r.get("stopped_by_signal") for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
-        "merged_histogram": _sum_histograms(s["merged_histogram"] for s in shards),
+        "merged_histogram": dict(sum((Counter(s["merged_histogram"]) for s in shards), Counter())),
         "max_merged_pushes": max((s["max_merged"] for s in shards), default=0),
         "checkpoints": len(checkpoints),
         "checkpoint_stall_s_max": max((max(c["stall_s_by_shard"]) for c in checkpoints), default=0.0),
@@ -872,14 +877,6 @@ def checkpoint_records(shards: list[dict], started: float) -> list[dict]:
                         "updates_during_by_shard": [c.get("updates_during") for c in mine],
                         "max_merged_during_by_shard": [c.get("max_merged_during") for c in mine]})
     return records
-
-
-def _sum_histograms(histograms) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for histogram in histograms:
-        for label, n in histogram.items():
-            total[label] = total.get(label, 0) + n
-    return total
 
 
 def _mean(values):

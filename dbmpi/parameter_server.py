@@ -259,9 +259,11 @@ class Shard:
         return read_counter(self.windows.control, self.me, slot)
 
     # The loop -----------------------------------------------------------------------------
-    def step(self) -> bool:
-        """Drain once and apply the update if there was a finite gradient; True if applied."""
-        announced = self._counter(PUSHES)
+    def step(self, announced: int | None = None) -> bool:
+        """Drain once and apply the update if there was a finite gradient; True if applied.
+        `announced`: the PUSHES count, when the caller just read it."""
+        if announced is None:
+            announced = self._counter(PUSHES)
         merged = max(announced - self.seen, 0)  # pushes counted since the last drain
         if merged:
             self.seen = announced
@@ -286,10 +288,11 @@ class Shard:
         """One round of serving: if pushes were announced since the last drain, drain and
         apply them; True if it did. Also called from the waits of a checkpoint, so updates
         go on while one is written (a backlog never piles up into one giant step)."""
-        if self._counter(PUSHES) == self.seen:
+        announced = self._counter(PUSHES)
+        if announced == self.seen:
             return False
         t0 = time.perf_counter()
-        self.step()
+        self.step(announced)
         self.stats.busy_s += time.perf_counter() - t0
         return True
 
@@ -331,8 +334,9 @@ class Shard:
             if self._counter(WORKERS_DONE) + self._counter(WORKERS_FAILED) >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
-                if self._counter(PUSHES) == self.seen:
-                    self.step()
+                announced = self._counter(PUSHES)
+                if announced == self.seen:
+                    self.step(announced)
                     while checkpoint is not None and self._counter(CHECKPOINTS) > written:
                         checkpoint()
                         written += 1
@@ -372,13 +376,15 @@ class ShardClient:
 
     def __init__(self, windows: ParameterWindows, replica: int, ranges, max_backlog: int | None = None,
                  wait: Callable[[Callable[[], bool]], object] | None = None):
-        """`max_backlog`: after a push, wait (with `wait(done)`, by default a polite poll)
-        while a shard holds more than this many pushes it has not drained yet, so a shard
-        that falls behind (busy, descheduled) never merges a long backlog into one update.
-        None: never wait."""
+        """`max_backlog`: after a push, wait with `wait(done)` (the caller's polite poll,
+        e.g. dbmpi.failover.Liveness.wait) while a shard holds more than this many pushes it
+        has not drained yet, so a shard that falls behind (busy, descheduled) never merges a
+        long backlog into one update. None: never wait."""
+        if max_backlog is not None and wait is None:
+            raise ValueError("ShardClient: max_backlog needs a wait")
         self.windows = windows
         self.max_backlog = max_backlog
-        self.wait = wait or poll
+        self.wait = wait
         self.backlog_waits = 0  # pushes after which this worker waited for a shard
         self.layout = windows.layout
         self.replica = replica
@@ -494,15 +500,6 @@ class ShardClient:
 
     def close(self) -> None:
         self.windows.unlock_shards()
-
-
-def poll(done: Callable[[], bool], low: float = 5e-5, high: float = 2e-3) -> None:
-    """Call `done()` until it is true, sleeping with exponential back-off between calls
-    (ranks share cores: never spin)."""
-    backoff = low
-    while not done():
-        time.sleep(backoff)
-        backoff = min(2 * backoff, high)
 
 
 def gather_parameters(comm: MPI.Intracomm, layout: Layout, my_slice: np.ndarray, root: int = 0):
