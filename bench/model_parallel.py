@@ -212,7 +212,7 @@ def bench_model(bench, key, args, cores, emit):
     from dbmpi import config
     from dbmpi.model import Network
     from dbmpi.model.partitioned import PartitionedNetwork
-    from dbmpi.partition import PartitionError, PartitionPlan
+    from dbmpi.parallel.partition import PartitionError, PartitionPlan
 
     name, path = MODELS[key]
     cfg = config.load(path, require_train=False)

@@ -50,8 +50,8 @@ def main():
     args = parser.parse_args()
     from mpi4py import MPI
 
-    from dbmpi.layout import Layout
-    from dbmpi.parameter_server import NO_ORIGIN, ParameterWindows, ShardClient
+    from dbmpi.ps.server import NO_ORIGIN, ParameterWindows, ShardClient
+    from dbmpi.runtime.layout import Layout
 
     comm = MPI.COMM_WORLD
     if comm.size != 2:

@@ -3,7 +3,7 @@
 (1) iteration: seconds per L-BFGS iteration against the number of replicas R = 1, 2, 3
     (S = 1: R + 2 ranks) on the Fashion-MNIST MLP with one fixed full batch (the first N
     training examples, written to a subset file so that every iteration uses the same
-    batch). Reference: the same L-BFGS (dbmpi.lbfgs.LBFGS on NumpyVectorSpace) in one
+    batch). Reference: the same L-BFGS (dbmpi.algorithms.lbfgs.LBFGS on NumpyVectorSpace) in one
     process with 2 BLAS threads on the same batch. On this 2-core machine R = 2 already
     fills both cores; R = 3 oversubscribes them (shard and coordinator sleep during a batch).
 (2) straggler: R = 10 replicas (S = 1, 12 ranks), the last one 10x slower (DBMPI_SLOW=9:10),
@@ -251,7 +251,7 @@ def snapshot_child(out_dir, argv):
     from mpi4py import MPI
 
     from dbmpi import kernels as real_kernels
-    from dbmpi import sandblaster
+    from dbmpi.algorithms import sandblaster
     from dbmpi.cli import main
 
     shards, copies = [], []
@@ -289,7 +289,7 @@ def bench_iteration(args, work, emit):
     from threadpoolctl import threadpool_limits
 
     from dbmpi import config
-    from dbmpi.lbfgs import LBFGS, NumpyVectorSpace
+    from dbmpi.algorithms.lbfgs import LBFGS, NumpyVectorSpace
     from dbmpi.model import Network
 
     n = 3000 if args.quick else 12000
@@ -521,11 +521,10 @@ def _scipy_reference(train_path, target, cap_s, chunk=10000):
     """L-BFGS-B from the MLP's initial point with 2 BLAS threads; the test set is evaluated
     after every iteration and that time is taken out of the clock."""
     import numpy as np
+    from scipy.optimize import minimize
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import dbmpi.model  # noqa: F401  (loads the OpenBLAS the kernels use, for threadpoolctl to see)
-    from scipy.optimize import minimize
-
     from dbmpi import config
     from dbmpi.model import Network
 

@@ -36,18 +36,18 @@ def _world_size_from_launcher() -> int:
 
 def _error_types():
     from dbmpi.data import DatasetError
-    from dbmpi.layout import LayoutError
-    from dbmpi.partition import PartitionError
-    from dbmpi.rundir import RunDirectoryError
-    from dbmpi.checkpoint import CheckpointError
+    from dbmpi.io.checkpoint import CheckpointError
+    from dbmpi.io.rundir import RunDirectoryError
+    from dbmpi.parallel.partition import PartitionError
     from dbmpi.plot import PlotError
+    from dbmpi.runtime.layout import LayoutError
 
     return (CheckpointError, PlotError, ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError,
             UsageError)
 
 
 def cmd_train(args) -> int:
-    from dbmpi.rundir import RunDirectory
+    from dbmpi.io.rundir import RunDirectory
 
     # --threads N is --set train.threads=N, given last: validated (and refused) the same way.
     threads = [] if args.threads is None else [f"train.threads={args.threads}"]
@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
         return _train_distributed(args, cfg, say)
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or RunDirectory.default_path(args.config))
     cfg["train"]["run_dir"] = str(run_path)
-    from dbmpi import sgd
+    from dbmpi.algorithms import sgd
 
     prepared = sgd.prepare(cfg, args.init)  # model, data, --init: all checked before the run exists
     run = RunDirectory(run_path)
@@ -95,8 +95,8 @@ def _train_distributed(args, cfg, say) -> int:
     the coordinator (Sandblaster) prints and writes the run."""
     from mpi4py import MPI
 
-    from dbmpi import downpour, sandblaster
-    from dbmpi.rundir import RunDirectory
+    from dbmpi.algorithms import downpour, sandblaster
+    from dbmpi.io.rundir import RunDirectory
 
     comm = MPI.COMM_WORLD
     _check_rank_memory(cfg)  # same verdict on every rank, before any allocation or collective
@@ -122,9 +122,9 @@ def _check_rank_memory(cfg: dict) -> None:
     """Refuse a distributed run whose biggest rank needs more memory than this machine has:
     the model's values and gradient (every rank builds the network) plus that rank's buffers
     from the `dbmpi plan` memory column. One line instead of a MemoryError traceback."""
-    from dbmpi.layout import layout_for, require_memory
     from dbmpi.model import Network
-    from dbmpi.partition import plan_for
+    from dbmpi.parallel.partition import plan_for
+    from dbmpi.runtime.layout import layout_for, require_memory
 
     tcfg = cfg["train"]
     network = Network(cfg["model"], allocate=False)
@@ -167,9 +167,9 @@ def cmd_model(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from dbmpi.layout import layout_for
     from dbmpi.model import Network
-    from dbmpi.partition import plan_for
+    from dbmpi.parallel.partition import plan_for
+    from dbmpi.runtime.layout import layout_for
 
     cfg = configuration.load(args.config, args.set)
     network = Network(cfg["model"], allocate=False)
@@ -277,7 +277,7 @@ def cmd_inspect(args) -> int:
     """Print a checkpoint's tree, tensors with statistics, step, config and layout."""
     import numpy as np
 
-    from dbmpi.checkpoint import CheckpointError, open_checkpoint
+    from dbmpi.io.checkpoint import CheckpointError, open_checkpoint
 
     with open_checkpoint(args.checkpoint, verify=False) as ckpt:
         if args.verify:
@@ -321,8 +321,8 @@ def cmd_export(args) -> int:
     """Write a checkpoint's tensors to an .npz file (names like params/dense0/W)."""
     import numpy as np
 
-    from dbmpi.atomic import atomic_path
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.atomic import atomic_path
+    from dbmpi.io.checkpoint import open_checkpoint
 
     out = Path(args.out or Path(args.checkpoint).with_suffix(".npz"))
     with open_checkpoint(args.checkpoint) as ckpt:
@@ -545,7 +545,7 @@ def _main(argv: list[str] | None = None) -> int:
         _settle_ranks()
         return EXIT_USAGE
     except RuntimeError as exc:
-        from dbmpi.sgd import EXIT_DIVERGED, DivergedError
+        from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 
         if not isinstance(exc, DivergedError):
             raise

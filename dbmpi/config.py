@@ -210,7 +210,7 @@ TRAIN_FIELDS = {
     "checkpoint_every_s": Field(optional(positive_float), None),
     "checkpoint_keep": Field(positive_int, 3),
     # Downpour: a replica whose heartbeat has not moved for this long is declared failed and
-    # the others train on (dbmpi.failover); a shard that long silent ends the job.
+    # the others train on (dbmpi.runtime.failover); a shard that long silent ends the job.
     "replica_timeout_s": Field(at_least(1.0), 30.0),
     # Downpour: the run diverged (exit status 3) when more than this fraction of the pushes
     # were withheld as non-finite; a replica stops once its own share passes it (after 10).

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from dbmpi import config as configuration
-from dbmpi.checkpoint import open_checkpoint
+from dbmpi.algorithms.sgd import _check_fits
 from dbmpi.data import DatasetError, open_dataset
+from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model import Network
-from dbmpi.sgd import _check_fits
 
 
 def log_probabilities(logits: np.ndarray, output: str) -> np.ndarray:

@@ -13,8 +13,8 @@ _BUILD_HINT = (
 
 try:
     from dbmpi._kernels.dense import dense_backward, dense_forward
-    from dbmpi._kernels.local import local_backward, local_forward
     from dbmpi._kernels.lcn import lcn_backward, lcn_forward
+    from dbmpi._kernels.local import local_backward, local_forward
     from dbmpi._kernels.optim import (
         adagrad_step,
         axpy,

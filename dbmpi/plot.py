@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dbmpi.atomic import atomic_path
+from dbmpi.io.atomic import atomic_path
 
 
 class PlotError(ValueError):

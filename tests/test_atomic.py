@@ -1,7 +1,7 @@
 """Atomic replacement: the target holds the old or the whole new content, never a part."""
 import pytest
 
-from dbmpi.atomic import atomic_path, atomic_write_text
+from dbmpi.io.atomic import atomic_path, atomic_write_text
 
 
 def test_success_replaces_and_leaves_no_temp(tmp_path):

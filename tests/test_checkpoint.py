@@ -1,14 +1,14 @@
 """HDF5 checkpoints without MPI: streamed writing, atomicity, verification, range reads."""
 import os
 import re
-import subprocess
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from dbmpi.checkpoint import (
+from dbmpi.io.checkpoint import (
     CheckpointError,
     CheckpointWriter,
     checkpoint_name,
@@ -154,7 +154,7 @@ def test_keep_the_last_k(tmp_path, network):
 CRASHING_WRITER = """
 import sys, time
 from pathlib import Path
-from dbmpi.checkpoint import CheckpointWriter, checkpoint_name
+from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name
 from dbmpi.model import Network
 network = Network.from_string(sys.argv[2])
 with CheckpointWriter(Path(sys.argv[1]) / checkpoint_name(50), network.tensors, algorithm="downpour",
@@ -172,7 +172,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_checkpoints_and_its_temp_is_cl
     checkpoint written in that directory removes the orphaned temporary."""
     import sys
 
-    from dbmpi.checkpoint import stale_temporaries
+    from dbmpi.io.checkpoint import stale_temporaries
 
     write(tmp_path / checkpoint_name(40), network, {"params": network.params}, step=40)
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path), MODEL],

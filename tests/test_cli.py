@@ -128,7 +128,7 @@ def test_a_runs_config_toml_trains_again_as_it_is(tmp_path):
 def test_data_path_is_relative_to_the_config_file_and_evaluate_hints_at_data(tmp_path):
     """A config's relative data.path is found from any directory; a checkpoint whose data
     set is not there says to give --data."""
-    from dbmpi.checkpoint import CheckpointWriter
+    from dbmpi.io.checkpoint import CheckpointWriter
     from dbmpi.model import Network
 
     (tmp_path / "configs").mkdir()

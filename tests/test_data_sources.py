@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 import pytest
 
-from dbmpi import data, datasources
+from dbmpi import data
 from dbmpi.data import DatasetError
+from dbmpi.data import sources as datasources
 from tests.test_data import idx_bytes, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,8 +409,8 @@ def test_synthetic_errors(tmp_path):
 
 
 def test_sgd_prepares_synthetic_for_the_model(tmp_path):
+    from dbmpi.algorithms.sgd import open_training_data
     from dbmpi.model import Network
-    from dbmpi.sgd import open_training_data
 
     net = Network.from_string('[model]\ninput_shape = [6, 6]\n[[model.layers]]\ntype = "softmax"\nunits = 3\n')
     path = tmp_path / "auto.h5"

@@ -159,7 +159,7 @@ def test_the_dbmpi_script_resuming_a_damaged_checkpoint_ends_with_one_line(tmp_p
     hang the other ranks; now every rank says the same line and the job ends, no run made."""
     import h5py
 
-    from dbmpi.checkpoint import CheckpointWriter
+    from dbmpi.io.checkpoint import CheckpointWriter
     from dbmpi.model import Network
 
     script = Path(sys.executable).with_name("dbmpi")
@@ -229,9 +229,9 @@ def test_partitioned_replicas_train_like_whole_ones(tmp_path):
     """R=2 replicas of P=2 partitions with S=2 shards reach the accuracy of P=1, and each
     partition fetches and pushes exactly its own parameter ranges, from their shards only."""
     from dbmpi import config as configuration
-    from dbmpi.layout import layout_for
     from dbmpi.model import Network
-    from dbmpi.partition import plan_for
+    from dbmpi.parallel.partition import plan_for
+    from dbmpi.runtime.layout import layout_for
 
     accuracy = {}
     for P, ranks in ((1, 4), (2, 6)):
@@ -290,7 +290,7 @@ def test_checkpoints_and_resume_with_another_layout(tmp_path):
     """Checkpoints every 100 steps and at the end, the newest 3 kept, each a valid HDF5
     file; a run resumed from one with other shard and replica counts continues the loss
     curve where it left off; --resume auto picks the newest."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     data = f"data.path={tmp_path / 'digits.h5'}"
     first = tmp_path / "first"
@@ -331,7 +331,7 @@ def test_checkpoints_do_not_change_what_the_training_reaches(tmp_path):
     without: the same accuracy band; no update merges a long backlog (during checkpoints or
     not); each checkpoint records the shards' update counts at its snapshot, and they move
     on between checkpoints (the shards kept applying pushes)."""
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.checkpoint import open_checkpoint
 
     data = f"data.path={tmp_path / 'digits.h5'}"
     accuracy = {True: [], False: []}
@@ -367,7 +367,7 @@ def test_checkpoints_do_not_change_what_the_training_reaches(tmp_path):
 def test_a_bad_checkpoint_is_named_and_trains_nothing(tmp_path, damage, message):
     import h5py
 
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     data = f"data.path={tmp_path / 'digits.h5'}"
     result, _ = launch(4, "train", CONFIG, "--run-dir", tmp_path / "a", "--set", "train.steps=20",
@@ -392,7 +392,7 @@ def test_a_bad_checkpoint_is_named_and_trains_nothing(tmp_path, damage, message)
 
 def rank_pids(marker: str) -> dict[int, int]:
     """MPI rank -> pid of the rank processes whose command line contains `marker` (hydra
-    sets PMI_RANK in each rank's environment); under dbmpi.supervise, the supervised
+    sets PMI_RANK in each rank's environment); under dbmpi.runtime.supervise, the supervised
     children, not their supervisors."""
     found = {}
     for entry in Path("/proc").iterdir():
@@ -401,7 +401,7 @@ def rank_pids(marker: str) -> dict[int, int]:
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             if marker not in cmdline or "mpi4py" not in cmdline or "mpiexec" in cmdline \
-                    or "dbmpi.supervise" in cmdline:
+                    or "dbmpi.runtime.supervise" in cmdline:
                 continue
             env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode().split("\0")
                        if "=" in item)
@@ -417,7 +417,7 @@ def background_training(tmp_path, run_dir, *sets, config=CONFIG, ranks=4, env=No
                         budget=("train.steps=100000000",), mpiexec_args=(), wrapper=()):
     """A run of `config` (Downpour's by default) on `ranks` ranks in the background, with a
     budget it will not reach; killed if still running after. `mpiexec_args` go to the
-    launcher, `wrapper` before each rank's command (e.g. python -m dbmpi.supervise)."""
+    launcher, `wrapper` before each rank's command (e.g. python -m dbmpi.runtime.supervise)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
     cmd = [mpiexec(), *mpiexec_args, "-n", str(ranks), *wrapper, sys.executable, "-m", "mpi4py", "-m", "dbmpi",
            "train", str(config), "--run-dir", str(run_dir), "--set", f"data.path={tmp_path / 'digits.h5'}"]
@@ -438,7 +438,7 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
     every rank stops, the shards write a checkpoint, the job exits 0 and resumes from it."""
     import signal as signals
 
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     run_dir = tmp_path / "run"
     data = f"data.path={tmp_path / 'digits.h5'}"
@@ -473,7 +473,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
     bounded time, and every checkpoint already written still verifies."""
     import signal as signals
 
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     run_dir = tmp_path / "run"
     with background_training(tmp_path, run_dir, "train.checkpoint_every=200") as proc:
@@ -494,7 +494,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoints_intact(tmp_path):
 
 def test_checkpoints_every_t_seconds(tmp_path):
     """checkpoint_every_s writes checkpoints on replica 0's clock during a timed run."""
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
     result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.steps=100000000",
@@ -546,7 +546,7 @@ def test_a_diverged_run_exits_3_on_every_rank_and_keeps_the_last_good_checkpoint
     checkpoints; resumed with that learning rate it diverges: every rank prints the same
     line and exits 3 (soon: the replicas stop once their pushes are mostly non-finite),
     summary.json says why, and --resume auto still finds the healthy run's newest checkpoint."""
-    from dbmpi.checkpoint import list_checkpoints, newest_valid
+    from dbmpi.io.checkpoint import list_checkpoints, newest_valid
 
     run_dir = tmp_path / "run"
     data = f"data.path={tmp_path / 'digits.h5'}"
@@ -574,7 +574,7 @@ def test_a_diverged_run_exits_3_on_every_rank_and_keeps_the_last_good_checkpoint
 def test_a_run_that_diverges_at_once_fails_without_a_checkpoint(tmp_path):
     """A fresh run with learning_rate = 1e30 and a budget too short for a replica to stop
     early: the shards' count of withheld pushes fails it (exit 3), no checkpoint is written."""
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
     result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.learning_rate=1e30",

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from dbmpi.checkpoint import CheckpointWriter
 from dbmpi.data import write_dataset
 from dbmpi.evaluation import evaluate_checkpoint, group_accuracy, log_probabilities
+from dbmpi.io.checkpoint import CheckpointWriter
 from dbmpi.model import Network
 
 MODEL = """

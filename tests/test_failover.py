@@ -1,5 +1,5 @@
 """Downpour survives a failed replica (the paper's claim), and ends in bounded time when it
-cannot: `mpiexec -disable-auto-cleanup` with every rank under `python -m dbmpi.supervise`,
+cannot: `mpiexec -disable-auto-cleanup` with every rank under `python -m dbmpi.runtime.supervise`,
 a rank SIGKILLed mid-run, every MPI launch under a timeout.
 
 The kills are real SIGKILLs at a random moment. One that lands while the victim is inside an
@@ -41,12 +41,12 @@ def none_left(marker: str, within_s: float = 10.0) -> bool:
 
 
 def supervised_training(tmp_path, run_dir, n, *sets, disable_auto_cleanup=True, config=CONFIG):
-    """`mpiexec [-disable-auto-cleanup] -n N python -m dbmpi.supervise ... dbmpi train` in
+    """`mpiexec [-disable-auto-cleanup] -n N python -m dbmpi.runtime.supervise ... dbmpi train` in
     the background (tests.test_downpour.background_training); killed if still running after."""
     return background_training(tmp_path, run_dir, f"train.replica_timeout_s={TIMEOUT_S}", *sets, config=config,
                                ranks=n, budget=(),
                                mpiexec_args=["-disable-auto-cleanup"] if disable_auto_cleanup else [],
-                               wrapper=[sys.executable, "-m", "dbmpi.supervise"])
+                               wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"])
 
 
 def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):
@@ -63,7 +63,7 @@ def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):
 
 
 def verified_checkpoints(run_dir):
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     paths = list_checkpoints(run_dir / "checkpoints")
     for path in paths:
@@ -78,7 +78,7 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
     finish every step, every push of theirs is applied, and shard 0 writes a final
     checkpoint with the state of the lowest surviving replica (the lead's state, unless the
     lead was the one that died) and a summary naming the failed replica."""
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.checkpoint import open_checkpoint
 
     run_dir, steps, warm = tmp_path / "run", 20000, 50
     with supervised_training(tmp_path, run_dir, 5, "train.n_replicas=3", f"train.steps={steps}",
@@ -146,7 +146,7 @@ def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes
     partitioned replica steps in lockstep, which on an oversubscribed machine takes
     scheduler turns per step (under heavy load 5000 steps took more than 8 minutes), and
     the shards wait for the verdict on replica 0 however early replica 1 finishes."""
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.checkpoint import open_checkpoint
 
     run_dir, steps = tmp_path / "run", 1000
     with supervised_training(tmp_path, run_dir, 5, "train.n_partitions=2", "train.n_shards=1",
@@ -178,7 +178,7 @@ def test_a_killed_shard_ends_the_job_with_the_checkpoints_intact(tmp_path):
     (non-zero) within bounded time; every checkpoint written still verifies. (Killed inside
     an accumulate, the shard would leave its window locked: the others' MPI calls then block
     and their watchdogs end them instead, also in bounded time.)"""
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
     with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200",
@@ -203,7 +203,7 @@ def test_a_killed_shard_ends_the_job_with_the_checkpoints_intact(tmp_path):
 
 def job_segments(pids) -> set[str]:
     """The MPICH shared-memory files the job's rank processes map (this job's, exactly)."""
-    from dbmpi import procfs
+    from dbmpi.runtime import procfs
 
     return set().union(*(procfs.mpich_shm_files(pid) for pid in pids.values()))
 
@@ -301,7 +301,7 @@ def test_a_stalled_replica_declared_failed_leaves_when_it_wakes(tmp_path):
 def test_without_disable_auto_cleanup_a_killed_rank_still_ends_the_job(tmp_path):
     """The supervisor changes nothing by default: hydra ends the whole job at the first
     death (non-zero, quickly), no rank is left behind, the checkpoints stay intact."""
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
     with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", "train.checkpoint_every=200",
@@ -322,7 +322,7 @@ def test_without_disable_auto_cleanup_a_killed_rank_still_ends_the_job(tmp_path)
 def test_under_the_supervisor_sigterm_to_mpiexec_still_stops_the_run_cleanly(tmp_path):
     """hydra passes SIGTERM on to every rank (its supervisor passes it to the rank): a
     graceful stop, the final checkpoint, exit 0, as without the supervisor."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     run_dir = tmp_path / "run"
     with supervised_training(tmp_path, run_dir, 4, "train.steps=100000000", *RHYTHM) as proc:
@@ -338,7 +338,7 @@ def test_under_the_supervisor_sigterm_to_mpiexec_still_stops_the_run_cleanly(tmp
 
 # The supervisor alone (no MPI) ------------------------------------------------------------------
 def supervise(*command, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "dbmpi.supervise", *command], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "dbmpi.runtime.supervise", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -405,7 +405,7 @@ def test_replica_timeout_is_validated():
 PARTNER_ERROR = """
 import types
 from mpi4py import MPI
-from dbmpi.failover import Liveness
+from dbmpi.runtime.failover import Liveness
 me = types.SimpleNamespace(layout=types.SimpleNamespace(n_partitions={P}), rank=0, role="replica 0 partition 0")
 with Liveness.partition_errors(me):
     raise MPI.Exception(MPI.ERR_OTHER)
@@ -465,7 +465,7 @@ def test_supervise_removes_the_mpich_files_its_rank_mapped_once_unused_and_no_ot
 def test_procfs_tells_an_ended_process_from_a_live_one():
     """What the dead-shard check relies on: a live process is never `gone`; a killed one is,
     zombie (not yet reaped) or reaped; a reused pid (another start time) is another process."""
-    from dbmpi import procfs
+    from dbmpi.runtime import procfs
 
     proc = subprocess.Popen(["sleep", "60"])
     ident = procfs.identity(proc.pid)
@@ -482,7 +482,7 @@ def test_procfs_tells_an_ended_process_from_a_live_one():
 
 def test_supervise_turns_mpich_single_copy_transfers_off_unless_set():
     """With CMA a partner's death mid-transfer is fatal to the whole job in MPICH (see
-    dbmpi.supervise): the rank runs without it, unless the user chose otherwise."""
+    dbmpi.runtime.supervise): the rank runs without it, unless the user chose otherwise."""
     show = [sys.executable, "-c", "import os; print(os.environ['MPIR_CVAR_CH4_CMA_ENABLE'])"]
     assert supervise(*show).communicate(timeout=60)[0].strip() == "0"
     env = {**os.environ, "MPIR_CVAR_CH4_CMA_ENABLE": "1"}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dbmpi.layout import Layout, LayoutError, balanced_ranges
+from dbmpi.runtime.layout import Layout, LayoutError, balanced_ranges
 
 
 def test_roles_in_rank_order():

@@ -14,7 +14,7 @@ import pytest
 import scipy.optimize
 from threadpoolctl import threadpool_limits
 
-from dbmpi.lbfgs import LBFGS, NumpyVectorSpace, VectorSpace, vector_names
+from dbmpi.algorithms.lbfgs import LBFGS, NumpyVectorSpace, VectorSpace, vector_names
 
 INTERFACE = ("dot", "axpy", "scale", "copy", "multiply", "evaluate")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dbmpi.model import Network
-from dbmpi.partition import PartitionError, PartitionPlan, receptive_rows
+from dbmpi.parallel.partition import PartitionError, PartitionPlan, receptive_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

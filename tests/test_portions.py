@@ -1,6 +1,6 @@
 """Sandblaster's portion scheduler, without MPI: replicas simulated in virtual time.
 
-Each simulated replica does what dbmpi.sandblaster's replicas do with a reply: discard its
+Each simulated replica does what dbmpi.algorithms.sandblaster's replicas do with a reply: discard its
 accumulator when told, add the portion it reported when committed, flush when told, compute
 the portion it is given. The checks are what the batch gradient relies on: every portion
 counted exactly once, whatever the speeds, and a slow replica not holding up the batch
@@ -10,8 +10,7 @@ import heapq
 
 import pytest
 
-from dbmpi.portions import PortionScheduler, cut
-
+from dbmpi.algorithms.portions import PortionScheduler, cut
 
 FAIL = -1  # an event that is the coordinator declaring a replica failed
 
@@ -200,7 +199,7 @@ def test_a_replica_dying_between_its_flush_and_its_report_spoils_the_sums():
 
 
 def test_silence_takes_a_replica_that_owes_a_message_too_long_for_dead():
-    from dbmpi.portions import Silence
+    from dbmpi.algorithms.portions import Silence
 
     watch = Silence(3, timeout_s=10.0, now=0.0)  # every replica owes its first request
     assert watch.overdue(9.0) == []

@@ -1,6 +1,6 @@
 """Sandblaster L-BFGS end to end: `mpiexec -n N dbmpi train` in a subprocess, under a timeout.
 
-The reference is the serial L-BFGS of dbmpi.lbfgs on a NumPy vector space whose objective
+The reference is the serial L-BFGS of dbmpi.algorithms.lbfgs on a NumPy vector space whose objective
 is the whole training set's mean loss (plus the L2 term) computed by one Network in one
 call: the distributed run sums the same gradient from portions computed by several
 replicas and pushed to several shards, so following the same iterates checks the portion
@@ -14,8 +14,8 @@ import pytest
 import scipy.optimize
 
 from dbmpi import config as configuration
+from dbmpi.algorithms.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.data import open_dataset
-from dbmpi.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.model import Network
 from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, records
 
@@ -161,7 +161,7 @@ def test_checkpoints_hold_the_lbfgs_state_and_resume_continues_the_iterates(tmp_
     """A resumed run follows the uninterrupted one, up to float32 summation order (which
     replica computed which portion differs between runs), with the same or other numbers
     of shards and replicas."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     n_iter = 8
     _, straight, run_dir = run_sandblaster(tmp_path, "straight", 5, f"train.iterations={n_iter}",
@@ -206,7 +206,7 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
     import signal as signals
     import time
 
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
     from tests.test_downpour import rank_pids
 
     data = f"data.path={tmp_path / 'digits.h5'}"
@@ -241,7 +241,7 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
 def test_a_downpour_checkpoint_warm_starts_sandblaster(tmp_path):
     """L-BFGS from the parameters Downpour reached: the first loss is that of the
     checkpointed parameters, far below a fresh start's."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     downpour = ROOT / "configs/downpour_digits.toml"
     result, _ = launch(4, "train", downpour, "--run-dir", tmp_path / "dp", "--set", f"data.path={tmp_path / 'digits.h5'}",
@@ -269,7 +269,7 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
     import signal as signals
     import time
 
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
     from tests.test_downpour import rank_pids
 
     run_dir = tmp_path / "run"
@@ -316,7 +316,7 @@ def test_test_accuracy_during_training_leaves_the_iterates_alone(tmp_path, sets,
 def test_init_takes_only_the_parameters_of_a_checkpoint(tmp_path):
     """--init CKPT starts a new run at iteration 0 from the checkpoint's x, without its
     L-BFGS history: the first loss is f(x), the run directory is new."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     _, first, run_dir = run_sandblaster(tmp_path, "first", 5, "train.iterations=4")
     ckpt = list_checkpoints(run_dir / "checkpoints")[-1]
@@ -357,7 +357,7 @@ def test_a_non_finite_objective_later_exits_3_and_keeps_the_last_good_checkpoint
     1 checkpoints, iteration 2's batch gives a non-finite objective. Every rank prints the
     same `training diverged` line and exits 3; no final checkpoint is written, so
     --resume auto would take iteration 1's; summary.json says why."""
-    from dbmpi.checkpoint import list_checkpoints, newest_valid
+    from dbmpi.io.checkpoint import list_checkpoints, newest_valid
 
     data = damaged_digits(tmp_path, "huge.h5", slice(1000, 1010), 3e38)
     run_dir = tmp_path / "run"

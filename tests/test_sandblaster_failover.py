@@ -1,6 +1,6 @@
 """Sandblaster survives a failed replica (the paper: both algorithms tolerate "the wholesale
 failure of model replicas"): `mpiexec -disable-auto-cleanup` with every rank under
-`python -m dbmpi.supervise`, a replica SIGKILLed mid-run, every MPI launch under a timeout.
+`python -m dbmpi.runtime.supervise`, a replica SIGKILLed mid-run, every MPI launch under a timeout.
 
 The batch is the whole training set (full batch), so the iterates are those of the serial
 L-BFGS whichever replica computed which portion: a run that lost a replica must follow them
@@ -8,7 +8,7 @@ as closely as a run that did not (tests.test_sandblaster checks the same for run
 failures). Every portion sleeps DBMPI_PORTION_DELAY, so the victim is almost always inside
 a portion, or parked, when it dies, whatever the machine's load; where exactly does not
 matter: its portions are reissued, or, if it died between pushing and reporting a flush, the
-batch is computed again (dbmpi.portions).
+batch is computed again (dbmpi.algorithms.portions).
 """
 import json
 import os
@@ -50,7 +50,7 @@ def failover_run(tmp_path, *sets, env=None, kill=None):
                              f"train.replica_timeout_s={TIMEOUT_S}", *sets, config=CONFIG, ranks=ranks,
                              env={"DBMPI_PORTION_DELAY": "0.05", **(env or {})}, budget=(),
                              mpiexec_args=["-disable-auto-cleanup"],
-                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+                             wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"]) as proc:
         killed = time.monotonic()
         if kill is not None:
             pids = wait_for_iterations(run_dir, proc, 2, ranks)
@@ -121,7 +121,7 @@ def test_a_killed_partition_takes_its_replica_out_and_the_job_ends_with_status_7
                              f"train.iterations={N_ITER}", "train.tolerance=0",
                              f"train.replica_timeout_s={TIMEOUT_S}", config=CONFIG, ranks=6,
                              env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(), mpiexec_args=["-disable-auto-cleanup"],
-                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+                             wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"]) as proc:
         pids = wait_for_iterations(run_dir, proc, 2, 6)
         os.kill(pids[3], signal.SIGKILL)  # replica 1, partition 1
         _, err = proc.communicate(timeout=300)
@@ -141,14 +141,14 @@ def test_a_killed_shard_or_coordinator_ends_the_job_with_status_4(tmp_path, vict
     launcher nothing else would end the job (a collective over a dead rank never returns):
     the ranks on its host see its process end, one says so, and the job ends with status 4
     within seconds; the checkpoints written so far all verify."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     run_dir = tmp_path / "run"
     with background_training(tmp_path, run_dir, "train.n_replicas=3", "train.n_shards=1", "train.iterations=1000",
                              "train.tolerance=0", "train.checkpoint_every=1", f"train.replica_timeout_s={TIMEOUT_S}",
                              config=CONFIG, ranks=5, env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(),
                              mpiexec_args=["-disable-auto-cleanup"],
-                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+                             wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"]) as proc:
         pids = wait_for_iterations(run_dir, proc, 2, 5)
         killed = time.monotonic()
         os.kill(pids[victim], signal.SIGKILL)
@@ -175,7 +175,7 @@ def test_a_stalled_replica_is_declared_failed_then_dismissed(tmp_path):
                              f"train.iterations={n_iter}", "train.tolerance=0", "train.backup_tasks=false",
                              f"train.replica_timeout_s={TIMEOUT_S}", config=CONFIG, ranks=5,
                              env={"DBMPI_PORTION_DELAY": "0.05"}, budget=(), mpiexec_args=["-disable-auto-cleanup"],
-                             wrapper=[sys.executable, "-m", "dbmpi.supervise"]) as proc:
+                             wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"]) as proc:
         pids = wait_for_iterations(run_dir, proc, 2, 5)
         os.kill(pids[1], signal.SIGSTOP)
         try:

@@ -119,8 +119,8 @@ def test_init_from_a_downpour_checkpoint_starts_from_its_parameters(tmp_path):
     import numpy as np
 
     from dbmpi import config as configuration
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
     from dbmpi.data import open_dataset
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
     from dbmpi.model import Network
     from tests.test_downpour import launch
 

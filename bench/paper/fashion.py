@@ -86,7 +86,7 @@ def warmstart() -> dict:
                  "--set", "train.n_replicas=1", "--set", "train.n_shards=1", "--set", 'train.optimizer="sgd"',
                  "--set", f"train.learning_rate={WARM_LR}", "--set", f"train.steps={WARM_STEPS}",
                  "--set", "train.warmstart_steps=0", ranks=2)
-    from dbmpi.checkpoint import list_checkpoints
+    from dbmpi.io.checkpoint import list_checkpoints
 
     final = [r for r in records(run_dir) if r["kind"] == "eval"][-1]
     result = {"checkpoint": str(list_checkpoints(run_dir / "checkpoints")[-1]), "run_dir": str(run_dir),
@@ -195,9 +195,9 @@ def _torch_setup(warm: dict, threads: int):
     import torch
 
     from dbmpi import config as configuration
+    from dbmpi.algorithms.sgd import initial_parameters
     from dbmpi.data import open_dataset
     from dbmpi.model import Network
-    from dbmpi.sgd import initial_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

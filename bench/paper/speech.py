@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FIGURES, ROOT, dbmpi, fresh_run_dir, machine, output_name, pyplot, records,  # noqa: E402
-                    write_result)
+from common import FIGURES, ROOT, dbmpi, fresh_run_dir, machine, output_name, pyplot, records, write_result  # noqa: E402
 
-from dbmpi.checkpoint import list_checkpoints  # noqa: E402
 from dbmpi.evaluation import evaluate_checkpoint  # noqa: E402
+from dbmpi.io.checkpoint import list_checkpoints  # noqa: E402
 
 CONFIG = ROOT / "configs" / "speech_fsdd.toml"
 DATA = ROOT / "data" / "fsdd.h5"

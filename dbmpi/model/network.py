@@ -16,8 +16,8 @@ import numpy as np
 
 from dbmpi import config as configuration
 from dbmpi.config import ConfigError
-from dbmpi.layout import require_memory
 from dbmpi.model.layers import LAYER_TYPES, Layer, Output
+from dbmpi.runtime.layout import require_memory
 
 
 @dataclass(frozen=True)

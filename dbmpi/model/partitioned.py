@@ -1,7 +1,7 @@
 """One model partition: the layers' blocks a rank owns, run together with the other P - 1
 partitions of its replica over `replica_comm` (the paper's model parallelism).
 
-The plan (dbmpi.partition) says which output units or rows of every layer this partition
+The plan (dbmpi.parallel.partition) says which output units or rows of every layer this partition
 owns and which inputs it needs. Each layer's block is an ordinary layer of the same type,
 built on the block's shape, so the compiled kernels do the work unchanged; this module only
 assembles each block's input and sends back its input gradient:
@@ -14,7 +14,7 @@ assembles each block's input and sends back its input gradient:
   max and sum of exponentials (softmax), or of the loss alone (one-vs-all logistic).
 
 The partition's parameters live in one local vector: its canonical ranges concatenated in
-canonical order (dbmpi.partition.PartitionPlan.param_ranges), which is also what it fetches
+canonical order (dbmpi.parallel.partition.PartitionPlan.param_ranges), which is also what it fetches
 from and pushes to the shards.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from dbmpi.model.layers import LAYER_TYPES, Layer
 from dbmpi.model.network import Network
-from dbmpi.partition import SOFTMAX_BYTES, PartitionPlan
+from dbmpi.parallel.partition import SOFTMAX_BYTES, PartitionPlan
 
 OUTPUT_KINDS = ("softmax", "logistic")
 

@@ -27,7 +27,7 @@
 #   DBMPI_RESUME     auto (default: the run directory's newest checkpoint, or a fresh start),
 #                    or a checkpoint to start from (later starts of a requeued job: auto)
 #   DBMPI_FAILOVER   1: Downpour and Sandblaster survive a failed replica (mpiexec -disable-auto-cleanup,
-#                    each rank under python -m dbmpi.supervise; needs DBMPI_LAUNCHER=mpiexec)
+#                    each rank under python -m dbmpi.runtime.supervise; needs DBMPI_LAUNCHER=mpiexec)
 #   DBMPI_SIGNAL_WAIT    seconds a USR1 may wait for training to start before it is passed
 #                    on regardless (default 60)
 #   DBMPI_SLURM_DIR  this directory (found from the job's command when not set)
@@ -108,13 +108,13 @@ dbmpi_slurm_train() {
     *) dbmpi_fail "DBMPI_LAUNCHER=$launcher: must be srun or mpiexec" ;;
   esac
   # Downpour surviving a failed replica: hydra must not clean up after a dead rank, and each
-  # rank runs under dbmpi.supervise, which ignores hydra's USR1 failure notice, so a stop is
+  # rank runs under dbmpi.runtime.supervise, which ignores hydra's USR1 failure notice, so a stop is
   # passed on as TERM instead (docs/DESIGN.md, "Downpour failures").
   local stop_signal=USR1 supervise=()
   if [ "${DBMPI_FAILOVER:-0}" = 1 ]; then
     [ "$launcher" = mpiexec ] || dbmpi_fail "DBMPI_FAILOVER=1 needs DBMPI_LAUNCHER=mpiexec (srun ends the job when a task dies)"
     cmd+=(-disable-auto-cleanup)
-    supervise=("$python" -m dbmpi.supervise)
+    supervise=("$python" -m dbmpi.runtime.supervise)
     stop_signal=TERM
   fi
   # shellcheck disable=SC2206 - extra launcher arguments are split on spaces on purpose

@@ -21,7 +21,7 @@
 #
 # Given paths instead (`mpich-shm-cleanup.sh [--dry-run] PATH...`), it handles exactly those
 # MPICH segments, whatever their job (anything but $shm/mpich_shm_* and $shm/mpich_vci_* is
-# ignored): dbmpi.supervise passes the ones its rank mapped once that rank has ended.
+# ignored): dbmpi.runtime.supervise passes the ones its rank mapped once that rank has ended.
 
 job=${SLURM_JOB_ID:-}
 steps=${DBMPI_SHM_CLEANUP_STEPS:-64}

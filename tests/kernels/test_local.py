@@ -6,8 +6,15 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dbmpi._kernels.local import local_backward, local_forward
-from tests.kernels.spatial_helpers import (ACTIVATIONS, activate64, assert_close, overlapping,
-                                           bad_argument_cases, numeric_grad, randn)
+from tests.kernels.spatial_helpers import (
+    ACTIVATIONS,
+    activate64,
+    assert_close,
+    bad_argument_cases,
+    numeric_grad,
+    overlapping,
+    randn,
+)
 
 # (N, H, W, C, F, kernel, stride): odd and even sizes, non-square images, ragged strides.
 FORWARD_SHAPES = [

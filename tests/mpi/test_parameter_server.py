@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from dbmpi.layout import Layout
-from dbmpi.optimizers import SGD
-from dbmpi.parameter_server import (
+from dbmpi.algorithms.optimizers import SGD
+from dbmpi.ps.server import (
     DROPPED,
     PUSHES,
     ParameterWindows,
@@ -21,6 +20,7 @@ from dbmpi.parameter_server import (
     gather_parameters,
     read_counter,
 )
+from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
 
 N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
@@ -63,7 +63,7 @@ def integer_gradient(replica, push):
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_no_lost_updates(n_shards, n_replicas, chunk, monkeypatch):
     if chunk is not None:  # transfers split into many requests, as large shards' are
-        import dbmpi.parameter_server as ps
+        import dbmpi.ps.server as ps
 
         monkeypatch.setattr(ps, "FETCH_CHUNK", chunk)
     comm = sub_world(n_shards + n_replicas)

@@ -4,13 +4,14 @@ import time
 
 import numpy as np
 import pytest
-from dbmpi.checkpoint import open_checkpoint
-from dbmpi.failover import Liveness
-from dbmpi.layout import Layout
+
+from dbmpi.algorithms.optimizers import SGD
+from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model.network import Tensor
-from dbmpi.optimizers import SGD
-from dbmpi.parameter_server import CHECKPOINTS, VERSION, ParameterWindows, Shard, ShardClient, add_counter, read_counter
-from dbmpi.shard_checkpoint import ServingProgress, ShardCheckpoints
+from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints
+from dbmpi.ps.server import CHECKPOINTS, VERSION, ParameterWindows, Shard, ShardClient, add_counter, read_counter
+from dbmpi.runtime.failover import Liveness
+from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
 
 N_PARAMS = 1001

@@ -149,7 +149,7 @@ def verify_checkpoint(path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
 def test_downpour_job_runs_to_completion(slurm, tmp_path, digits, launcher):
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     # the config's own 30 epochs: at 15, one CI run under heavy load ended at 0.875
     job = submit(slurm, tmp_path, digits, "downpour.sbatch", env={"DBMPI_LAUNCHER": launcher})
@@ -238,7 +238,7 @@ def test_time_limit_signals_checkpoints_requeues_and_resumes(slurm, tmp_path, di
     checkpoint in the same run directory and trains on. (Slurm checks time limits about
     every 30 s, so the warning comes 20 to 50 s before the limit.) While the job waits in
     the queue the test lengthens its limit, so that its second start is not warned too."""
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.checkpoint import open_checkpoint
 
     job = submit(slurm, tmp_path, digits, script, *args, sbatch=["--time=1", "--signal=B:USR1@20"])
     run_dir = job.run_dir()
@@ -277,11 +277,11 @@ def test_time_limit_signals_checkpoints_requeues_and_resumes(slurm, tmp_path, di
 
 @pytest.mark.timeout(300)
 def test_a_failover_job_survives_a_killed_replica(slurm, tmp_path, digits):
-    """DBMPI_FAILOVER=1 (mpiexec -disable-auto-cleanup, each rank under dbmpi.supervise):
+    """DBMPI_FAILOVER=1 (mpiexec -disable-auto-cleanup, each rank under dbmpi.runtime.supervise):
     replica 1's rank is SIGKILLed mid-run; the job goes on, replica 0 trains every step,
     shard 0 writes the final checkpoint and a summary naming the failed replica; the job's
     exit code is the killed rank's (137), and nothing of it is left running."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     steps = 30000
     job = submit(slurm, tmp_path, digits, "downpour.sbatch", "--set", f"train.steps={steps}",
@@ -290,9 +290,9 @@ def test_a_failover_job_survives_a_killed_replica(slurm, tmp_path, digits):
                  env={"DBMPI_LAUNCHER": "mpiexec", "DBMPI_FAILOVER": "1"})
     try:
         wait_for(training_started(job), 120, lambda: job.context())
-        # the ranks themselves: the supervised children, not their dbmpi.supervise parents
+        # the ranks themselves: the supervised children, not their dbmpi.runtime.supervise parents
         ranks = wait_for(lambda: (r := {int(env["PMI_RANK"]): pid for pid, (cmd, env) in rank_processes(job.id).items()
-                                        if "dbmpi.supervise" not in cmd}) and len(r) == 4 and r, 60,
+                                        if "dbmpi.runtime.supervise" not in cmd}) and len(r) == 4 and r, 60,
                          lambda: job.context())
         os.kill(ranks[1], 9)
         (record,) = job.wait(240)
@@ -300,7 +300,7 @@ def test_a_failover_job_survives_a_killed_replica(slurm, tmp_path, digits):
         slurm.command("scancel", job.id, check=False)
     assert record["JobState"] == "FAILED" and record["ExitCode"].startswith("137"), job.context()
     log = job.log()
-    assert "-disable-auto-cleanup" in log and "dbmpi.supervise" in log and "dbmpi: replica 1 failed" in log, log[-3000:]
+    assert "-disable-auto-cleanup" in log and "dbmpi.runtime.supervise" in log and "dbmpi: replica 1 failed" in log, log[-3000:]
     summary = json.loads((job.run_dir() / "summary.json").read_text())
     assert summary["failed_replicas"] == [1] and summary["steps_by_replica"][1] is None, summary
     assert summary["steps_by_replica"][0] >= steps, summary
@@ -313,10 +313,10 @@ def test_a_failover_job_survives_a_killed_replica(slurm, tmp_path, digits):
 
 @pytest.mark.timeout(300)
 def test_a_failover_job_checkpoints_and_requeues_on_usr1(slurm, tmp_path, digits):
-    """Under dbmpi.supervise the batch shell passes the time-limit warning on as TERM (the
+    """Under dbmpi.runtime.supervise the batch shell passes the time-limit warning on as TERM (the
     supervisors ignore USR1, hydra's failure notice): every rank checkpoints, the job
     requeues itself."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     job = submit(slurm, tmp_path, digits, "downpour.sbatch", *LONG_RUN,
                  env={"DBMPI_LAUNCHER": "mpiexec", "DBMPI_FAILOVER": "1"})
@@ -352,7 +352,7 @@ def test_scancel_stops_the_ranks_cleanly_and_leaves_nothing_behind(slurm, tmp_pa
     """scancel: Slurm sends SIGTERM to the ranks, which checkpoint and finish MPI; no process
     of the job and no shared-memory segment of its ranks is left. Also checks the thread
     settings per rank (--cpus-per-task=2)."""
-    from dbmpi.checkpoint import list_checkpoints, open_checkpoint
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     job = submit(slurm, tmp_path, digits, "downpour.sbatch", *LONG_RUN, sbatch=["--cpus-per-task=2"])
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dbmpi.atomic import atomic_path
 from dbmpi.data import DatasetError, _err
+from dbmpi.io.atomic import atomic_path
 
 __all__ = ["default_cache_dir", "sha256_file", "fetch", "Teacher", "synthetic_blocks"]
 

@@ -1,7 +1,7 @@
 """Run one MPI rank under a small supervising parent, so that hydra lets the others live
 when it dies.
 
-    mpiexec -disable-auto-cleanup -n 4 python -m dbmpi.supervise python -m mpi4py -m dbmpi train CONFIG
+    mpiexec -disable-auto-cleanup -n 4 python -m dbmpi.runtime.supervise python -m mpi4py -m dbmpi train CONFIG
 
 Why. MPICH's hydra launcher (mpiexec) watches the processes it starts. Whatever
 `-disable-auto-cleanup` says, its proxy kills every rank of the job as soon as it reaps a
@@ -10,7 +10,7 @@ gone a moment later, at the proxy's next event). A rank that *exits*, even with 
 status, only makes it send SIGUSR1 to every rank (`-disable-auto-cleanup`) or kill them all
 (the default). So this parent starts the real rank as its child and waits for it; when the
 child dies of signal N, the parent exits with status 128 + N: hydra sees an exit and, under
-`-disable-auto-cleanup`, the surviving ranks train on (dbmpi.failover). Without
+`-disable-auto-cleanup`, the surviving ranks train on (dbmpi.runtime.failover). Without
 `-disable-auto-cleanup` the job still ends at the first death, as before.
 
 Signals. The child runs in its own process group, so hydra's SIGUSR1 failure notices (sent
@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 
-from dbmpi import procfs
+from dbmpi.runtime import procfs
 
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 IGNORED = (signal.SIGUSR1,)
@@ -59,11 +59,11 @@ SWEEP_WAIT_S = 10.0
 # died meanwhile, that fails with ESRCH, which MPICH 5.0.2 treats as fatal whatever the error
 # handler: the rank aborts the whole job (seen in a partitioned replica's Allgatherv), the
 # surviving replicas included. Without CMA such a message goes through shared-memory cells,
-# and a dead partner leaves the collective waiting: dbmpi.failover's watchdog then ends that
+# and a dead partner leaves the collective waiting: dbmpi.runtime.failover's watchdog then ends that
 # rank alone.
 RANK_ENV = {"MPIR_CVAR_CH4_CMA_ENABLE": "0"}
 
-USAGE = """usage: python -m dbmpi.supervise COMMAND [ARG...]
+USAGE = """usage: python -m dbmpi.runtime.supervise COMMAND [ARG...]
 
 Runs COMMAND (one MPI rank) as a child and exits with its status (128 + N when signal N
 killed it), so that `mpiexec -disable-auto-cleanup` keeps the other ranks running when this
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr if not args else sys.stdout)
         return 2 if not args else 0
     if not sys.platform.startswith("linux"):
-        print("dbmpi.supervise: error: needs Linux (PR_SET_PDEATHSIG)", file=sys.stderr)
+        print("dbmpi.runtime.supervise: error: needs Linux (PR_SET_PDEATHSIG)", file=sys.stderr)
         return 2
     # Ignore everything we pass on until the child exists (it restores the defaults).
     for signum in PASSED_ON + IGNORED:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         child = subprocess.Popen(args, close_fds=False, preexec_fn=lambda: _in_child(libc), env=env)
     except OSError as exc:
-        print(f"dbmpi.supervise: error: cannot run {args[0]}: {exc.strerror}", file=sys.stderr)
+        print(f"dbmpi.runtime.supervise: error: cannot run {args[0]}: {exc.strerror}", file=sys.stderr)
         return 127
 
     sweeper = start_sweeper(child.pid)

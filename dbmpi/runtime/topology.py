@@ -1,4 +1,4 @@
-"""Communicators for a Layout, made with Comm.Split (the thin MPI layer over dbmpi.layout).
+"""Communicators for a Layout, made with Comm.Split (the thin MPI layer over dbmpi.runtime.layout).
 
 - `window`: shards and workers (not the coordinator); the RMA windows live here. Ranks keep
   their world order, so a shard's window rank equals its world rank.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from dbmpi.layout import Layout
+from dbmpi.runtime.layout import Layout
 
 
 class Topology:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from dbmpi.layout import balanced_ranges
+from dbmpi.runtime.layout import balanced_ranges
 
 SPATIAL = ("local", "l2pool", "lcn")
 FLOAT_BYTES = 4

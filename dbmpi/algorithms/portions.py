@@ -28,7 +28,7 @@ was computing (unless another copy is out) and the portions it committed but had
 flushed. What it flushed (pushed, then reported) stays counted, so no portion counts twice
 or never. One case cannot be repaired portion by portion: a replica told to flush that dies
 before its report may have landed part of its push in the shards' inboxes; `fail` then
-says so and the coordinator computes the batch again (dbmpi.sandblaster).
+says so and the coordinator computes the batch again (dbmpi.algorithms.sandblaster).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Processes on this host, seen through Linux's /proc: whether one is gone, and which MPICH
-shared-memory files one maps. MPI-free (dbmpi.supervise uses it too).
+shared-memory files one maps. MPI-free (dbmpi.runtime.supervise uses it too).
 
 A process is named by its pid and its start time (field 22 of /proc/PID/stat, in clock ticks
 since boot), so a pid the kernel reuses for another process never passes for the old one. A
@@ -16,7 +16,7 @@ SHM_DIR = "/dev/shm"
 MPICH_SHM_PREFIXES = ("mpich_shm_", "mpich_vci_")
 # The Slurm Prolog/Epilog that removes MPICH segments nothing uses; given paths, it handles
 # exactly those (one implementation of "unused, so removed").
-SHM_CLEANUP_SCRIPT = Path(__file__).resolve().parent.parent / "jobs" / "slurm" / "mpich-shm-cleanup.sh"
+SHM_CLEANUP_SCRIPT = Path(__file__).resolve().parents[2] / "jobs" / "slurm" / "mpich-shm-cleanup.sh"
 
 
 def start_time(pid: int) -> int | None:

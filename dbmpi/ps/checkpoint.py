@@ -1,8 +1,8 @@
 """The shards' half of a checkpoint: shard 0 writes the file, every other shard streams its
 slice of each vector to it in canonical order, a chunk at a time, so no rank ever holds a
 whole vector. Used by Downpour (over the world; its waits keep serving pushes and
-heartbeats while a checkpoint is written: ServingProgress, dbmpi.failover) and Sandblaster
-(over the control communicator); what goes into the file is dbmpi.checkpoint's business.
+heartbeats while a checkpoint is written: ServingProgress, dbmpi.runtime.failover) and Sandblaster
+(over the control communicator); what goes into the file is dbmpi.io.checkpoint's business.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.checkpoint import CheckpointWriter, checkpoint_name, prune
+from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name, prune
 
 CHUNK = 1 << 22  # float32 values per message (16 MB)
 TAG = 202
@@ -38,7 +38,7 @@ class ServingProgress:
     local work runs in a helper thread while this one applies the pushes that arrive
     (h5py holds the GIL for one call at a time, fsync releases it), and every transfer is
     polled with serving in between, so a checkpoint never stops a shard's updates for
-    longer than one such call. Heartbeats go on (dbmpi.failover.Liveness). `begin()` starts
+    longer than one such call. Heartbeats go on (dbmpi.runtime.failover.Liveness). `begin()` starts
     a measurement; `stall_s` is then the longest stretch without a chance to serve."""
 
     def __init__(self, liveness, serve, low: float = 5e-5, high: float = 2e-3):
@@ -58,7 +58,7 @@ class ServingProgress:
         self.last = time.perf_counter()
 
     def wait(self, done) -> None:
-        """Poll `done()` politely (dbmpi.failover's back-off and heartbeats), serving between polls."""
+        """Poll `done()` politely (dbmpi.runtime.failover's back-off and heartbeats), serving between polls."""
         def served_and_done() -> bool:
             self.serve_now()
             return done()

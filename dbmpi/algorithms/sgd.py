@@ -15,10 +15,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dbmpi import data as datasets
+from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
+from dbmpi.io.rundir import RunDirectory
 from dbmpi.model import Network
-from dbmpi.optimizers import make_optimizer
-from dbmpi.rundir import RunDirectory
 
 
 class DivergedError(RuntimeError):
@@ -71,7 +71,7 @@ def _check_not_empty(dataset, path) -> None:
 
 def initial_parameters(cfg: dict, path) -> np.ndarray:
     """The parameters of checkpoint `path`, checked (checksums, tensors) against the config's model."""
-    from dbmpi.checkpoint import open_checkpoint
+    from dbmpi.io.checkpoint import open_checkpoint
 
     network = Network(cfg["model"])
     with open_checkpoint(path) as ckpt:

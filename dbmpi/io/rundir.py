@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from dbmpi import config as configuration
-from dbmpi.atomic import atomic_write_text
+from dbmpi.io.atomic import atomic_write_text
 
 
 class RunDirectoryError(ValueError):

@@ -2,7 +2,7 @@
 pre-emption (`--signal=...`, `scancel --signal=...`).
 
 The handler only records the signal; training loops look at it between steps and spread
-it to every rank through the shards' RMA control windows (dbmpi.downpour), so a signal to
+it to every rank through the shards' RMA control windows (dbmpi.algorithms.downpour), so a signal to
 any one rank stops the whole job cleanly: a final checkpoint, then exit status 0.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
   atomically, so the last one stays intact;
 - a shard that *dies* is seen sooner, by the ranks on its host: each knows every local
   rank's process (pid and start time, exchanged when the windows are made) and its
-  watchdog thread looks at the shards' processes every 0.25 s (dbmpi.procfs). RMA on a dead
+  watchdog thread looks at the shards' processes every 0.25 s (dbmpi.runtime.procfs). RMA on a dead
   shard does not fail on one node (MPICH's shared-memory windows stay mapped: the replicas
   would push into an inbox nobody drains until the heartbeat timeout), and a silence-based
   timeout short enough to help would misjudge a busy shard (a long update, a checkpoint
@@ -52,19 +52,19 @@ reports the dead peer. `partition_errors()` turns that into the watchdog's outco
 line, EXIT_FROZEN, no MPI_Abort, which would end the surviving replicas too), so either path
 ends the same way. One such error MPICH does not return: reading a large message straight
 from the dying partner's memory (CMA, `process_vm_readv failed (errno 3)` in Allgatherv) is
-fatal, and MPICH aborts the whole job itself; dbmpi.supervise turns CMA off for that reason.
+fatal, and MPICH aborts the whole job itself; dbmpi.runtime.supervise turns CMA off for that reason.
 
 A live worker that learns its replica was declared failed (it was silent that long without
 dying) prints one line and leaves with EXIT_REPLICA_LOST: it must not count itself
 finished after the shards stopped counting it.
 
-The end of a run (dbmpi.downpour) goes without collectives when a failure was declared (a
+The end of a run (dbmpi.algorithms.downpour) goes without collectives when a failure was declared (a
 collective over a dead rank never returns): shard 0 sets VERDICT_FAILED, every live rank
 adds one to RELEASED and leaves with os._exit(0) (no window free, no MPI_Finalize: both are
 collective); without failures it is VERDICT_CLEAN and the usual collective teardown.
 
 With MPICH's hydra launcher, surviving also needs `mpiexec -disable-auto-cleanup` and each
-rank under `python -m dbmpi.supervise` (see there): otherwise hydra kills every rank when
+rank under `python -m dbmpi.runtime.supervise` (see there): otherwise hydra kills every rank when
 one dies.
 """
 from __future__ import annotations
@@ -77,10 +77,21 @@ from contextlib import contextmanager
 
 from mpi4py import MPI
 
-from dbmpi import procfs
-from dbmpi.layout import Layout
-from dbmpi.parameter_server import (BEATS, DONE_MARK, FAILED_MARK, SHARD_BEAT, VERDICT, WORKERS_DONE,
-                                    WORKERS_FAILED, ParameterWindows, add_counter, heartbeat_slot, read_counter)
+from dbmpi.ps.server import (
+    BEATS,
+    DONE_MARK,
+    FAILED_MARK,
+    SHARD_BEAT,
+    VERDICT,
+    WORKERS_DONE,
+    WORKERS_FAILED,
+    ParameterWindows,
+    add_counter,
+    heartbeat_slot,
+    read_counter,
+)
+from dbmpi.runtime import procfs
+from dbmpi.runtime.layout import Layout
 
 EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
 ABORT_SHARD_LOST = 4  # MPI_Abort error code when a shard stopped responding
@@ -228,12 +239,12 @@ class Liveness:
         return True
 
     def complete(self, request) -> None:
-        """Wait for an MPI request politely (dbmpi.shard_checkpoint's progress protocol)."""
+        """Wait for an MPI request politely (dbmpi.ps.checkpoint's progress protocol)."""
         self.wait(request.Test)
 
     @contextmanager
     def partition_errors(self):
-        """A worker's training. Under the failover launcher (dbmpi.supervise) with P > 1, an
+        """A worker's training. Under the failover launcher (dbmpi.runtime.supervise) with P > 1, an
         MPI error there means a peer died mid-exchange, typically a partition of this replica
         (where MPI reports it; on one node the collective just never returns: the watchdog).
         This rank then leaves with EXIT_FROZEN and one line, as the watchdog would, instead of

@@ -12,7 +12,7 @@ LOCK_SHARED)`, shards only: workers expose nothing) for the whole run and comple
 operation with `Flush` or a request. Per-target epochs, not `Lock_all`: with MPICH, closing a
 `Lock_all` epoch waits on every rank of the window, so one dead replica would block the
 others at the end of a run; a per-target epoch involves only the shards (and after a failure
-the survivors leave without closing anything: dbmpi.failover). A fetch is
+the survivors leave without closing anything: dbmpi.runtime.failover). A fetch is
 `Rget_accumulate(NO_OP)` of the replica's segments; a push is `Raccumulate(SUM)` into the
 inbox, flushed, then counted.
 
@@ -61,12 +61,12 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi import kernels
-from dbmpi.layout import Layout, Segment
+from dbmpi.runtime.layout import Layout, Segment
 
 # Control window layout (int64 slots).
 VERSION = 0  # updates the shard applied
 PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
-WORKERS_DONE = 2  # workers that finished for good (in Downpour counted by shard 0: dbmpi.failover)
+WORKERS_DONE = 2  # workers that finished for good (in Downpour counted by shard 0: dbmpi.runtime.failover)
 REJECTED = 3  # pushes replicas withheld because the gradient was not finite
 DROPPED = 4  # drains the shard dropped because they were not finite
 DRAINS = 5  # drains that found data
@@ -74,7 +74,7 @@ CHECKPOINTS = 6  # checkpoints the lead has asked for
 STOPS = 7  # stop requests (signals) any rank has relayed; read on shard 0
 N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
 HIST = 8
-# Failures (dbmpi.failover). On every shard:
+# Failures (dbmpi.runtime.failover). On every shard:
 WORKERS_FAILED = HIST + N_BUCKETS  # workers shard 0 declared failed (they count as finished)
 SHARD_BEAT = WORKERS_FAILED + 1  # this shard's heartbeat, bumped from its own loops
 # Read on shard 0 only:
@@ -309,7 +309,7 @@ class Shard:
 
     def serve(self, checkpoint=None, stop=None, tick=None) -> ShardStats:
         """Apply pushes until every worker has finished (or was declared failed: see
-        dbmpi.failover) and the inbox is empty. Between drains, `checkpoint()` runs once for
+        dbmpi.runtime.failover) and the inbox is empty. Between drains, `checkpoint()` runs once for
         every checkpoint the lead has asked for; a stop signal this shard received
         (`stop.requested`) is relayed to the workers; `tick()` is called every round (a
         watchdog's sign of progress)."""
@@ -377,7 +377,7 @@ class ShardClient:
     def __init__(self, windows: ParameterWindows, replica: int, ranges, max_backlog: int | None = None,
                  wait: Callable[[Callable[[], bool]], object] | None = None):
         """`max_backlog`: after a push, wait with `wait(done)` (the caller's polite poll,
-        e.g. dbmpi.failover.Liveness.wait) while a shard holds more than this many pushes it
+        e.g. dbmpi.runtime.failover.Liveness.wait) while a shard holds more than this many pushes it
         has not drained yet, so a shard that falls behind (busy, descheduled) never merges a
         long backlog into one update. None: never wait."""
         if max_backlog is not None and wait is None:

@@ -13,10 +13,10 @@ Every tensor dataset carries `sha256` (of its float32 bytes, C order) and `offse
 in the canonical vector). Vectors arrive as canonical ranges in increasing order (from the
 shards, one piece at a time), so no process holds a whole vector: each piece is written
 into the tensors it overlaps and hashed as it goes. The file is written under a temporary
-name beside its final one and renamed only when complete (dbmpi.atomic), so a crash leaves
+name beside its final one and renamed only when complete (dbmpi.io.atomic), so a crash leaves
 the previous checkpoint intact.
 
-MPI-free; dbmpi.downpour and dbmpi.sandblaster decide who sends which pieces.
+MPI-free; dbmpi.algorithms.downpour and dbmpi.algorithms.sandblaster decide who sends which pieces.
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ import h5py
 import numpy as np
 
 from dbmpi import __version__
-from dbmpi.atomic import atomic_path
+from dbmpi.io.atomic import atomic_path
 
 FORMAT = "dbmpi-checkpoint"
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d{9})\.h5$")
-TEMPORARY = re.compile(r"\.ckpt-\d{9}\.h5\.tmp-\d+$")  # dbmpi.atomic's name while writing
+TEMPORARY = re.compile(r"\.ckpt-\d{9}\.h5\.tmp-\d+$")  # dbmpi.io.atomic's name while writing
 
 
 class CheckpointError(ValueError):

@@ -1,7 +1,7 @@
 """Sandblaster L-BFGS: a coordinator drives L-BFGS through vector commands run on the shards,
 and the model replicas compute batch gradients portion by portion.
 
-Ranks (dbmpi.layout with a coordinator): R x P workers, S shards, then the coordinator.
+Ranks (dbmpi.runtime.layout with a coordinator): R x P workers, S shards, then the coordinator.
 
 - **Shards** hold every L-BFGS vector (the iterate x, gradient, direction, trial point, the
   m (s, y) pairs): each its own slice. They wait for commands broadcast by the coordinator
@@ -9,18 +9,18 @@ Ranks (dbmpi.layout with a coordinator): R x P workers, S shards, then the coord
   coordinator), axpy, scale, copy, multiply, publish (copy a vector into the RMA parameter
   window the replicas fetch from), collect (take the summed gradient the replicas pushed
   into the inbox window). Only scalars travel to the coordinator.
-- **The coordinator** runs dbmpi.lbfgs on a vector space whose vectors are those slices.
+- **The coordinator** runs dbmpi.algorithms.lbfgs on a vector space whose vectors are those slices.
   To evaluate f and its gradient at a point it publishes the point, then hands out the
-  batch's portions (dbmpi.portions): two-sided messages with each replica's lead, backups
+  batch's portions (dbmpi.algorithms.portions): two-sided messages with each replica's lead, backups
   near the end, a commit protocol so each portion counts once.
 - **Replicas** fetch the published point once per evaluation (one-sided), compute each
   portion's loss and gradient, accrue the committed ones and push them into the shards'
   inboxes (one-sided accumulate) when told to, then report the flush.
 
 Failed replicas (under `mpiexec -disable-auto-cleanup` with each rank under
-dbmpi.supervise, as for Downpour). The coordinator is the detector: a replica owes it a
+dbmpi.runtime.supervise, as for Downpour). The coordinator is the detector: a replica owes it a
 message from when it is sent anything but a stop until its next message
-(dbmpi.portions.Silence); one that owes it for `train.replica_timeout_s` is declared failed
+(dbmpi.algorithms.portions.Silence); one that owes it for `train.replica_timeout_s` is declared failed
 (one stderr line, a `replica_failed` record). Its portions go to the others
 (PortionScheduler.fail); what it flushed stays counted, so every example counts once and a
 full batch gives the same iterates. If it died told to flush and before its report, part of
@@ -56,22 +56,23 @@ from threadpoolctl import threadpool_limits
 
 from dbmpi import config as configuration
 from dbmpi import data as datasets
-from dbmpi import kernels, procfs
-from dbmpi.checkpoint import checkpoint_name, open_checkpoint
-from dbmpi.downpour import _set_aside, abort_on_error, agree
-from dbmpi.layout import Layout, layout_for
-from dbmpi.lbfgs import LBFGS, NotFinite, X, vector_names
+from dbmpi import kernels
+from dbmpi.algorithms.downpour import _set_aside, abort_on_error, agree
+from dbmpi.algorithms.lbfgs import LBFGS, NotFinite, X, vector_names
+from dbmpi.algorithms.portions import PortionScheduler, Reply, Silence, cut
+from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
+from dbmpi.io.checkpoint import checkpoint_name, open_checkpoint
+from dbmpi.io.rundir import RunDirectory
 from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
-from dbmpi.parameter_server import ParameterWindows, ShardClient
-from dbmpi.partition import PartitionPlan
-from dbmpi.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
-from dbmpi.portions import PortionScheduler, Reply, Silence, cut
-from dbmpi.rundir import RunDirectory
-from dbmpi.sgd import EXIT_DIVERGED, DivergedError
-from dbmpi.shard_checkpoint import ShardCheckpoints
-from dbmpi.signals import StopRequest
-from dbmpi.topology import Topology
+from dbmpi.parallel.partition import PartitionPlan
+from dbmpi.ps.checkpoint import ShardCheckpoints
+from dbmpi.ps.server import ParameterWindows, ShardClient
+from dbmpi.runtime import procfs
+from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
+from dbmpi.runtime.layout import Layout, layout_for
+from dbmpi.runtime.signals import StopRequest
+from dbmpi.runtime.topology import Topology
 
 # Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
 DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP, CHECKPOINT, SIGNALLED = range(10)
@@ -127,7 +128,7 @@ class VitalWatch:
     """Ends the job (MPI_Abort(4)) when the process of a shard or of the coordinator on this
     host has ended: they hold the optimizer's vectors and state, and a collective over a dead
     one never returns, so under the failover launcher the job would otherwise hang. A thread
-    looks at their processes (dbmpi.procfs) every `period` s; the lowest live rank on the
+    looks at their processes (dbmpi.runtime.procfs) every `period` s; the lowest live rank on the
     host says so in one line, the others abort quietly a moment later. Construction is
     collective (the ranks' hosts and processes); `stop()` once this rank's part of the run
     is over (the others may leave from then on)."""
@@ -238,7 +239,7 @@ class ShardVectors:
                 self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
             elif op == CHECKPOINT:
                 # What to write comes next: the vectors (file name, vector) and, for shard 0,
-                # the attributes; then every shard streams its slices (dbmpi.shard_checkpoint).
+                # the attributes; then every shard streams its slices (dbmpi.ps.checkpoint).
                 info = self.control.bcast(None, root=self.root)
                 vectors = [(stored, self.vector(name)) for stored, name in info.pop("vectors")]
                 self.checkpoints.write(vectors, **info)
@@ -256,7 +257,7 @@ class ShardVectors:
 
 # The coordinator ----------------------------------------------------------------------------
 class ShardSpace:
-    """dbmpi.lbfgs's vector space over the shards' slices; `evaluate` runs a batch through
+    """dbmpi.algorithms.lbfgs's vector space over the shards' slices; `evaluate` runs a batch through
     the replicas."""
 
     def __init__(self, control: MPI.Intracomm, world: MPI.Intracomm, layout: Layout,
@@ -320,7 +321,7 @@ class ShardSpace:
 
     def checkpoint(self, vectors: list[tuple[str, str]], **attrs) -> None:
         """Have the shards write a checkpoint of `vectors` ((name in the file, vector)) with
-        the file attributes `attrs` (dbmpi.shard_checkpoint.ShardCheckpoints.write)."""
+        the file attributes `attrs` (dbmpi.ps.checkpoint.ShardCheckpoints.write)."""
         self._send(CHECKPOINT)
         self.control.bcast({"vectors": vectors, **attrs}, root=self.root)
         self._reduce()  # written and renamed into place
@@ -334,7 +335,7 @@ class ShardSpace:
     def evaluate(self, point: str, grad: str) -> float:
         """Mean loss over the current batch at `point`; its gradient into `grad`. A replica
         that fails meanwhile has its portions reissued to the others; if it may have landed
-        part of a push (dbmpi.portions), the batch is computed again from empty inboxes."""
+        part of a push (dbmpi.algorithms.portions), the batch is computed again from empty inboxes."""
         started = time.perf_counter()
         while True:
             scheduler, n = self._batch(point)
@@ -431,7 +432,7 @@ class ShardSpace:
     def _receive(self, tag: int = REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
         """The next message with `tag` from `source`, or None once a replica was declared
         failed meanwhile (the caller checks again what it waits for). Requests that come
-        while it waits for something else are stashed. Polled (dbmpi.sandblaster._poll)."""
+        while it waits for something else are stashed. Polled (dbmpi.algorithms.sandblaster._poll)."""
         got: list[dict] = []
 
         def arrived() -> bool:
@@ -703,7 +704,7 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
     the run directory and returns the summary. `resume`: a checkpoint path or "auto";
     `parameters_only`: take only its parameters (a warm start, as `dbmpi train --init`)."""
-    from dbmpi.downpour import _make_run_directory, _prepare_and_check_data, resolve_resume
+    from dbmpi.algorithms.downpour import _make_run_directory, _prepare_and_check_data, resolve_resume
 
     tcfg = cfg["train"]
     network = Network(cfg["model"])

@@ -1,0 +1,1 @@
+"""Files: checkpoints, run directories, atomic writes."""

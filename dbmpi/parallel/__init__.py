@@ -1,0 +1,1 @@
+"""Model parallelism: partition plans over the ranks of a replica."""

@@ -1,0 +1,1 @@
+"""The sharded parameter server: shard store, control block, worker client, shard checkpoints."""

@@ -1,0 +1,1 @@
+"""The MPI runtime: rank layout, communicators, signals, failure detection, process supervision."""
