@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dbmpi import config as configuration
-from dbmpi.algorithms.sgd import _check_fits
-from dbmpi.data import DatasetError, open_dataset
+from dbmpi.data import DatasetError, check_fits, open_dataset
 from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model import Network
 
@@ -54,7 +53,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                            f"({cfg.get('data', {}).get('path', 'none')}) is not there; give one with --data FILE")
     data = Path(data or cfg["data"]["path"])
     with open_dataset(data) as dataset:
-        _check_fits(dataset, network, data)
+        check_fits(dataset, network, data)
         x, y = dataset.load(split)
         groups = dataset.groups(split)
     log_probs = np.empty((len(x), network.n_classes))

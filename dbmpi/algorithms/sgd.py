@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from dbmpi import data as datasets
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
+from dbmpi.data import check_fits as _check_fits
 from dbmpi.io.rundir import RunDirectory
 from dbmpi.model import Network
 
@@ -47,17 +48,6 @@ def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
         dataset.close()
         raise
     return dataset
-
-
-def _check_fits(dataset, network, path):
-    if math.prod(dataset.input_shape) != math.prod(network.input_shape):
-        raise ConfigError(
-            f"model.input_shape: {list(network.input_shape)} does not match the examples of "
-            f"{path}, which have shape {list(dataset.input_shape)}")
-    if dataset.n_classes > network.n_classes:
-        raise ConfigError(
-            f"model.layers[{len(network.layers) - 1}].units: {network.n_classes} outputs but "
-            f"{path} has {dataset.n_classes} classes")
 
 
 def _check_not_empty(dataset, path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dbmpi.config import ConfigError
 from dbmpi.io.atomic import atomic_path
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "write_dataset",
     "Dataset",
     "open_dataset",
+    "check_fits",
     "FORMAT",
     "FORMAT_VERSION",
     "SPLITS",
@@ -999,3 +1001,16 @@ class Dataset:
 def open_dataset(path) -> Dataset:
     """Open and validate a prepared data set file (raises ``DatasetError`` naming the problem)."""
     return Dataset(path)
+
+
+def check_fits(dataset, network, path) -> None:
+    """Raise ConfigError unless ``network`` can train on ``dataset`` (read from ``path``): the
+    same number of input values per example, and at least as many outputs as classes."""
+    if math.prod(dataset.input_shape) != math.prod(network.input_shape):
+        raise ConfigError(
+            f"model.input_shape: {list(network.input_shape)} does not match the examples of "
+            f"{path}, which have shape {list(dataset.input_shape)}")
+    if dataset.n_classes > network.n_classes:
+        raise ConfigError(
+            f"model.layers[{len(network.layers) - 1}].units: {network.n_classes} outputs but "
+            f"{path} has {dataset.n_classes} classes")
