@@ -32,3 +32,29 @@ def test_every_pyx_is_an_extension_the_package_imports():
     kernels_py = (ROOT / "dbmpi" / "kernels.py").read_text()
     for stem in sources:
         assert f"dbmpi._kernels.{stem} import" in kernels_py
+
+
+def test_version_is_defined_once():
+    """pyproject.toml reads the version from dbmpi.__version__ (statically, without importing
+    the kernels); the installed metadata agrees with it."""
+    import importlib.metadata
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    import dbmpi
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dbmpi.__version__"}
+    assert importlib.metadata.version("dbmpi") == dbmpi.__version__
+
+
+def test_license_is_bsd_3_clause():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License")
+    assert "Copyright (c) 2026, the dbmpi developers" in text
+    assert "BSD-3-Clause" in (ROOT / "pyproject.toml").read_text()
