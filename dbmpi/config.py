@@ -12,9 +12,10 @@ import copy
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     import tomllib
@@ -350,26 +351,42 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
         elif require_train:
             raise ConfigError(f"{section}: missing (required table [{section}])")
     train = resolved.get("train")
-    for key in raw.get("train", {}) if train is not None else ():
+    if train is not None:
+        _check_train(raw["train"], train)
+    return resolved
+
+
+def _check_train(given: dict, train: dict) -> None:
+    """The [train] checks that need several keys: no key the chosen algorithm and optimizer
+    do not read (``given``: the keys of the file), and a budget for the algorithm."""
+    for key in given:
         reason = why_not_read(key, train)
         if reason is not None:
             raise ConfigError(f"train.{key}: {reason}; remove it")
-    if train is not None and train["algorithm"] == "sandblaster":
-        if train["iterations"] is None and train["time_budget_s"] is None:
-            raise ConfigError("train.iterations: give train.iterations (or train.time_budget_s), "
-                              "the Sandblaster budget")
-        if not 0 < train["wolfe_c1"] < train["wolfe_c2"] < 1:
-            raise ConfigError(f"train.wolfe_c2: the line search needs 0 < wolfe_c1 < wolfe_c2 < 1, "
-                              f"got {train['wolfe_c1']} and {train['wolfe_c2']}")
-    elif train is not None:
-        if train["learning_rate"] is None:
-            raise ConfigError(f"train.learning_rate: missing (required by algorithm "
-                              f"\"{train['algorithm']}\")")
-        if train["epochs"] is None and train["steps"] is None and train["time_budget_s"] is None:
-            raise ConfigError("train.epochs: give train.epochs or train.steps (the training budget)")
-        if train["epochs"] is not None and train["steps"] is not None:
-            raise ConfigError("train.steps: give train.epochs or train.steps, not both")
-    return resolved
+    if train["algorithm"] == "sandblaster":
+        _check_sandblaster_budget(train)
+    else:
+        _check_sgd_budget(train)
+
+
+def _check_sandblaster_budget(train: dict) -> None:
+    if train["iterations"] is None and train["time_budget_s"] is None:
+        raise ConfigError("train.iterations: give train.iterations (or train.time_budget_s), "
+                          "the Sandblaster budget")
+    if not 0 < train["wolfe_c1"] < train["wolfe_c2"] < 1:
+        raise ConfigError(f"train.wolfe_c2: the line search needs 0 < wolfe_c1 < wolfe_c2 < 1, "
+                          f"got {train['wolfe_c1']} and {train['wolfe_c2']}")
+
+
+def _check_sgd_budget(train: dict) -> None:
+    """SGD and Downpour: a learning rate, and epochs or steps (or a time budget)."""
+    if train["learning_rate"] is None:
+        raise ConfigError(f"train.learning_rate: missing (required by algorithm "
+                          f"\"{train['algorithm']}\")")
+    if train["epochs"] is None and train["steps"] is None and train["time_budget_s"] is None:
+        raise ConfigError("train.epochs: give train.epochs or train.steps (the training budget)")
+    if train["epochs"] is not None and train["steps"] is not None:
+        raise ConfigError("train.steps: give train.epochs or train.steps, not both")
 
 
 def parse_toml(text: str, origin: str = "config") -> dict:

@@ -1,4 +1,5 @@
 """HDF5 checkpoints without MPI: streamed writing, atomicity, verification, range reads."""
+import itertools
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ def write(path, network, vectors, pieces=7, step=12, state=None, config_text="[m
         for name, full in vectors.items():
             cuts = np.linspace(0, full.size, pieces + 1).astype(int)
             cuts[1:-1] += np.arange(pieces - 1) % 3  # uneven, crossing tensor boundaries
-            w.write_vector(name, ((a, full[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
+            w.write_vector(name, ((a, full[a:b]) for a, b in itertools.pairwise(cuts)))
         return w.commit()
 
 
@@ -137,7 +138,8 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path, network):
 def test_a_checkpoint_of_another_model_is_named(tmp_path, network):
     path = write(tmp_path / "c.h5", network, {"params": network.params})
     other = Network.from_string(MODEL.replace("units = 11", "units = 12"))
-    with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=r"dense1.W \(11, 36\) in the checkpoint, \(12, 36\) in the model"):
+    shapes = r"dense1.W \(11, 36\) in the checkpoint, \(12, 36\) in the model"
+    with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=shapes):
         ckpt.check_network(other)
 
 

@@ -90,7 +90,8 @@ def test_syntax_error_and_missing_file(tmp_path):
 
 def test_even_lcn_size_and_duplicate_names(tmp_path):
     text = GOOD.replace('input_shape = [8, 8, 1]', 'input_shape = [8, 8, 1]').replace(
-        '[[model.layers]]\ntype = "dense"', '[[model.layers]]\ntype = "lcn"\nsize = 4\n\n[[model.layers]]\ntype = "dense"', 1)
+        '[[model.layers]]\ntype = "dense"',
+        '[[model.layers]]\ntype = "lcn"\nsize = 4\n\n[[model.layers]]\ntype = "dense"', 1)
     with pytest.raises(ConfigError, match=r"model.layers\[0\].size: must be odd"):
         config.load(write(tmp_path, text))
     text = GOOD.replace('units = 16', 'units = 16\nname = "same"').replace('units = 10', 'units = 10\nname = "same"')

@@ -268,7 +268,7 @@ def test_prepare_fashion_mnist_bad_labels(tmp_path):
         data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)
 
     src = tmp_path / "bad-count"
-    _write_fake_fashion(src, label_fix=lambda prefix, l: l[:-1] if prefix == "train" else l)
+    _write_fake_fashion(src, label_fix=lambda prefix, y: y[:-1] if prefix == "train" else y)
     with pytest.raises(DatasetError, match="5 labels but .* 6 images"):
         data.prepare_fashion_mnist(tmp_path / "fm.h5", source_dir=src)
 

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from dbmpi import data
-from dbmpi.data import DatasetError
-from dbmpi.data import download, synthetic
+from dbmpi.data import DatasetError, download, synthetic
 from tests.test_data import idx_bytes, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +320,7 @@ def test_synthetic_deterministic(tmp_path):
     # The test rows do not depend on n_train.
     d = synth(tmp_path, "d.h5", n_train=50, **kw)
     with data.open_dataset(a) as da, data.open_dataset(d) as dd:
-        for got, want in zip(da.load("test"), dd.load("test")):
+        for got, want in zip(da.load("test"), dd.load("test"), strict=True):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(da.load("train", 0, 50)[0], dd.load("train")[0])
 

@@ -1,4 +1,5 @@
 """The MPI-free rank layout: roles, balanced shard ranges, segments, validation."""
+import itertools
 import json
 
 import pytest
@@ -21,7 +22,7 @@ def test_roles_in_rank_order():
 def test_balanced_ranges_tile_and_balance(total, parts):
     ranges = balanced_ranges(total, parts)
     assert ranges[0][0] == 0 and ranges[-1][1] == total
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     sizes = [hi - lo for lo, hi in ranges]
     assert max(sizes) - min(sizes) <= 1
 

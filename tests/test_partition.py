@@ -1,4 +1,5 @@
 """The MPI-free model-parallel plan: blocks, receptive fields, halos, parameters, bytes."""
+import itertools
 import json
 from pathlib import Path
 
@@ -91,10 +92,10 @@ def row_inputs(layer, r):
 
 def test_owned_blocks_tile_each_layer(case):
     network, plan = case
-    for layer, lp in zip(network.layers, plan.layers):
+    for layer, lp in zip(network.layers, plan.layers, strict=True):
         blocks = lp.blocks
         assert blocks[0][0] == 0 and blocks[-1][1] == layer.output_shape[0]
-        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
         sizes = [b - a for a, b in blocks]
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
         assert sizes == sorted(sizes, reverse=True)  # the larger blocks come first
@@ -103,7 +104,7 @@ def test_owned_blocks_tile_each_layer(case):
 
 def test_needed_inputs_are_the_receptive_field_union(case):
     network, plan = case
-    for layer, lp in zip(network.layers, plan.layers):
+    for layer, lp in zip(network.layers, plan.layers, strict=True):
         for part in lp.parts:
             a, b = part.needed
             if lp.split == "units":
@@ -145,10 +146,10 @@ def test_param_ranges_tile_the_canonical_vector(case):
     network, plan = case
     ranges = sorted(r for p in range(plan.n_partitions) for r in plan.param_ranges(p))
     assert ranges[0][0] == 0 and ranges[-1][1] == network.n_params
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint and covering
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # disjoint and covering
     for p in range(plan.n_partitions):
         mine = plan.param_ranges(p)
-        assert all(a[1] < b[0] for a, b in zip(mine, mine[1:]))  # merged and sorted
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(mine))  # merged and sorted
     assert sum(plan.n_params_of(p) for p in range(plan.n_partitions)) == network.n_params
 
 

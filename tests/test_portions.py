@@ -7,6 +7,7 @@ counted exactly once, whatever the speeds, and a slow replica not holding up the
 when backups are on.
 """
 import heapq
+import itertools
 
 import pytest
 
@@ -150,7 +151,7 @@ def test_data_affinity_gives_sequential_portions():
             reply = s.handle(r, done=done[r])
             got[r].append(reply.portion[0])
             done[r] = reply.portion[0]
-    sequential = sum(b == a + 1 for r in (0, 1) for a, b in zip(got[r], got[r][1:]))
+    sequential = sum(b == a + 1 for r in (0, 1) for a, b in itertools.pairwise(got[r]))
     assert sequential >= 6, got
     assert abs(got[0][0] - got[1][0]) >= 3
 

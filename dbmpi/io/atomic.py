@@ -7,9 +7,9 @@ over the target and the directory is fsynced, so the rename survives a crash; on
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def fsync_directory(directory: Path) -> None:

@@ -26,9 +26,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -86,7 +86,7 @@ class CheckpointWriter:
     def set_state(self, state: dict) -> None:
         self.file.attrs["state"] = json.dumps(state, sort_keys=True)
 
-    def vector(self, name: str) -> "_VectorStream":
+    def vector(self, name: str) -> _VectorStream:
         """The stream of canonical vector `name` ("params", "adagrad", "lbfgs/g", ...)."""
         if name not in self._open:
             self._open[name] = _VectorStream(self.file, name, self.tensors)
@@ -156,7 +156,7 @@ class _VectorStream:
             return
         if self.position != self.total:
             raise ValueError(f"{self.name}: only {self.position} of {self.total} values were written")
-        for ds, h in zip(self.datasets, self.hashes):
+        for ds, h in zip(self.datasets, self.hashes, strict=True):
             ds.attrs["sha256"] = h.hexdigest()
         self.finished = True
 

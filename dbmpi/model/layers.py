@@ -42,8 +42,9 @@ class Layer(ABC):
         """Attach views of the network's flat parameter and gradient vectors."""
         self.params, self.grads = params, grads
 
-    def init(self, rng: np.random.Generator) -> None:
-        """Fill the parameters deterministically from rng."""
+    def init(self, rng: np.random.Generator) -> None:  # noqa: B027 - a no-op unless overridden
+        """Fill the parameters deterministically from rng (nothing to fill in a layer
+        without parameters; layers with parameters override this)."""
 
     @property
     def n_params(self) -> int:

@@ -83,11 +83,11 @@ class Network:
         self.init_params()
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> "Network":
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> Network:
         return cls(configuration.load(path, overrides, require_train=False)["model"])
 
     @classmethod
-    def from_string(cls, text: str) -> "Network":
+    def from_string(cls, text: str) -> Network:
         raw = configuration.parse_toml(text)
         return cls(configuration.validate(raw, require_train=False)["model"])
 
@@ -141,7 +141,7 @@ class Network:
         g = self.output.glogits
         for index in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[index]
-            need_gx = index > 0 and any(l.has_params for l in self.layers[:index])
+            need_gx = index > 0 and any(below.has_params for below in self.layers[:index])
             g = layer.backward(g, need_gx, lr)
             if g is None:
                 break
@@ -197,12 +197,12 @@ class Network:
         rows.append(f"  {'#':>2}  {'layer':<12} {'type':<9} {'output':<16} {'params':>12}  detail")
         for i, layer in enumerate(self.layers):
             detail = {
-                "dense": lambda l: l.activation,
-                "local": lambda l: f"{l.kernel}x{l.kernel}/{l.stride} {l.activation}",
-                "l2pool": lambda l: f"{l.size}x{l.size}/{l.stride}",
-                "lcn": lambda l: f"{l.size}x{l.size}",
-                "softmax": lambda l: "cross-entropy",
-                "logistic": lambda l: "one-vs-all",
+                "dense": lambda ly: ly.activation,
+                "local": lambda ly: f"{ly.kernel}x{ly.kernel}/{ly.stride} {ly.activation}",
+                "l2pool": lambda ly: f"{ly.size}x{ly.size}/{ly.stride}",
+                "lcn": lambda ly: f"{ly.size}x{ly.size}",
+                "softmax": lambda ly: "cross-entropy",
+                "logistic": lambda ly: "one-vs-all",
             }[layer.kind](layer)
             rows.append(f"  {i:>2}  {layer.name:<12} {layer.kind:<9} {str(layer.output_shape):<16} "
                         f"{layer.n_params:>12,}  {detail}")

@@ -59,7 +59,7 @@ class PartitionedNetwork:
         self.bytes_received = 0
 
         self.layers: list[Layer] = []
-        for index, (layer, lplan) in enumerate(zip(network.layers, self.plan.layers)):
+        for index, (layer, lplan) in enumerate(zip(network.layers, self.plan.layers, strict=True)):
             part = lplan.parts[p]
             a, b = part.owned
             spec = dict(layer.spec)
@@ -168,7 +168,7 @@ class PartitionedNetwork:
         self.bytes_sent += 4 * send.size * (self.n_partitions - 1)
         self.bytes_received += 4 * (flat.size - send.size)
         x = self.layers[index]._buffer("gathered", (n, n_in))
-        for (a, b), displ in zip(blocks, displs):
+        for (a, b), displ in zip(blocks, displs, strict=True):
             x[:, a:b] = flat[displ:displ + n * (b - a)].reshape(n, b - a)
         return x
 

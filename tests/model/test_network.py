@@ -61,7 +61,7 @@ def test_speech_model_has_the_papers_42m_parameters():
 
 def test_image_and_mlp_configs_build():
     image = Network.from_toml(CONFIGS / "image_local.toml")
-    assert [l.kind for l in image.layers] == ["local", "l2pool", "lcn", "local", "l2pool", "lcn", "softmax"]
+    assert [layer.kind for layer in image.layers] == ["local", "l2pool", "lcn", "local", "l2pool", "lcn", "softmax"]
     assert image.layers[0].output_shape == (24, 24, 8)
     assert image.layers[-2].output_shape == (4, 4, 16)
     mlp = Network.from_toml(CONFIGS / "mlp_fashion.toml")
