@@ -19,30 +19,12 @@ from dbmpi.io.checkpoint import (
     prune,
 )
 from dbmpi.model import Network
-
-MODEL = """
-[model]
-input_shape = [9, 7, 1]
-seed = 1
-[[model.layers]]
-type = "local"
-filters = 3
-kernel = 3
-stride = 2
-activation = "relu"
-[[model.layers]]
-type = "dense"
-units = 11
-activation = "tanh"
-[[model.layers]]
-type = "softmax"
-units = 5
-"""
+from tests.models import LOCAL_DENSE
 
 
 @pytest.fixture
 def network():
-    return Network.from_string(MODEL)
+    return Network.from_string(LOCAL_DENSE)
 
 
 def write(path, network, vectors, pieces=7, step=12, state=None, config_text="[model]\n"):
@@ -137,7 +119,7 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path, network):
 
 def test_a_checkpoint_of_another_model_is_named(tmp_path, network):
     path = write(tmp_path / "c.h5", network, {"params": network.params})
-    other = Network.from_string(MODEL.replace("units = 11", "units = 12"))
+    other = Network.from_string(LOCAL_DENSE.replace("units = 11", "units = 12"))
     shapes = r"dense1.W \(11, 36\) in the checkpoint, \(12, 36\) in the model"
     with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=shapes):
         ckpt.check_network(other)
@@ -177,7 +159,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_checkpoints_and_its_temp_is_cl
     from dbmpi.io.checkpoint import stale_temporaries
 
     write(tmp_path / checkpoint_name(40), network, {"params": network.params}, step=40)
-    proc = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path), MODEL],
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path), LOCAL_DENSE],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
@@ -238,7 +220,7 @@ def test_a_damaged_checkpoint_is_one_error_naming_the_damage(tmp_path, network, 
     """Resuming from it and `dbmpi inspect --verify` both end in one CheckpointError line."""
     from dbmpi.cli import main
 
-    path = write(tmp_path / "c.h5", network, {"params": network.params}, config_text=MODEL)
+    path = write(tmp_path / "c.h5", network, {"params": network.params}, config_text=LOCAL_DENSE)
     damage, message = DAMAGE[case]
     with h5py.File(path, "r+") as f:
         damage(f)

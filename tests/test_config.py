@@ -5,29 +5,9 @@ import pytest
 
 from dbmpi import config
 from dbmpi.config import ConfigError
+from tests.models import DIGITS_SGD_RUN
 
-GOOD = """
-[model]
-input_shape = [8, 8, 1]
-
-[[model.layers]]
-type = "dense"
-units = 16
-activation = "relu"
-
-[[model.layers]]
-type = "softmax"
-units = 10
-
-[data]
-path = "data/digits.h5"
-
-[train]
-algorithm = "sgd"
-learning_rate = 0.1
-epochs = 1
-"""
-
+GOOD = DIGITS_SGD_RUN  # the valid config each test breaks one way
 
 def write(tmp_path, text):
     path = tmp_path / "run.toml"

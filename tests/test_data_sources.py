@@ -20,6 +20,7 @@ import pytest
 
 from dbmpi import data
 from dbmpi.data import DatasetError, download, synthetic
+from tests.models import MLP_20, SOFTMAX_6x6
 from tests.test_data import idx_bytes, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,17 +354,7 @@ def test_synthetic_labels_are_learnable(tmp_path):
     with data.open_dataset(out) as ds:
         x, y = ds.load("train")
         xt, yt = ds.load("test")
-    net = Network.from_string("""
-[model]
-input_shape = [20]
-[[model.layers]]
-type = "dense"
-units = 64
-activation = "relu"
-[[model.layers]]
-type = "softmax"
-units = 10
-""")
+    net = Network.from_string(MLP_20)
     rng = np.random.default_rng(0)
     for _ in range(400):
         idx = rng.integers(0, len(x), 32)
@@ -411,7 +402,7 @@ def test_sgd_prepares_synthetic_for_the_model(tmp_path):
     from dbmpi.algorithms.sgd import open_training_data
     from dbmpi.model import Network
 
-    net = Network.from_string('[model]\ninput_shape = [6, 6]\n[[model.layers]]\ntype = "softmax"\nunits = 3\n')
+    net = Network.from_string(SOFTMAX_6x6)
     path = tmp_path / "auto.h5"
     with open_training_data({"path": str(path), "source": "synthetic", "source_dir": None}, net) as ds:
         assert ds.input_shape == (6, 6, 1) and ds.n_classes == 3 and ds.source == "synthetic"

@@ -10,19 +10,7 @@ from dbmpi.data import write_dataset
 from dbmpi.evaluation import evaluate_checkpoint, group_accuracy, log_probabilities
 from dbmpi.io.checkpoint import CheckpointWriter
 from dbmpi.model import Network
-
-MODEL = """
-[model]
-input_shape = [3, 4, 1]
-seed = 3
-[[model.layers]]
-type = "dense"
-units = 7
-activation = "tanh"
-[[model.layers]]
-type = "softmax"
-units = 3
-"""
+from tests.models import DENSE_3x4
 
 
 def test_a_group_votes_with_its_mean_log_probability():
@@ -45,7 +33,7 @@ def test_log_probabilities_normalise():
 
 def test_evaluate_a_checkpoint_per_row_and_per_group(tmp_path):
     rng = np.random.default_rng(0)
-    network = Network.from_string(MODEL)
+    network = Network.from_string(DENSE_3x4)
     network.params[:] = rng.standard_normal(network.n_params).astype(np.float32)
     groups = np.repeat(np.arange(40), 5).astype(np.int32)
     y = np.repeat(rng.integers(0, 3, 40), 5).astype(np.int32)
@@ -54,7 +42,7 @@ def test_evaluate_a_checkpoint_per_row_and_per_group(tmp_path):
                          groups={"train": groups, "test": groups})
     ckpt = tmp_path / "c.h5"
     with CheckpointWriter(ckpt, network.tensors, algorithm="downpour", step=7,
-                          config_text=MODEL + f'[data]\npath = "{data}"\n', layout={}) as w:
+                          config_text=DENSE_3x4 + f'[data]\npath = "{data}"\n', layout={}) as w:
         w.write_vector("params", [(0, network.params)])
         w.commit()
     result = evaluate_checkpoint(ckpt)

@@ -8,63 +8,15 @@ import pytest
 
 from dbmpi.model import Network
 from dbmpi.parallel.partition import PartitionError, PartitionPlan, receptive_rows
+from tests.models import DENSE_ON_IMAGE, MIXED_UNEVEN
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Uneven splits everywhere: odd rows, stride 2, a pool with stride 1, lcn reaching past a
-# neighbour's block at P = 4, then dense layers over a flattened spatial input.
-MIXED = """
-[model]
-name = "mixed"
-input_shape = [15, 11, 2]
-
-[[model.layers]]
-type = "local"
-filters = 3
-kernel = 3
-stride = 2
-activation = "relu"
-
-[[model.layers]]
-type = "lcn"
-size = 5
-
-[[model.layers]]
-type = "l2pool"
-size = 3
-stride = 1
-
-[[model.layers]]
-type = "dense"
-units = 7
-activation = "tanh"
-
-[[model.layers]]
-type = "logistic"
-units = 5
-"""
-
-# Dense layer first on a spatial input, then a softmax.
-DENSE_ON_IMAGE = """
-[model]
-input_shape = [6, 5]
-
-[[model.layers]]
-type = "dense"
-units = 9
-activation = "relu"
-
-[[model.layers]]
-type = "softmax"
-units = 4
-"""
-
 
 def networks():
     return {
         "mlp": Network.from_toml(ROOT / "configs/mlp_fashion.toml"),
         "image": Network.from_toml(ROOT / "configs/image_local.toml"),
-        "mixed": Network.from_string(MIXED),
+        "mixed": Network.from_string(MIXED_UNEVEN),
         "dense_on_image": Network.from_string(DENSE_ON_IMAGE),
     }
 

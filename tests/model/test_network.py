@@ -6,50 +6,12 @@ import pytest
 
 from dbmpi.config import ConfigError
 from dbmpi.model import Network
+from tests.models import mixed_spatial
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-MIXED = """
-[model]
-input_shape = [10, 9, 2]
-seed = 3
-
-[[model.layers]]
-type = "local"
-filters = 3
-kernel = 3
-stride = 1
-activation = "tanh"
-
-[[model.layers]]
-type = "l2pool"
-size = 2
-stride = 1
-
-[[model.layers]]
-type = "lcn"
-size = 3
-
-[[model.layers]]
-type = "local"
-filters = 2
-kernel = 2
-stride = 2
-activation = "sigmoid"
-
-[[model.layers]]
-type = "dense"
-units = 7
-activation = "tanh"
-
-[[model.layers]]
-type = "{output}"
-units = 4
-"""
-
-
 def mixed(output="softmax"):
-    return Network.from_string(MIXED.replace("{output}", output))
+    return Network.from_string(mixed_spatial(output))
 
 
 def test_speech_model_has_the_papers_42m_parameters():
@@ -94,7 +56,7 @@ def test_initialisation_is_deterministic_and_per_layer():
     b.init_params(seed=4)
     assert not np.array_equal(a.params, b.params)
     # Changing a later layer leaves earlier layers' initial values unchanged.
-    c = Network.from_string(MIXED.replace("{output}", "softmax").replace("units = 7", "units = 9"))
+    c = Network.from_string(mixed_spatial("softmax").replace("units = 7", "units = 9"))
     assert np.array_equal(a.named_params()["local0.W"], c.named_params()["local0.W"])
     for t in a.tensors:
         if t.name.endswith(".b"):
@@ -155,7 +117,7 @@ def test_predict_and_evaluate_agree():
 
 
 def test_layer_that_does_not_fit_its_input_names_the_key():
-    text = MIXED.replace("{output}", "softmax").replace("kernel = 3", "kernel = 11")
+    text = mixed_spatial("softmax").replace("kernel = 3", "kernel = 11")
     with pytest.raises(ConfigError, match=r"model.layers\[0\].kernel: 11 is larger than the input"):
         Network.from_string(text)
     text = """
