@@ -500,13 +500,10 @@ def _settle_ranks(timeout_s: float = 10.0) -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size == 1:
         return
-    import time
+    from dbmpi.runtime.comm import poll
 
     request = mpi.COMM_WORLD.Ibarrier()
-    deadline = time.monotonic() + timeout_s
-    while not request.Test() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if request.Test():
+    if poll(request.Test, low=0.01, high=0.01, limit_s=timeout_s):
         mpi.Finalize()
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -48,37 +47,16 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
-from dbmpi.ps.server import (
-    CHECKPOINTS,
-    DONE_MARK,
-    FAILED_MARK,
-    RELEASED,
-    STOPS,
-    VERDICT,
-    VERDICT_CLEAN,
-    VERDICT_FAILED,
-    WARMED,
-    ParameterWindows,
-    Shard,
-    ShardClient,
-    add_counter,
-    bucket_label,
-    heartbeat_slot,
-    read_counter,
-)
-from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave, stderr_line
+from dbmpi.ps.control import DONE_MARK, FAILED_MARK, VERDICT_CLEAN, VERDICT_FAILED, Slot, bucket_label
+from dbmpi.ps.server import ParameterWindows, Shard, ShardClient
+from dbmpi.runtime.comm import Tag, abort_on_error, agree, receive, send, stderr_line
+from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
+from dbmpi.runtime.faults import FAULTS
 from dbmpi.runtime.layout import Layout, LayoutError, layout_for
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
 
 AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
-# Tags: the acting lead's state to shard 0 (periodic checkpoints); shards' slices to shard 0;
-# every rank's records (and a replica's final state) to shard 0; shard 0's order to the other
-# shards to stream their slices for a checkpoint (its step); its last order, the final
-# checkpoint's step or False (none: no replica survived).
-# (202 and 207: dbmpi.ps.checkpoint's slices and snapshot versions)
-CKPT_STATE, FINAL, CKPT_ORDER, CKPT_LAST = 201, 203, 204, 205
-OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why the training diverged
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 
 
@@ -146,8 +124,8 @@ class ShardCheckpointer:
 
     def obey(self) -> None:
         """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
-        while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=CKPT_ORDER):
-            step = receive(self.topo.world, self.layout.shard_rank(0), CKPT_ORDER, self.progress)
+        while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=Tag.CKPT_ORDER):
+            step = receive(self.topo.world, self.layout.shard_rank(0), Tag.CKPT_ORDER, self.progress.wait)
             self._take(step, self._stream)
 
     def last_order(self) -> bool:
@@ -157,8 +135,8 @@ class ShardCheckpointer:
 
         def last() -> bool:
             self.obey()
-            if self.topo.world.iprobe(source=shard0, tag=CKPT_LAST):
-                got.append(receive(self.topo.world, shard0, CKPT_LAST, self.liveness))
+            if self.topo.world.iprobe(source=shard0, tag=Tag.CKPT_LAST):
+                got.append(receive(self.topo.world, shard0, Tag.CKPT_LAST, self.liveness.wait))
             return bool(got)
 
         self.liveness.wait(last)
@@ -169,12 +147,12 @@ class ShardCheckpointer:
     def __call__(self, state: dict | None = None) -> None:
         """Shard 0: one checkpoint, written with `state` (the final one: the other shards
         had their last order), or, for a periodic one, with the state the acting lead sent
-        (CKPT_STATE) before it asked; the other shards are ordered to stream."""
+        (Tag.CKPT_STATE) before it asked; the other shards are ordered to stream."""
         world = self.topo.world
         if state is None:
-            state = receive(world, MPI.ANY_SOURCE, CKPT_STATE, self.progress)
+            state = receive(world, MPI.ANY_SOURCE, Tag.CKPT_STATE, self.progress.wait)
             for k in range(1, self.layout.n_shards):
-                send(world, state["step"], self.layout.shard_rank(k), CKPT_ORDER, self.progress)
+                send(world, state["step"], self.layout.shard_rank(k), Tag.CKPT_ORDER, self.progress.wait)
 
         def write(vectors, version) -> None:
             try:
@@ -187,28 +165,6 @@ class ShardCheckpointer:
         self._take(state["step"], write)
         self.records[-1]["file"] = self.last.name if self.last is not None else None
         self.records[-1]["time"] = time.time()
-
-
-def receive(comm: MPI.Intracomm, source: int, tag: int, liveness: Liveness):
-    """A pickled message, waited for politely: a matched probe (any size fits), then a
-    nonblocking receive, so a sender that dies mid-transfer never blocks this rank inside
-    MPI (its heartbeat keeps going and notices)."""
-    pending: list = []
-    got: list = []
-
-    def arrived() -> bool:
-        if not pending:
-            message = comm.improbe(source=source, tag=tag)
-            if message is None:
-                return False
-            pending.append(message.irecv())
-        done, obj = pending[0].test()
-        if done:
-            got.append(obj)
-        return done
-
-    liveness.wait(arrived)
-    return got[0]
 
 
 class FinalMessages:
@@ -225,7 +181,7 @@ class FinalMessages:
     def poll(self) -> None:
         while True:
             status = MPI.Status()
-            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=FINAL, status=status)
+            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=Tag.FINAL, status=status)
             if message is None:
                 break
             self.pending[status.Get_source()] = message.irecv()
@@ -247,29 +203,6 @@ class FinalMessages:
 
         liveness.wait(complete)
         return {w: self.received[w] for w in workers}
-
-
-def send(comm: MPI.Intracomm, obj, dest: int, tag: int, liveness: Liveness) -> None:
-    """Send a pickled message (synchronous mode) and wait politely until a matching receive
-    has taken it: what the sender does next (dying included) cannot lose it."""
-    request = comm.issend(obj, dest=dest, tag=tag)
-    liveness.wait(lambda: request.Test())
-
-
-def agree(comm: MPI.Intracomm, action: Callable[[], object], root: int = 0):
-    """Run `action` on `root` and share its outcome: every rank returns the same value or
-    raises the same error, so no rank is left waiting on one that gave up."""
-    outcome = None
-    if comm.rank == root:
-        try:
-            outcome = ("ok", action())
-        except AGREED_ERRORS as exc:
-            outcome = ("error", type(exc).__name__, str(exc))
-    outcome = comm.bcast(outcome, root=root)
-    if outcome[0] == "error":
-        kind = {cls.__name__: cls for cls in AGREED_ERRORS}[outcome[1]]
-        raise kind(outcome[2])
-    return outcome[1]
 
 
 class Minibatches:
@@ -324,13 +257,14 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     # cannot be split into) and the world size.
     plan = PartitionPlan.for_network(network, layout.n_partitions)
     layout.check_world(comm.size)
-    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network))
-    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network))
+    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), AGREED_ERRORS)
+    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS)
     if tcfg["n_replicas"] > data_info["n_train"]:
         raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
                           f"{data_info['n_train']} training examples")
     made: list[RunDirectory] = []  # only the lead makes the run directory and logs progress
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)))
+    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)),
+          AGREED_ERRORS)
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == 0 else (lambda _msg: None)
     # Shard 0 writes the final records and summary (the lead may be the replica that failed).
@@ -396,8 +330,8 @@ def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop
 
     stats = shard.serve(None, stop, tick=tick)
     checkpointer.last_order()  # the final checkpoint, unless no replica survived to give it a state
-    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), FINAL,
-         liveness)
+    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), Tag.FINAL,
+         liveness.wait)
     _end(topo, windows, liveness, shard.close)
     return None
 
@@ -420,7 +354,7 @@ def _verdict(windows, layout, liveness: Liveness) -> int:
     shard0, seen = layout.shard_rank(0), []
 
     def decided() -> bool:
-        seen.append(read_counter(windows.control, shard0, VERDICT))
+        seen.append(windows.block.read(shard0, Slot.VERDICT))
         return seen[-1] != 0
 
     liveness.wait(decided, high=0.02)
@@ -431,10 +365,10 @@ def _end(topo, windows, liveness: Liveness, close) -> None:
     """Every rank but shard 0, once its part is done: without failures, the collective
     teardown; after one, tell shard 0 and leave without collectives."""
     verdict = _verdict(windows, topo.layout, liveness)
-    diverged = receive(topo.world, topo.layout.shard_rank(0), OUTCOME, liveness)
+    diverged = receive(topo.world, topo.layout.shard_rank(0), Tag.OUTCOME, liveness.wait)
     liveness.stop()
     if verdict == VERDICT_FAILED:
-        add_counter(windows.control, topo.layout.shard_rank(0), RELEASED)
+        windows.block.add(topo.layout.shard_rank(0), Slot.RELEASED)
         if diverged is not None:
             _end_diverged(diverged, leaving=True)
         leave(0)
@@ -468,7 +402,7 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     diverged = _divergence(records, cfg["train"])
     go = bool(states) and diverged is None  # a diverged run keeps its last good checkpoint
     for k in range(1, layout.n_shards):  # the final checkpoint's step, or False: none
-        send(world, states[0][1]["step"] if go else False, layout.shard_rank(k), CKPT_LAST, liveness)
+        send(world, states[0][1]["step"] if go else False, layout.shard_rank(k), Tag.CKPT_LAST, liveness.wait)
     final_path = None
     if go:
         state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
@@ -476,7 +410,7 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
         final_path = checkpointer.last
     records.append(_shard_record(topo, stats, checkpointer))
     for k in range(1, layout.n_shards):
-        records.extend(receive(world, layout.shard_rank(k), FINAL, liveness)["records"])
+        records.extend(receive(world, layout.shard_rank(k), Tag.FINAL, liveness.wait)["records"])
     records.extend(liveness.events)
     liveness.beat(force=True)  # the others wait for the verdict: the evaluation must take less than the timeout
     with liveness.busy():
@@ -487,14 +421,14 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     told = _tell_outcome(world, layout, liveness, diverged)
     liveness.stop()
     if not failed:
-        add_counter(windows.control, topo.rank, VERDICT, VERDICT_CLEAN)
+        windows.block.add(topo.rank, Slot.VERDICT, VERDICT_CLEAN)
         liveness.wait(told)
         shard.close()
         windows.free()
     else:  # no collective: wait (bounded) until the others have read the verdict
-        add_counter(windows.control, topo.rank, VERDICT, VERDICT_FAILED)
+        windows.block.add(topo.rank, Slot.VERDICT, VERDICT_FAILED)
         expected = len(liveness.done_workers) + layout.n_shards - 1
-        liveness.wait(lambda: told() and read_counter(windows.control, topo.rank, RELEASED) >= expected,
+        liveness.wait(lambda: told() and windows.block.read(topo.rank, Slot.RELEASED) >= expected,
                       limit_s=liveness.timeout)
     liveness.close()
     summary = _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say, test, diverged)
@@ -516,7 +450,7 @@ def _tell_outcome(world, layout, liveness: Liveness, diverged: str | None) -> Ca
     each ends the same way; returns a test that the sends are done (a reader that died
     meanwhile counts as told)."""
     readers = sorted(liveness.done_workers) + list(layout.shard_ranks[1:])
-    requests = [world.isend(diverged, dest=rank, tag=OUTCOME) for rank in readers]
+    requests = [world.isend(diverged, dest=rank, tag=Tag.OUTCOME) for rank in readers]
 
     def told() -> bool:
         try:
@@ -601,10 +535,10 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
         if stop_request is None:
             return False
         if stop_request.requested and not signalled["relayed"]:
-            add_counter(windows.control, shard0, STOPS)
+            windows.block.add(shard0, Slot.STOPS)
             signalled["relayed"] = True
         if not signalled["seen"]:
-            signalled["seen"] = read_counter(windows.control, shard0, STOPS) > 0
+            signalled["seen"] = windows.block.read(shard0, Slot.STOPS) > 0
         return signalled["seen"]
 
     def keep_going(step: int, last: float) -> bool:
@@ -624,7 +558,7 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
         rejected = client.rejected
         return rejected >= MIN_REJECTED and rejected > max_rejected * (client.pushes + rejected)
 
-    fail_at = _injected_failure(topo.rank)
+    fail_at = FAULTS.fail_step(topo.rank)
 
     def checkpoint_state(step: int, phase: str) -> dict:
         """The state a checkpoint records, as this replica sees it."""
@@ -642,8 +576,8 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
 
     def request_checkpoint(step: int, phase: str) -> None:
         """Give shard 0 the state, then ask it for a checkpoint (it orders the others)."""
-        topo.world.send(checkpoint_state(step, phase), dest=shard0, tag=CKPT_STATE)
-        add_counter(windows.control, shard0, CHECKPOINTS)
+        topo.world.send(checkpoint_state(step, phase), dest=shard0, tag=Tag.CKPT_STATE)
+        windows.block.add(shard0, Slot.CHECKPOINTS)
 
     def train_steps(first: int, count: float, phase: str) -> int:
         nonlocal current, nonfinite, last_checkpoint, rejected_then
@@ -719,13 +653,13 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
             step = train_steps(0, warmstart, "warmstart")
             client.finish_push()  # warmstart's last push is counted before the others start
             if partition == 0:
-                add_counter(windows.control, shard0, WARMED)
+                windows.block.add(shard0, Slot.WARMED)
             say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
         else:  # wait (politely) for replica 0's warmstart, or for replica 0 to fail
 
             def released() -> bool:
                 stop_requested()  # relays a signal that arrives while waiting
-                return read_counter(windows.control, shard0, WARMED) > 0 or liveness.replica_failed(0)
+                return windows.block.read(shard0, Slot.WARMED) > 0 or liveness.replica_failed(0)
 
             liveness.wait(released, low=1e-3, high=1e-2)
     step = train_steps(step, max(0, budget - first_step), "downpour")
@@ -757,22 +691,11 @@ def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_re
     # checkpoint) go to shard 0; once they are delivered (and every push was flushed and
     # counted before), the DONE mark counts this worker finished.
     final = {"records": records, "state": checkpoint_state(step, phase) if partition == 0 else None}
-    send(topo.world, final, shard0, FINAL, liveness)
-    old = add_counter(windows.control, shard0, heartbeat_slot(layout, topo.rank), DONE_MARK)
+    send(topo.world, final, shard0, Tag.FINAL, liveness.wait)
+    old = windows.block.add(shard0, windows.block.heartbeat(topo.rank), DONE_MARK)
     if old & FAILED_MARK:  # declared failed meanwhile: shard 0 no longer counts this worker
         liveness.leave_released()
     return client
-
-
-def _injected_failure(rank: int) -> int | None:
-    """Testing hook: DBMPI_FAIL_AT="RANK:STEP" makes that worker raise at that step, to
-    check that an error on one rank ends the whole job instead of hanging it."""
-    spec = os.environ.get("DBMPI_FAIL_AT", "")
-    if ":" in spec:
-        fail_rank, fail_step = spec.split(":", 1)
-        if fail_rank.strip() == str(rank):
-            return int(fail_step)
-    return None
 
 
 def _evaluate_final(cfg, network, final_path) -> tuple:
@@ -896,11 +819,3 @@ def checkpoint_records(shards: list[dict], started: float) -> list[dict]:
 
 def _mean(values):
     return sum(values) / len(values) if values else None
-
-
-def abort_on_error(comm: MPI.Intracomm, exc: BaseException) -> None:
-    """An unexpected error on one rank ends the whole job instead of leaving peers waiting."""
-    sys.stderr.write(f"dbmpi: error on rank {comm.rank}: {type(exc).__name__}: {exc}\n")
-    sys.stderr.flush()
-    time.sleep(0.5)  # let the launcher forward the message before the abort kills the job
-    comm.Abort(1)

@@ -34,11 +34,8 @@ on its host see its process end (VitalWatch) and the job ends with MPI_Abort(4).
 
 Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
 request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
-computing. Test hooks: DBMPI_SLOW="REPLICA:FACTOR" makes a replica FACTOR times slower
-(it sleeps (FACTOR - 1) x its compute time per portion); DBMPI_PORTION_DELAY=SECONDS adds a
-fixed sleep to every portion, so timing tests do not depend on the machine's load;
-DBMPI_DIE_AFTER_PUSH="REPLICA:N" SIGKILLs the replica's ranks right after their N-th push
-lands, before it reports it (the failure that makes a batch be computed again).
+computing. Test-only fault hooks (a straggler, a slow machine, a replica killed after a push)
+come from dbmpi.runtime.faults.
 """
 from __future__ import annotations
 
@@ -57,7 +54,7 @@ from threadpoolctl import threadpool_limits
 from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
-from dbmpi.algorithms.downpour import _set_aside, abort_on_error, agree
+from dbmpi.algorithms.downpour import AGREED_ERRORS, _set_aside
 from dbmpi.algorithms.lbfgs import LBFGS, NotFinite, X, vector_names
 from dbmpi.algorithms.portions import PortionScheduler, Reply, Silence, cut
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
@@ -68,60 +65,32 @@ from dbmpi.model.partitioned import worker_model
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ShardCheckpoints
 from dbmpi.ps.server import ParameterWindows, ShardClient
+from dbmpi.ps.vectors import (
+    AXPY,
+    CHECKPOINT,
+    COLLECT,
+    COPY,
+    DOT,
+    MULTIPLY,
+    PUBLISH,
+    SCALE,
+    SIGNALLED,
+    STOP,
+    ShardVectors,
+)
 from dbmpi.runtime import procfs
-from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave, stderr_line
+from dbmpi.runtime.comm import SPIN_S, Tag, Wait, abort_on_error, agree, poll, stderr_line, wait
+from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave
+from dbmpi.runtime.faults import FAULTS
 from dbmpi.runtime.layout import Layout, layout_for
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
 
-# Shard commands: (op, alpha, a, b, c) as five float64s; vectors by index in `names`.
-DOT, AXPY, SCALE, COPY, MULTIPLY, PUBLISH, COLLECT, STOP, CHECKPOINT, SIGNALLED = range(10)
-REQUEST, REPLY, RESULT = 101, 102, 103  # tags of replica <-> coordinator messages
-RECORDS, VERDICT = 105, 106  # tags of the end: every live rank's records, how the run ends
 STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
 ABORT_PARTITIONS_LEFT = 7  # MPI_Abort code ending a failed run whose replicas have P > 1 partitions
 # A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop,
 # evaluation, n, test (evaluate the published point on the test set)
 REPLY_FIELDS = 10
-
-
-SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
-WAKE = 104  # tag: the coordinator wakes the shards after a batch
-
-
-def _poll(test: Callable[[], bool], spin: float, low: float, high: float) -> None:
-    """Call `test` until it is true without hogging a core: poll for `spin` seconds
-    (replies and commands usually come that fast), then sleep between polls with
-    exponential back-off."""
-    if test():
-        return
-    until = time.perf_counter() + spin
-    while time.perf_counter() < until:
-        if test():
-            return
-    pause = low
-    while not test():
-        time.sleep(pause)
-        pause = min(2 * pause, high)
-
-
-def wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3):
-    """Complete a pickled-object request (comm.irecv) politely; returns its message."""
-    result = []
-
-    def test() -> bool:
-        done, value = request.test()
-        if done:
-            result.append(value)
-        return done
-
-    _poll(test, spin, low, high)
-    return result[0]
-
-
-def Wait(request: MPI.Request, spin: float = SPIN_S, low: float = 5e-5, high: float = 2e-3) -> None:
-    """Complete a buffer request (Irecv, ...) politely."""
-    _poll(request.Test, spin, low, high)
 
 
 class VitalWatch:
@@ -166,93 +135,6 @@ class VitalWatch:
                         "be recovered, so the job ends; resume from the last checkpoint")
         time.sleep(0.5)  # let the launcher forward the line
         self.comm.Abort(ABORT_SHARD_LOST)
-
-
-# Shards -------------------------------------------------------------------------------------
-class ShardVectors:
-    """A shard's slice of every L-BFGS vector, and the loop that runs the coordinator's
-    commands on them."""
-
-    def __init__(self, windows: ParameterWindows, control: MPI.Intracomm, initial: np.ndarray,
-                 names: list[str], checkpoints: ShardCheckpoints | None = None,
-                 stop: StopRequest | None = None):
-        self.windows = windows
-        self.checkpoints = checkpoints
-        self.stop = stop
-        self.control = control
-        self.root = control.size - 1  # the coordinator is the last rank of `control`
-        self.me = windows.comm.rank
-        self.names = names
-        self.vectors: dict[str, np.ndarray] = {"x": np.array(initial, np.float32)}
-        self.zeros = np.zeros_like(self.vectors["x"])
-        self.commands = 0
-        for win in (windows.params, windows.inbox):
-            win.Lock_all()
-
-    def vector(self, name: str) -> np.ndarray:
-        vec = self.vectors.get(name)
-        if vec is None:
-            vec = self.vectors[name] = np.zeros_like(self.zeros)
-        return vec
-
-    def serve(self) -> None:
-        """Run commands until STOP. Commands come in bursts (the L-BFGS arithmetic) and are
-        broadcast with blocking collectives, which are fast; while the replicas compute a
-        batch the shard instead sleeps until the coordinator wakes it, so it leaves the
-        cores to them (MPICH's blocking waits spin)."""
-        command = np.zeros(5, np.float64)
-        while True:
-            self.control.Bcast(command, root=self.root)
-            self.commands += 1
-            op, alpha = int(command[0]), float(command[1])
-            a, b, c = (self.names[int(i)] if i >= 0 else None for i in command[2:])
-            if op == STOP:
-                break
-            if op == DOT:
-                partial = np.array([kernels.dot(self.vector(a), self.vector(b))])
-                self.control.Reduce(partial, None, op=MPI.SUM, root=self.root)
-            elif op == AXPY:
-                kernels.axpy(alpha, self.vector(a), self.vector(b))
-            elif op == SCALE:
-                kernels.scale(alpha, self.vector(a))
-            elif op == COPY:
-                kernels.copy(self.vector(a), self.vector(b))
-            elif op == MULTIPLY:
-                kernels.multiply(self.vector(a), self.vector(b), self.vector(c))
-            elif op == PUBLISH:
-                self.windows.params.Accumulate(self.vector(a), self.me, op=MPI.REPLACE)
-                self.windows.params.Flush(self.me)
-                self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
-                # The replicas compute the batch now: sleep until it is done.
-                Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=WAKE))
-            elif op == COLLECT:
-                # Every push of the evaluation was flushed before its replica reported it,
-                # and no other push can be in flight: take the sum and empty the inbox.
-                out = self.vector(a)
-                inbox = self.windows.inbox
-                inbox.Get_accumulate([None, 0, MPI.FLOAT], out, self.me,
-                                     target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
-                inbox.Flush(self.me)
-                inbox.Accumulate(self.zeros, self.me, op=MPI.REPLACE)
-                inbox.Flush(self.me)
-                bad = np.array([float(kernels.count_nonfinite(out))])
-                self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
-            elif op == CHECKPOINT:
-                # What to write comes next: the vectors (file name, vector) and, for shard 0,
-                # the attributes; then every shard streams its slices (dbmpi.ps.checkpoint).
-                info = self.control.bcast(None, root=self.root)
-                vectors = [(stored, self.vector(name)) for stored, name in info.pop("vectors")]
-                self.checkpoints.write(vectors, **info)
-                self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
-            elif op == SIGNALLED:
-                flag = 1.0 if self.stop is not None and self.stop.requested else 0.0
-                self.control.Reduce(np.array([flag]), None, op=MPI.SUM, root=self.root)
-            else:  # pragma: no cover - a programming error, not input
-                raise RuntimeError(f"unknown shard command {op}")
-
-    def close(self) -> None:
-        for win in (self.windows.params, self.windows.inbox):
-            win.Unlock_all()
 
 
 # The coordinator ----------------------------------------------------------------------------
@@ -340,7 +222,7 @@ class ShardSpace:
         while True:
             scheduler, n = self._batch(point)
             for shard in range(self.control.size - 1):
-                self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
+                self.control.Send(np.zeros(1), dest=shard, tag=Tag.WAKE)
             self._send(COLLECT, 0.0, grad)  # also empties the inboxes
             nonfinite = self._reduce() + scheduler.stats.nonfinite
             if not self.inbox_spoiled:
@@ -420,7 +302,7 @@ class ShardSpace:
         self.parked.discard(replica)
         message = reply.as_message(self.batch)
         message.update(evaluation=self.evaluation, n=n, stop=False)
-        self.world.send(message, dest=self.leads[replica], tag=REPLY)
+        self.world.send(message, dest=self.leads[replica], tag=Tag.REPLY)
         self.silence.asked(replica, time.monotonic())
 
     def _stash(self, message: dict) -> None:
@@ -429,7 +311,7 @@ class ShardSpace:
         self.replica_signalled |= bool(message.get("signal"))
 
     # Failures -------------------------------------------------------------------------------
-    def _receive(self, tag: int = REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
+    def _receive(self, tag: int = Tag.REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
         """The next message with `tag` from `source`, or None once a replica was declared
         failed meanwhile (the caller checks again what it waits for). Requests that come
         while it waits for something else are stashed. Polled (dbmpi.algorithms.sandblaster._poll)."""
@@ -440,14 +322,14 @@ class ShardSpace:
             if message is not None:
                 got.append(message)
                 return True
-            if tag != REQUEST and (request := self._probe(REQUEST, MPI.ANY_SOURCE)) is not None:
+            if tag != Tag.REQUEST and (request := self._probe(Tag.REQUEST, MPI.ANY_SOURCE)) is not None:
                 self._stash(request)
             overdue = self.silence.overdue(time.monotonic())
             for replica, silent_s in overdue:
                 self._declare(replica, silent_s)
             return bool(overdue)
 
-        _poll(arrived, SPIN_S, 5e-5, 2e-3)
+        poll(arrived, spin=SPIN_S)
         return got[0] if got else None
 
     def _probe(self, tag: int, source: int) -> dict | None:
@@ -463,11 +345,11 @@ class ShardSpace:
         if not role.is_worker:
             return message
         if role.replica in self.silence.failed:
-            if tag == REQUEST:
+            if tag == Tag.REQUEST:
                 self.inbox_spoiled |= message.get("flushed") is not None
                 self._dismiss(role.replica)
-            elif tag == RECORDS:  # stopped, then silent too long: it leaves without collectives
-                self.world.send(False, dest=status.Get_source(), tag=VERDICT)
+            elif tag == Tag.RECORDS:  # stopped, then silent too long: it leaves without collectives
+                self.world.send(False, dest=status.Get_source(), tag=Tag.VERDICT)
             return None
         self.silence.heard(role.replica)
         return message
@@ -477,7 +359,7 @@ class ShardSpace:
         if replica not in self.dismissed:
             self.dismissed.add(replica)  # never waited for (it may be dead): kept, not freed
             self.dismissals.append(self.world.isend({"stop": True, "dismissed": True},
-                                                    dest=self.leads[replica], tag=REPLY))
+                                                    dest=self.leads[replica], tag=Tag.REPLY))
 
     def _declare(self, replica: int, silent_s: float) -> None:
         """A replica that owed a message for `train.replica_timeout_s` is failed: the
@@ -520,12 +402,12 @@ class ShardSpace:
             self.parked.discard(chosen)
             self.world.send({"stop": False, "test": True, "discard": discard, "commit": False, "flush": False,
                              "portion": None, "evaluation": self.evaluation, "n": 1},
-                            dest=self.leads[chosen], tag=REPLY)
+                            dest=self.leads[chosen], tag=Tag.REPLY)
             self.silence.asked(chosen, time.monotonic())
             while result is None and chosen not in self.silence.failed:
-                result = self._receive(tag=RESULT, source=self.leads[chosen])
+                result = self._receive(tag=Tag.RESULT, source=self.leads[chosen])
         for shard in range(self.control.size - 1):
-            self.control.Send(np.zeros(1), dest=shard, tag=WAKE)
+            self.control.Send(np.zeros(1), dest=shard, tag=Tag.WAKE)
         return result
 
     def stop_replicas(self) -> None:
@@ -547,7 +429,7 @@ class ShardSpace:
             self._dismiss(replica)
 
     def _stop(self, replica: int) -> None:
-        self.world.send({"stop": True}, dest=self.leads[replica], tag=REPLY)
+        self.world.send({"stop": True}, dest=self.leads[replica], tag=Tag.REPLY)
         self.silence.asked(replica, time.monotonic())  # it owes its records now
 
     def records(self, before_verdict: Callable[[], None] = lambda: None) -> list[list[dict]]:
@@ -562,7 +444,7 @@ class ShardSpace:
                     and not (layout.role(r).is_worker and layout.role(r).replica in self.silence.failed)]
 
         while missing():
-            message = self._receive(tag=RECORDS)
+            message = self._receive(tag=Tag.RECORDS)
             if message is None:
                 continue
             received[message["rank"]] = message["records"]
@@ -572,23 +454,11 @@ class ShardSpace:
         clean = not self.silence.failed
         before_verdict()
         for rank in sorted(received):
-            self.world.send(clean, dest=rank, tag=VERDICT)
+            self.world.send(clean, dest=rank, tag=Tag.VERDICT)
         return [received[r] for r in sorted(received)] + [self.events]
 
 
 # Replicas -----------------------------------------------------------------------------------
-def _hook(variable: str, replica: int) -> str | None:
-    """VALUE of a test hook VARIABLE="REPLICA:VALUE" when REPLICA is `replica`."""
-    who, _, value = os.environ.get(variable, "").partition(":")
-    return value if value and int(who) == replica else None
-
-
-def _injected_delays(replica: int) -> tuple[float, float]:
-    """(slowdown factor, fixed seconds per portion) from the test hooks."""
-    factor = float(_hook("DBMPI_SLOW", replica) or 1.0)
-    return factor, float(os.environ.get("DBMPI_PORTION_DELAY", "0") or 0)
-
-
 def _encode(message: dict) -> np.ndarray:
     out = np.zeros(REPLY_FIELDS, np.int64)
     if message.get("stop"):
@@ -617,8 +487,8 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
     model, ranges, rows = worker_model(network, topo.replica, plan)
     client = ShardClient(windows, replica, ranges)
     accrued = np.zeros(model.n_params, np.float32)
-    factor, fixed_delay = _injected_delays(replica)
-    die_after_push = _hook("DBMPI_DIE_AFTER_PUSH", replica)
+    factor, fixed_delay = FAULTS.slowdown(replica), FAULTS.portion_delay_s
+    die_after_push = FAULTS.pushes_before_death(replica)
     fetched = -1  # the evaluation whose point model.params holds
     loss_acc, nonfinite, committed = 0.0, 0, []
     done, done_evaluation, flushed = None, 0, None  # what the next request reports
@@ -632,14 +502,14 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
             if lead:
                 topo.world.send({"replica": replica, "evaluation": done_evaluation, "done": done,
                                  "flushed": flushed, "signal": bool(signalled[0]) or signals.requested},
-                                dest=coordinator, tag=REQUEST)
-                reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=REPLY)))
+                                dest=coordinator, tag=Tag.REQUEST)
+                reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=Tag.REPLY)))
             if layout.n_partitions > 1:  # point to point: polled nonblocking collectives are slow
                 if lead:
                     for other in range(1, layout.n_partitions):
-                        topo.replica.Send(reply, dest=other, tag=REPLY)
+                        topo.replica.Send(reply, dest=other, tag=Tag.REPLY)
                 else:
-                    Wait(topo.replica.Irecv(reply, source=0, tag=REPLY))
+                    Wait(topo.replica.Irecv(reply, source=0, tag=Tag.REPLY))
             stop, discard, commit, flush, index, a, b, evaluation, n, test = (int(v) for v in reply)
             if stop == DISMISSED:  # silent too long: the others took over its portions
                 _leave_dismissed(topo)
@@ -661,12 +531,12 @@ def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) ->
                     test_data = dataset.load("test", rows=rows)
                 result = model.evaluate(*test_data, cfg["train"]["eval_batch_size"])
                 if lead:
-                    topo.world.send(result, dest=coordinator, tag=RESULT)
+                    topo.world.send(result, dest=coordinator, tag=Tag.RESULT)
                 continue
             if flush:
                 client.push(accrued, nonfinite)
                 client.finish_push()  # in the shards' inboxes before the report says so
-                if str(client.pushes) == die_after_push:  # test hook: pushed, never reported
+                if client.pushes == die_after_push:  # test hook: pushed, never reported
                     os.kill(os.getpid(), signal.SIGKILL)
                 if layout.n_partitions > 1:  # every partition's share has landed
                     topo.replica.Allreduce(np.array([int(signals.requested)]), signalled, op=MPI.MAX)
@@ -712,13 +582,13 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     plan = PartitionPlan.for_network(network, layout.n_partitions)
     layout.check_world(comm.size)
     root = layout.coordinator_rank
-    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), root=root)
-    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), root=root)
+    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)
+    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS, root=root)
     if resumed is not None and parameters_only:
         resumed.update(state={}, parameters_only=True)  # no L-BFGS state: x only
     made: list[RunDirectory] = []
     agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None and not parameters_only)),
-          root=root)
+          AGREED_ERRORS, root=root)
     run_dir = made[0] if made else None
     lead_say = say if comm.rank == root else (lambda _msg: None)
     try:
@@ -780,9 +650,9 @@ def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, re
         else:
             records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
         # Records to the coordinator, point to point; its verdict says how to end.
-        topo.world.send({"rank": topo.rank, "records": records}, dest=layout.coordinator_rank, tag=RECORDS)
+        topo.world.send({"rank": topo.rank, "records": records}, dest=layout.coordinator_rank, tag=Tag.RECORDS)
         watch.stop()  # the run is over for this rank; the others may leave from here on
-        if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=VERDICT), high=0.05):
+        if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=Tag.VERDICT), high=0.05):
             leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
         if role.is_shard:
             shard.close()

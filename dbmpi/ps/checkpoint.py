@@ -15,10 +15,9 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name, prune
+from dbmpi.runtime.comm import Tag
 
 CHUNK = 1 << 22  # float32 values per message (16 MB)
-TAG = 202
-VERSION_TAG = 207  # a shard's update count at its snapshot, sent before its slices
 
 
 class BlockingProgress:
@@ -123,7 +122,7 @@ class ShardCheckpoints:
         if self.index != 0:
             if version is not None:
                 self.progress.complete(self.comm.Isend(np.array([version], np.int64), dest=self.shard_ranks[0],
-                                                       tag=VERSION_TAG))
+                                                       tag=Tag.SLICE_VERSION))
             self._send(vectors)
             return None
         progress = self.progress
@@ -151,12 +150,12 @@ class ShardCheckpoints:
         writer = self.shard_ranks[0]
         for _, values in vectors:
             for lo in range(0, values.size, CHUNK):
-                self.progress.complete(self.comm.Isend(values[lo:lo + CHUNK], dest=writer, tag=TAG))
+                self.progress.complete(self.comm.Isend(values[lo:lo + CHUNK], dest=writer, tag=Tag.SLICE))
 
     def _receive_version(self, k: int) -> int:
         got = np.zeros(1, np.int64)
         try:
-            self.progress.complete(self.comm.Irecv(got, source=self.shard_ranks[k], tag=VERSION_TAG))
+            self.progress.complete(self.comm.Irecv(got, source=self.shard_ranks[k], tag=Tag.SLICE_VERSION))
         except MPI.Exception as exc:
             raise SliceLost(k, exc) from exc
         return int(got[0])
@@ -167,7 +166,7 @@ class ShardCheckpoints:
         for start in range(lo, hi, CHUNK):
             piece = buf[:min(CHUNK, hi - start)]
             try:
-                self.progress.complete(self.comm.Irecv(piece, source=self.shard_ranks[k], tag=TAG))
+                self.progress.complete(self.comm.Irecv(piece, source=self.shard_ranks[k], tag=Tag.SLICE))
             except MPI.Exception as exc:
                 raise SliceLost(k, exc) from exc
             self.progress.run(partial(stream.write, start, piece))

@@ -61,71 +61,17 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi import kernels
+from dbmpi.ps.control import (
+    N_BUCKETS,
+    ControlBlock,
+    Slot,
+    control_size,
+    first_push_after,
+    pushes_by_replica,
+    staleness_bucket,
+)
 from dbmpi.runtime.layout import Layout, Segment
 
-# Control window layout (int64 slots).
-VERSION = 0  # updates the shard applied
-PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
-WORKERS_DONE = 2  # workers that finished for good (in Downpour counted by shard 0: dbmpi.runtime.failover)
-REJECTED = 3  # pushes replicas withheld because the gradient was not finite
-DROPPED = 4  # drains the shard dropped because they were not finite
-DRAINS = 5  # drains that found data
-CHECKPOINTS = 6  # checkpoints the lead has asked for
-STOPS = 7  # stop requests (signals) any rank has relayed; read on shard 0
-N_BUCKETS = 16  # staleness histogram: 0, 1, 2-3, 4-7, ..., >= 2**14
-HIST = 8
-# Failures (dbmpi.runtime.failover). On every shard:
-WORKERS_FAILED = HIST + N_BUCKETS  # workers shard 0 declared failed (they count as finished)
-SHARD_BEAT = WORKERS_FAILED + 1  # this shard's heartbeat, bumped from its own loops
-# Read on shard 0 only:
-WARMED = SHARD_BEAT + 1  # 1 once replica 0 has finished warmstart: the other replicas start
-VERDICT = WARMED + 1  # how the run ends, set by shard 0 once everything is written (below)
-RELEASED = VERDICT + 1  # ranks that read a FAILED verdict and are leaving
-# On every shard: the PUSHES count as of the shard's last drain. PUSHES - ABSORBED is the
-# backlog the next update would merge; a replica waits while it is past its bound.
-ABSORBED = RELEASED + 1
-PER_REPLICA = ABSORBED + 1
-VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
-# A worker's heartbeat slot (on shard 0) counts its beats; these marks are added to it once.
-FAILED_MARK = 1 << 40  # shard 0 declared the worker failed
-DONE_MARK = 1 << 50  # the worker finished and sent its records
-BEATS = FAILED_MARK - 1
-
-
-def control_size(n_replicas: int, n_workers: int = 0) -> int:
-    """int64 slots: the fixed counters, the histogram, the failure slots, then per replica its
-    pushes and the number of pushes (of anyone) the shard had received before its first one,
-    plus one (0 until it pushes): the record that shows warmstart was honoured; then per
-    worker its heartbeat."""
-    return PER_REPLICA + 2 * n_replicas + n_workers
-
-
-def pushes_by_replica(replica: int) -> int:
-    return PER_REPLICA + 2 * replica
-
-
-def first_push_after(replica: int) -> int:
-    return PER_REPLICA + 2 * replica + 1
-
-
-def heartbeat_slot(layout: Layout, worker_rank: int) -> int:
-    """The slot of a worker's heartbeat (meaningful on shard 0)."""
-    return PER_REPLICA + 2 * layout.n_replicas + worker_rank
-
-
-def staleness_bucket(staleness: int) -> int:
-    """Histogram bucket: 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ... capped at N_BUCKETS - 1."""
-    return min(max(int(staleness), 0).bit_length(), N_BUCKETS - 1)
-
-
-def bucket_label(bucket: int) -> str:
-    if bucket <= 1:
-        return str(bucket)
-    lo, hi = 2 ** (bucket - 1), 2**bucket - 1
-    return f">={lo}" if bucket == N_BUCKETS - 1 else f"{lo}-{hi}"
-
-
-_ZERO = np.zeros(1, np.int64)
 FETCH_CHUNK = 4 * 2**20  # values (16 MB) per fetch or push request
 # MPI ignores the origin buffer of a NO_OP read; a zero-count origin keeps it disjoint
 # from the result buffer (the target must then be given explicitly).
@@ -144,6 +90,7 @@ class ParameterWindows:
         self.params = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.inbox = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.control = MPI.Win.Allocate(8 * n_control, 8, comm=comm)
+        self.block = ControlBlock(self.control, layout.n_replicas)
         if shard is not None:
             # Zero the fresh windows before anyone can reach them (a barrier follows).
             np.frombuffer(self.inbox.tomemory(), np.float32)[:] = 0
@@ -175,23 +122,6 @@ class ParameterWindows:
     def free(self) -> None:
         for win in self.windows():
             win.Free()
-
-
-def _fetch_op(win: MPI.Win, rank: int, slot: int, value: np.ndarray, op) -> int:
-    result = np.empty(1, np.int64)
-    win.Fetch_and_op(value, result, rank, slot, op)
-    win.Flush(rank)
-    return int(result[0])
-
-
-def read_counter(win: MPI.Win, rank: int, slot: int) -> int:
-    """Atomically read one int64 control slot (inside an open access epoch)."""
-    return _fetch_op(win, rank, slot, _ZERO, MPI.NO_OP)
-
-
-def add_counter(win: MPI.Win, rank: int, slot: int, amount: int = 1) -> int:
-    """Atomically add to one int64 control slot; returns the old value."""
-    return _fetch_op(win, rank, slot, np.array([amount], np.int64), MPI.SUM)
 
 
 @dataclass
@@ -256,39 +186,39 @@ class Shard:
         return True
 
     def _counter(self, slot: int) -> int:
-        return read_counter(self.windows.control, self.me, slot)
+        return self.windows.block.read(self.me, slot)
 
     # The loop -----------------------------------------------------------------------------
     def step(self, announced: int | None = None) -> bool:
         """Drain once and apply the update if there was a finite gradient; True if applied.
         `announced`: the PUSHES count, when the caller just read it."""
         if announced is None:
-            announced = self._counter(PUSHES)
+            announced = self._counter(Slot.PUSHES)
         merged = max(announced - self.seen, 0)  # pushes counted since the last drain
         if merged:
             self.seen = announced
-            add_counter(self.windows.control, self.me, ABSORBED, merged)  # before the drain: a
+            self.windows.block.add(self.me, Slot.ABSORBED, merged)  # before the drain: a
             # replica may push again now; its data lands in the next drain at the latest
         if not self._drain():  # their data came with the last drain (it lands before the count)
             return False
         self.stats.merged_histogram[staleness_bucket(merged)] += 1
         self.stats.max_merged = max(self.stats.max_merged, merged)
         self.max_merged_since = max(self.max_merged_since, merged)
-        control = self.windows.control
-        add_counter(control, self.me, DRAINS)
+        control = self.windows.block
+        control.add(self.me, Slot.DRAINS)
         if kernels.count_nonfinite(self.drained):
-            add_counter(control, self.me, DROPPED)
+            control.add(self.me, Slot.DROPPED)
             return False
         self.optimizer.step(self.work, self.drained)
         self._publish()
-        add_counter(control, self.me, VERSION)
+        control.add(self.me, Slot.VERSION)
         return True
 
     def apply_pending(self) -> bool:
         """One round of serving: if pushes were announced since the last drain, drain and
         apply them; True if it did. Also called from the waits of a checkpoint, so updates
         go on while one is written (a backlog never piles up into one giant step)."""
-        announced = self._counter(PUSHES)
+        announced = self._counter(Slot.PUSHES)
         if announced == self.seen:
             return False
         t0 = time.perf_counter()
@@ -298,7 +228,7 @@ class Shard:
 
     def version(self) -> int:
         """Updates applied so far."""
-        return self._counter(VERSION)
+        return self._counter(Slot.VERSION)
 
     def snapshot(self) -> list[tuple[str, np.ndarray]]:
         """Copies of this shard's slices (parameters, then the optimizer's state in a fixed
@@ -322,22 +252,22 @@ class Shard:
             if tick is not None:
                 tick()
             if stop is not None and stop.requested and not relayed:
-                add_counter(self.windows.control, self.layout.shard_rank(0), STOPS)
+                self.windows.block.add(self.layout.shard_rank(0), Slot.STOPS)
                 relayed = True
             if checkpoint is not None:
-                while self._counter(CHECKPOINTS) > written:
+                while self._counter(Slot.CHECKPOINTS) > written:
                     checkpoint()
                     written += 1
             if self.apply_pending():
                 backoff = self.poll_min_s
                 continue
-            if self._counter(WORKERS_DONE) + self._counter(WORKERS_FAILED) >= n_workers:
+            if self._counter(Slot.WORKERS_DONE) + self._counter(Slot.WORKERS_FAILED) >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
-                announced = self._counter(PUSHES)
+                announced = self._counter(Slot.PUSHES)
                 if announced == self.seen:
                     self.step(announced)
-                    while checkpoint is not None and self._counter(CHECKPOINTS) > written:
+                    while checkpoint is not None and self._counter(Slot.CHECKPOINTS) > written:
                         checkpoint()
                         written += 1
                     break
@@ -349,16 +279,12 @@ class Shard:
         return self.stats
 
     def _collect_stats(self) -> None:
-        control = np.empty(control_size(self.layout.n_replicas, self.layout.n_workers), np.int64)
-        win = self.windows.control
-        win.Get_accumulate([None, 0, MPI.INT64_T], control, self.me, target=(0, control.size, MPI.INT64_T),
-                           op=MPI.NO_OP)
-        win.Flush(self.me)
+        control = self.windows.block.read_all(self.me, self.layout.n_workers)
         s = self.stats
-        s.updates, s.pushes, s.drains = int(control[VERSION]), int(control[PUSHES]), int(control[DRAINS])
-        s.dropped, s.rejected = int(control[DROPPED]), int(control[REJECTED])
-        s.workers_failed = int(control[WORKERS_FAILED])
-        s.staleness_histogram = control[HIST:HIST + N_BUCKETS].tolist()
+        s.updates, s.pushes, s.drains = int(control[Slot.VERSION]), int(control[Slot.PUSHES]), int(control[Slot.DRAINS])
+        s.dropped, s.rejected = int(control[Slot.DROPPED]), int(control[Slot.REJECTED])
+        s.workers_failed = int(control[Slot.WORKERS_FAILED])
+        s.staleness_histogram = control[Slot.HIST:Slot.HIST + N_BUCKETS].tolist()
         s.pushes_by_replica = [int(control[pushes_by_replica(r)]) for r in range(self.layout.n_replicas)]
         s.first_push_after = [int(control[first_push_after(r)]) - 1 for r in range(self.layout.n_replicas)]
 
@@ -413,9 +339,9 @@ class ShardClient:
     def fetch(self, out: np.ndarray) -> None:
         """Read the current values of the ranges into `out` (one-sided, element-atomic)."""
         self.finish_push()
-        control, params = self.windows.control, self.windows.params
+        control, params = self.windows.block, self.windows.params
         for i, rank in enumerate(self.ranks):
-            self.versions[i] = read_counter(control, rank, VERSION)
+            self.versions[i] = control.read(rank, Slot.VERSION)
         requests = []
         for seg, rank in zip(self.segments, self.seg_ranks):
             # Pieces of at most FETCH_CHUNK values: MPICH slows down on very large
@@ -443,7 +369,7 @@ class ShardClient:
             nonfinite = kernels.count_nonfinite(grad)
         if nonfinite:
             self.rejected += 1
-            add_counter(self.windows.control, self.ranks[0], REJECTED)
+            self.windows.block.add(self.ranks[0], Slot.REJECTED)
             return False
         inbox = self.windows.inbox
         for seg, rank in zip(self.segments, self.seg_ranks):
@@ -462,17 +388,17 @@ class ShardClient:
             return
         MPI.Request.Waitall(self._pending)
         self._pending.clear()
-        inbox, control = self.windows.inbox, self.windows.control
+        inbox, control = self.windows.inbox, self.windows.block
         for rank in self.ranks:
             inbox.Flush(rank)  # the data is in the inbox before the counter says so
         for i, rank in enumerate(self.ranks):
-            staleness = read_counter(control, rank, VERSION) - int(self.versions[i])
+            staleness = control.read(rank, Slot.VERSION) - int(self.versions[i])
             self.staleness.append(staleness)
-            add_counter(control, rank, HIST + staleness_bucket(staleness))
-            first = add_counter(control, rank, pushes_by_replica(self.replica)) == 0
-            before = add_counter(control, rank, PUSHES)  # last: the shard may drain from here on
+            control.add(rank, Slot.HIST + staleness_bucket(staleness))
+            first = control.add(rank, pushes_by_replica(self.replica)) == 0
+            before = control.add(rank, Slot.PUSHES)  # last: the shard may drain from here on
             if first:
-                add_counter(control, rank, first_push_after(self.replica), before + 1)
+                control.add(rank, first_push_after(self.replica), before + 1)
             if self.max_backlog is not None:
                 self._bound_backlog(rank, before + 1 - self.max_backlog)
         self.pushes += 1
@@ -480,23 +406,23 @@ class ShardClient:
 
     def _bound_backlog(self, rank: int, absorbed: int) -> None:
         """Wait until shard `rank` has drained at least `absorbed` pushes."""
-        control = self.windows.control
-        if absorbed <= 0 or read_counter(control, rank, ABSORBED) >= absorbed:
+        control = self.windows.block
+        if absorbed <= 0 or control.read(rank, Slot.ABSORBED) >= absorbed:
             return
         self.backlog_waits += 1
-        self.wait(lambda: read_counter(control, rank, ABSORBED) >= absorbed)
+        self.wait(lambda: control.read(rank, Slot.ABSORBED) >= absorbed)
 
     def shard_versions(self) -> list[int]:
         """The update count of every shard (for progress lines)."""
-        return [read_counter(self.windows.control, self.layout.shard_rank(k), VERSION)
+        return [self.windows.block.read(self.layout.shard_rank(k), Slot.VERSION)
                 for k in range(self.layout.n_shards)]
 
     def finish(self) -> None:
         """Complete everything and tell every shard this worker is done."""
         self.finish_push()
-        control = self.windows.control
+        control = self.windows.block
         for k in range(self.layout.n_shards):
-            add_counter(control, self.layout.shard_rank(k), WORKERS_DONE)
+            control.add(self.layout.shard_rank(k), Slot.WORKERS_DONE)
 
     def close(self) -> None:
         self.windows.unlock_shards()

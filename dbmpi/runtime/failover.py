@@ -7,7 +7,7 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
 
 - a worker adds one to its heartbeat slot in shard 0's control window; the old value also
   says whether shard 0 declared it failed meanwhile (FAILED_MARK);
-- a shard adds one to its own SHARD_BEAT slot;
+- a shard adds one to its own Slot.SHARD_BEAT slot;
 - every rank reads the other shards' beats: a shard silent for `train.replica_timeout_s`
   cannot be survived (its parameters are gone), so whoever notices prints one line and
   calls MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written
@@ -29,8 +29,8 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
 - on shard 0, the failure detector reads every worker's slot. A worker whose count has not
   moved for the timeout gets its whole replica declared failed (a replica split into P
   partitions cannot step without all of them): its workers count as finished on every
-  shard (WORKERS_FAILED), so the shards stop waiting for them, and the other replicas train
-  on. Shard 0 also counts workers finished (WORKERS_DONE on every shard) when it sees their
+  shard (Slot.WORKERS_FAILED), so the shards stop waiting for them, and the other replicas train
+  on. Shard 0 also counts workers finished (Slot.WORKERS_DONE on every shard) when it sees their
   DONE mark, so each worker is counted exactly once, as done or as failed, whichever mark
   landed first (both are Fetch_and_op SUM on one slot: the old value says who won).
 
@@ -77,20 +77,10 @@ from contextlib import contextmanager
 
 from mpi4py import MPI
 
-from dbmpi.ps.server import (
-    BEATS,
-    DONE_MARK,
-    FAILED_MARK,
-    SHARD_BEAT,
-    VERDICT,
-    WORKERS_DONE,
-    WORKERS_FAILED,
-    ParameterWindows,
-    add_counter,
-    heartbeat_slot,
-    read_counter,
-)
+from dbmpi.ps.control import BEATS, DONE_MARK, FAILED_MARK, Slot
+from dbmpi.ps.server import ParameterWindows
 from dbmpi.runtime import procfs
+from dbmpi.runtime.comm import poll, stderr_line
 from dbmpi.runtime.layout import Layout
 
 EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
@@ -99,12 +89,6 @@ EXIT_FROZEN = 5  # no progress for 2 x timeout: stuck inside MPI
 EXIT_ALL_REPLICAS_FAILED = 6  # shard 0 when no replica survived: nothing could finish
 STUCK_S = 1.0  # a main thread that has not ticked this long (outside busy()) is stuck: a live one ticks every step and poll
 SHARD_GRACE_S = 3.0  # a shard died: the main thread has this long to notice before the watchdog acts
-
-
-def stderr_line(text: str) -> None:
-    """One line on stderr in one write, so lines of several ranks never interleave."""
-    sys.stderr.write(text.rstrip("\n") + "\n")
-    sys.stderr.flush()
 
 
 def leave(status: int) -> None:
@@ -195,11 +179,11 @@ class Liveness:
             # This rank was busy: it saw nobody meanwhile, which says nothing about them.
             self._shard_beats.clear()
             self._beats.clear()
-        control = self.windows.control
+        control = self.windows.block
         if self.role.is_shard:
-            add_counter(control, self.rank, SHARD_BEAT)
+            control.add(self.rank, Slot.SHARD_BEAT)
         else:
-            old = add_counter(control, self.shard0, heartbeat_slot(self.layout, self.rank))
+            old = control.add(self.shard0, self.windows.block.heartbeat(self.rank))
             if old & FAILED_MARK:
                 self.leave_released()
             self._refresh_failed()
@@ -228,13 +212,8 @@ class Liveness:
     def wait(self, done, low: float = 5e-5, high: float = 0.05, limit_s: float | None = None) -> bool:
         """Poll `done()` with exponential back-off (no spinning: ranks share cores),
         beating meanwhile; False if `limit_s` passed first."""
-        backoff, start = low, time.monotonic()
-        while not done():
-            self.beat()
-            if limit_s is not None and time.monotonic() - start > limit_s:
-                return False
-            time.sleep(backoff)
-            backoff = min(2 * backoff, high)
+        if not poll(done, low=low, high=high, beat=self.beat, limit_s=limit_s):
+            return False
         self.tick()
         return True
 
@@ -268,12 +247,12 @@ class Liveness:
     # Checks ----------------------------------------------------------------------------------
     def _refresh_failed(self) -> None:
         """Learn which workers shard 0 declared failed (read when their count changes)."""
-        control = self.windows.control
-        count = read_counter(control, self.shard0, WORKERS_FAILED)
+        control = self.windows.block
+        count = control.read(self.shard0, Slot.WORKERS_FAILED)
         if count == self._failed_count:
             return
         for w in range(self.layout.n_workers):
-            if read_counter(control, self.shard0, heartbeat_slot(self.layout, w)) & FAILED_MARK:
+            if control.read(self.shard0, self.windows.block.heartbeat(w)) & FAILED_MARK:
                 self.failed_workers.add(w)
         self._failed_count = count
 
@@ -281,7 +260,7 @@ class Liveness:
         for k, rank in enumerate(self.layout.shard_ranks):
             if rank == self.rank:
                 continue
-            value = read_counter(self.windows.control, rank, SHARD_BEAT)
+            value = self.windows.block.read(rank, Slot.SHARD_BEAT)
             seen = self._shard_beats.get(rank)
             if seen is None or seen[0] != value:
                 self._shard_beats[rank] = (value, now)
@@ -328,20 +307,20 @@ class Liveness:
     def _shard_ended(self) -> None:
         """Main thread, the watchdog having seen a shard's process end: unless the run is
         ending (shard 0 gave its verdict, after which ranks leave), the job ends."""
-        if read_counter(self.windows.control, self.shard0, VERDICT):
+        if self.windows.block.read(self.shard0, Slot.VERDICT):
             self._run_ending = True
             return
         self.shard_lost(self.dead_shard[0], "")
 
     def _detect(self, now: float) -> None:
         """Shard 0: count finished workers, declare silent ones' replicas failed."""
-        control, layout = self.windows.control, self.layout
+        control, layout = self.windows.block, self.layout
         for w in range(layout.n_workers):
             if w in self.done_workers or w in self.failed_workers:
                 continue
-            value = read_counter(control, self.rank, heartbeat_slot(layout, w))
+            value = control.read(self.rank, self.windows.block.heartbeat(w))
             if value & DONE_MARK:
-                self._count(w, WORKERS_DONE)
+                self._count(w, Slot.WORKERS_DONE)
                 continue
             beats = value & BEATS
             seen = self._beats.get(w)
@@ -351,9 +330,9 @@ class Liveness:
                 self._declare(w, now)
 
     def _count(self, worker: int, slot: int) -> None:
-        (self.done_workers if slot == WORKERS_DONE else self.failed_workers).add(worker)
+        (self.done_workers if slot == Slot.WORKERS_DONE else self.failed_workers).add(worker)
         for rank in self.layout.shard_ranks:
-            add_counter(self.windows.control, rank, slot)
+            self.windows.block.add(rank, slot)
 
     def _declare(self, silent_worker: int, now: float) -> None:
         """Declare the silent worker's replica failed: each of its workers that has not
@@ -370,11 +349,11 @@ class Liveness:
             w = layout.worker_rank(replica, p)
             if w in self.done_workers or w in self.failed_workers:
                 continue
-            old = add_counter(self.windows.control, self.rank, heartbeat_slot(layout, w), FAILED_MARK)
+            old = self.windows.block.add(self.rank, self.windows.block.heartbeat(w), FAILED_MARK)
             if old & DONE_MARK:  # it finished just now: done, not failed
-                self._count(w, WORKERS_DONE)
+                self._count(w, Slot.WORKERS_DONE)
             else:
-                self._count(w, WORKERS_FAILED)
+                self._count(w, Slot.WORKERS_FAILED)
                 declared.append(w)
         if not declared:
             return

@@ -10,16 +10,8 @@ import pytest
 from mpi4py import MPI
 
 from dbmpi.algorithms.optimizers import SGD
-from dbmpi.ps.server import (
-    DROPPED,
-    PUSHES,
-    ParameterWindows,
-    Shard,
-    ShardClient,
-    add_counter,
-    gather_parameters,
-    read_counter,
-)
+from dbmpi.ps.control import Slot
+from dbmpi.ps.server import ParameterWindows, Shard, ShardClient, gather_parameters
 from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
 
@@ -162,9 +154,9 @@ def test_non_finite_gradients_never_reach_the_parameters():
         poison[3] = np.nan
         windows.inbox.Accumulate(poison, shard_rank, op=MPI.SUM)
         windows.inbox.Flush(shard_rank)
-        add_counter(windows.control, shard_rank, PUSHES)
+        windows.block.add(shard_rank, Slot.PUSHES)
         deadline = time.monotonic() + 30
-        while not read_counter(windows.control, shard_rank, DROPPED) and time.monotonic() < deadline:
+        while not windows.block.read(shard_rank, Slot.DROPPED) and time.monotonic() < deadline:
             time.sleep(0.001)
         client.fetch(after)
         np.testing.assert_array_equal(after, initial)

@@ -9,7 +9,8 @@ from dbmpi.algorithms.optimizers import SGD
 from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model.network import Tensor
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints
-from dbmpi.ps.server import CHECKPOINTS, VERSION, ParameterWindows, Shard, ShardClient, add_counter, read_counter
+from dbmpi.ps.control import Slot
+from dbmpi.ps.server import ParameterWindows, Shard, ShardClient
 from dbmpi.runtime.failover import Liveness
 from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
@@ -20,7 +21,7 @@ GO = 99  # the worker tells shard 1 it may finish its part of the checkpoint
 
 def wait_for_versions(windows, layout, count: int) -> None:
     """Until every shard has applied `count` updates (each push here is one update)."""
-    while any(read_counter(windows.control, rank, VERSION) < count for rank in layout.shard_ranks):
+    while any(windows.block.read(rank, Slot.VERSION) < count for rank in layout.shard_ranks):
         time.sleep(1e-4)
 
 
@@ -37,7 +38,7 @@ def worker_side(comm, windows, layout):
         pushes += 1
         wait_for_versions(windows, layout, pushes)
     for rank in layout.shard_ranks:
-        add_counter(windows.control, rank, CHECKPOINTS)
+        windows.block.add(rank, Slot.CHECKPOINTS)
     for _ in range(3):  # would wait forever if a checkpoint stopped the shards' updates
         assert client.push(ones)
         client.finish_push()
