@@ -145,7 +145,7 @@ class PartitionPlan:
     input_ranges: tuple[tuple[int, int], ...]
 
     @classmethod
-    def for_network(cls, network, n_partitions: int) -> "PartitionPlan":
+    def for_network(cls, network, n_partitions: int) -> PartitionPlan:
         _check_partitions(network, n_partitions)
         P = n_partitions
         layers: list[LayerPlan] = []
@@ -179,7 +179,7 @@ class PartitionPlan:
                                    if q != p and max(n0, a) < min(n1, b)))
             recv = [FLOAT_BYTES * width * sum(b - a for _, a, b in h) for h in halos]
             send = [0] * P
-            for p, h in enumerate(halos):
+            for h in halos:
                 for q, a, b in h:
                     send[q] += FLOAT_BYTES * width * (b - a)
             need_grad = not from_file and any(lower.has_params for lower in network.layers[:index])

@@ -142,7 +142,7 @@ Prolog={shm_cleanup}
 Epilog={shm_cleanup}
 # The node advertises more CPUs than the host has, so jobs of 6 ranks fit.
 SlurmdParameters=config_overrides
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 {node_cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -183,7 +183,7 @@ class LocalSlurm:
         return result
 
     # Start and stop --------------------------------------------------------------------------
-    def start(self, timeout: float = 120) -> "LocalSlurm":
+    def start(self, timeout: float = 120) -> LocalSlurm:
         why = missing()
         if why:
             raise SlurmError(why)
@@ -217,7 +217,8 @@ class LocalSlurm:
             host=self.host, ctld_port=_free_port(), slurmd_port=_free_port(),
             munge_socket=self.munge_socket, state=self.root / "state", spool=self.root / "spool",
             run=self.run_dir, log=self.log_dir, conf_dir=self.conf_dir, shm_cleanup=SHM_CLEANUP,
-            cpus=self.cpus, memory=self.memory_mb))
+            cpus=self.cpus, memory=self.memory_mb,
+            node_cpus=f"CPUs={self.cpus} Sockets=1 CoresPerSocket={self.cpus} ThreadsPerCore=1"))
 
     def _start_munged(self, timeout: float) -> None:
         d = self.munge_dir
