@@ -4,9 +4,8 @@ gives up.
 Ranks often share cores (more ranks than cores on a laptop, shards beside workers on a
 node), and MPICH's blocking calls spin. So no rank waits inside a blocking MPI call for a
 message that may take long: it polls a nonblocking one with `poll`, which spins briefly
-(replies usually come that fast), then sleeps with exponential back-off. `poll` is the
-only waiting loop of the package; `Backoff` is its pause, for loops that do work between
-polls (a shard's serving loop).
+(replies usually come that fast), then sleeps with exponential back-off
+(dbmpi.runtime.poll, the only waiting loop of the package).
 
 The message tags of the whole package are one enum, so no two protocols can collide.
 """
@@ -14,13 +13,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Callable
 
 from mpi4py import MPI
 
+from dbmpi.runtime.poll import HIGH_S, LOW_S, poll
+
 SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
-LOW_S, HIGH_S = 5e-5, 2e-3  # the default first and longest pause
 
 
 class Tag(IntEnum):
@@ -40,43 +40,6 @@ class Tag(IntEnum):
     CKPT_LAST = 205  # shard 0's last order: the final checkpoint's step, or False
     OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why it diverged
     SLICE_VERSION = 207  # a shard's update count at its snapshot, sent before its slices
-
-
-class Backoff:
-    """Sleeps that double from `low` up to `high`; `reset()` after progress."""
-
-    def __init__(self, low: float = LOW_S, high: float = HIGH_S):
-        self.low, self.high = low, high
-        self.pause_s = low
-
-    def reset(self) -> None:
-        self.pause_s = self.low
-
-    def pause(self) -> None:
-        time.sleep(self.pause_s)
-        self.pause_s = min(2 * self.pause_s, self.high)
-
-
-def poll(done: Callable[[], bool], *, spin: float = 0.0, low: float = LOW_S, high: float = HIGH_S,
-         beat: Callable[[], None] | None = None, limit_s: float | None = None) -> bool:
-    """Call `done()` until it is true without hogging a core: for `spin` seconds in a tight
-    loop, then with exponential back-off between `low` and `high`, calling `beat()` (a
-    heartbeat) every round. False if `limit_s` passed first."""
-    if done():
-        return True
-    start = time.monotonic()
-    until = time.perf_counter() + spin
-    while time.perf_counter() < until:
-        if done():
-            return True
-    backoff = Backoff(low, high)
-    while not done():
-        if beat is not None:
-            beat()
-        if limit_s is not None and time.monotonic() - start > limit_s:
-            return False
-        backoff.pause()
-    return True
 
 
 Poll = Callable[[Callable[[], bool]], object]  # poll, or a heartbeat-keeping variant of it

@@ -45,9 +45,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from dbmpi.runtime import procfs
+from dbmpi.runtime.poll import poll
 
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 IGNORED = (signal.SIGUSR1,)
@@ -88,10 +88,15 @@ def sweep(rank: tuple[int, int | None], poll_s: float = SWEEP_POLL_S) -> str:
     them: read until found); once it has ended, remove those nothing uses any more. Returns
     the cleanup script's report."""
     files: set[str] = set()
-    while not procfs.gone(rank):
+
+    def ended() -> bool:
+        if procfs.gone(rank):
+            return True
         if not files:
-            files = procfs.mpich_shm_files(rank[0])
-        time.sleep(poll_s)
+            files.update(procfs.mpich_shm_files(rank[0]))
+        return False
+
+    poll(ended, low=poll_s, high=poll_s)
     return procfs.remove_unused(files)
 
 
@@ -117,14 +122,14 @@ def start_sweeper(rank_pid: int) -> int | None:
 
 
 def wait_for_sweeper(pid: int | None, limit_s: float = SWEEP_WAIT_S) -> None:
-    deadline = time.monotonic() + limit_s
-    while pid is not None and time.monotonic() < deadline:
+    def reaped() -> bool:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
+            return os.waitpid(pid, os.WNOHANG)[0] != 0
         except ChildProcessError:
-            return
-        time.sleep(0.02)
+            return True
+
+    if pid is not None:
+        poll(reaped, low=0.02, high=0.02, limit_s=limit_s)
 
 
 def exit_status(wait_status: int) -> int:
