@@ -165,7 +165,7 @@ def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert time.monotonic() - start < 60
-    lines = [l for l in result.stderr.splitlines() if l.startswith("dbmpi: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
     assert len(lines) == 2 and lines[0] == lines[1], result.stderr
     assert "2 MPI ranks" in lines[0]
     assert not (tmp_path / "r").exists()

@@ -47,8 +47,10 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
+from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import DONE_MARK, FAILED_MARK, VERDICT_CLEAN, VERDICT_FAILED, Slot, bucket_label
-from dbmpi.ps.server import ParameterWindows, Shard, ShardClient
+from dbmpi.ps.shard import Shard
+from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.comm import Tag, abort_on_error, agree, receive, send, stderr_line
 from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.runtime.faults import FAULTS

@@ -38,8 +38,9 @@ Recovery, so that a step never loops forever and never calls a zero step progres
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -402,12 +403,12 @@ class LBFGS:
         space.copy(G, D)
         space.scale(-1.0, D)
         alphas = []
-        for slot, rho in zip(reversed(self.slots), reversed(self.rho)):
+        for slot, rho in zip(reversed(self.slots), reversed(self.rho), strict=True):
             a = -rho * space.dot(s_name(slot), D)  # a = rho s.q with q = -d
             space.axpy(a, y_name(slot), D)           # q -= a y
             alphas.append(a)
         space.scale(self.gamma, D)                   # r = gamma q
-        for slot, rho, a in zip(self.slots, self.rho, reversed(alphas)):
+        for slot, rho, a in zip(self.slots, self.rho, reversed(alphas), strict=True):
             b = -rho * space.dot(y_name(slot), D)    # b = rho y.r with r = -d
             space.axpy(b - a, s_name(slot), D)       # r += (a - b) s
         return space.dot(G, D)

@@ -32,8 +32,8 @@ says so and the coordinator computes the batch again (dbmpi.algorithms.sandblast
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 FREE, ASSIGNED, COMMITTED, FLUSHED = "free", "assigned", "committed", "flushed"
 
@@ -222,7 +222,7 @@ class PortionScheduler:
         free portions (the first of a run of one or two), so every replica then reads
         long sequential stretches."""
         best_start, best_len, start = free[0], 0, free[0]
-        for prev, cur in zip(free, free[1:] + [None]):
+        for prev, cur in zip(free, free[1:] + [None], strict=True):
             if cur != prev + 1:
                 length = prev - start + 1
                 if length > best_len:

@@ -64,7 +64,7 @@ from dbmpi.model import Network
 from dbmpi.model.partitioned import worker_model
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ShardCheckpoints
-from dbmpi.ps.server import ParameterWindows, ShardClient
+from dbmpi.ps.client import ShardClient
 from dbmpi.ps.vectors import (
     AXPY,
     CHECKPOINT,
@@ -78,6 +78,7 @@ from dbmpi.ps.vectors import (
     STOP,
     ShardVectors,
 )
+from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime import procfs
 from dbmpi.runtime.comm import SPIN_S, Tag, Wait, abort_on_error, agree, poll, stderr_line, wait
 from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave

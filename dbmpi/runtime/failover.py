@@ -78,7 +78,7 @@ from contextlib import contextmanager
 from mpi4py import MPI
 
 from dbmpi.ps.control import BEATS, DONE_MARK, FAILED_MARK, Slot
-from dbmpi.ps.server import ParameterWindows
+from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime import procfs
 from dbmpi.runtime.comm import poll, stderr_line
 from dbmpi.runtime.layout import Layout

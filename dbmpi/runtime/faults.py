@@ -15,8 +15,8 @@ variables inject nothing. The table of hooks is in CONTRIBUTING.md:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 
 def _targeted(spec: str) -> tuple[int, str] | None:

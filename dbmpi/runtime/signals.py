@@ -31,7 +31,7 @@ class StopRequest:
         if self.signal is None:
             self.signal = signum
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
