@@ -50,7 +50,8 @@ def main():
     args = parser.parse_args()
     from mpi4py import MPI
 
-    from dbmpi.ps.server import NO_ORIGIN, ParameterWindows, ShardClient
+    from dbmpi.ps.client import ShardClient
+    from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
     from dbmpi.runtime.layout import Layout
 
     comm = MPI.COMM_WORLD

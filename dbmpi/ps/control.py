@@ -10,7 +10,7 @@ Atomicity: every access is MPI_Fetch_and_op on one int64 (MPI_SUM to add, MPI_NO
 read) followed by a flush, so concurrent updates from any number of ranks never lose an
 increment, and a value read is one that was there. Ordering between a push's data and its
 count comes from the flush: a worker flushes its accumulate into the inbox before it adds
-to PUSHES, so a shard that reads the count finds the data (dbmpi.ps.server).
+to PUSHES, so a shard that reads the count finds the data (dbmpi.ps.client).
 """
 from __future__ import annotations
 

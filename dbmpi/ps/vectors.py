@@ -7,7 +7,8 @@ from mpi4py import MPI
 
 from dbmpi import kernels
 from dbmpi.ps.checkpoint import ShardCheckpoints
-from dbmpi.ps.server import ParameterWindows
+from dbmpi.ps.store import ShardStore
+from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.comm import Tag, Wait
 from dbmpi.runtime.signals import StopRequest
 
@@ -27,13 +28,11 @@ class ShardVectors:
         self.stop = stop
         self.control = control
         self.root = control.size - 1  # the coordinator is the last rank of `control`
-        self.me = windows.comm.rank
         self.names = names
         self.vectors: dict[str, np.ndarray] = {"x": np.array(initial, np.float32)}
         self.zeros = np.zeros_like(self.vectors["x"])
         self.commands = 0
-        for win in (windows.params, windows.inbox):
-            win.Lock_all()
+        self.store = ShardStore(windows, self.zeros.size)
 
     def vector(self, name: str) -> np.ndarray:
         vec = self.vectors.get(name)
@@ -66,22 +65,19 @@ class ShardVectors:
             elif op == MULTIPLY:
                 kernels.multiply(self.vector(a), self.vector(b), self.vector(c))
             elif op == PUBLISH:
-                self.windows.params.Accumulate(self.vector(a), self.me, op=MPI.REPLACE)
-                self.windows.params.Flush(self.me)
+                self.store.publish(self.vector(a))
                 self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
                 # The replicas compute the batch now: sleep until it is done.
                 Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=Tag.WAKE))
             elif op == COLLECT:
                 # Every push of the evaluation was flushed before its replica reported it,
-                # and no other push can be in flight: take the sum and empty the inbox.
+                # and no other push can be in flight: take the sum and empty the inbox (a
+                # NaN or Inf, which the drain leaves behind, is cleared too).
                 out = self.vector(a)
-                inbox = self.windows.inbox
-                inbox.Get_accumulate([None, 0, MPI.FLOAT], out, self.me,
-                                     target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
-                inbox.Flush(self.me)
-                inbox.Accumulate(self.zeros, self.me, op=MPI.REPLACE)
-                inbox.Flush(self.me)
+                self.store.drain(out)
                 bad = np.array([float(kernels.count_nonfinite(out))])
+                if bad[0]:
+                    self.store.clear()
                 self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
             elif op == CHECKPOINT:
                 # What to write comes next: the vectors (file name, vector) and, for shard 0,
@@ -97,5 +93,4 @@ class ShardVectors:
                 raise RuntimeError(f"unknown shard command {op}")
 
     def close(self) -> None:
-        for win in (self.windows.params, self.windows.inbox):
-            win.Unlock_all()
+        self.store.close()

@@ -10,8 +10,10 @@ import pytest
 from mpi4py import MPI
 
 from dbmpi.algorithms.optimizers import SGD
+from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import Slot
-from dbmpi.ps.server import ParameterWindows, Shard, ShardClient, gather_parameters
+from dbmpi.ps.shard import Shard
+from dbmpi.ps.windows import ParameterWindows, gather_parameters
 from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
 
@@ -55,9 +57,9 @@ def integer_gradient(replica, push):
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_no_lost_updates(n_shards, n_replicas, chunk, monkeypatch):
     if chunk is not None:  # transfers split into many requests, as large shards' are
-        import dbmpi.ps.server as ps
+        import dbmpi.ps.client as client
 
-        monkeypatch.setattr(ps, "FETCH_CHUNK", chunk)
+        monkeypatch.setattr(client, "FETCH_CHUNK", chunk)
     comm = sub_world(n_shards + n_replicas)
     if comm is None:
         return

@@ -9,8 +9,10 @@ from dbmpi.algorithms.optimizers import SGD
 from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model.network import Tensor
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints
+from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import Slot
-from dbmpi.ps.server import ParameterWindows, Shard, ShardClient
+from dbmpi.ps.shard import Shard
+from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.failover import Liveness
 from dbmpi.runtime.layout import Layout
 from tests.mpi import sub_world
