@@ -26,59 +26,44 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
-from threadpoolctl import threadpool_limits
 
 from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
 from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.algorithms.run import (  # noqa: F401 - dbmpi.algorithms.sandblaster's
+    AGREED_ERRORS,
+    RunContext,
+    make_run_directory,
+    prepare_and_check_data,
+    prepare_run,
+    resolve_resume,
+    run_committed,
+    set_aside,
+)
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.config import ConfigError
-from dbmpi.io.atomic import atomic_write_text
-from dbmpi.io.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
-from dbmpi.io.rundir import RunDirectory, RunDirectoryError
-from dbmpi.model import Network
+from dbmpi.io.checkpoint import open_checkpoint
+from dbmpi.io.rundir import RunDirectory
 from dbmpi.model.partitioned import worker_model
-from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
 from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import DONE_MARK, FAILED_MARK, VERDICT_CLEAN, VERDICT_FAILED, Slot, bucket_label
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows
-from dbmpi.runtime.comm import Tag, abort_on_error, agree, receive, send, stderr_line
+from dbmpi.runtime.comm import Tag, receive, send, stderr_line
 from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.runtime.faults import FAULTS
-from dbmpi.runtime.layout import Layout, LayoutError, layout_for
-from dbmpi.runtime.signals import StopRequest
-from dbmpi.runtime.topology import Topology
 
-AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
+# The names dbmpi.algorithms.sandblaster imported from here before dbmpi.algorithms.run existed.
+_set_aside, _make_run_directory, _prepare_and_check_data = set_aside, make_run_directory, prepare_and_check_data
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
-
-
-def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
-    """The checkpoint a run resumes from, checked (checksums, model) before anything starts.
-
-    "auto": the newest valid checkpoint in the run directory, or a fresh start if it has
-    none (so a requeued job's first start works too); a path: that checkpoint.
-    """
-    if resume is None:
-        return None
-    if resume == "auto":
-        if not list_checkpoints(run_path / "checkpoints"):
-            return None
-        path = newest_valid(run_path / "checkpoints")
-    else:
-        path = Path(resume)
-    with open_checkpoint(path) as ckpt:
-        ckpt.check_network(network)
-        return {"path": str(path), "step": ckpt.step, "state": ckpt.state, "vectors": ckpt.vectors()}
 
 
 class ShardCheckpointer:
@@ -234,57 +219,25 @@ class Minibatches:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_and_check_data(cfg: dict, network: Network) -> dict:
-    """On the root: prepare a built-in source if needed, open the file, check it fits."""
-    from dbmpi.algorithms.sgd import open_training_data
-
-    with open_training_data(cfg["data"], network) as dataset:
-        return {"n_train": dataset.n_train, "n_test": dataset.n_test}
-
-
-def _make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False) -> RunDirectory:
-    run = RunDirectory(run_path, resume=resume)
-    run.write_config(cfg)
-    atomic_write_text(run.path / "layout.json", layout.to_json())
-    return run
-
-
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
         say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
-    """Train with algorithm = "downpour" on every rank of `comm`; the lead returns the summary."""
-    tcfg = cfg["train"]
-    network = Network(cfg["model"])
-    layout = layout_for(tcfg, network.n_params)
-    # Same verdicts on every rank, before any collective: the partition plan (a P the model
-    # cannot be split into) and the world size.
-    plan = PartitionPlan.for_network(network, layout.n_partitions)
-    layout.check_world(comm.size)
-    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), AGREED_ERRORS)
-    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS)
-    if tcfg["n_replicas"] > data_info["n_train"]:
-        raise ConfigError(f"train.n_replicas: {tcfg['n_replicas']} replicas for only "
-                          f"{data_info['n_train']} training examples")
-    made: list[RunDirectory] = []  # only the lead makes the run directory and logs progress
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None)),
-          AGREED_ERRORS)
-    run_dir = made[0] if made else None
-    lead_say = say if comm.rank == 0 else (lambda _msg: None)
-    # Shard 0 writes the final records and summary (the lead may be the replica that failed).
-    writer_say = say if comm.rank == layout.shard_rank(0) else (lambda _msg: None)
+    """Train with algorithm = "downpour" on every rank of `comm`; shard 0 returns the summary."""
 
-    # From here on every rank is committed: an error on one rank ends the job.
-    try:
-        run_started = comm.bcast(run_dir.started if run_dir is not None else None, root=0)
-        topo = Topology(layout, comm)
-        with threadpool_limits(limits=tcfg["threads"], user_api="blas"), StopRequest() as stop:
-            summary = _run(cfg, network, layout, plan, topo, run_dir, lead_say, Path(run_path), resumed, stop,
-                           writer_say, run_started)
-        topo.free()
-        return summary
-    except DivergedError:  # every rank raises it, after the teardown
-        raise
-    except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
-        abort_on_error(comm, exc)
+    def enough_examples(data_info: dict) -> None:
+        if cfg["train"]["n_replicas"] > data_info["n_train"]:
+            raise ConfigError(f"train.n_replicas: {cfg['train']['n_replicas']} replicas for only "
+                              f"{data_info['n_train']} training examples")
+
+    return run_committed(prepare_run(cfg, run_path, comm, say, resume, check=enough_examples), _run_context)
+
+
+def _run_context(ctx: RunContext) -> dict | None:
+    """The committed run (every rank): the lead's run directory's start time is everyone's."""
+    run_started = ctx.comm.bcast(ctx.run_dir.started if ctx.run_dir is not None else None, root=0)
+    # Shard 0 writes the final records and summary (the lead may be the replica that failed).
+    writer_say = ctx.speaker(ctx.layout.shard_rank(0))
+    return _run(ctx.cfg, ctx.network, ctx.layout, ctx.plan, ctx.topo, ctx.run_dir, ctx.say, ctx.run_path,
+                ctx.resumed, ctx.stop, writer_say, run_started)
 
 
 def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop, writer_say, run_started):
@@ -460,15 +413,6 @@ def _tell_outcome(world, layout, liveness: Liveness, diverged: str | None) -> Ca
         except MPI.Exception:
             return True
     return told
-
-
-def _set_aside(path: Path | None) -> Path | None:
-    """Rename a checkpoint of a diverged state so that --resume auto never picks it."""
-    if path is None:
-        return None
-    aside = path.with_name(path.name + ".diverged")
-    os.replace(path, aside)
-    return aside
 
 
 def _load_replica_data(cfg, network, layout, plan, topo) -> dict:

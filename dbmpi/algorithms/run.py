@@ -1,0 +1,171 @@
+"""What every MPI training run does before and around its algorithm (Downpour, Sandblaster).
+
+API (both `downpour.run` and `sandblaster.run` are these two calls around their `_run`):
+
+- `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network, the
+  layout and the partition plan, checks the world size, then on the root rank (rank 0, or
+  `root` given: Sandblaster's coordinator) prepares and checks the data, resolves `resume`
+  and makes the run directory. Each of those steps is agreed (dbmpi.runtime.comm.agree): it
+  raises the same AGREED_ERRORS error on every rank, so bad input ends every rank with the
+  same message before the first collective of the run. `check(data_info)` (optional) adds
+  an algorithm's own verdict on the data before the run directory exists.
+- `run_committed(ctx, body) -> body's result`: from here on every rank is committed. It makes
+  the Topology (collective), runs `body(ctx)` under the BLAS thread limit and a StopRequest
+  (`ctx.topo`, `ctx.stop` set), frees the Topology. A DivergedError passes through (every
+  rank raises it after the teardown); any other error ends the whole job (abort_on_error),
+  so no peer is left waiting.
+
+`RunContext` carries the rest: cfg, network, layout, plan, comm, root, run_path, run_dir
+(the root's RunDirectory, None elsewhere), say (the root's; silent elsewhere), `speaker(rank)`
+(the caller's `say` on that rank only), resumed (resolve_resume's answer), data_info
+({"n_train", "n_test"}).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from dbmpi import data as datasets
+from dbmpi.algorithms.sgd import DivergedError
+from dbmpi.config import ConfigError
+from dbmpi.io.atomic import atomic_write_text
+from dbmpi.io.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
+from dbmpi.io.rundir import RunDirectory, RunDirectoryError
+from dbmpi.model import Network
+from dbmpi.parallel.partition import PartitionPlan
+from dbmpi.runtime.comm import abort_on_error, agree
+from dbmpi.runtime.layout import Layout, LayoutError, layout_for
+from dbmpi.runtime.signals import StopRequest
+from dbmpi.runtime.topology import Topology
+
+AGREED_ERRORS = (CheckpointError, ConfigError, datasets.DatasetError, LayoutError, RunDirectoryError)
+T = TypeVar("T")
+
+
+def _silent(_msg: str) -> None:
+    pass
+
+
+def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
+    """The checkpoint a run resumes from, checked (checksums, model) before anything starts.
+
+    "auto": the newest valid checkpoint in the run directory, or a fresh start if it has
+    none (so a requeued job's first start works too); a path: that checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        if not list_checkpoints(run_path / "checkpoints"):
+            return None
+        path = newest_valid(run_path / "checkpoints")
+    else:
+        path = Path(resume)
+    with open_checkpoint(path) as ckpt:
+        ckpt.check_network(network)
+        return {"path": str(path), "step": ckpt.step, "state": ckpt.state, "vectors": ckpt.vectors()}
+
+
+def prepare_and_check_data(cfg: dict, network: Network) -> dict:
+    """On the root: prepare a built-in source if needed, open the file, check it fits."""
+    from dbmpi.algorithms.sgd import open_training_data
+
+    with open_training_data(cfg["data"], network) as dataset:
+        return {"n_train": dataset.n_train, "n_test": dataset.n_test}
+
+
+def make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False) -> RunDirectory:
+    """The run directory with the resolved config and the layout (refused if it holds a run
+    and this is not a resume)."""
+    run = RunDirectory(run_path, resume=resume)
+    run.write_config(cfg)
+    atomic_write_text(run.path / "layout.json", layout.to_json())
+    return run
+
+
+def set_aside(path: Path | None) -> Path | None:
+    """Rename a checkpoint of a diverged state so that --resume auto never picks it."""
+    if path is None:
+        return None
+    aside = path.with_name(path.name + ".diverged")
+    os.replace(path, aside)
+    return aside
+
+
+@dataclass
+class RunContext:
+    """One rank's view of a prepared run (see the module docstring)."""
+
+    cfg: dict
+    network: Network
+    layout: Layout
+    plan: PartitionPlan
+    comm: MPI.Intracomm
+    root: int
+    run_path: Path
+    run_dir: RunDirectory | None
+    say: Callable[[str], None]
+    resumed: dict | None
+    data_info: dict
+    output: Callable[[str], None] = field(default=print, repr=False)  # the caller's say, on every rank
+    topo: Topology | None = None  # set by run_committed
+    stop: StopRequest | None = None  # set by run_committed
+
+    @property
+    def tcfg(self) -> dict:
+        return self.cfg["train"]
+
+    def speaker(self, rank: int) -> Callable[[str], None]:
+        """The caller's `say` on `rank`, silent on every other rank."""
+        return self.output if self.comm.rank == rank else _silent
+
+
+def prepare_run(cfg: dict, run_path: Path, comm: MPI.Intracomm, say: Callable[[str], None] = print,
+                resume: str | None = None, *, coordinator: bool = False, parameters_only: bool = False,
+                check: Callable[[dict], None] | None = None) -> RunContext:
+    """Everything checked and agreed before the run commits (see the module docstring).
+    `coordinator`: the layout has one, and it is the root; `parameters_only`: a resumed
+    checkpoint gives only its parameters (its state is dropped, the run directory is new)."""
+    network = Network(cfg["model"])
+    layout = layout_for(cfg["train"], network.n_params, coordinator=coordinator)
+    # Same verdicts on every rank, before any collective: the partition plan (a P the model
+    # cannot be split into) and the world size.
+    plan = PartitionPlan.for_network(network, layout.n_partitions)
+    layout.check_world(comm.size)
+    root = layout.coordinator_rank if coordinator else 0
+    data_info = agree(comm, lambda: prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)
+    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS, root=root)
+    if resumed is not None and parameters_only:
+        resumed.update(state={}, parameters_only=True)  # no optimizer state: the parameters only
+    if check is not None:
+        check(data_info)
+    made: list[RunDirectory] = []  # only the root makes the run directory and logs progress
+    agree(comm, lambda: made.append(make_run_directory(cfg, run_path, layout,
+                                                       resume is not None and not parameters_only)),
+          AGREED_ERRORS, root=root)
+    return RunContext(cfg=cfg, network=network, layout=layout, plan=plan, comm=comm, root=root,
+                      run_path=Path(run_path), run_dir=made[0] if made else None,
+                      say=say if comm.rank == root else _silent, resumed=resumed, data_info=data_info,
+                      output=say)
+
+
+def run_committed(ctx: RunContext, body: Callable[[RunContext], T]) -> T | None:
+    """Run `body(ctx)` on every rank, committed: with the Topology, the BLAS thread limit and
+    a StopRequest; an error other than DivergedError ends the whole job."""
+    try:
+        ctx.topo = Topology(ctx.layout, ctx.comm)
+        with threadpool_limits(limits=ctx.tcfg["threads"], user_api="blas"), StopRequest() as stop:
+            ctx.stop = stop
+            result = body(ctx)
+        ctx.topo.free()
+        return result
+    except DivergedError:  # every rank raises it, after the teardown
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
+        abort_on_error(ctx.comm, exc)
+    return None
