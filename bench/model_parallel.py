@@ -33,6 +33,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -207,12 +208,10 @@ def per_step(total, steps):
     return total // steps if total % steps == 0 else total / steps
 
 
-def bench_model(bench, key, args, cores, emit):
-    """All cases of one model; returns its summary (on rank 0)."""
+def _model_inputs(key, args):
+    """The model's network, batch size and one random batch (inputs and labels)."""
     from dbmpi import config
     from dbmpi.model import Network
-    from dbmpi.model.partitioned import PartitionedNetwork
-    from dbmpi.parallel.partition import PartitionError, PartitionPlan
 
     name, path = MODELS[key]
     cfg = config.load(path, require_train=False)
@@ -221,33 +220,45 @@ def bench_model(bench, key, args, cores, emit):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *network.input_shape), dtype=np.float32)
     labels = rng.integers(0, network.n_classes, batch, dtype=np.int32)
+    return name, network, batch, x, labels
+
+
+def _usable_partitions(network, partitions):
+    """The partition counts the network can be split into, and why the others cannot."""
+    from dbmpi.parallel.partition import PartitionError, PartitionPlan
 
     usable, skipped = [], {}
-    for p in args.partitions:
+    for p in partitions:
         try:
             PartitionPlan.for_network(network, p)
             usable.append(p)
         except PartitionError as exc:
             skipped[str(p)] = str(exc)
-    parts = {}  # P -> (partition, its input rows of the batch), on the ranks of P's communicator
+    return usable, skipped
+
+
+def _partitions_here(bench, network, usable, x):
+    """P -> (partition, its input rows of the batch), on the ranks of P's communicator."""
+    from dbmpi.model.partitioned import PartitionedNetwork
+
+    parts = {}
     for p in usable:
         if bench.comms[p] != bench.MPI.COMM_NULL:
             part = PartitionedNetwork(network, bench.comms[p])
             r0, r1 = part.input_rows
             parts[p] = (part, np.ascontiguousarray(x[:, r0:r1]))
+    return parts
 
-    # Cases: (label, P, BLAS threads); the 2-thread P = 1 reference when there are 2 cores.
-    cases = [(f"p{p}", p, 1) for p in usable]
-    if 1 in usable and cores >= 2:
-        cases.append(("p1_2threads", 1, 2))
-    if not cases:
-        return {"batch": batch, "n_params": network.n_params, "skipped": skipped} if bench.rank == 0 else None
 
-    def run(case, steps, warmup):
-        _, p, threads = case
-        part, rows = parts.get(p, (None, None))
-        return bench.time_case(part, rows, labels, steps, warmup, threads)
+def _run_case(bench, parts, labels, case, steps, warmup):
+    _, p, threads = case
+    part, rows = parts.get(p, (None, None))
+    return bench.time_case(part, rows, labels, steps, warmup, threads)
 
+
+def _sample_cases(bench, run, cases, args, name, batch, skipped):
+    """Warm every case, size the measurement, then time the cases repeat by repeat (in
+    alternating order). Returns (steps, repeats, {label: seconds per step of each repeat})."""
     # Warm every case; size the measurement on the P = 1 step (or the first case's).
     first = run(cases[0], 1, 2)
     for case in cases[1:]:
@@ -268,8 +279,12 @@ def bench_model(bench, key, args, cores, emit):
         if bench.rank == 0:
             progress(f"{name} repeat {rep + 1}/{repeats}: " +
                      ", ".join(f"{label} {1e3 * s[-1]:.1f} ms" for label, s in samples.items()))
+    return steps, repeats, samples
 
-    # Bytes and time in MPI per partition, from an instrumented pass after the timed ones.
+
+def _instrumented_detail(bench, parts, usable, labels, steps, batch):
+    """Bytes and time in MPI per partition, from an instrumented pass after the timed ones
+    (P -> figures, on rank 0)."""
     detail = {}
     for p in usable:
         result = None
@@ -289,14 +304,15 @@ def bench_model(bench, key, args, cores, emit):
                 "instrumented_step_ms": [round(1e3 * r[0], 3) for r in result],
                 "mpi_ms": [round(1e3 * r[1], 3) for r in result],
             }
-    if bench.rank != 0:
-        return None
+    return detail
 
+
+def _summarize(cases, samples, detail, common, skipped, emit):
+    """Emit one record per case; return the model's summary (rank 0)."""
     median_ms = {label: 1e3 * statistics.median(s) for label, s in samples.items()}
     p1_ms, threads2_ms = median_ms.get("p1"), median_ms.get("p1_2threads")
-    common = {"model": name, "ranks": bench.world.size, "cores": cores, "batch": batch,
-              "steps": steps, "repeats": repeats, "n_params": network.n_params}
-    summary = {"batch": batch, "n_params": network.n_params, "steps": steps, "repeats": repeats,
+    summary = {"batch": common["batch"], "n_params": common["n_params"], "steps": common["steps"],
+               "repeats": common["repeats"],
                "step_ms": {}, "speedup": {}, "speedup_vs_p1_2threads": {}, "bytes_per_step": {},
                "mpi_ms": {}, "skipped": skipped}
     for label, p, threads in cases:
@@ -320,6 +336,29 @@ def bench_model(bench, key, args, cores, emit):
             summary["step_ms_p1_2threads"] = round(ms, 3)
         emit(record)
     return summary
+
+
+def bench_model(bench, key, args, cores, emit):
+    """All cases of one model; returns its summary (on rank 0)."""
+    name, network, batch, x, labels = _model_inputs(key, args)
+    usable, skipped = _usable_partitions(network, args.partitions)
+    parts = _partitions_here(bench, network, usable, x)
+
+    # Cases: (label, P, BLAS threads); the 2-thread P = 1 reference when there are 2 cores.
+    cases = [(f"p{p}", p, 1) for p in usable]
+    if 1 in usable and cores >= 2:
+        cases.append(("p1_2threads", 1, 2))
+    if not cases:
+        return {"batch": batch, "n_params": network.n_params, "skipped": skipped} if bench.rank == 0 else None
+
+    run = functools.partial(_run_case, bench, parts, labels)
+    steps, repeats, samples = _sample_cases(bench, run, cases, args, name, batch, skipped)
+    detail = _instrumented_detail(bench, parts, usable, labels, steps, batch)
+    if bench.rank != 0:
+        return None
+    common = {"model": name, "ranks": bench.world.size, "cores": cores, "batch": batch,
+              "steps": steps, "repeats": repeats, "n_params": network.n_params}
+    return _summarize(cases, samples, detail, common, skipped, emit)
 
 
 def environment(bench):

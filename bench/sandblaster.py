@@ -42,6 +42,7 @@ appends the records to bench/results/sandblaster.jsonl unless --no-record.
 """
 import argparse
 import heapq
+import itertools
 import json
 import os
 import platform
@@ -240,7 +241,7 @@ def revocations(iterations):
 def iteration_seconds(iterations):
     """Seconds of each L-BFGS iteration (1..K) from the coordinator's time_s."""
     times = [r["time_s"] for r in iterations]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def snapshot_child(out_dir, argv):
@@ -324,7 +325,7 @@ def bench_iteration(args, work, emit):
         eval_2t = min(timeit(lambda: network.loss_and_grad(x, y)) for _ in range(3))
     with threadpool_limits(limits=1, user_api="blas"):
         eval_1t = min(timeit(lambda: network.loss_and_grad(x, y)) for _ in range(3))
-    serial_iter = [b - a for a, b in zip(marks, marks[1:])]
+    serial_iter = [b - a for a, b in itertools.pairwise(marks)]
     reference = {"bench": "sandblaster_iteration_reference", "what": "serial LBFGS + NumpyVectorSpace, one process",
                  "blas_threads": 2, "batch": n, "iterations": iters, "evaluations": serial_evals,
                  "median_iteration_s": round(statistics.median(serial_iter), 4),
@@ -342,7 +343,7 @@ def bench_iteration(args, work, emit):
         summary, its, _, cmd, wall, cpu = train(work / f"iter-r{r}", r + 2, sets)
         per_iter = iteration_seconds(its)
         batches = [s for rec in its[1:] for s in rec["batch_seconds"]]
-        overhead = [t - sum(rec["batch_seconds"]) for t, rec in zip(per_iter, its[1:])]
+        overhead = [t - sum(rec["batch_seconds"]) for t, rec in zip(per_iter, its[1:], strict=True)]
         record = {"bench": "sandblaster_iteration", "replicas": r, "shards": 1, "ranks": r + 2,
                   "cores": os.cpu_count(), "oversubscribed": r > (os.cpu_count() or 1),
                   "batch": n, "portion_size": portion, "iterations": len(per_iter),
@@ -356,7 +357,8 @@ def bench_iteration(args, work, emit):
                   "revocations": revocations(its),
                   "serial_median_iteration_s": reference["median_iteration_s"],
                   "speedup_vs_serial_2threads": round(reference["median_iteration_s"] / statistics.median(per_iter), 3),
-                  "losses": [round(rec["loss"], 6) for rec in its], "command": cmd, "command_wall_s": round(wall, 2), "cpu": cpu}
+                  "losses": [round(rec["loss"], 6) for rec in its], "command": cmd, "command_wall_s": round(wall, 2),
+                  "cpu": cpu}
         by_r[r] = record
         emit(record)
         progress(f"iteration R={r}: {record['median_iteration_s']} s per iteration, "
@@ -475,7 +477,7 @@ def bench_straggler(args, work, emit):
     ideal_none = ideal_batches(portions, r, delay, None, factor, True)
     ideal_backup = ideal_batches(portions, r, delay, slow, factor, True)
     ideal_nobackup = ideal_batches(portions, r, delay, slow, factor, False)
-    for name, rec in out.items():
+    for rec in out.values():
         rec["overhead_vs_none_backup"] = round(rec["mean_batch_s"] / base - 1, 4)
         rec["overhead_vs_none_same_backup_setting"] = round(
             rec["mean_batch_s"] / (base if rec["backup_tasks"] else base_nb) - 1, 4)
@@ -607,7 +609,7 @@ def sandblaster_to_target(work, name, train_path, sets, target, cap_s, emit):
     tx, ty = load_split(train_path, "test")
     reached, trace = None, []
     with threadpool_limits(limits=2, user_api="blas"):
-        for rec, params in zip(stepped, copies):
+        for rec, params in zip(stepped, copies, strict=True):
             network.params[:] = params
             _, acc = network.evaluate(tx, ty)
             trace.append([rec["iteration"], rec["time_s"], acc])

@@ -208,7 +208,7 @@ def _torch_setup(warm: dict, threads: int):
     linears = [torch.nn.Linear(784, 512), torch.nn.Linear(512, 512), torch.nn.Linear(512, 10)]
     names = [layer.name for layer in network.layers]
     with torch.no_grad():
-        for linear, name in zip(linears, names):
+        for linear, name in zip(linears, names, strict=False):
             linear.weight.copy_(torch.from_numpy(tensors[f"{name}.W"]))
             linear.bias.copy_(torch.from_numpy(tensors[f"{name}.b"]))
     model = torch.nn.Sequential(linears[0], torch.nn.ReLU(), linears[1], torch.nn.ReLU(), linears[2])
@@ -291,7 +291,7 @@ def torch_lbfgs(warm: dict, budget_s: float, threads: int = 2) -> dict:
             if pair is not None:
                 state["prev_flat_grad"] = last["g"] - pair
 
-            def closure():
+            def closure(xb=xb, yb=yb):
                 nonlocal evaluations
                 if "loss" in cached:
                     return cached.pop("loss")  # the gradients are still in .grad

@@ -59,7 +59,7 @@ def main() -> None:
         for p, step_ms in m["step_ms"].items():
             record = next(r for r in per_case if r["model"] == _name(key) and r["partitions"] == int(p)
                           and r["blas_threads"] == 1)
-            compute = [round(s - c, 3) for s, c in zip(record["instrumented_step_ms"], record["mpi_ms"])]
+            compute = [round(s - c, 3) for s, c in zip(record["instrumented_step_ms"], record["mpi_ms"], strict=True)]
             sent, received = record["bytes_sent"], record["bytes_received"]
             rows[p] = {"step_ms": step_ms, "speedup": m["speedup"][p],
                        "speedup_vs_p1_2threads": m["speedup_vs_p1_2threads"][p],
@@ -86,7 +86,7 @@ def main() -> None:
     ps = sorted({int(p) for m in models.values() if m and "by_partitions" in m for p in m["by_partitions"]})
     ax.plot(ps, ps, color="gray", ls=":", label="ideal")
     width = 0.8 / max(1, len(models))
-    for i, (key, m) in enumerate(models.items()):
+    for i, m in enumerate(models.values()):
         if not m or "by_partitions" not in m:
             continue
         rows = m["by_partitions"]

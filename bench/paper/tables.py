@@ -49,7 +49,7 @@ def fig4(r):
           f"({w['steps']} steps, `{Path(w['checkpoint']).name}`)\n")
     print("| method | layout | final test accuracy | best on the curve | seconds to 85% | seconds to 86% | work done |")
     print("|---|---|---|---|---|---|---|")
-    for key, run in r["runs"].items():
+    for run in r["runs"].values():
         if "replicas" in run:
             layout = (f"R={run['replicas']}, S={run['shards']}" + (", +1 coordinator" if run.get("coordinator") else "")
                       + f": {run['ranks']} ranks")
