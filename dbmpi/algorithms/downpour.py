@@ -27,7 +27,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from mpi4py import MPI
 from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
+from dbmpi.algorithms.minibatches import Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.algorithms.run import (  # noqa: F401 - dbmpi.algorithms.sandblaster's
     AGREED_ERRORS,
@@ -190,33 +190,6 @@ class FinalMessages:
 
         liveness.wait(complete)
         return {w: self.received[w] for w in workers}
-
-
-class Minibatches:
-    """Shuffled minibatches of one replica's slice; the next one is gathered in a thread
-    while the current one is used (numpy's copies release the GIL)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int):
-        self.x, self.y, self.batch = x, y, batch
-        self.rng = np.random.default_rng(seed)
-        self.order, self.cursor = self.rng.permutation(len(x)), 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbmpi-prefetch")
-        self.future = self.pool.submit(self._make)
-
-    def _make(self):
-        if self.cursor + self.batch > len(self.x):
-            self.order, self.cursor = self.rng.permutation(len(self.x)), 0
-        index = np.sort(self.order[self.cursor:self.cursor + self.batch])
-        self.cursor += self.batch
-        return np.take(self.x, index, axis=0), np.take(self.y, index, axis=0)
-
-    def next(self):
-        batch = self.future.result()
-        self.future = self.pool.submit(self._make)
-        return batch
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,

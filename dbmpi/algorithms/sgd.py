@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dbmpi import data as datasets
+from dbmpi.algorithms.minibatches import Budget, Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
 from dbmpi.data import check_fits as _check_fits
@@ -31,7 +32,7 @@ class DivergedError(RuntimeError):
 EXIT_DIVERGED = 3
 
 
-def open_training_data(data_cfg: dict, network: Network) -> "datasets.Dataset":
+def open_training_data(data_cfg: dict, network: Network) -> datasets.Dataset:
     """Open the config's dataset (preparing a built-in source on demand) and check it fits."""
     path = data_cfg["path"]
     if data_cfg.get("source") and not Path(path).exists():
@@ -91,66 +92,60 @@ def train(cfg: dict, run: RunDirectory, say: Callable[[str], None] = print, prep
 def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     n = len(train_x)
     batch = min(tcfg["batch_size"], n)
-    steps_per_epoch = n // batch
     # The budget: steps or epochs, and/or train.time_budget_s (seconds of training).
-    total = tcfg["steps"] or (max(1, round(tcfg["epochs"] * steps_per_epoch)) if tcfg["epochs"] is not None
-                              else None)
-    budget_s = tcfg.get("time_budget_s")
+    budget = Budget.of(tcfg, n, batch)
+    steps_per_epoch = budget.steps_per_epoch
+    total = budget.steps if budget.limited else None
     eval_every = eval_interval(tcfg, steps_per_epoch)
     fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
     optimizer = None if fused else make_optimizer(tcfg, network.n_params)
     lr = tcfg["learning_rate"]
-    rng = np.random.default_rng(tcfg["seed"])
-    order, cursor, epoch = rng.permutation(n), 0, 0
 
     say(network.summary())
     planned = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if total is not None else "no step limit")
-    if budget_s:
-        planned += f", at most {budget_s:g} s"
+    if budget.seconds:
+        planned += f", at most {budget.seconds:g} s"
     say(f"training: {n} examples, batch {batch}, {planned}, optimizer {tcfg['optimizer']}, lr {lr}")
     of = f"/{total}" if total is not None else ""
     started = window_start = time.perf_counter()
-    deadline = started + budget_s if budget_s else math.inf
+    budget.start(started)
     window_loss, window_steps = 0.0, 0
     test_loss = test_acc = float("nan")
     step = 0
-    while total is None or step < total:
-        step += 1
-        if cursor + batch > n:
-            order, cursor, epoch = rng.permutation(n), 0, epoch + 1
-        index = np.sort(order[cursor:cursor + batch])
-        cursor += batch
-        xb, yb = train_x[index], train_y[index]
-        if fused:
-            loss = network.sgd_step(xb, yb, lr)
-        else:
-            loss = network.loss_and_grad(xb, yb)
-            optimizer.step(network.params, network.grad)
-        if not math.isfinite(loss):
-            failure = f"step {step}: loss is {loss}; lower train.learning_rate"
-            run.write_json("summary.json", {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
-                                            "status": "diverged", "failure": failure})
-            raise DivergedError(failure)
-        window_loss += loss
-        window_steps += 1
-        last = step == total or time.perf_counter() >= deadline
-        if step % tcfg["log_every"] == 0 or last:
-            now = time.perf_counter()
-            rate = window_steps * batch / max(now - window_start, 1e-9)
-            record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                      "loss": window_loss / window_steps, "samples_per_s": round(rate, 1)}
-            run.log(record)
-            say(f"step {step:>7}{of}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
-                f"{rate:9.0f} samples/s")
-            window_start, window_loss, window_steps = now, 0.0, 0
-        if step % eval_every == 0 or last:
-            test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
-            run.log({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                     "time_s": round(time.perf_counter() - started, 4),
-                     "test_loss": test_loss, "test_accuracy": test_acc})
-            say(f"step {step:>7}{of}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
-        if last:
-            break
+    with Minibatches(train_x, train_y, batch, tcfg["seed"]) as batches:
+        while step < budget.steps:
+            step += 1
+            xb, yb = batches.next()
+            if fused:
+                loss = network.sgd_step(xb, yb, lr)
+            else:
+                loss = network.loss_and_grad(xb, yb)
+                optimizer.step(network.params, network.grad)
+            if not math.isfinite(loss):
+                failure = f"step {step}: loss is {loss}; lower train.learning_rate"
+                run.write_json("summary.json", {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
+                                                "status": "diverged", "failure": failure})
+                raise DivergedError(failure)
+            window_loss += loss
+            window_steps += 1
+            last = step == budget.steps or budget.out_of_time()
+            if step % tcfg["log_every"] == 0 or last:
+                now = time.perf_counter()
+                rate = window_steps * batch / max(now - window_start, 1e-9)
+                record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "loss": window_loss / window_steps, "samples_per_s": round(rate, 1)}
+                run.log(record)
+                say(f"step {step:>7}{of}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
+                    f"{rate:9.0f} samples/s")
+                window_start, window_loss, window_steps = now, 0.0, 0
+            if step % eval_every == 0 or last:
+                test_loss, test_acc = network.evaluate(test_x, test_y, tcfg["eval_batch_size"])
+                run.log({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                         "time_s": round(time.perf_counter() - started, 4),
+                         "test_loss": test_loss, "test_accuracy": test_acc})
+                say(f"step {step:>7}{of}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+            if last:
+                break
     elapsed = time.perf_counter() - started
     summary = {"algorithm": "sgd", "optimizer": tcfg["optimizer"], "steps": step,
                "epochs": round(step / steps_per_epoch, 4), "batch_size": batch,
