@@ -244,8 +244,8 @@ def test_a_downpour_checkpoint_warm_starts_sandblaster(tmp_path):
     from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
     downpour = ROOT / "configs/downpour_digits.toml"
-    result, _ = launch(4, "train", downpour, "--run-dir", tmp_path / "dp", "--set", f"data.path={tmp_path / 'digits.h5'}",
-                       "--set", "train.steps=200", cwd=tmp_path)
+    result, _ = launch(4, "train", downpour, "--run-dir", tmp_path / "dp",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", "--set", "train.steps=200", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt_path = list_checkpoints(tmp_path / "dp" / "checkpoints")[-1]
     config = downpour  # the Downpour model, trained by Sandblaster

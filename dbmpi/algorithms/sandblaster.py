@@ -9,11 +9,12 @@ Ranks (dbmpi.runtime.layout with a coordinator): R x P workers, S shards, then t
   coordinator), axpy, scale, copy, multiply, publish (copy a vector into the RMA parameter
   window the replicas fetch from), collect (take the summed gradient the replicas pushed
   into the inbox window). Only scalars travel to the coordinator.
-- **The coordinator** runs dbmpi.algorithms.lbfgs on a vector space whose vectors are those slices.
+- **The coordinator** runs dbmpi.algorithms.lbfgs on a vector space whose vectors are those slices
+  (`ShardSpace`; the iteration loop, checkpoints and summary are dbmpi.algorithms.coordinator's).
   To evaluate f and its gradient at a point it publishes the point, then hands out the
   batch's portions (dbmpi.algorithms.portions): two-sided messages with each replica's lead, backups
   near the end, a commit protocol so each portion counts once.
-- **Replicas** fetch the published point once per evaluation (one-sided), compute each
+- **Replicas** (`Replica`) fetch the published point once per evaluation (one-sided), compute each
   portion's loss and gradient, accrue the committed ones and push them into the shards'
   inboxes (one-sided accumulate) when told to, then report the flush.
 
@@ -44,25 +45,22 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
-from threadpoolctl import threadpool_limits
 
-from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi import kernels
-from dbmpi.algorithms.downpour import AGREED_ERRORS, _set_aside
-from dbmpi.algorithms.lbfgs import LBFGS, NotFinite, X, vector_names
-from dbmpi.algorithms.portions import PortionScheduler, Reply, Silence, cut
+from dbmpi.algorithms.coordinator import Coordinator
+from dbmpi.algorithms.lbfgs import X, vector_names
+from dbmpi.algorithms.portions import BatchStats, PortionScheduler, Reply, Silence, cut
+from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
-from dbmpi.io.checkpoint import checkpoint_name, open_checkpoint
-from dbmpi.io.rundir import RunDirectory
-from dbmpi.model import Network
+from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model.partitioned import worker_model
-from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.ps.checkpoint import ShardCheckpoints
 from dbmpi.ps.client import ShardClient
 from dbmpi.ps.vectors import (
@@ -80,11 +78,10 @@ from dbmpi.ps.vectors import (
 )
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime import procfs
-from dbmpi.runtime.comm import SPIN_S, Tag, Wait, abort_on_error, agree, poll, stderr_line, wait
+from dbmpi.runtime.comm import SPIN_S, Tag, Wait, poll, stderr_line, wait
 from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave
 from dbmpi.runtime.faults import FAULTS
-from dbmpi.runtime.layout import Layout, layout_for
-from dbmpi.runtime.signals import StopRequest
+from dbmpi.runtime.layout import Layout
 from dbmpi.runtime.topology import Topology
 
 STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
@@ -110,7 +107,7 @@ class VitalWatch:
         self.lock = threading.Lock()
         self.stopped = False
 
-    def start(self) -> "VitalWatch":
+    def start(self) -> VitalWatch:
         threading.Thread(target=self._loop, name="dbmpi-vital-watch", daemon=True).start()
         return self
 
@@ -143,11 +140,10 @@ class ShardSpace:
     """dbmpi.algorithms.lbfgs's vector space over the shards' slices; `evaluate` runs a batch through
     the replicas."""
 
-    def __init__(self, control: MPI.Intracomm, world: MPI.Intracomm, layout: Layout,
-                 names: list[str], batches: list[tuple[int, int]], tcfg: dict):
-        self.control, self.world, self.layout = control, world, layout
-        self.root = control.rank
-        self.index = {name: i for i, name in enumerate(names)}
+    def __init__(self, topo: Topology, layout: Layout, batches: list[tuple[int, int]], tcfg: dict):
+        self.control, self.world, self.layout = topo.control, topo.world, layout
+        self.root = self.control.rank
+        self.index = {name: i for i, name in enumerate(vector_names(tcfg["history"]))}
         self.batches = batches
         self.batch = 0  # which batch evaluations use now
         self.evaluation = 0
@@ -171,6 +167,10 @@ class ShardSpace:
         self.dismissals: list[MPI.Request] = []
         self.events: list[dict] = []
         self.started = time.monotonic()
+
+    @property
+    def failed_replicas(self) -> list[int]:
+        return sorted(self.silence.failed)
 
     def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
         ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
@@ -231,12 +231,7 @@ class ShardSpace:
             self.inbox_spoiled = False
             self.recomputed += 1
         s = scheduler.stats
-        self.stats_log.append({
-            "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples,
-            "portions": s.portions, "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
-            "backups_issued": s.backups_issued, "backups_won": s.backups_won,
-            "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked, "reissued": s.reissued,
-            "seconds": time.perf_counter() - started})
+        self._log_stats(s, time.perf_counter() - started)
         if s.examples != n:  # the commit protocol's invariant; never expected
             raise RuntimeError(f"batch gradient counted {s.examples} examples, expected {n}")
         loss = s.loss
@@ -244,6 +239,15 @@ class ShardSpace:
             loss += 0.5 * self.weight_decay * self.dot(point, point)
             self.axpy(self.weight_decay, point, grad)
         return loss if nonfinite == 0 and math.isfinite(loss) else math.inf
+
+    def _log_stats(self, s: BatchStats, seconds: float) -> None:
+        """The evaluation's portion statistics (the coordinator's iteration records sum them)."""
+        self.stats_log.append({
+            "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples, "portions": s.portions,
+            "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
+            "backups_issued": s.backups_issued, "backups_won": s.backups_won,
+            "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked, "reissued": s.reissued,
+            "seconds": seconds})
 
     def _batch(self, point: str) -> tuple[PortionScheduler, int]:
         """Publish `point` and hand out the current batch's portions until every one is
@@ -315,7 +319,7 @@ class ShardSpace:
     def _receive(self, tag: int = Tag.REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
         """The next message with `tag` from `source`, or None once a replica was declared
         failed meanwhile (the caller checks again what it waits for). Requests that come
-        while it waits for something else are stashed. Polled (dbmpi.algorithms.sandblaster._poll)."""
+        while it waits for something else are stashed. Polled (dbmpi.runtime.comm.poll)."""
         got: list[dict] = []
 
         def arrived() -> bool:
@@ -479,93 +483,147 @@ def _leave_dismissed(topo: Topology) -> None:
     leave(EXIT_REPLICA_LOST)
 
 
-def _replica(cfg, network, layout, plan, topo, windows, signals: StopRequest) -> dict:
-    """A worker's loop: ask the coordinator for work, compute portions, accrue what it
-    commits, push when told to. A replica's partitions follow their lead's replies."""
-    replica, partition = topo.role.replica, topo.role.partition
-    lead = partition == 0
-    coordinator = layout.coordinator_rank
-    model, ranges, rows = worker_model(network, topo.replica, plan)
-    client = ShardClient(windows, replica, ranges)
-    accrued = np.zeros(model.n_params, np.float32)
-    factor, fixed_delay = FAULTS.slowdown(replica), FAULTS.portion_delay_s
-    die_after_push = FAULTS.pushes_before_death(replica)
-    fetched = -1  # the evaluation whose point model.params holds
-    loss_acc, nonfinite, committed = 0.0, 0, []
-    done, done_evaluation, flushed = None, 0, None  # what the next request reports
-    last_loss, last_n = 0.0, 0
-    computed, busy = 0, 0.0
-    reply = np.zeros(REPLY_FIELDS, np.int64)
-    signalled = np.zeros(1, np.int64)  # a stop signal on any partition, shared at flushes
-    test_data = None
-    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-        while True:
-            if lead:
-                topo.world.send({"replica": replica, "evaluation": done_evaluation, "done": done,
-                                 "flushed": flushed, "signal": bool(signalled[0]) or signals.requested},
-                                dest=coordinator, tag=Tag.REQUEST)
-                reply[:] = _encode(wait(topo.world.irecv(source=coordinator, tag=Tag.REPLY)))
-            if layout.n_partitions > 1:  # point to point: polled nonblocking collectives are slow
-                if lead:
-                    for other in range(1, layout.n_partitions):
-                        topo.replica.Send(reply, dest=other, tag=Tag.REPLY)
-                else:
-                    Wait(topo.replica.Irecv(reply, source=0, tag=Tag.REPLY))
-            stop, discard, commit, flush, index, a, b, evaluation, n, test = (int(v) for v in reply)
-            if stop == DISMISSED:  # silent too long: the others took over its portions
-                _leave_dismissed(topo)
-            if stop:
-                break
-            if discard:  # the coordinator revoked what this replica holds
-                accrued[:] = 0.0
-                loss_acc, nonfinite, committed = 0.0, 0, []
-            if commit:  # the portion just reported counts: its gradient is in model.grad
-                weight = last_n / n
-                nonfinite += kernels.axpy_count_nonfinite(weight, model.grad, accrued)
-                loss_acc += last_loss * weight
-                committed.append(done)
-            done, flushed = None, None
-            if test:  # the point the shards published, on the test set (replica 0 only)
-                client.fetch(model.params)
-                fetched = -1
-                if test_data is None:
-                    test_data = dataset.load("test", rows=rows)
-                result = model.evaluate(*test_data, cfg["train"]["eval_batch_size"])
-                if lead:
-                    topo.world.send(result, dest=coordinator, tag=Tag.RESULT)
-                continue
-            if flush:
-                client.push(accrued, nonfinite)
-                client.finish_push()  # in the shards' inboxes before the report says so
-                if client.pushes == die_after_push:  # test hook: pushed, never reported
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if layout.n_partitions > 1:  # every partition's share has landed
-                    topo.replica.Allreduce(np.array([int(signals.requested)]), signalled, op=MPI.MAX)
-                flushed = {"portions": committed, "loss": loss_acc, "nonfinite": nonfinite}
-                accrued[:] = 0.0
-                loss_acc, nonfinite, committed = 0.0, 0, []
-                continue
-            if index < 0:
-                continue  # a verdict without work: report and ask again
-            if evaluation != fetched:
-                client.fetch(model.params)  # once per evaluation
-                fetched = evaluation
-            t0 = time.perf_counter()
-            x, y = dataset.load("train", a, b, rows=rows)
-            last_loss = float(model.loss_and_grad(x, y))
-            last_n = b - a
-            delay = (factor - 1.0) * (time.perf_counter() - t0) + fixed_delay * factor
-            if delay > 0:
-                time.sleep(delay)
-            busy += time.perf_counter() - t0
-            computed += 1
-            done, done_evaluation = index, evaluation
-    client.close()
-    return {"kind": "replica", "rank": topo.rank, "replica": replica, "partition": partition,
-            "portions_computed": computed, "busy_s": round(busy, 3), "fetches": client.fetches,
-            "pushes": client.pushes, "bytes_fetched": client.bytes_fetched,
-            "bytes_pushed": client.bytes_pushed, "n_params": model.n_params,
-            "slowdown": factor}
+class Order(NamedTuple):
+    """A reply within a replica (`_encode`): what to do next."""
+
+    stop: int  # 0, STOPPED or DISMISSED
+    discard: int  # drop the accrual (its commits were revoked)
+    commit: int  # the portion just reported counts
+    flush: int  # push the accrual and report it
+    index: int  # the portion to compute (-1: none)
+    begin: int  # its examples [begin, end)
+    end: int
+    evaluation: int
+    n: int  # the batch's examples
+    test: int  # evaluate the published point on the test set
+
+
+class Accrual:
+    """What a replica committed since its last flush: the portions' gradient, each weighted
+    by its share of the batch, their loss, the non-finite gradient entries."""
+
+    def __init__(self, n_params: int):
+        self.grad = np.zeros(n_params, np.float32)
+        self.clear()
+
+    def clear(self) -> None:
+        self.grad[:] = 0.0
+        self.loss, self.nonfinite, self.portions = 0.0, 0, []
+
+    def add(self, grad: np.ndarray, loss: float, weight: float, portion: int) -> None:
+        self.nonfinite += kernels.axpy_count_nonfinite(weight, grad, self.grad)
+        self.loss += loss * weight
+        self.portions.append(portion)
+
+
+class Replica:
+    """A worker's part of a replica: ask the coordinator for work, compute portions, accrue
+    what it commits, push when told to. The lead (partition 0) asks; a replica's other
+    partitions follow its replies."""
+
+    def __init__(self, ctx: RunContext, windows: ParameterWindows):
+        self.cfg, self.layout, self.topo, self.signals = ctx.cfg, ctx.layout, ctx.topo, ctx.stop
+        self.replica, self.partition = self.topo.role.replica, self.topo.role.partition
+        self.lead = self.partition == 0
+        self.model, ranges, self.rows = worker_model(ctx.network, self.topo.replica, ctx.plan)
+        self.client = ShardClient(windows, self.replica, ranges)
+        self.accrual = Accrual(self.model.n_params)
+        self.factor, self.fixed_delay = FAULTS.slowdown(self.replica), FAULTS.portion_delay_s
+        self.die_after_push = FAULTS.pushes_before_death(self.replica)
+        self.fetched = -1  # the evaluation whose point model.params holds
+        self.done, self.done_evaluation, self.flushed = None, 0, None  # what the next request reports
+        self.last_loss, self.last_n = 0.0, 0  # the portion computed last
+        self.computed, self.busy = 0, 0.0
+        self.reply = np.zeros(REPLY_FIELDS, np.int64)
+        self.signalled = np.zeros(1, np.int64)  # a stop signal on any partition, shared at flushes
+        self.test_data = None
+
+    def run(self) -> dict:
+        """Follow the coordinator's replies until stop; this worker's record."""
+        with datasets.open_dataset(self.cfg["data"]["path"]) as dataset:
+            while self.follow(self.next_order(), dataset):
+                pass
+        self.client.close()
+        client = self.client
+        return {"kind": "replica", "rank": self.topo.rank, "replica": self.replica, "partition": self.partition,
+                "portions_computed": self.computed, "busy_s": round(self.busy, 3), "fetches": client.fetches,
+                "pushes": client.pushes, "bytes_fetched": client.bytes_fetched,
+                "bytes_pushed": client.bytes_pushed, "n_params": self.model.n_params,
+                "slowdown": self.factor}
+
+    def next_order(self) -> Order:
+        """The lead reports what it did and waits for the reply; the other partitions get
+        it from the lead (point to point: polled nonblocking collectives are slow)."""
+        world, coordinator = self.topo.world, self.layout.coordinator_rank
+        if self.lead:
+            world.send({"replica": self.replica, "evaluation": self.done_evaluation, "done": self.done,
+                        "flushed": self.flushed, "signal": bool(self.signalled[0]) or self.signals.requested},
+                       dest=coordinator, tag=Tag.REQUEST)
+            self.reply[:] = _encode(wait(world.irecv(source=coordinator, tag=Tag.REPLY)))
+        if self.layout.n_partitions > 1:
+            if self.lead:
+                for other in range(1, self.layout.n_partitions):
+                    self.topo.replica.Send(self.reply, dest=other, tag=Tag.REPLY)
+            else:
+                Wait(self.topo.replica.Irecv(self.reply, source=0, tag=Tag.REPLY))
+        return Order(*(int(v) for v in self.reply))
+
+    def follow(self, order: Order, dataset) -> bool:
+        """Do what `order` says; False once told to stop."""
+        if order.stop == DISMISSED:  # silent too long: the others took over its portions
+            _leave_dismissed(self.topo)
+        if order.stop:
+            return False
+        if order.discard:  # the coordinator revoked what this replica holds
+            self.accrual.clear()
+        if order.commit:  # the portion just reported counts: its gradient is in model.grad
+            self.accrual.add(self.model.grad, self.last_loss, self.last_n / order.n, self.done)
+        self.done, self.flushed = None, None
+        if order.test:
+            self.test(dataset)
+        elif order.flush:
+            self.flush()
+        elif order.index >= 0:  # else a verdict without work: report and ask again
+            self.compute(order, dataset)
+        return True
+
+    def test(self, dataset) -> None:
+        """The point the shards published, on the test set (the lowest live replica only)."""
+        self.client.fetch(self.model.params)
+        self.fetched = -1
+        if self.test_data is None:
+            self.test_data = dataset.load("test", rows=self.rows)
+        result = self.model.evaluate(*self.test_data, self.cfg["train"]["eval_batch_size"])
+        if self.lead:
+            self.topo.world.send(result, dest=self.layout.coordinator_rank, tag=Tag.RESULT)
+
+    def flush(self) -> None:
+        """Push the accrual into the shards' inboxes; the next request reports it."""
+        accrual = self.accrual
+        self.client.push(accrual.grad, accrual.nonfinite)
+        self.client.finish_push()  # in the shards' inboxes before the report says so
+        if self.client.pushes == self.die_after_push:  # test hook: pushed, never reported
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.layout.n_partitions > 1:  # every partition's share has landed
+            self.topo.replica.Allreduce(np.array([int(self.signals.requested)]), self.signalled, op=MPI.MAX)
+        self.flushed = {"portions": accrual.portions, "loss": accrual.loss, "nonfinite": accrual.nonfinite}
+        accrual.clear()
+
+    def compute(self, order: Order, dataset) -> None:
+        """The loss and gradient of the portion (into model.grad), at the evaluation's point."""
+        if order.evaluation != self.fetched:
+            self.client.fetch(self.model.params)  # once per evaluation
+            self.fetched = order.evaluation
+        t0 = time.perf_counter()
+        x, y = dataset.load("train", order.begin, order.end, rows=self.rows)
+        self.last_loss = float(self.model.loss_and_grad(x, y))
+        self.last_n = order.end - order.begin
+        delay = (self.factor - 1.0) * (time.perf_counter() - t0) + self.fixed_delay * self.factor
+        if delay > 0:  # test hooks: a straggler, a slow machine
+            time.sleep(delay)
+        self.busy += time.perf_counter() - t0
+        self.computed += 1
+        self.done, self.done_evaluation = order.index, order.evaluation
 
 
 # The run ------------------------------------------------------------------------------------
@@ -575,34 +633,73 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
     """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
     the run directory and returns the summary. `resume`: a checkpoint path or "auto";
     `parameters_only`: take only its parameters (a warm start, as `dbmpi train --init`)."""
-    from dbmpi.algorithms.downpour import _make_run_directory, _prepare_and_check_data, resolve_resume
+    ctx = prepare_run(cfg, run_path, comm, say, resume, coordinator=True, parameters_only=parameters_only)
+    return run_committed(ctx, _run)
 
-    tcfg = cfg["train"]
-    network = Network(cfg["model"])
-    layout = layout_for(tcfg, network.n_params, coordinator=True)
-    plan = PartitionPlan.for_network(network, layout.n_partitions)
-    layout.check_world(comm.size)
-    root = layout.coordinator_rank
-    data_info = agree(comm, lambda: _prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)
-    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS, root=root)
-    if resumed is not None and parameters_only:
-        resumed.update(state={}, parameters_only=True)  # no L-BFGS state: x only
-    made: list[RunDirectory] = []
-    agree(comm, lambda: made.append(_make_run_directory(cfg, run_path, layout, resume is not None and not parameters_only)),
-          AGREED_ERRORS, root=root)
-    run_dir = made[0] if made else None
-    lead_say = say if comm.rank == root else (lambda _msg: None)
-    try:
-        topo = Topology(layout, comm)
-        with threadpool_limits(limits=tcfg["threads"], user_api="blas"), StopRequest() as stop:
-            summary = _run(cfg, network, layout, plan, topo, run_dir, data_info, lead_say,
-                           Path(run_path), resumed, stop)
-        topo.free()
-        return summary
-    except DivergedError:  # every rank raises it, after the teardown
-        raise
-    except BaseException as exc:  # noqa: BLE001 - any failure must not leave peers waiting
-        abort_on_error(comm, exc)
+
+def _run(ctx: RunContext) -> dict | None:
+    """Every rank's part of the committed run. A divergence raises DivergedError on every
+    rank, after the teardown."""
+    watch = VitalWatch(ctx.topo.world, ctx.layout).start()
+    summary = _coordinate(ctx, watch) if ctx.topo.role.is_coordinator else _work(ctx, watch)
+    failure = ctx.topo.world.bcast(summary["failure"] if summary is not None else None,
+                                   root=ctx.layout.coordinator_rank)
+    if failure is not None:  # the same line on every rank (dbmpi.cli), the last good checkpoint kept
+        raise DivergedError(failure)
+    return summary
+
+
+def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
+    """The coordinator's part: the run (dbmpi.algorithms.coordinator) over the shards' vectors;
+    after a failed replica it leaves without collectives once the run is written."""
+    say, tcfg, n_train = ctx.say, ctx.tcfg, ctx.data_info["n_train"]
+    say(ctx.network.summary())
+    say(ctx.layout.describe("sgd", ctx.plan))
+    say(f"run directory: {ctx.run_dir.path}")
+    space = ShardSpace(ctx.topo, ctx.layout, cut(0, n_train, min(tcfg["batch_size"], n_train)), tcfg)
+    coordinator = Coordinator(ctx.cfg, space, ctx.layout, ctx.run_dir, say, stop=ctx.stop,
+                              n_params=ctx.network.n_params, resumed=ctx.resumed, set_aside=set_aside)
+    summary = coordinator.run(before_verdict=watch.stop)
+    if summary["failed_replicas"]:
+        _leave_after_failure(summary, ctx.layout, ctx.topo, say)
+    return summary
+
+
+def _work(ctx: RunContext, watch: VitalWatch) -> None:
+    """A shard's or a worker's part: serve the vector commands, or compute portions; then
+    the records to the coordinator, point to point, and its verdict says how to end."""
+    topo, layout, role = ctx.topo, ctx.layout, ctx.topo.role
+    windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
+    if role.is_shard:
+        shard, checkpoints = _shard_vectors(ctx, windows)
+        shard.serve()
+        record = {"kind": "shard", "rank": topo.rank, "shard": role.shard, "commands": shard.commands,
+                  "vectors": len(shard.vectors), "checkpoints_written": checkpoints.written}
+    else:
+        record = Replica(ctx, windows).run()
+    topo.world.send({"rank": topo.rank, "records": [record]}, dest=layout.coordinator_rank, tag=Tag.RECORDS)
+    watch.stop()  # the run is over for this rank; the others may leave from here on
+    if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=Tag.VERDICT), high=0.05):
+        leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
+    if role.is_shard:
+        shard.close()
+    windows.free()
+
+
+def _shard_vectors(ctx: RunContext, windows: ParameterWindows) -> tuple[ShardVectors, ShardCheckpoints]:
+    """A shard's slice of every L-BFGS vector (x from the network, or the vectors of the
+    checkpoint resumed from: each shard reads only its own range), and its checkpoint writer."""
+    layout, shard = ctx.layout, ctx.topo.role.shard
+    lo, hi = layout.shard_ranges[shard]
+    checkpoints = ShardCheckpoints(ctx.topo.control, list(range(layout.n_shards)), layout.shard_ranges,
+                                   ctx.network.tensors, ctx.run_path / "checkpoints", ctx.tcfg["checkpoint_keep"])
+    vectors = ShardVectors(windows, ctx.topo.control, ctx.network.params[lo:hi], vector_names(ctx.tcfg["history"]),
+                           checkpoints, ctx.stop)
+    if ctx.resumed:
+        with open_checkpoint(ctx.resumed["path"], verify=False) as ckpt:
+            for stored, name in _resumed_vectors(ctx.resumed):
+                ckpt.read_range(stored, lo, hi, out=vectors.vector(name))
+    return vectors, checkpoints
 
 
 def _resumed_vectors(resumed: dict | None) -> list[tuple[str, str]]:
@@ -615,53 +712,6 @@ def _resumed_vectors(resumed: dict | None) -> list[tuple[str, str]]:
     if lbfgs_state is not None:
         pairs += [(f"lbfgs/{name}", name) for name in lbfgs_state["vectors"] if name != X]
     return pairs
-
-
-def _run(cfg, network, layout, plan, topo, run_dir, data_info, say, run_path, resumed, stop):
-    tcfg = cfg["train"]
-    role = topo.role
-    names = vector_names(tcfg["history"])
-    records: list[dict] = []
-    summary = None
-    watch = VitalWatch(topo.world, layout).start()
-    if role.is_coordinator:
-        say(network.summary())
-        say(layout.describe("sgd", plan))
-        say(f"run directory: {run_dir.path}")
-        summary, gathered = _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop,
-                                        watch)
-        summary = _finish(summary, gathered, run_dir, say)
-        if summary["failed_replicas"]:
-            _leave_after_failure(summary, layout, topo, say)
-    else:
-        windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
-        if role.is_shard:
-            lo, hi = layout.shard_ranges[role.shard]
-            checkpoints = ShardCheckpoints(topo.control, list(range(layout.n_shards)), layout.shard_ranges,
-                                           network.tensors, run_path / "checkpoints", tcfg["checkpoint_keep"])
-            shard = ShardVectors(windows, topo.control, network.params[lo:hi], names, checkpoints, stop)
-            if resumed:  # each shard reads only its own range of each vector
-                with open_checkpoint(resumed["path"], verify=False) as ckpt:
-                    for stored, name in _resumed_vectors(resumed):
-                        ckpt.read_range(stored, lo, hi, out=shard.vector(name))
-            shard.serve()
-            records.append({"kind": "shard", "rank": topo.rank, "shard": role.shard,
-                            "commands": shard.commands, "vectors": len(shard.vectors),
-                            "checkpoints_written": checkpoints.written})
-        else:
-            records.append(_replica(cfg, network, layout, plan, topo, windows, stop))
-        # Records to the coordinator, point to point; its verdict says how to end.
-        topo.world.send({"rank": topo.rank, "records": records}, dest=layout.coordinator_rank, tag=Tag.RECORDS)
-        watch.stop()  # the run is over for this rank; the others may leave from here on
-        if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=Tag.VERDICT), high=0.05):
-            leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
-        if role.is_shard:
-            shard.close()
-        windows.free()
-    failure = topo.world.bcast(summary["failure"] if role.is_coordinator else None, root=layout.coordinator_rank)
-    if failure is not None:  # the same line on every rank (dbmpi.cli), the last good checkpoint kept
-        raise DivergedError(failure)
-    return summary
 
 
 def _leave_after_failure(summary: dict, layout: Layout, topo: Topology, say) -> None:
@@ -678,200 +728,3 @@ def _leave_after_failure(summary: dict, layout: Layout, topo: Topology, say) -> 
         stderr_line(f"dbmpi: error: training diverged: {summary['failure']}")
         leave(EXIT_DIVERGED)
     leave(0)
-
-
-def _restore(lbfgs: LBFGS, space: "ShardSpace", resumed: dict, say) -> dict:
-    """Continue from a checkpoint the shards have loaded: the L-BFGS scalars, the batch, the
-    counters. A changed history size or batching keeps x (and the pairs that fit) and
-    re-evaluates f and g; a Downpour checkpoint is a warm start from its parameters."""
-    state = resumed["state"]
-    saved = state.get("lbfgs")
-    if saved is None:
-        say(f"warm start from the parameters of {resumed['path']} (it holds no L-BFGS state)")
-        lbfgs.start()
-        return {"iteration": 0, "elapsed_s": 0.0}
-    saved = dict(saved)
-    fresh = False
-    if int(saved["m"]) != lbfgs.m:
-        say(f"history {lbfgs.m} instead of the checkpoint's {saved['m']}: keeping the newest pairs that fit")
-        keep = [i for i in saved["slots"] if i < lbfgs.m][-lbfgs.m:]
-        saved.update(m=lbfgs.m, slots=keep, rho=[r for i, r in zip(saved["slots"], saved["rho"]) if i in keep])
-    lbfgs.load_state(saved)
-    if state.get("batches") == [list(b) for b in space.batches]:
-        space.batch = int(state["batch"])
-    else:
-        fresh = True
-    space.evaluation = int(state.get("evaluation", 0))
-    if fresh:
-        say("the batches differ from the checkpoint's: evaluating f and g at x afresh")
-        lbfgs.start()
-    return {"iteration": lbfgs.iteration, "elapsed_s": float(state.get("elapsed_s", 0.0))}
-
-
-def _coordinate(cfg, network, layout, topo, names, run_dir, data_info, say, resumed, stop, watch) -> dict:
-    tcfg = cfg["train"]
-    n_train = data_info["n_train"]
-    size = min(tcfg["batch_size"], n_train)
-    batches = [(a, min(a + size, n_train)) for a in range(0, n_train, size)]
-    space = ShardSpace(topo.control, topo.world, layout, names, batches, tcfg)
-    lbfgs = LBFGS(space, m=tcfg["history"], c1=tcfg["wolfe_c1"], c2=tcfg["wolfe_c2"],
-                  max_evals=tcfg["max_line_search"])
-    budget = tcfg["iterations"] if tcfg["iterations"] is not None else math.inf
-    deadline = (time.perf_counter() + tcfg["time_budget_s"]) if tcfg["time_budget_s"] else math.inf
-    portions = math.ceil(size / tcfg["portion_size"])
-    say(f"sandblaster: {layout.n_replicas} replicas x {layout.n_partitions} partition(s), "
-        f"{layout.n_shards} shards; batches of {size} examples ({len(batches)} per pass) in "
-        f"{portions} portions of {tcfg['portion_size']}; history {tcfg['history']}, "
-        f"backups {'on' if tcfg['backup_tasks'] else 'off'}")
-    started = time.perf_counter()
-    earlier_s = 0.0  # seconds trained before a resume, so times continue
-    failure: list[str] = []  # why the training diverged
-
-    def start() -> float:
-        """f and g at x on the current batch; NaN (and a failure) when they are not finite."""
-        try:
-            return lbfgs.start()
-        except NotFinite as exc:
-            failure.append(f"iteration {lbfgs.iteration + 1}, batch {space.batch}: {exc}; check the data")
-            return math.nan
-    if resumed and resumed.get("parameters_only"):
-        say(f"initial parameters from {resumed['path']}")
-        run_dir.log({"kind": "init", "checkpoint": resumed["path"]})
-        loss = start()
-    elif resumed:
-        say(f"resuming from {resumed['path']} at iteration {resumed['step']}")
-        run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
-        restored = _restore(lbfgs, space, resumed, say)
-        earlier_s = restored["elapsed_s"]
-        loss = lbfgs.f
-    else:
-        loss = start()
-    seen = 0
-    status, iteration = "budget", lbfgs.iteration
-    iterations: list[dict] = []
-    every, every_s = tcfg["checkpoint_every"], tcfg["checkpoint_every_s"]
-    eval_every = configuration.eval_interval(tcfg, len(batches))  # iterations between test evaluations
-    last_checkpoint, checkpointed_at = time.perf_counter(), None
-    written: list[str] = []
-    config_text = configuration.dumps(cfg)
-
-    def elapsed() -> float:
-        return earlier_s + time.perf_counter() - started
-
-    def log(record: dict) -> None:
-        nonlocal seen
-        evals = space.stats_log[seen:]
-        seen = len(space.stats_log)
-        record.update({
-            "kind": "iteration", "time_s": round(elapsed(), 4),
-            "portions_by_replica": [sum(e["portions_by_replica"][r] for e in evals)
-                                    for r in range(layout.n_replicas)],
-            "examples_per_evaluation": [e["examples"] for e in evals],
-            "backups_issued": sum(e["backups_issued"] for e in evals),
-            "backups_won": sum(e["backups_won"] for e in evals),
-            "duplicates_rejected": sum(e["duplicates_rejected"] for e in evals),
-            "revoked": sum(e["revoked"] for e in evals),
-            "batch_seconds": [round(e["seconds"], 4) for e in evals]})
-        iterations.append(record)
-        run_dir.log(record)
-
-    def checkpoint(phase: str) -> None:
-        nonlocal last_checkpoint, checkpointed_at
-        state = lbfgs.state()
-        vectors = [("params", X)] + [(f"lbfgs/{name}", name) for name in state["vectors"] if name != X]
-        space.checkpoint(vectors, step=lbfgs.iteration, algorithm="sandblaster", config_text=config_text,
-                         layout=layout.to_dict(),
-                         state={"lbfgs": state, "batch": space.batch, "batches": batches,
-                                "evaluation": space.evaluation, "elapsed_s": round(elapsed(), 4),
-                                "phase": phase, "iteration": lbfgs.iteration})
-        name = checkpoint_name(lbfgs.iteration)
-        written.append(name)
-        run_dir.log({"kind": "checkpoint", "step": lbfgs.iteration, "file": f"checkpoints/{name}",
-                     "phase": phase, "time_s": round(elapsed(), 4)})
-        say(f"checkpoint {name} ({phase})")
-        last_checkpoint, checkpointed_at = time.perf_counter(), lbfgs.iteration
-
-    log({"iteration": lbfgs.iteration, "loss": loss, "step_length": 0.0, "evaluations": 1,
-         "status": "resume" if resumed and not resumed.get("parameters_only") else "start"})
-    say(f"[lbfgs] iteration {lbfgs.iteration:>5}  loss {loss:.6f}")
-    while not failure and iteration < budget and time.perf_counter() < deadline:
-        if len(batches) > 1:  # the next batch: f and g at x on it
-            space.batch = (space.batch + 1) % len(batches)
-            start()
-            if failure:
-                break
-        record = lbfgs.step(tcfg["tolerance"])
-        iteration += 1
-        log(dict(record))
-        say(f"[lbfgs] iteration {record['iteration']:>5}  loss {record['loss']:.6f}  "
-            f"step {record['step_length']:.3g}  evaluations {record['evaluations']}  "
-            f"portions {iterations[-1]['portions_by_replica']}  backups {iterations[-1]['backups_won']}"
-            f"/{iterations[-1]['backups_issued']}")
-        if record.get("status") in ("converged", "stalled"):
-            status = record["status"]
-            break
-        if stop.requested or space.replica_signalled or space.shards_signalled():
-            status = "signal"
-            say("stop signal: checkpointing and exiting")
-            break
-        if eval_every and lbfgs.iteration % eval_every == 0:
-            test_loss, test_accuracy = space.test(X)
-            if not math.isfinite(test_loss):
-                failure.append(f"iteration {lbfgs.iteration}: the test loss is {test_loss}")
-            run_dir.log({"kind": "eval", "source": "replica 0", "iteration": lbfgs.iteration,
-                         "time_s": round(elapsed(), 4), "test_loss": test_loss, "test_accuracy": test_accuracy})
-            say(f"[lbfgs] iteration {lbfgs.iteration:>5}  test accuracy {test_accuracy:.4f}")
-            if failure:
-                break
-        if (every and lbfgs.iteration % every == 0) or (every_s and time.perf_counter() - last_checkpoint >= every_s):
-            checkpoint("periodic")
-    if failure:
-        status = "diverged"
-        say(f"training diverged: {failure[0]}; no final checkpoint")
-    elif checkpointed_at != lbfgs.iteration:
-        checkpoint("signal" if status == "signal" else "final")
-    # The final iterate on the test set, by the lowest live replica.
-    result = dict(zip(("test_loss", "test_accuracy"), space.test(X)))
-    space.stop_replicas()
-    space.stop_shards()
-    gathered = space.records(before_verdict=watch.stop)
-    wall = time.perf_counter() - started
-    if not failure and not math.isfinite(result["test_loss"]):
-        status = "diverged"
-        failure.append(f"the final test loss is {result['test_loss']}")
-        _set_aside(run_dir.path / "checkpoints" / written[-1])  # --resume auto must not pick it
-    summary = {"algorithm": "sandblaster", "layout": layout.to_dict(), "n_partitions": layout.n_partitions,
-               "iterations": iteration, "status": status, "final_loss": lbfgs.f,
-               "evaluations": space.evaluation, "batch_size": size, "portion_size": tcfg["portion_size"],
-               "history": tcfg["history"], "backup_tasks": tcfg["backup_tasks"],
-               "weight_decay": tcfg["weight_decay"],  # in final_loss (the objective), not in test_loss
-               "backups_issued": sum(r["backups_issued"] for r in iterations),
-               "backups_won": sum(r["backups_won"] for r in iterations),
-               "wall_time_s": round(wall, 3), "n_params": network.n_params,
-               "test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"],
-               "checkpoints_written": written, "stopped_by_signal": status == "signal",
-               "failed_replicas": sorted(space.silence.failed), "batches_recomputed": space.recomputed,
-               "portions_reissued": sum(e["reissued"] for e in space.stats_log),
-               "failure": failure[0] if failure else None}
-    if resumed and resumed.get("parameters_only"):
-        summary["initial_parameters"] = resumed["path"]
-    elif resumed:
-        summary["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
-    return summary, gathered
-
-
-def _finish(summary, gathered, run_dir, say) -> dict:
-    records = [r for per_rank in gathered for r in per_rank]
-    for record in records:
-        run_dir.log(record)
-    run_dir.log({"kind": "eval", "source": "shards", "test_loss": summary["test_loss"],
-                 "test_accuracy": summary["test_accuracy"]})
-    workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
-    computed = {r["replica"]: r["portions_computed"] for r in workers if r["partition"] == 0}
-    # None for a failed replica (it sent no records)
-    summary["portions_computed_by_replica"] = [computed.get(r) for r in range(summary["layout"]["n_replicas"])]
-    run_dir.write_json("summary.json", summary)
-    run_dir.close()
-    say(f"sandblaster: {summary['iterations']} iterations ({summary['status']}), "
-        f"{summary['evaluations']} evaluations, final loss {summary['final_loss']:.6f}")
-    return summary
