@@ -29,14 +29,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
 from dbmpi import config as configuration
 from dbmpi import data as datasets
-from dbmpi import kernels
-from dbmpi.algorithms.minibatches import Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat
 from dbmpi.algorithms.run import (  # noqa: F401 - dbmpi.algorithms.sandblaster's
     AGREED_ERRORS,
     RunContext,
@@ -54,16 +52,24 @@ from dbmpi.io.rundir import RunDirectory
 from dbmpi.model.partitioned import worker_model
 from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
 from dbmpi.ps.client import ShardClient
-from dbmpi.ps.control import DONE_MARK, FAILED_MARK, VERDICT_CLEAN, VERDICT_FAILED, Slot, bucket_label
+from dbmpi.ps.control import VERDICT_CLEAN, VERDICT_FAILED, bucket_label
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.comm import Tag, receive, send, stderr_line
 from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.runtime.faults import FAULTS
+from dbmpi.runtime.runcontrol import (
+    FinalMessages,
+    ReplicaControl,
+    count_released,
+    give_verdict,
+    read_verdict,
+    released,
+    tell_outcome,
+)
 
 # The names dbmpi.algorithms.sandblaster imported from here before dbmpi.algorithms.run existed.
 _set_aside, _make_run_directory, _prepare_and_check_data = set_aside, make_run_directory, prepare_and_check_data
-MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 
 
 class ShardCheckpointer:
@@ -154,44 +160,6 @@ class ShardCheckpointer:
         self.records[-1]["time"] = time.time()
 
 
-class FinalMessages:
-    """Shard 0's receipt of the workers' FINAL messages (records and state) while it
-    serves: a worker marks itself done only once its message is delivered, so the message of
-    every done worker is here by the end, and one from a worker that dies meanwhile (counted
-    failed) is left aside."""
-
-    def __init__(self, comm: MPI.Intracomm):
-        self.comm = comm
-        self.pending: dict[int, MPI.Request] = {}
-        self.received: dict[int, dict] = {}
-
-    def poll(self) -> None:
-        while True:
-            status = MPI.Status()
-            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=Tag.FINAL, status=status)
-            if message is None:
-                break
-            self.pending[status.Get_source()] = message.irecv()
-        for source, request in list(self.pending.items()):
-            try:
-                done, obj = request.test()
-            except MPI.Exception:  # the worker died mid-transfer: its heartbeat stops too
-                del self.pending[source]
-                continue
-            if done:
-                self.received[source] = obj
-                del self.pending[source]
-
-    def of(self, workers, liveness: Liveness) -> dict[int, dict]:
-        """The messages of `workers` (all done: delivered before they marked themselves)."""
-        def complete() -> bool:
-            self.poll()
-            return all(w in self.received for w in workers)
-
-        liveness.wait(complete)
-        return {w: self.received[w] for w in workers}
-
-
 def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
         say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
     """Train with algorithm = "downpour" on every rank of `comm`; shard 0 returns the summary."""
@@ -201,67 +169,117 @@ def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
             raise ConfigError(f"train.n_replicas: {cfg['train']['n_replicas']} replicas for only "
                               f"{data_info['n_train']} training examples")
 
-    return run_committed(prepare_run(cfg, run_path, comm, say, resume, check=enough_examples), _run_context)
+    return run_committed(prepare_run(cfg, run_path, comm, say, resume, check=enough_examples), _run)
 
 
-def _run_context(ctx: RunContext) -> dict | None:
-    """The committed run (every rank): the lead's run directory's start time is everyone's."""
+def _run(ctx: RunContext) -> dict | None:
+    """The committed run, on every rank: the windows and heartbeats, then a worker's or a
+    shard's part."""
+    # The lead's run directory's start time is everyone's (shard 0 writes the last records).
     run_started = ctx.comm.bcast(ctx.run_dir.started if ctx.run_dir is not None else None, root=0)
-    # Shard 0 writes the final records and summary (the lead may be the replica that failed).
-    writer_say = ctx.speaker(ctx.layout.shard_rank(0))
-    return _run(ctx.cfg, ctx.network, ctx.layout, ctx.plan, ctx.topo, ctx.run_dir, ctx.say, ctx.run_path,
-                ctx.resumed, ctx.stop, writer_say, run_started)
-
-
-def _run(cfg, network, layout, plan, topo, run_dir, say, run_path, resumed, stop, writer_say, run_started):
-    tcfg = cfg["train"]
+    topo, layout = ctx.topo, ctx.layout
     role = topo.role
     if topo.is_lead:
-        say(network.summary())
-        if resumed:
-            say(f"resuming from {resumed['path']} at step {resumed['step']}")
-            run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
-        say(layout.describe(tcfg["optimizer"], plan))
-        if layout.n_partitions > 1:
-            say(plan.describe(tcfg["batch_size"]))
-        say(f"run directory: {run_dir.path}")
+        _introduce(ctx)
     windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
     windows.lock_shards()
-    liveness = Liveness(windows, layout, topo.world, tcfg["replica_timeout_s"], role)
-    if role.is_worker:  # before the heartbeats start: loading may take long
-        data = _load_replica_data(cfg, network, layout, plan, topo)
-        topo.world.Barrier()
-        liveness.start()
-        with liveness.partition_errors():  # a dead partition: this replica leaves, not the job
-            client = _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop, liveness, data)
-        _end(topo, windows, liveness, client.close)
+    liveness = Liveness(windows, layout, topo.world, ctx.tcfg["replica_timeout_s"], role)
+    if role.is_worker:
+        _work(ctx, windows, liveness)
         return None
-    lo, hi = layout.shard_ranges[role.shard]
-    initial = network.params[lo:hi]
-    optimizer = make_optimizer(tcfg, hi - lo)
-    if resumed:  # each shard reads only its own range of every vector
-        with open_checkpoint(resumed["path"], verify=False) as ckpt:
-            initial = ckpt.read_range("params", lo, hi)
-            for key, value in optimizer.state.items():
-                if f"{optimizer.name}/{key}" in resumed["vectors"]:
-                    ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
-    shard = Shard(windows, role.shard, initial, optimizer)
-    checkpointer = ShardCheckpointer(cfg, network, layout, topo, shard, run_path, liveness)
+    return _serve(ctx, windows, liveness, run_started)
+
+
+def _introduce(ctx: RunContext) -> None:
+    """The lead: the model, the resume, the layout, the plan and the run directory."""
+    say, resumed, tcfg = ctx.say, ctx.resumed, ctx.tcfg
+    say(ctx.network.summary())
+    if resumed:
+        say(f"resuming from {resumed['path']} at step {resumed['step']}")
+        ctx.run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
+    say(ctx.layout.describe(tcfg["optimizer"], ctx.plan))
+    if ctx.layout.n_partitions > 1:
+        say(ctx.plan.describe(tcfg["batch_size"]))
+    say(f"run directory: {ctx.run_dir.path}")
+
+
+def _work(ctx: RunContext, windows: ParameterWindows, liveness: Liveness) -> None:
+    """A worker: load its data (before the heartbeats start: loading may take long), train,
+    hand in, end."""
+    topo = ctx.topo
+    data = _load_replica_data(ctx)
+    topo.world.Barrier()
+    liveness.start()
+    with liveness.partition_errors():  # a dead partition: this replica leaves, not the job
+        client = _replica_loop(ctx, windows, liveness, data).run()
+    _end(topo, windows, liveness, client.close)
+
+
+def _load_replica_data(ctx: RunContext) -> ReplicaData:
+    """A worker's model block and data: its replica's slice of the training set (only the
+    input rows its partition needs), and for replica 0 the test set."""
+    replica, network = ctx.topo.role.replica, ctx.network
+    model, ranges, rows = worker_model(network, ctx.topo.replica, ctx.plan)
+    with datasets.open_dataset(ctx.cfg["data"]["path"]) as dataset:
+        start, stop = dataset.shard_range("train", replica, ctx.layout.n_replicas)
+        x, y = dataset.load("train", start, stop, rows=rows)
+        test = dataset.load("test", rows=rows) if replica == 0 else None
+    input_rows = list(rows) if rows is not None else [0, network.input_shape[0]]
+    return ReplicaData(model, x, y, test, input_rows, ranges)
+
+
+def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, data: ReplicaData) -> ReplicaLoop:
+    """A worker's ReplicaLoop over MPI: the shards' client and the run protocol on shard 0."""
+    tcfg, topo, layout, resumed = ctx.tcfg, ctx.topo, ctx.layout, ctx.resumed
+    role = topo.role
+    backlog = tcfg["max_push_backlog"] or 2 * layout.n_workers
+    client = ShardClient(windows, role.replica, data.ranges, max_backlog=backlog,
+                         wait=lambda done: liveness.wait(done, high=2e-3))
+    seat = Seat(topo.rank, role.replica, role.partition, layout.n_replicas, layout.n_partitions)
+    return ReplicaLoop(tcfg, seat, data, client, ReplicaControl(windows, topo, liveness), liveness,
+                       stop_request=ctx.stop, run_dir=ctx.run_dir, say=ctx.say,
+                       first_step=resumed["step"] if resumed else 0, resumed=bool(resumed),
+                       fail_at=FAULTS.fail_step(topo.rank))
+
+
+def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_started) -> dict | None:
+    """A shard: publish its slice, serve until every worker finished or failed; shard 0
+    then ends the run (_shard0_end), the others stream the final checkpoint and hand in."""
+    topo, layout = ctx.topo, ctx.layout
+    role = topo.role
+    shard = Shard(windows, role.shard, *_initial_slice(ctx, role.shard))
+    checkpointer = ShardCheckpointer(ctx.cfg, ctx.network, layout, topo, shard, ctx.run_path, liveness)
     topo.world.Barrier()  # every shard has published its initial slice
     liveness.start()
     if role.shard == 0:
-        return _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop,
-                           run_path, writer_say, run_started)
+        return _shard0_end(ctx, windows, shard, checkpointer, liveness, run_started)
+
     def tick() -> None:
         liveness.beat()
         checkpointer.obey()
 
-    stats = shard.serve(None, stop, tick=tick)
+    stats = shard.serve(None, ctx.stop, tick=tick)
     checkpointer.last_order()  # the final checkpoint, unless no replica survived to give it a state
     send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), Tag.FINAL,
          liveness.wait)
     _end(topo, windows, liveness, shard.close)
     return None
+
+
+def _initial_slice(ctx: RunContext, k: int) -> tuple:
+    """Shard k's initial parameters and optimizer: the network's, or a resumed checkpoint's
+    (each shard reads only its own range of every vector)."""
+    lo, hi = ctx.layout.shard_ranges[k]
+    initial = ctx.network.params[lo:hi]
+    optimizer = make_optimizer(ctx.tcfg, hi - lo)
+    resumed = ctx.resumed
+    if resumed:
+        with open_checkpoint(resumed["path"], verify=False) as ckpt:
+            initial = ckpt.read_range("params", lo, hi)
+            for key, value in optimizer.state.items():
+                if f"{optimizer.name}/{key}" in resumed["vectors"]:
+                    ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
+    return initial, optimizer
 
 
 def _shard_record(topo, stats, checkpointer) -> dict:
@@ -277,26 +295,14 @@ def _shard_record(topo, stats, checkpointer) -> dict:
             "checkpoints_written": checkpointer.written, "checkpoints": checkpointer.records}
 
 
-def _verdict(windows, layout, liveness: Liveness) -> int:
-    """Wait for shard 0 to say how the run ends (everything is in the final checkpoint)."""
-    shard0, seen = layout.shard_rank(0), []
-
-    def decided() -> bool:
-        seen.append(windows.block.read(shard0, Slot.VERDICT))
-        return seen[-1] != 0
-
-    liveness.wait(decided, high=0.02)
-    return seen[-1]
-
-
 def _end(topo, windows, liveness: Liveness, close) -> None:
     """Every rank but shard 0, once its part is done: without failures, the collective
     teardown; after one, tell shard 0 and leave without collectives."""
-    verdict = _verdict(windows, topo.layout, liveness)
+    verdict = read_verdict(windows, topo.layout, liveness)
     diverged = receive(topo.world, topo.layout.shard_rank(0), Tag.OUTCOME, liveness.wait)
     liveness.stop()
     if verdict == VERDICT_FAILED:
-        windows.block.add(topo.layout.shard_rank(0), Slot.RELEASED)
+        released(windows)
         if diverged is not None:
             _end_diverged(diverged, leaving=True)
         leave(0)
@@ -307,12 +313,42 @@ def _end(topo, windows, liveness: Liveness, close) -> None:
         _end_diverged(diverged, leaving=False)
 
 
-def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, liveness, stop, run_path, say,
-                run_started) -> dict | None:
+def _shard0_end(ctx: RunContext, windows, shard, checkpointer, liveness, run_started) -> dict | None:
     """Shard 0 serves, then writes the final checkpoint with the state of the lowest replica
     that finished and collects every rank's records (point to point: a collective would wait
     for a dead rank forever). Then it gives the verdict, lets the others go, and evaluates
     the final checkpoint and writes metrics and summary on its own."""
+    records, final_path, diverged, failed = _shard0_collect(ctx, shard, checkpointer, liveness)
+    liveness.beat(force=True)  # the others wait for the verdict: the evaluation must take less than the timeout
+    with liveness.busy():
+        test = _evaluate_final(ctx.cfg, ctx.network, final_path)
+    if test[0] is not None and not math.isfinite(test[0]):
+        diverged = f"the final test loss is {test[0]}; lower train.learning_rate"
+        final_path = set_aside(final_path)
+    _shard0_release(ctx, windows, shard, liveness, diverged, failed)
+    say = ctx.speaker(ctx.layout.shard_rank(0))  # shard 0 writes the rest (the lead may have failed)
+    summary = _finish(ctx.cfg, ctx.network, ctx.layout, final_path, records, failed, ctx.run_path, run_started,
+                      say, test, diverged)
+    if diverged is not None:
+        _end_diverged(diverged, leaving=bool(failed))
+    if not failed:
+        return summary
+    run_path = ctx.run_path
+    if final_path is None:
+        say(f"every replica failed; nothing to finish (summary in {run_path / 'summary.json'})")
+        leave(EXIT_ALL_REPLICAS_FAILED)
+    say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
+        f"({summary['wall_time_s']:.1f} s) without failed replica(s) {failed}; summary in "
+        f"{run_path / 'summary.json'}")
+    leave(0)
+
+
+def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness) -> tuple[list, Path | None, str | None, list]:
+    """Shard 0: serve until everyone is counted finished or failed, write the final
+    checkpoint (unless the run diverged or no replica finished), and gather every rank's
+    records. Returns (records, the final checkpoint or None, why the run diverged or None,
+    the replicas failed when serving ended: the run's verdict, whatever fails later)."""
+    topo, layout = ctx.topo, ctx.layout
     world = topo.world
     messages = FinalMessages(world)
 
@@ -320,14 +356,14 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
         liveness.beat()
         messages.poll()
 
-    stats = shard.serve(checkpointer, stop, tick=tick)
+    stats = shard.serve(checkpointer, ctx.stop, tick=tick)
     # Everyone is counted finished or failed now; the finished workers' messages are in.
     finals = messages.of(sorted(liveness.done_workers), liveness)
     states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()
                     if msg["state"] is not None)
     failed = liveness.failed_replicas()
     records = [r for w in sorted(finals) for r in finals[w]["records"]]
-    diverged = _divergence(records, cfg["train"])
+    diverged = _divergence(records, ctx.tcfg)
     go = bool(states) and diverged is None  # a diverged run keeps its last good checkpoint
     for k in range(1, layout.n_shards):  # the final checkpoint's step, or False: none
         send(world, states[0][1]["step"] if go else False, layout.shard_rank(k), Tag.CKPT_LAST, liveness.wait)
@@ -340,281 +376,24 @@ def _shard0_end(cfg, network, layout, topo, windows, shard, checkpointer, livene
     for k in range(1, layout.n_shards):
         records.extend(receive(world, layout.shard_rank(k), Tag.FINAL, liveness.wait)["records"])
     records.extend(liveness.events)
-    liveness.beat(force=True)  # the others wait for the verdict: the evaluation must take less than the timeout
-    with liveness.busy():
-        test = _evaluate_final(cfg, network, final_path)
-    if test[0] is not None and not math.isfinite(test[0]):
-        diverged = f"the final test loss is {test[0]}; lower train.learning_rate"
-        final_path = _set_aside(final_path)
-    told = _tell_outcome(world, layout, liveness, diverged)
+    return records, final_path, diverged, failed
+
+
+def _shard0_release(ctx: RunContext, windows, shard, liveness, diverged: str | None, failed: list) -> None:
+    """Shard 0: tell every rank how the run ends; without failures the collective teardown,
+    after one wait (bounded) until the others have read the verdict."""
+    told = tell_outcome(ctx.topo.world, ctx.layout, liveness, diverged)
     liveness.stop()
     if not failed:
-        windows.block.add(topo.rank, Slot.VERDICT, VERDICT_CLEAN)
+        give_verdict(windows, VERDICT_CLEAN)
         liveness.wait(told)
         shard.close()
         windows.free()
     else:  # no collective: wait (bounded) until the others have read the verdict
-        windows.block.add(topo.rank, Slot.VERDICT, VERDICT_FAILED)
-        expected = len(liveness.done_workers) + layout.n_shards - 1
-        liveness.wait(lambda: told() and windows.block.read(topo.rank, Slot.RELEASED) >= expected,
-                      limit_s=liveness.timeout)
+        give_verdict(windows, VERDICT_FAILED)
+        expected = len(liveness.done_workers) + ctx.layout.n_shards - 1
+        liveness.wait(lambda: told() and count_released(windows) >= expected, limit_s=liveness.timeout)
     liveness.close()
-    summary = _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say, test, diverged)
-    if diverged is not None:
-        _end_diverged(diverged, leaving=bool(failed))
-    if not failed:
-        return summary
-    if final_path is None:
-        say(f"every replica failed; nothing to finish (summary in {run_path / 'summary.json'})")
-        leave(EXIT_ALL_REPLICAS_FAILED)
-    say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
-        f"({summary['wall_time_s']:.1f} s) without failed replica(s) {failed}; summary in "
-        f"{run_path / 'summary.json'}")
-    leave(0)
-
-
-def _tell_outcome(world, layout, liveness: Liveness, diverged: str | None) -> Callable[[], bool]:
-    """Shard 0: send `diverged` (None: it did not) to every rank that reads the verdict, so
-    each ends the same way; returns a test that the sends are done (a reader that died
-    meanwhile counts as told)."""
-    readers = sorted(liveness.done_workers) + list(layout.shard_ranks[1:])
-    requests = [world.isend(diverged, dest=rank, tag=Tag.OUTCOME) for rank in readers]
-
-    def told() -> bool:
-        try:
-            return MPI.Request.Testall(requests)
-        except MPI.Exception:
-            return True
-    return told
-
-
-def _load_replica_data(cfg, network, layout, plan, topo) -> dict:
-    """A worker's model block and data: its replica's slice of the training set (only the
-    input rows its partition needs), and for replica 0 the test set."""
-    replica = topo.role.replica
-    model, ranges, rows = worker_model(network, topo.replica, plan)
-    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-        start, stop = dataset.shard_range("train", replica, layout.n_replicas)
-        x, y = dataset.load("train", start, stop, rows=rows)
-        test = dataset.load("test", rows=rows) if replica == 0 else None
-    return {"model": model, "ranges": ranges, "rows": rows, "x": x, "y": y, "test": test}
-
-
-def _replica(cfg, network, layout, topo, windows, run_dir, say, resumed, stop_request, liveness: Liveness,
-             data: dict) -> ShardClient:
-    """A worker's run: train, then hand its records to shard 0 and count itself finished.
-    Returns the client (its epochs are closed in the teardown)."""
-    tcfg = cfg["train"]
-    replica, n_replicas = topo.role.replica, layout.n_replicas
-    partition, n_partitions = topo.role.partition, layout.n_partitions
-    model, ranges, rows, x, y, test = (data[k] for k in ("model", "ranges", "rows", "x", "y", "test"))
-    batch = min(tcfg["batch_size"], len(x))
-    steps_per_epoch = max(1, len(x) // batch)
-    if tcfg["steps"] is not None:
-        budget = tcfg["steps"]
-    elif tcfg["epochs"] is not None:
-        budget = max(1, round(tcfg["epochs"] * steps_per_epoch))
-    else:
-        budget = math.inf
-    deadline = time.perf_counter() + tcfg["time_budget_s"] if tcfg["time_budget_s"] else math.inf
-    n_fetch, n_push = tcfg["n_fetch"], tcfg["n_push"]
-    local_lr = tcfg["local_learning_rate"]
-    warmstart = tcfg["warmstart_steps"] if n_replicas > 1 else 0
-    log_every = tcfg["log_every"]
-    # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
-    eval_every = configuration.eval_interval(tcfg, steps_per_epoch) if replica == 0 else None
-
-    backlog = tcfg["max_push_backlog"] or 2 * layout.n_workers
-    client = ShardClient(windows, replica, ranges, max_backlog=backlog,
-                         wait=lambda done: liveness.wait(done, high=2e-3))
-    first_step = resumed["step"] if resumed else 0
-    # Every partition of a replica shuffles with the replica's seed (and, resumed, the step
-    # it resumes at): the same examples.
-    batches = Minibatches(x, y, batch, tcfg["seed"] + 7919 * replica + 104729 * first_step)
-    checkpoint_every = tcfg["checkpoint_every"]
-    checkpoint_every_s = tcfg["checkpoint_every_s"]
-    last_checkpoint = time.perf_counter()
-    accrued = [np.zeros(model.n_params, np.float32), np.zeros(model.n_params, np.float32)]
-    current = 0
-    records: list[dict] = []
-    if topo.is_lead:
-        say(f"downpour: {n_replicas} replicas x {n_partitions} partition(s), {len(x)} examples "
-            f"each, batch {batch}, budget {budget} steps per replica, n_fetch {n_fetch}, "
-            f"n_push {n_push}, warmstart {warmstart} steps, shard optimizer {tcfg['optimizer']} "
-            f"lr {tcfg['learning_rate']}")
-
-    # A replica's partitions step in lockstep (every step is collective over them), so they
-    # fetch and push together; only a time budget or a stop signal could split them, so
-    # the verdict is shared. A stop signal on any rank reaches every worker through shard 0.
-    stop_flag = np.zeros(1, np.int32)
-    shard0 = layout.shard_rank(0)
-    signalled = {"relayed": False, "seen": False}
-
-    def stop_requested() -> bool:
-        if stop_request is None:
-            return False
-        if stop_request.requested and not signalled["relayed"]:
-            windows.block.add(shard0, Slot.STOPS)
-            signalled["relayed"] = True
-        if not signalled["seen"]:
-            signalled["seen"] = windows.block.read(shard0, Slot.STOPS) > 0
-        return signalled["seen"]
-
-    def keep_going(step: int, last: float) -> bool:
-        if step >= last:
-            return False
-        stop_flag[0] = time.perf_counter() >= deadline or stop_requested() or diverging()
-        if n_partitions > 1:
-            topo.replica.Allreduce(MPI.IN_PLACE, stop_flag, op=MPI.MAX)
-        return not stop_flag[0]
-
-    nonfinite = 0  # NaN/Inf entries in the accrued gradient
-    max_rejected = tcfg["max_rejected_fraction"]
-    rejected_then = 0  # client.rejected at the last periodic checkpoint
-
-    def diverging() -> bool:
-        """This worker's pushes were mostly withheld as non-finite: stop (shard 0 fails the run)."""
-        rejected = client.rejected
-        return rejected >= MIN_REJECTED and rejected > max_rejected * (client.pushes + rejected)
-
-    fail_at = FAULTS.fail_step(topo.rank)
-
-    def checkpoint_state(step: int, phase: str) -> dict:
-        """The state a checkpoint records, as this replica sees it."""
-        return {"step": step, "phase": phase, "seed": tcfg["seed"], "n_replicas": n_replicas,
-                "replica": replica, "replica_examples": int(x.shape[0]),
-                "elapsed_s": round(time.perf_counter() - started, 3),
-                "data_order": "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"}
-
-    def acting_lead() -> bool:
-        """Replica 0's first partition asks for periodic checkpoints; if replica 0 failed,
-        the lowest replica that did not."""
-        if partition != 0:
-            return False
-        return all(liveness.replica_failed(r) for r in range(replica))
-
-    def request_checkpoint(step: int, phase: str) -> None:
-        """Give shard 0 the state, then ask it for a checkpoint (it orders the others)."""
-        topo.world.send(checkpoint_state(step, phase), dest=shard0, tag=Tag.CKPT_STATE)
-        windows.block.add(shard0, Slot.CHECKPOINTS)
-
-    def train_steps(first: int, count: float, phase: str) -> int:
-        nonlocal current, nonfinite, last_checkpoint, rejected_then
-        step = first
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        staleness_seen = len(client.staleness)
-        while keep_going(step, first + count):
-            liveness.beat()
-            if step == fail_at:
-                raise RuntimeError(f"failure injected at step {step} (DBMPI_FAIL_AT)")
-            if step % n_fetch == 0:
-                client.fetch(model.params)
-            xb, yb = batches.next()
-            loss = model.loss_and_grad(xb, yb)
-            nonfinite += kernels.axpy_count_nonfinite(1.0, model.grad, accrued[current])
-            if local_lr:
-                kernels.sgd_step(model.params, model.grad, local_lr)
-            step += 1
-            if step % n_push == 0:
-                client.push(accrued[current], nonfinite)
-                current ^= 1
-                accrued[current][:] = 0.0  # its push completed when this one started
-                nonfinite = 0
-            window_loss += loss
-            window_steps += 1
-            if ((checkpoint_every and step % checkpoint_every == 0) or
-                    (checkpoint_every_s and time.perf_counter() - last_checkpoint >= checkpoint_every_s)) \
-                    and acting_lead():
-                if client.rejected == rejected_then:  # no checkpoint of a diverging run
-                    request_checkpoint(step, phase)
-                else:
-                    say(f"[{phase}] step {step:>7}  no checkpoint: {client.rejected - rejected_then} "
-                        f"non-finite push(es) withheld since the last one")
-                rejected_then = client.rejected
-                last_checkpoint = time.perf_counter()
-            if step % log_every == 0:
-                now = time.perf_counter()
-                recent = client.staleness[staleness_seen:]
-                staleness_seen = len(client.staleness)
-                record = {"kind": "train", "rank": topo.rank, "replica": replica,
-                          "partition": partition, "phase": phase,
-                          "elapsed_s": round(now - started, 4),
-                          "step": step, "epoch": round(step / steps_per_epoch, 4),
-                          "loss": window_loss / window_steps,
-                          "samples_per_s": round(window_steps * batch / max(now - window_start, 1e-9), 1),
-                          "staleness": (sum(recent) / len(recent)) if recent else None,
-                          "pushes": client.pushes, "rejected": client.rejected}
-                if topo.is_lead:
-                    record["shard_updates"] = client.shard_versions()
-                    run_dir.log(record)
-                    say(f"[{phase}] step {step:>7}  loss {record['loss']:.4f}  "
-                        f"{record['samples_per_s']:8.0f} samples/s (replica 0)  "
-                        f"shard updates {sum(record['shard_updates'])}  "
-                        f"staleness {record['staleness'] if record['staleness'] is None else round(record['staleness'], 2)}")
-                else:
-                    records.append(record)
-                window_loss, window_steps, window_start = 0.0, 0, now
-            if eval_every and step % eval_every == 0:
-                liveness.beat(force=True)  # the evaluation must take less than the timeout
-                with liveness.busy(alone=n_partitions == 1):
-                    test_loss, test_acc = model.evaluate(test[0], test[1], tcfg["eval_batch_size"])
-                if topo.is_lead:
-                    record = {"kind": "eval", "source": "replica 0", "step": step,
-                              "test_loss": test_loss, "test_accuracy": test_acc}
-                    run_dir.log(record)
-                    say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
-        return step
-
-    started = time.perf_counter()
-    step = first_step
-    if warmstart and not resumed:
-        if replica == 0:
-            step = train_steps(0, warmstart, "warmstart")
-            client.finish_push()  # warmstart's last push is counted before the others start
-            if partition == 0:
-                windows.block.add(shard0, Slot.WARMED)
-            say(f"warmstart done after {step} steps; starting {n_replicas - 1} more replicas")
-        else:  # wait (politely) for replica 0's warmstart, or for replica 0 to fail
-
-            def released() -> bool:
-                stop_requested()  # relays a signal that arrives while waiting
-                return windows.block.read(shard0, Slot.WARMED) > 0 or liveness.replica_failed(0)
-
-            liveness.wait(released, low=1e-3, high=1e-2)
-    step = train_steps(step, max(0, budget - first_step), "downpour")
-    if step % n_push != 0:  # push what was accrued since the last push
-        client.push(accrued[current], nonfinite)
-    client.finish_push()
-    phase = "signal" if signalled["seen"] else "end"
-    if topo.is_lead and signalled["seen"]:
-        say(f"stop signal: checkpointing at step {step} and exiting")
-    elapsed = time.perf_counter() - started
-    batches.close()
-    staleness = client.staleness
-    records.append({"kind": "replica", "rank": topo.rank, "replica": replica, "partition": partition,
-                    "steps": step, "wall_s": round(elapsed, 3),
-                    "samples_per_s": round(step * batch / max(elapsed, 1e-9), 1),
-                    "fetches": client.fetches, "pushes": client.pushes, "rejected": client.rejected,
-                    "backlog_waits": client.backlog_waits,
-                    "n_params": model.n_params, "shards": client.shards,
-                    "input_rows": list(rows) if rows is not None else [0, network.input_shape[0]],
-                    "bytes_fetched": client.bytes_fetched, "bytes_pushed": client.bytes_pushed,
-                    "activation_bytes_sent": getattr(model, "bytes_sent", 0),
-                    "activation_bytes_received": getattr(model, "bytes_received", 0),
-                    "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
-                    "examples": int(x.shape[0]), "batch": batch,
-                    "stopped_by_signal": signalled["seen"], "diverged": diverging()})
-    if topo.is_lead:
-        run_dir.close()  # shard 0 appends the rest
-    # The records (and, from a replica's first partition, the state for the final
-    # checkpoint) go to shard 0; once they are delivered (and every push was flushed and
-    # counted before), the DONE mark counts this worker finished.
-    final = {"records": records, "state": checkpoint_state(step, phase) if partition == 0 else None}
-    send(topo.world, final, shard0, Tag.FINAL, liveness.wait)
-    old = windows.block.add(shard0, windows.block.heartbeat(topo.rank), DONE_MARK)
-    if old & FAILED_MARK:  # declared failed meanwhile: shard 0 no longer counts this worker
-        liveness.leave_released()
-    return client
 
 
 def _evaluate_final(cfg, network, final_path) -> tuple:
