@@ -1,5 +1,6 @@
 """Downpour SGD end to end: `mpiexec -n N dbmpi train` in a subprocess, under a timeout."""
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -350,7 +351,8 @@ def test_checkpoints_do_not_change_what_the_training_reaches(tmp_path):
         assert [r["step"] for r in checkpoints] == ([50, 100, 150, 200, 250, 300, 320] if every else [320])
         assert all(max(r["max_merged_during_by_shard"]) <= backlog + 2 for r in checkpoints)
         versions = [r["shard_versions"] for r in checkpoints]
-        assert all(b >= a for earlier, later in zip(versions, versions[1:]) for a, b in zip(earlier, later))
+        assert all(b >= a for earlier, later in itertools.pairwise(versions)
+                   for a, b in zip(earlier, later, strict=True))
         if every:
             assert sum(versions[-1]) > sum(versions[0])  # ckpt-300 is not ckpt-50 again
             with open_checkpoint(run_dir / "checkpoints" / checkpoints[2]["file"]) as ckpt:

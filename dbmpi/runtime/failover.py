@@ -45,7 +45,8 @@ A watchdog thread that makes no MPI call ends this process when the main thread 
 no progress (no `tick()`) for 2 x timeout outside a `busy()` section (a partitioned
 replica's evaluation is none: it waits on the partner): a partition whose partner died waits
 in a collective forever, and a process killed inside an MPI accumulate can leave MPICH's
-shared-memory window mutex locked, after which every access to that window blocks. The job then ends in bounded time instead of hanging.
+shared-memory window mutex locked, after which every access to that window blocks.
+The job then ends in bounded time instead of hanging.
 
 A partition whose partner died may instead get an MPI error from the collective, where MPI
 reports the dead peer. `partition_errors()` turns that into the watchdog's outcome (one
@@ -87,7 +88,8 @@ EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
 ABORT_SHARD_LOST = 4  # MPI_Abort error code when a shard stopped responding
 EXIT_FROZEN = 5  # no progress for 2 x timeout: stuck inside MPI
 EXIT_ALL_REPLICAS_FAILED = 6  # shard 0 when no replica survived: nothing could finish
-STUCK_S = 1.0  # a main thread that has not ticked this long (outside busy()) is stuck: a live one ticks every step and poll
+# A main thread that has not ticked this long (outside busy()) is stuck: a live one ticks every step and poll.
+STUCK_S = 1.0
 SHARD_GRACE_S = 3.0  # a shard died: the main thread has this long to notice before the watchdog acts
 
 
@@ -137,7 +139,7 @@ class Liveness:
         self._said, self._say_lock = False, threading.Lock()
 
     # The main thread -----------------------------------------------------------------------
-    def start(self) -> "Liveness":
+    def start(self) -> Liveness:
         self.started = self.last_tick = self.last_beat = time.monotonic()
         self._beating = True
         threading.Thread(target=self._watch_loop, name="dbmpi-watchdog", daemon=True).start()
