@@ -6,8 +6,9 @@ communicator). Each replica reads only its own slice of the training data (each 
 only the input rows it needs), with the next minibatch prepared by a helper thread, and
 runs the paper's client loop: every `n_fetch` steps fetch the parameters from
 the shards, compute a minibatch gradient, add it to the accrued gradient (and optionally
-apply it to its own copy), every `n_push` steps push the accrued gradient. Shards apply the
-updates themselves (dbmpi.ps.server). Replica 0 trains alone for `warmstart_steps`
+apply it to its own copy), every `n_push` steps push the accrued gradient (that loop:
+dbmpi.algorithms.replica.ReplicaLoop, MPI-free). Shards apply the updates themselves
+(dbmpi.ps.shard). Replica 0 trains alone for `warmstart_steps`
 before the others start. A replica stops after its step budget (or epochs over its slice)
 or its time budget, pushes what it has accrued, sends its records to shard 0 and marks
 itself done; the shards stop once every replica has finished or was declared failed
@@ -18,7 +19,9 @@ evaluates it (the parameters as the shards hold them at the end) and writes the 
 records and the summary.
 
 Input is validated identically on every rank before the first collective call, so a bad
-config, layout, data file or run directory ends every rank with the same message.
+config, layout, data file or run directory ends every rank with the same message
+(dbmpi.algorithms.run). The messages and control-block slots of the run's protocol are
+dbmpi.runtime.runcontrol's.
 """
 from __future__ import annotations
 
@@ -35,16 +38,7 @@ from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat
-from dbmpi.algorithms.run import (  # noqa: F401 - dbmpi.algorithms.sandblaster's
-    AGREED_ERRORS,
-    RunContext,
-    make_run_directory,
-    prepare_and_check_data,
-    prepare_run,
-    resolve_resume,
-    run_committed,
-    set_aside,
-)
+from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.config import ConfigError
 from dbmpi.io.checkpoint import open_checkpoint
@@ -67,9 +61,6 @@ from dbmpi.runtime.runcontrol import (
     released,
     tell_outcome,
 )
-
-# The names dbmpi.algorithms.sandblaster imported from here before dbmpi.algorithms.run existed.
-_set_aside, _make_run_directory, _prepare_and_check_data = set_aside, make_run_directory, prepare_and_check_data
 
 
 class ShardCheckpointer:
