@@ -24,6 +24,7 @@ from dbmpi import kernels
 from dbmpi.ps.control import N_BUCKETS, Slot, first_push_after, pushes_by_replica, staleness_bucket
 from dbmpi.ps.store import ShardStore
 from dbmpi.ps.windows import ParameterWindows
+from dbmpi.runtime.poll import Backoff
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Shard:
         watchdog's sign of progress)."""
         started = time.perf_counter()
         n_workers = self.layout.n_workers
-        backoff = self.poll_min_s
+        backoff = Backoff(self.poll_min_s, self.poll_max_s)
         written = 0
         relayed = False
         while True:
@@ -142,7 +143,7 @@ class Shard:
                     checkpoint()
                     written += 1
             if self.apply_pending():
-                backoff = self.poll_min_s
+                backoff.reset()
                 continue
             if self._counter(Slot.WORKERS_DONE) + self._counter(Slot.WORKERS_FAILED) >= n_workers:
                 # Workers flush every push before they count themselves done: one last
@@ -155,8 +156,7 @@ class Shard:
                         written += 1
                     break
                 continue
-            time.sleep(backoff)
-            backoff = min(backoff * 2, self.poll_max_s)
+            backoff.pause()
         self.stats.wall_s = time.perf_counter() - started
         self._collect_stats()
         return self.stats

@@ -276,10 +276,9 @@ class Liveness:
         aborts the job; the others wait for that, quietly (up to the timeout)."""
         if self._ended(self.layout.shard_rank(shard)):
             what = self._died(shard)
-            deadline = time.monotonic() + self.timeout
-            while self._reporter() != self.rank and time.monotonic() < deadline:
-                self.tick()  # no MPI: the reporter's MPI_Abort ends this rank
-                time.sleep(0.05)
+            # No MPI meanwhile: the reporter's MPI_Abort ends this rank.
+            poll(lambda: self._reporter() == self.rank, low=0.05, high=0.05, beat=self.tick,
+                 limit_s=self.timeout)
         self._say_once(self._lost_line(shard, what))
         time.sleep(0.5)  # let the launcher forward the line
         self.comm.Abort(ABORT_SHARD_LOST)
