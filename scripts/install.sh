@@ -12,7 +12,7 @@ needs_install() {
 import glob, os, sys
 try:
     import dbmpi._kernels as k, dbmpi  # noqa: F401
-    import mpi4py, h5py, pytest, pytest_mpi, pytest_timeout, sklearn  # noqa: F401
+    import mpi4py, h5py, pytest, pytest_mpi, pytest_timeout, ruff, sklearn  # noqa: F401
 except Exception:
     sys.exit(0)
 built = glob.glob(os.path.join(os.path.dirname(k.__file__), "*.so"))

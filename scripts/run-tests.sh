@@ -11,6 +11,9 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 MPIEXEC=$("$PYTHON" -c 'import os, sys; p = os.path.join(os.path.dirname(sys.executable), "mpiexec"); print(p if os.path.exists(p) else "mpiexec")')
 RANKS=${DBMPI_TEST_RANKS:-6}
 
+echo "== lint (ruff, configured in pyproject.toml)"
+"$PYTHON" -m ruff check .
+
 echo "== serial tests"
 "$PYTHON" -m pytest -q "$@" tests
 
