@@ -9,9 +9,6 @@
 (d) No function in dbmpi/ is longer than MAX_FUNCTION_LINES (argparse parser builders
     excepted): a longer one is a sign that it holds more than one idea.
 
-(c) and (d) list the offenders known when the rule was written (KNOWN_*; their owners are
-fixing them): a new offender fails at once, the known ones are an xfail(strict=False) test
-of their own. Remove an entry when its offender is fixed.
 """
 import ast
 import pkgutil
@@ -37,10 +34,18 @@ MPI_FREE_MODULES = sorted({
     "dbmpi.model.network",
     "dbmpi.parallel.partition",
     "dbmpi.runtime.layout",
+    "dbmpi.runtime.poll",
+    "dbmpi.runtime.faults",
+    "dbmpi.runtime.signals",
+    "dbmpi.runtime.procfs",
+    "dbmpi.runtime.supervise",  # the parent of a rank: it must not initialise MPI
     "dbmpi.algorithms.lbfgs",
     "dbmpi.algorithms.portions",
     "dbmpi.algorithms.optimizers",
+    "dbmpi.algorithms.minibatches",
     "dbmpi.algorithms.sgd",
+    "dbmpi.algorithms.replica",
+    "dbmpi.algorithms.coordinator",
     "dbmpi.evaluation",
     "dbmpi.plot",
 })
@@ -59,22 +64,10 @@ MPI_ALLOWED = (
 
 # (c) Private modules and the one file allowed to import each.
 PRIVATE_MODULE_OWNERS = {"dbmpi._kernels": "dbmpi/kernels.py"}
-# Private names imported across modules when this test was written: (importer, "module._name").
-KNOWN_PRIVATE_IMPORTS = {
-    ("dbmpi/algorithms/sandblaster.py", "dbmpi.algorithms.downpour._set_aside"),
-    ("dbmpi/algorithms/sandblaster.py", "dbmpi.algorithms.downpour._make_run_directory"),
-    ("dbmpi/algorithms/sandblaster.py", "dbmpi.algorithms.downpour._prepare_and_check_data"),
-}
 
 # (d) Longest function allowed, in lines from `def` to its last line (docstring included).
 MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS_ALLOWED = {("dbmpi/cli.py", "build_parser")}  # argparse parser builders
-# Longer functions when this test was written: (file, function).
-KNOWN_LONG_FUNCTIONS = {
-    ("dbmpi/algorithms/downpour.py", "_replica"),
-    ("dbmpi/algorithms/sandblaster.py", "_replica"),
-    ("dbmpi/algorithms/sandblaster.py", "_coordinate"),
-}
 
 
 def _sources():
@@ -168,15 +161,9 @@ def _private_imports() -> set[tuple[str, str]]:
 
 
 def test_no_new_private_imports_across_modules():
-    new = sorted(_private_imports() - KNOWN_PRIVATE_IMPORTS)
-    assert not new, ("private names imported from another dbmpi module (make the name public in "
-                     f"the module that owns it, or move the function): {new}")
-
-
-@pytest.mark.xfail(strict=False, reason="known offenders, being fixed by their owners: "
-                   + "; ".join(f"{rel} imports {name}" for rel, name in sorted(KNOWN_PRIVATE_IMPORTS)))
-def test_known_private_imports_are_gone():
-    assert not sorted(_private_imports() & KNOWN_PRIVATE_IMPORTS)
+    found = sorted(_private_imports())
+    assert not found, ("private names imported from another dbmpi module (make the name public in "
+                     f"the module that owns it, or move the function): {found}")
 
 
 # ---------------------------------------------------------------------- (d) function length
@@ -193,14 +180,8 @@ def _long_functions() -> dict[tuple[str, str], int]:
 
 
 def test_no_new_function_over_the_length_limit():
-    new = {key: n for key, n in _long_functions().items() if key not in KNOWN_LONG_FUNCTIONS}
-    assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split them): {new}"
-
-
-@pytest.mark.xfail(strict=False, reason="known offenders, being split by their owners: "
-                   + "; ".join(f"{rel} {name}()" for rel, name in sorted(KNOWN_LONG_FUNCTIONS)))
-def test_known_long_functions_are_split():
-    assert not {key: n for key, n in _long_functions().items() if key in KNOWN_LONG_FUNCTIONS}
+    found = _long_functions()
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them): {found}"
 
 
 # ------------------------------------------------------------------- the scanners themselves
