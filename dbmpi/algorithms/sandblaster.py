@@ -36,7 +36,8 @@ on its host see its process end (VitalWatch) and the job ends with MPI_Abort(4).
 Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
 request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
 computing. Test-only fault hooks (a straggler, a slow machine, a replica killed after a push)
-come from dbmpi.runtime.faults.
+come from dbmpi.runtime.faults. MPI only through dbmpi.ps.commands (the shard commands) and
+dbmpi.runtime.portion_channel (the point-to-point messages).
 """
 from __future__ import annotations
 
@@ -50,7 +51,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from mpi4py import MPI
 
 from dbmpi import data as datasets
 from dbmpi import kernels
@@ -63,6 +63,7 @@ from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.model.partitioned import worker_model
 from dbmpi.ps.checkpoint import ShardCheckpoints
 from dbmpi.ps.client import ShardClient
+from dbmpi.ps.commands import ShardCommands
 from dbmpi.ps.vectors import (
     AXPY,
     CHECKPOINT,
@@ -78,10 +79,11 @@ from dbmpi.ps.vectors import (
 )
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime import procfs
-from dbmpi.runtime.comm import SPIN_S, Tag, Wait, poll, stderr_line, wait
+from dbmpi.runtime.comm import SPIN_S, Comm, Tag, poll, stderr_line, world_comm
 from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave
 from dbmpi.runtime.faults import FAULTS
 from dbmpi.runtime.layout import Layout
+from dbmpi.runtime.portion_channel import ANY_SOURCE, CoordinatorChannel, PartitionRelay, RankChannel
 from dbmpi.runtime.topology import Topology
 
 STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
@@ -100,7 +102,7 @@ class VitalWatch:
     collective (the ranks' hosts and processes); `stop()` once this rank's part of the run
     is over (the others may leave from then on)."""
 
-    def __init__(self, comm: MPI.Intracomm, layout: Layout, period: float = 0.25):
+    def __init__(self, comm: Comm, layout: Layout, period: float = 0.25):
         self.comm, self.layout, self.period = comm, layout, period
         self.local = procfs.host_peers(comm)
         self.vital = [r for r in (*layout.shard_ranks, layout.coordinator_rank) if r in self.local and r != comm.rank]
@@ -141,9 +143,9 @@ class ShardSpace:
     the replicas."""
 
     def __init__(self, topo: Topology, layout: Layout, batches: list[tuple[int, int]], tcfg: dict):
-        self.control, self.world, self.layout = topo.control, topo.world, layout
-        self.root = self.control.rank
-        self.index = {name: i for i, name in enumerate(vector_names(tcfg["history"]))}
+        self.shards = ShardCommands(topo.control, vector_names(tcfg["history"]))
+        self.ranks = CoordinatorChannel(topo.world)
+        self.layout = layout
         self.batches = batches
         self.batch = 0  # which batch evaluations use now
         self.evaluation = 0
@@ -164,7 +166,6 @@ class ShardSpace:
         self.inbox_spoiled = False
         self.recomputed = 0  # batches computed again because of a lost push
         self.dismissed: set[int] = set()
-        self.dismissals: list[MPI.Request] = []
         self.events: list[dict] = []
         self.started = time.monotonic()
 
@@ -172,47 +173,37 @@ class ShardSpace:
     def failed_replicas(self) -> list[int]:
         return sorted(self.silence.failed)
 
-    def _send(self, op, alpha=0.0, a=None, b=None, c=None) -> None:
-        ids = [self.index[n] if n is not None else -1 for n in (a, b, c)]
-        command = np.array([op, alpha, *ids], np.float64)
-        self.control.Bcast(command, root=self.root)
-
-    def _reduce(self) -> float:
-        total = np.zeros(1)
-        self.control.Reduce(np.zeros(1), total, op=MPI.SUM, root=self.root)
-        return float(total[0])
-
     # The vector commands ------------------------------------------------------------------
     def dot(self, a: str, b: str) -> float:
-        self._send(DOT, 0.0, a, b)
-        return self._reduce()
+        self.shards.send(DOT, 0.0, a, b)
+        return self.shards.total()
 
     def axpy(self, alpha: float, x: str, y: str) -> None:
-        self._send(AXPY, alpha, x, y)
+        self.shards.send(AXPY, alpha, x, y)
 
     def scale(self, alpha: float, x: str) -> None:
-        self._send(SCALE, alpha, x)
+        self.shards.send(SCALE, alpha, x)
 
     def copy(self, src: str, dst: str) -> None:
-        self._send(COPY, 0.0, src, dst)
+        self.shards.send(COPY, 0.0, src, dst)
 
     def multiply(self, a: str, b: str, out: str) -> None:
-        self._send(MULTIPLY, 0.0, a, b, out)
+        self.shards.send(MULTIPLY, 0.0, a, b, out)
 
     def stop_shards(self) -> None:
-        self._send(STOP)
+        self.shards.send(STOP)
 
     def checkpoint(self, vectors: list[tuple[str, str]], **attrs) -> None:
         """Have the shards write a checkpoint of `vectors` ((name in the file, vector)) with
         the file attributes `attrs` (dbmpi.ps.checkpoint.ShardCheckpoints.write)."""
-        self._send(CHECKPOINT)
-        self.control.bcast({"vectors": vectors, **attrs}, root=self.root)
-        self._reduce()  # written and renamed into place
+        self.shards.send(CHECKPOINT)
+        self.shards.share({"vectors": vectors, **attrs})
+        self.shards.total()  # written and renamed into place
 
     def shards_signalled(self) -> bool:
         """Whether a stop signal reached any shard."""
-        self._send(SIGNALLED)
-        return self._reduce() > 0
+        self.shards.send(SIGNALLED)
+        return self.shards.total() > 0
 
     # Batch gradients ----------------------------------------------------------------------
     def evaluate(self, point: str, grad: str) -> float:
@@ -222,10 +213,9 @@ class ShardSpace:
         started = time.perf_counter()
         while True:
             scheduler, n = self._batch(point)
-            for shard in range(self.control.size - 1):
-                self.control.Send(np.zeros(1), dest=shard, tag=Tag.WAKE)
-            self._send(COLLECT, 0.0, grad)  # also empties the inboxes
-            nonfinite = self._reduce() + scheduler.stats.nonfinite
+            self.shards.wake()
+            self.shards.send(COLLECT, 0.0, grad)  # also empties the inboxes
+            nonfinite = self.shards.total() + scheduler.stats.nonfinite
             if not self.inbox_spoiled:
                 break
             self.inbox_spoiled = False
@@ -253,8 +243,8 @@ class ShardSpace:
         """Publish `point` and hand out the current batch's portions until every one is
         counted, or until a failure spoiled the inboxes (then only until no live replica's
         push is in flight; their requests wait for the next attempt). The shards sleep."""
-        self._send(PUBLISH, 0.0, point)
-        self._reduce()  # every shard has published
+        self.shards.send(PUBLISH, 0.0, point)
+        self.shards.total()  # every shard has published
         self.evaluation += 1
         start, stop = self.batches[self.batch]
         n = stop - start
@@ -307,7 +297,7 @@ class ShardSpace:
         self.parked.discard(replica)
         message = reply.as_message(self.batch)
         message.update(evaluation=self.evaluation, n=n, stop=False)
-        self.world.send(message, dest=self.leads[replica], tag=Tag.REPLY)
+        self.ranks.reply(self.leads[replica], message)
         self.silence.asked(replica, time.monotonic())
 
     def _stash(self, message: dict) -> None:
@@ -316,7 +306,7 @@ class ShardSpace:
         self.replica_signalled |= bool(message.get("signal"))
 
     # Failures -------------------------------------------------------------------------------
-    def _receive(self, tag: int = Tag.REQUEST, source: int = MPI.ANY_SOURCE) -> dict | None:
+    def _receive(self, tag: int = Tag.REQUEST, source: int = ANY_SOURCE) -> dict | None:
         """The next message with `tag` from `source`, or None once a replica was declared
         failed meanwhile (the caller checks again what it waits for). Requests that come
         while it waits for something else are stashed. Polled (dbmpi.runtime.comm.poll)."""
@@ -327,7 +317,7 @@ class ShardSpace:
             if message is not None:
                 got.append(message)
                 return True
-            if tag != Tag.REQUEST and (request := self._probe(Tag.REQUEST, MPI.ANY_SOURCE)) is not None:
+            if tag != Tag.REQUEST and (request := self._probe(Tag.REQUEST, ANY_SOURCE)) is not None:
                 self._stash(request)
             overdue = self.silence.overdue(time.monotonic())
             for replica, silent_s in overdue:
@@ -341,12 +331,11 @@ class ShardSpace:
         """A message with `tag` from `source` if one is in. A failed replica's messages are
         not passed on: its requests are answered with its dismissal, and one reporting a
         flush spoils the inboxes (it was silent too long, not dead, and pushed)."""
-        status = MPI.Status()
-        found = self.world.improbe(source=source, tag=tag, status=status)
+        found = self.ranks.receive(tag, source)
         if found is None:
             return None
-        message = found.recv()
-        role = self.layout.role(status.Get_source())
+        sender, message = found
+        role = self.layout.role(sender)
         if not role.is_worker:
             return message
         if role.replica in self.silence.failed:
@@ -354,7 +343,7 @@ class ShardSpace:
                 self.inbox_spoiled |= message.get("flushed") is not None
                 self._dismiss(role.replica)
             elif tag == Tag.RECORDS:  # stopped, then silent too long: it leaves without collectives
-                self.world.send(False, dest=status.Get_source(), tag=Tag.VERDICT)
+                self.ranks.verdict(sender, False)
             return None
         self.silence.heard(role.replica)
         return message
@@ -362,9 +351,8 @@ class ShardSpace:
     def _dismiss(self, replica: int) -> None:
         """Tell a replica declared failed to leave, in reply to its next request."""
         if replica not in self.dismissed:
-            self.dismissed.add(replica)  # never waited for (it may be dead): kept, not freed
-            self.dismissals.append(self.world.isend({"stop": True, "dismissed": True},
-                                                    dest=self.leads[replica], tag=Tag.REPLY))
+            self.dismissed.add(replica)
+            self.ranks.reply_unwaited(self.leads[replica], {"stop": True, "dismissed": True})  # it may be dead
 
     def _declare(self, replica: int, silent_s: float) -> None:
         """A replica that owed a message for `train.replica_timeout_s` is failed: the
@@ -385,14 +373,14 @@ class ShardSpace:
         if not live:
             stderr_line("dbmpi: every Sandblaster replica failed: nothing can finish; resume from the last checkpoint")
             time.sleep(0.5)  # let the launcher forward the lines
-            self.world.Abort(EXIT_ALL_REPLICAS_FAILED)
+            self.ranks.abort(EXIT_ALL_REPLICAS_FAILED)
 
     def test(self, point: str) -> tuple[float, float]:
         """(loss, accuracy) of `point` on the test set, computed between two evaluations by
         the lowest live replica (replica 0 unless it failed): the shards publish the point,
         the replica fetches and evaluates it; another one does if it fails meanwhile."""
-        self._send(PUBLISH, 0.0, point)
-        self._reduce()
+        self.shards.send(PUBLISH, 0.0, point)
+        self.shards.total()
         result = None
         while result is None:
             chosen = self.silence.live[0]
@@ -405,14 +393,13 @@ class ShardSpace:
             # the next evaluation would.
             discard = self.stashed.pop(chosen, None) is not None
             self.parked.discard(chosen)
-            self.world.send({"stop": False, "test": True, "discard": discard, "commit": False, "flush": False,
-                             "portion": None, "evaluation": self.evaluation, "n": 1},
-                            dest=self.leads[chosen], tag=Tag.REPLY)
+            self.ranks.reply(self.leads[chosen], {"stop": False, "test": True, "discard": discard, "commit": False,
+                                                  "flush": False, "portion": None, "evaluation": self.evaluation,
+                                                  "n": 1})
             self.silence.asked(chosen, time.monotonic())
             while result is None and chosen not in self.silence.failed:
                 result = self._receive(tag=Tag.RESULT, source=self.leads[chosen])
-        for shard in range(self.control.size - 1):
-            self.control.Send(np.zeros(1), dest=shard, tag=Tag.WAKE)
+        self.shards.wake()
         return result
 
     def stop_replicas(self) -> None:
@@ -434,7 +421,7 @@ class ShardSpace:
             self._dismiss(replica)
 
     def _stop(self, replica: int) -> None:
-        self.world.send({"stop": True}, dest=self.leads[replica], tag=Tag.REPLY)
+        self.ranks.reply(self.leads[replica], {"stop": True})
         self.silence.asked(replica, time.monotonic())  # it owes its records now
 
     def records(self, before_verdict: Callable[[], None] = lambda: None) -> list[list[dict]]:
@@ -459,7 +446,7 @@ class ShardSpace:
         clean = not self.silence.failed
         before_verdict()
         for rank in sorted(received):
-            self.world.send(clean, dest=rank, tag=Tag.VERDICT)
+            self.ranks.verdict(rank, clean)
         return [received[r] for r in sorted(received)] + [self.events]
 
 
@@ -534,8 +521,10 @@ class Replica:
         self.done, self.done_evaluation, self.flushed = None, 0, None  # what the next request reports
         self.last_loss, self.last_n = 0.0, 0  # the portion computed last
         self.computed, self.busy = 0, 0.0
+        self.coordinator = RankChannel(self.topo.world, self.layout.coordinator_rank)
+        self.partitions = PartitionRelay(self.topo.replica) if self.layout.n_partitions > 1 else None
         self.reply = np.zeros(REPLY_FIELDS, np.int64)
-        self.signalled = np.zeros(1, np.int64)  # a stop signal on any partition, shared at flushes
+        self.signalled = False  # a stop signal on any partition, shared at flushes
         self.test_data = None
 
     def run(self) -> dict:
@@ -554,18 +543,12 @@ class Replica:
     def next_order(self) -> Order:
         """The lead reports what it did and waits for the reply; the other partitions get
         it from the lead (point to point: polled nonblocking collectives are slow)."""
-        world, coordinator = self.topo.world, self.layout.coordinator_rank
         if self.lead:
-            world.send({"replica": self.replica, "evaluation": self.done_evaluation, "done": self.done,
-                        "flushed": self.flushed, "signal": bool(self.signalled[0]) or self.signals.requested},
-                       dest=coordinator, tag=Tag.REQUEST)
-            self.reply[:] = _encode(wait(world.irecv(source=coordinator, tag=Tag.REPLY)))
-        if self.layout.n_partitions > 1:
-            if self.lead:
-                for other in range(1, self.layout.n_partitions):
-                    self.topo.replica.Send(self.reply, dest=other, tag=Tag.REPLY)
-            else:
-                Wait(self.topo.replica.Irecv(self.reply, source=0, tag=Tag.REPLY))
+            self.reply[:] = _encode(self.coordinator.ask(
+                {"replica": self.replica, "evaluation": self.done_evaluation, "done": self.done,
+                 "flushed": self.flushed, "signal": self.signalled or self.signals.requested}))
+        if self.partitions is not None:
+            self.partitions.share(self.reply)
         return Order(*(int(v) for v in self.reply))
 
     def follow(self, order: Order, dataset) -> bool:
@@ -595,7 +578,7 @@ class Replica:
             self.test_data = dataset.load("test", rows=self.rows)
         result = self.model.evaluate(*self.test_data, self.cfg["train"]["eval_batch_size"])
         if self.lead:
-            self.topo.world.send(result, dest=self.layout.coordinator_rank, tag=Tag.RESULT)
+            self.coordinator.send_result(result)
 
     def flush(self) -> None:
         """Push the accrual into the shards' inboxes; the next request reports it."""
@@ -604,8 +587,8 @@ class Replica:
         self.client.finish_push()  # in the shards' inboxes before the report says so
         if self.client.pushes == self.die_after_push:  # test hook: pushed, never reported
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.layout.n_partitions > 1:  # every partition's share has landed
-            self.topo.replica.Allreduce(np.array([int(self.signals.requested)]), self.signalled, op=MPI.MAX)
+        if self.partitions is not None:  # every partition's share has landed
+            self.signalled = self.partitions.any_signalled(self.signals.requested)
         self.flushed = {"portions": accrual.portions, "loss": accrual.loss, "nonfinite": accrual.nonfinite}
         accrual.clear()
 
@@ -627,12 +610,14 @@ class Replica:
 
 
 # The run ------------------------------------------------------------------------------------
-def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
+def run(cfg: dict, run_path: Path, comm: Comm | None = None,
         say: Callable[[str], None] = print, resume: str | None = None,
         parameters_only: bool = False) -> dict | None:
     """Train with algorithm = "sandblaster" on every rank of `comm`; the coordinator writes
     the run directory and returns the summary. `resume`: a checkpoint path or "auto";
-    `parameters_only`: take only its parameters (a warm start, as `dbmpi train --init`)."""
+    `parameters_only`: take only its parameters (a warm start, as `dbmpi train --init`);
+    `comm`: COMM_WORLD unless given."""
+    comm = world_comm() if comm is None else comm
     ctx = prepare_run(cfg, run_path, comm, say, resume, coordinator=True, parameters_only=parameters_only)
     return run_committed(ctx, _run)
 
@@ -677,9 +662,10 @@ def _work(ctx: RunContext, watch: VitalWatch) -> None:
                   "vectors": len(shard.vectors), "checkpoints_written": checkpoints.written}
     else:
         record = Replica(ctx, windows).run()
-    topo.world.send({"rank": topo.rank, "records": [record]}, dest=layout.coordinator_rank, tag=Tag.RECORDS)
+    coordinator = RankChannel(topo.world, layout.coordinator_rank)
+    coordinator.send_records({"rank": topo.rank, "records": [record]})
     watch.stop()  # the run is over for this rank; the others may leave from here on
-    if not wait(topo.world.irecv(source=layout.coordinator_rank, tag=Tag.VERDICT), high=0.05):
+    if not coordinator.verdict():
         leave(0)  # a replica failed: no collective teardown (it would wait for the dead)
     if role.is_shard:
         shard.close()

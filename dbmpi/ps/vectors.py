@@ -1,5 +1,6 @@
 """Sandblaster's shard side: a shard's slice of every L-BFGS vector, and the loop that runs
-the coordinator's vector commands on them (dbmpi.algorithms.sandblaster drives it)."""
+the coordinator's vector commands on them (dbmpi.algorithms.sandblaster drives it, through
+dbmpi.ps.commands, the coordinator's side of the same protocol)."""
 from __future__ import annotations
 
 import numpy as np

@@ -43,6 +43,12 @@ class Tag(IntEnum):
 
 
 Poll = Callable[[Callable[[], bool]], object]  # poll, or a heartbeat-keeping variant of it
+Comm = MPI.Intracomm  # what the orchestrators (dbmpi.algorithms) name a communicator, without mpi4py
+
+
+def world_comm() -> Comm:
+    """The world communicator (MPI.COMM_WORLD): a run's default."""
+    return MPI.COMM_WORLD
 
 
 def wait(request: MPI.Request, spin: float = SPIN_S, low: float = LOW_S, high: float = HIGH_S):

@@ -1,0 +1,74 @@
+"""dbmpi.runtime.portion_channel and dbmpi.ps.commands on two ranks (a small script under
+mpiexec): each message arrives with the tag, sender and contents Sandblaster expects, and
+the shard commands are encoded as dbmpi.ps.vectors decodes them."""
+import subprocess
+import sys
+import textwrap
+
+from tests.test_downpour import mpiexec
+
+SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from mpi4py import MPI
+    from dbmpi.ps.commands import ShardCommands
+    from dbmpi.ps.vectors import AXPY, DOT
+    from dbmpi.runtime.comm import Tag
+    from dbmpi.runtime.portion_channel import CoordinatorChannel, PartitionRelay, RankChannel
+
+    world = MPI.COMM_WORLD
+    if world.rank == 0:  # the coordinator's end
+        ranks = CoordinatorChannel(world)
+        found = None
+        while found is None:
+            found = ranks.receive(Tag.REQUEST)
+        assert found == (1, {"replica": 0, "done": 3}), found
+        ranks.reply(1, {"portion": (4, 40, 50)})
+        ranks.reply_unwaited(1, {"stop": True, "dismissed": True})
+        assert len(ranks.unwaited) == 1
+        while (found := ranks.receive(Tag.RESULT, source=1)) is None:
+            pass
+        assert found == (1, (0.5, 0.9)), found
+        while (found := ranks.receive(Tag.RECORDS)) is None:
+            pass
+        assert found == (1, {"rank": 1, "records": []}), found
+        ranks.verdict(1, True)
+    else:  # a replica lead's end
+        coordinator = RankChannel(world, 0)
+        assert coordinator.ask({"replica": 0, "done": 3}) == {"portion": (4, 40, 50)}
+        assert coordinator.ask({"replica": 0, "done": 4}) == {"stop": True, "dismissed": True}
+        coordinator.send_result((0.5, 0.9))
+        coordinator.send_records({"rank": 1, "records": []})
+        assert coordinator.verdict() is True
+
+    relay = PartitionRelay(world)  # partition 0 (the lead) and partition 1
+    reply = np.arange(10, dtype=np.int64) if world.rank == 0 else np.zeros(10, np.int64)
+    relay.share(reply)
+    assert reply.tolist() == list(range(10))
+    assert relay.any_signalled(world.rank == 1) and not relay.any_signalled(False)
+
+    if world.rank == 1:  # the coordinator: the last rank of `control`
+        shards = ShardCommands(world, ["x", "g", "d"])
+        assert shards.n_shards == 1
+        shards.send(AXPY, 0.5, "d", "x")
+        shards.send(DOT, 0.0, "g", "g")
+        assert shards.total() == 2.5
+        shards.share({"vectors": [("params", "x")]})
+        shards.wake()
+    else:  # a shard's side, as dbmpi.ps.vectors.ShardVectors.serve reads it
+        command = np.zeros(5)
+        world.Bcast(command, root=1)
+        assert command.tolist() == [AXPY, 0.5, 2, 0, -1]
+        world.Bcast(command, root=1)
+        assert command.tolist() == [DOT, 0.0, 1, 1, -1]
+        world.Reduce(np.array([2.5]), None, op=MPI.SUM, root=1)
+        assert world.bcast(None, root=1) == {"vectors": [("params", "x")]}
+        world.Recv(np.zeros(1), source=1, tag=Tag.WAKE)
+    print("ok", flush=True)
+""")
+
+
+def test_the_channels_and_shard_commands_on_two_ranks():
+    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "ok"]
