@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from mpi4py import MPI
-
-from dbmpi import config as configuration
 from dbmpi import data as datasets
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat
@@ -44,12 +40,12 @@ from dbmpi.config import ConfigError
 from dbmpi.io.checkpoint import open_checkpoint
 from dbmpi.io.rundir import RunDirectory
 from dbmpi.model.partitioned import worker_model
-from dbmpi.ps.checkpoint import ServingProgress, ShardCheckpoints, SliceLost
+from dbmpi.ps.checkpoint import ShardCheckpointer
 from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import VERDICT_CLEAN, VERDICT_FAILED, bucket_label
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows
-from dbmpi.runtime.comm import Tag, receive, send, stderr_line
+from dbmpi.runtime.comm import Comm, Tag, receive, send, stderr_line, world_comm
 from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.runtime.faults import FAULTS
 from dbmpi.runtime.runcontrol import (
@@ -63,103 +59,17 @@ from dbmpi.runtime.runcontrol import (
 )
 
 
-class ShardCheckpointer:
-    """Shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
-    slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
-    asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
-    other shards point to point, so a lead dying halfway through asking cannot leave the
-    shards disagreeing on which checkpoint they are at.
-
-    Each shard records a snapshot of its slices (a copy: memory for one more slice per
-    vector) and keeps applying pushes while the snapshot is written: every wait serves
-    (dbmpi.ps.checkpoint.ServingProgress) and keeps the heartbeat going
-    (dbmpi.runtime.failover). Each checkpoint leaves a record: the shard's update count at the
-    snapshot, the updates applied while it was written, the longest stall of updates and
-    the most pushes one update merged meanwhile."""
-
-    def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
-        self.cfg, self.layout, self.topo, self.shard, self.liveness = cfg, layout, topo, shard, liveness
-        self.progress = ServingProgress(liveness, shard.apply_pending)
-        self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
-                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"], self.progress)
-        self.last: Path | None = None  # the newest checkpoint this shard 0 wrote
-        self.records: list[dict] = []  # one per checkpoint this shard took part in
-
-    @property
-    def written(self) -> list[str]:
-        return self.files.written
-
-    def _take(self, step: int, write: Callable[[list, int], None]) -> None:
-        """Snapshot this shard's slices, then `write(snapshot, version)` while serving."""
-        began, shard = time.perf_counter(), self.shard
-        self.progress.begin()
-        shard.max_merged_since = 0
-        version = shard.version()
-        write(shard.snapshot(), version)
-        self.progress.serve_now()  # closes the stall measurement
-        self.records.append({"step": step, "version": version, "updates_during": shard.version() - version,
-                             "stall_s": round(self.progress.stall_s, 4),
-                             "duration_s": round(time.perf_counter() - began, 4),
-                             "max_merged_during": shard.max_merged_since})
-
-    def _stream(self, vectors, version: int) -> None:
-        """Shards but 0: send this shard's snapshot to shard 0."""
-        self.files.write(vectors, version=version)
-
-    def obey(self) -> None:
-        """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
-        while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=Tag.CKPT_ORDER):
-            step = receive(self.topo.world, self.layout.shard_rank(0), Tag.CKPT_ORDER, self.progress.wait)
-            self._take(step, self._stream)
-
-    def last_order(self) -> bool:
-        """Shards but 0, after serving: obey orders until the last one; True if it asks for
-        a final checkpoint (then streamed)."""
-        shard0, got = self.layout.shard_rank(0), []
-
-        def last() -> bool:
-            self.obey()
-            if self.topo.world.iprobe(source=shard0, tag=Tag.CKPT_LAST):
-                got.append(receive(self.topo.world, shard0, Tag.CKPT_LAST, self.liveness.wait))
-            return bool(got)
-
-        self.liveness.wait(last)
-        if got[0] is not False:
-            self._take(got[0], self._stream)
-        return got[0] is not False
-
-    def __call__(self, state: dict | None = None) -> None:
-        """Shard 0: one checkpoint, written with `state` (the final one: the other shards
-        had their last order), or, for a periodic one, with the state the acting lead sent
-        (Tag.CKPT_STATE) before it asked; the other shards are ordered to stream."""
-        world = self.topo.world
-        if state is None:
-            state = receive(world, MPI.ANY_SOURCE, Tag.CKPT_STATE, self.progress.wait)
-            for k in range(1, self.layout.n_shards):
-                send(world, state["step"], self.layout.shard_rank(k), Tag.CKPT_ORDER, self.progress.wait)
-
-        def write(vectors, version) -> None:
-            try:
-                self.last = self.files.write(vectors, step=state["step"], algorithm="downpour",
-                                             config_text=configuration.dumps(self.cfg),
-                                             layout=self.layout.to_dict(), state=state, version=version)
-            except SliceLost as lost:  # e.g. the sender died mid-transfer
-                self.liveness.shard_lost(lost.shard, lost.what)
-
-        self._take(state["step"], write)
-        self.records[-1]["file"] = self.last.name if self.last is not None else None
-        self.records[-1]["time"] = time.time()
-
-
-def run(cfg: dict, run_path: Path, comm: MPI.Intracomm = MPI.COMM_WORLD,
+def run(cfg: dict, run_path: Path, comm: Comm | None = None,
         say: Callable[[str], None] = print, resume: str | None = None) -> dict | None:
-    """Train with algorithm = "downpour" on every rank of `comm`; shard 0 returns the summary."""
+    """Train with algorithm = "downpour" on every rank of `comm` (default: the world); shard 0
+    returns the summary."""
 
     def enough_examples(data_info: dict) -> None:
         if cfg["train"]["n_replicas"] > data_info["n_train"]:
             raise ConfigError(f"train.n_replicas: {cfg['train']['n_replicas']} replicas for only "
                               f"{data_info['n_train']} training examples")
 
+    comm = world_comm() if comm is None else comm
     return run_committed(prepare_run(cfg, run_path, comm, say, resume, check=enough_examples), _run)
 
 

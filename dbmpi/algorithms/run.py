@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from dbmpi import data as datasets
@@ -39,7 +38,7 @@ from dbmpi.io.checkpoint import CheckpointError, list_checkpoints, newest_valid,
 from dbmpi.io.rundir import RunDirectory, RunDirectoryError
 from dbmpi.model import Network
 from dbmpi.parallel.partition import PartitionPlan
-from dbmpi.runtime.comm import abort_on_error, agree
+from dbmpi.runtime.comm import Comm, abort_on_error, agree
 from dbmpi.runtime.layout import Layout, LayoutError, layout_for
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
@@ -105,7 +104,7 @@ class RunContext:
     network: Network
     layout: Layout
     plan: PartitionPlan
-    comm: MPI.Intracomm
+    comm: Comm
     root: int
     run_path: Path
     run_dir: RunDirectory | None
@@ -125,7 +124,7 @@ class RunContext:
         return self.output if self.comm.rank == rank else _silent
 
 
-def prepare_run(cfg: dict, run_path: Path, comm: MPI.Intracomm, say: Callable[[str], None] = print,
+def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None] = print,
                 resume: str | None = None, *, coordinator: bool = False, parameters_only: bool = False,
                 check: Callable[[dict], None] | None = None) -> RunContext:
     """Everything checked and agreed before the run commits (see the module docstring).

@@ -3,19 +3,28 @@ slice of each vector to it in canonical order, a chunk at a time, so no rank eve
 whole vector. Used by Downpour (over the world; its waits keep serving pushes and
 heartbeats while a checkpoint is written: ServingProgress, dbmpi.runtime.failover) and Sandblaster
 (over the control communicator); what goes into the file is dbmpi.io.checkpoint's business.
+ShardCheckpointer is Downpour's shard side: the lead's state and shard 0's orders to the
+other shards (Tag.CKPT_STATE, CKPT_ORDER, CKPT_LAST), one record per checkpoint.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
 
+from dbmpi import config as configuration
 from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name, prune
-from dbmpi.runtime.comm import Tag
+from dbmpi.runtime.comm import Tag, receive, send
+
+if TYPE_CHECKING:
+    from dbmpi.ps.shard import Shard
+    from dbmpi.runtime.failover import Liveness
 
 CHUNK = 1 << 22  # float32 values per message (16 MB)
 
@@ -172,4 +181,92 @@ class ShardCheckpoints:
             self.progress.run(partial(stream.write, start, piece))
 
 
-__all__ = ["BlockingProgress", "ServingProgress", "ShardCheckpoints", "SliceLost"]
+class ShardCheckpointer:
+    """Downpour shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
+    slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
+    asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
+    other shards point to point, so a lead dying halfway through asking cannot leave the
+    shards disagreeing on which checkpoint they are at.
+
+    Each shard records a snapshot of its slices (a copy: memory for one more slice per
+    vector) and keeps applying pushes while the snapshot is written: every wait serves
+    (dbmpi.ps.checkpoint.ServingProgress) and keeps the heartbeat going
+    (dbmpi.runtime.failover). Each checkpoint leaves a record: the shard's update count at the
+    snapshot, the updates applied while it was written, the longest stall of updates and
+    the most pushes one update merged meanwhile."""
+
+    def __init__(self, cfg, network, layout, topo, shard: Shard, run_path: Path, liveness: Liveness):
+        self.cfg, self.layout, self.topo, self.shard, self.liveness = cfg, layout, topo, shard, liveness
+        self.progress = ServingProgress(liveness, shard.apply_pending)
+        self.files = ShardCheckpoints(topo.world, layout.shard_ranks, layout.shard_ranges, network.tensors,
+                                      run_path / "checkpoints", cfg["train"]["checkpoint_keep"], self.progress)
+        self.last: Path | None = None  # the newest checkpoint this shard 0 wrote
+        self.records: list[dict] = []  # one per checkpoint this shard took part in
+
+    @property
+    def written(self) -> list[str]:
+        return self.files.written
+
+    def _take(self, step: int, write: Callable[[list, int], None]) -> None:
+        """Snapshot this shard's slices, then `write(snapshot, version)` while serving."""
+        began, shard = time.perf_counter(), self.shard
+        self.progress.begin()
+        shard.max_merged_since = 0
+        version = shard.version()
+        write(shard.snapshot(), version)
+        self.progress.serve_now()  # closes the stall measurement
+        self.records.append({"step": step, "version": version, "updates_during": shard.version() - version,
+                             "stall_s": round(self.progress.stall_s, 4),
+                             "duration_s": round(time.perf_counter() - began, 4),
+                             "max_merged_during": shard.max_merged_since})
+
+    def _stream(self, vectors, version: int) -> None:
+        """Shards but 0: send this shard's snapshot to shard 0."""
+        self.files.write(vectors, version=version)
+
+    def obey(self) -> None:
+        """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
+        while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=Tag.CKPT_ORDER):
+            step = receive(self.topo.world, self.layout.shard_rank(0), Tag.CKPT_ORDER, self.progress.wait)
+            self._take(step, self._stream)
+
+    def last_order(self) -> bool:
+        """Shards but 0, after serving: obey orders until the last one; True if it asks for
+        a final checkpoint (then streamed)."""
+        shard0, got = self.layout.shard_rank(0), []
+
+        def last() -> bool:
+            self.obey()
+            if self.topo.world.iprobe(source=shard0, tag=Tag.CKPT_LAST):
+                got.append(receive(self.topo.world, shard0, Tag.CKPT_LAST, self.liveness.wait))
+            return bool(got)
+
+        self.liveness.wait(last)
+        if got[0] is not False:
+            self._take(got[0], self._stream)
+        return got[0] is not False
+
+    def __call__(self, state: dict | None = None) -> None:
+        """Shard 0: one checkpoint, written with `state` (the final one: the other shards
+        had their last order), or, for a periodic one, with the state the acting lead sent
+        (Tag.CKPT_STATE) before it asked; the other shards are ordered to stream."""
+        world = self.topo.world
+        if state is None:
+            state = receive(world, MPI.ANY_SOURCE, Tag.CKPT_STATE, self.progress.wait)
+            for k in range(1, self.layout.n_shards):
+                send(world, state["step"], self.layout.shard_rank(k), Tag.CKPT_ORDER, self.progress.wait)
+
+        def write(vectors, version) -> None:
+            try:
+                self.last = self.files.write(vectors, step=state["step"], algorithm="downpour",
+                                             config_text=configuration.dumps(self.cfg),
+                                             layout=self.layout.to_dict(), state=state, version=version)
+            except SliceLost as lost:  # e.g. the sender died mid-transfer
+                self.liveness.shard_lost(lost.shard, lost.what)
+
+        self._take(state["step"], write)
+        self.records[-1]["file"] = self.last.name if self.last is not None else None
+        self.records[-1]["time"] = time.time()
+
+
+__all__ = ["BlockingProgress", "ServingProgress", "ShardCheckpointer", "ShardCheckpoints", "SliceLost"]
