@@ -31,7 +31,7 @@ replica. The end is point to point: each live rank sends its records to the coor
 waits for the verdict; after a failure every rank leaves without collectives (os._exit),
 and with P > 1 partitions the coordinator ends the dead one's stuck partners with
 MPI_Abort(7) once the run is written. A shard or the coordinator cannot be lost: the ranks
-on its host see its process end (VitalWatch) and the job ends with MPI_Abort(4).
+on its host see its process end (dbmpi.runtime.vitalwatch) and the job ends with MPI_Abort(4).
 
 Every rank that waits (shards for a command, replicas for a reply, the coordinator for a
 request) polls with exponential back-off, so waiting ranks leave the cores to the ranks
@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,63 +77,19 @@ from dbmpi.ps.vectors import (
     ShardVectors,
 )
 from dbmpi.ps.windows import ParameterWindows
-from dbmpi.runtime import procfs
 from dbmpi.runtime.comm import SPIN_S, Comm, Tag, poll, stderr_line, world_comm
-from dbmpi.runtime.failover import ABORT_SHARD_LOST, EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave
+from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, EXIT_REPLICA_LOST, leave
 from dbmpi.runtime.faults import FAULTS
 from dbmpi.runtime.layout import Layout
 from dbmpi.runtime.portion_channel import ANY_SOURCE, CoordinatorChannel, PartitionRelay, RankChannel
 from dbmpi.runtime.topology import Topology
+from dbmpi.runtime.vitalwatch import VitalWatch
 
 STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
 ABORT_PARTITIONS_LEFT = 7  # MPI_Abort code ending a failed run whose replicas have P > 1 partitions
 # A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop,
 # evaluation, n, test (evaluate the published point on the test set)
 REPLY_FIELDS = 10
-
-
-class VitalWatch:
-    """Ends the job (MPI_Abort(4)) when the process of a shard or of the coordinator on this
-    host has ended: they hold the optimizer's vectors and state, and a collective over a dead
-    one never returns, so under the failover launcher the job would otherwise hang. A thread
-    looks at their processes (dbmpi.runtime.procfs) every `period` s; the lowest live rank on the
-    host says so in one line, the others abort quietly a moment later. Construction is
-    collective (the ranks' hosts and processes); `stop()` once this rank's part of the run
-    is over (the others may leave from then on)."""
-
-    def __init__(self, comm: Comm, layout: Layout, period: float = 0.25):
-        self.comm, self.layout, self.period = comm, layout, period
-        self.local = procfs.host_peers(comm)
-        self.vital = [r for r in (*layout.shard_ranks, layout.coordinator_rank) if r in self.local and r != comm.rank]
-        self.lock = threading.Lock()
-        self.stopped = False
-
-    def start(self) -> VitalWatch:
-        threading.Thread(target=self._loop, name="dbmpi-vital-watch", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopped = True
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.period)
-            dead = [r for r in self.vital if procfs.gone(self.local[r])]
-            with self.lock:
-                if self.stopped:
-                    return
-                if dead:
-                    self._abort(dead[0])
-
-    def _abort(self, rank: int) -> None:
-        role = self.layout.role(rank)
-        what = "the coordinator" if role.is_coordinator else f"shard {role.shard}"
-        if procfs.lowest_alive(self.local, self.comm.rank) == self.comm.rank:
-            stderr_line(f"dbmpi: {what} (rank {rank}) died (its process {self.local[rank][0]} ended): it cannot "
-                        "be recovered, so the job ends; resume from the last checkpoint")
-        time.sleep(0.5)  # let the launcher forward the line
-        self.comm.Abort(ABORT_SHARD_LOST)
 
 
 # The coordinator ----------------------------------------------------------------------------
