@@ -71,4 +71,5 @@ def test_the_channels_and_shard_commands_on_two_ranks():
     done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["ok", "ok"]
+    # Both ranks got through every check; mpiexec may interleave their lines ("okok\n\n").
+    assert done.stdout.count("ok") == 2, done.stdout
