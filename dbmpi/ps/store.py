@@ -1,4 +1,4 @@
-"""A shard's parameters and gradient inbox, seen from the shard itself: publish and drain.
+"""A shard's parameters and gradient inbox, seen from the shard itself: publish, drain, take.
 
 Why every concurrent access is well-defined. MPI lets accumulate operations on the same
 location run concurrently when they use the same operation or MPI_NO_OP (the default
@@ -20,7 +20,7 @@ the drain (four passes) runs at about 0.25x memcpy; plain Get measured within 5%
 Get_accumulate(NO_OP), so being well-defined costs little.
 
 A drained NaN or Inf cannot be cleared with the operations allowed alongside SUM (x + -x is
-NaN for x = NaN): only `clear`, when no push can be in flight, removes it.
+NaN for x = NaN): only `take`, when no push can be in flight, removes it.
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ class ShardStore:
         """Move the inbox into `out` atomically (pushes landing meanwhile stay for the next
         drain); False when it held nothing."""
         inbox = self.windows.inbox
-        inbox.Get_accumulate(NO_ORIGIN, out, self.me, target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
-        inbox.Flush(self.me)
+        self._read(out)
         if not out.any():
             return False
         np.negative(out, out=self.negated)
@@ -59,12 +58,19 @@ class ShardStore:
         inbox.Flush(self.me)
         return True
 
-    def clear(self) -> None:
-        """Zero the inbox (REPLACE, which must not meet a concurrent SUM: only when no push
-        can be in flight). Clears a NaN or Inf that `drain` leaves behind."""
-        self.negated[:] = 0
-        self.windows.inbox.Accumulate(self.negated, self.me, op=MPI.REPLACE)
+    def _read(self, out: np.ndarray) -> None:
+        """The inbox as it is now, into `out` (element-atomic NO_OP)."""
+        self.windows.inbox.Get_accumulate(NO_ORIGIN, out, self.me, target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
         self.windows.inbox.Flush(self.me)
+
+    def take(self, out: np.ndarray) -> None:
+        """Move the inbox into `out` and zero it (REPLACE, which must not meet a concurrent
+        SUM: only when no push can be in flight). Unlike `drain`, it also clears a NaN or Inf."""
+        inbox = self.windows.inbox
+        self._read(out)
+        self.negated[:] = 0
+        inbox.Accumulate(self.negated, self.me, op=MPI.REPLACE)
+        inbox.Flush(self.me)
 
     def close(self) -> None:
         self.windows.unlock_shards()

@@ -72,13 +72,10 @@ class ShardVectors:
                 Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=Tag.WAKE))
             elif op == COLLECT:
                 # Every push of the evaluation was flushed before its replica reported it,
-                # and no other push can be in flight: take the sum and empty the inbox (a
-                # NaN or Inf, which the drain leaves behind, is cleared too).
+                # and no other push can be in flight: take the sum and empty the inbox.
                 out = self.vector(a)
-                self.store.drain(out)
+                self.store.take(out)
                 bad = np.array([float(kernels.count_nonfinite(out))])
-                if bad[0]:
-                    self.store.clear()
                 self.control.Reduce(bad, None, op=MPI.SUM, root=self.root)
             elif op == CHECKPOINT:
                 # What to write comes next: the vectors (file name, vector) and, for shard 0,
