@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dbmpi import data as datasets
 from dbmpi.algorithms.optimizers import make_optimizer
-from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat
+from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat, mean
 from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.config import ConfigError
@@ -380,7 +380,7 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         "max_merged_pushes": max((s["max_merged"] for s in shards), default=0),
         "checkpoints": len(checkpoints),
         "checkpoint_stall_s_max": max((max(c["stall_s_by_shard"]) for c in checkpoints), default=0.0),
-        "mean_staleness": _mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
+        "mean_staleness": mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
         "failed_replicas": failed,
         "final_checkpoint": final_path.name if final_path is not None else None,
         "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
@@ -414,7 +414,3 @@ def checkpoint_records(shards: list[dict], started: float) -> list[dict]:
                         "updates_during_by_shard": [c.get("updates_during") for c in mine],
                         "max_merged_during_by_shard": [c.get("max_merged_during") for c in mine]})
     return records
-
-
-def _mean(values):
-    return sum(values) / len(values) if values else None

@@ -49,6 +49,11 @@ def _silent(_msg: str) -> None:
     pass
 
 
+def mean(values) -> float | None:
+    """The mean of `values`; None when there are none."""
+    return sum(values) / len(values) if values else None
+
+
 @dataclass(frozen=True)
 class Seat:
     """Where a worker sits: its world rank, replica and partition, and how many of each."""
@@ -261,7 +266,7 @@ class ReplicaLoop:
                   "step": step, "epoch": round(step / self.budget.steps_per_epoch, 4),
                   "loss": self.window_loss / self.window_steps,
                   "samples_per_s": round(self.window_steps * self.batch / max(now - self.window_start, 1e-9), 1),
-                  "staleness": (sum(recent) / len(recent)) if recent else None,
+                  "staleness": mean(recent),
                   "pushes": client.pushes, "rejected": client.rejected}
         if seat.is_lead:
             record["shard_updates"] = client.shard_versions()
@@ -288,7 +293,6 @@ class ReplicaLoop:
     def replica_record(self, step: int, elapsed: float) -> dict:
         """The `replica` record: what this worker did over the whole run."""
         client, model, seat = self.client, self.model, self.seat
-        staleness = client.staleness
         return {"kind": "replica", "rank": seat.rank, "replica": seat.replica, "partition": seat.partition,
                 "steps": step, "wall_s": round(elapsed, 3),
                 "samples_per_s": round(step * self.batch / max(elapsed, 1e-9), 1),
@@ -298,7 +302,7 @@ class ReplicaLoop:
                 "bytes_fetched": client.bytes_fetched, "bytes_pushed": client.bytes_pushed,
                 "activation_bytes_sent": getattr(model, "bytes_sent", 0),
                 "activation_bytes_received": getattr(model, "bytes_received", 0),
-                "mean_staleness": (sum(staleness) / len(staleness)) if staleness else None,
+                "mean_staleness": mean(client.staleness),
                 "examples": int(self.data.x.shape[0]), "batch": self.batch,
                 "stopped_by_signal": self.signalled, "diverged": self.diverging()}
 

@@ -18,7 +18,7 @@ from dbmpi import data as datasets
 from dbmpi.algorithms.minibatches import Budget, Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
-from dbmpi.data import check_fits as _check_fits
+from dbmpi.data import check_fits
 from dbmpi.io.rundir import RunDirectory
 from dbmpi.model import Network
 
@@ -42,7 +42,7 @@ def open_training_data(data_cfg: dict, network: Network) -> datasets.Dataset:
         datasets.prepare(data_cfg["source"], path, **options)
     dataset = datasets.open_dataset(path)
     try:
-        _check_fits(dataset, network, path)
+        check_fits(dataset, network, path)
         _check_not_empty(dataset, path)
         dataset.check_finite()  # NaN rows would only surface as a diverged run
     except (ConfigError, datasets.DatasetError):
