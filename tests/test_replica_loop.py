@@ -53,6 +53,9 @@ class FakeClient:
     def shard_versions(self):
         return [self.pushes]
 
+    def counts(self):
+        return {"shards": self.shards, "pushes_by_shard": [self.pushes]}
+
 
 class FakeControl:
     def __init__(self, calls, warmed=True):

@@ -42,7 +42,7 @@ from dbmpi.io.rundir import RunDirectory
 from dbmpi.model.partitioned import worker_model
 from dbmpi.ps.checkpoint import ShardCheckpointer
 from dbmpi.ps.client import ShardClient
-from dbmpi.ps.control import VERDICT_CLEAN, VERDICT_FAILED, bucket_label
+from dbmpi.ps.control import N_BUCKETS, VERDICT_CLEAN, VERDICT_FAILED, bucket_label
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.comm import Comm, Tag, receive, send, stderr_line, world_comm
@@ -187,13 +187,33 @@ def _shard_record(topo, stats, checkpointer) -> dict:
     return {"kind": "shard", "rank": topo.rank, "shard": topo.role.shard,
             "updates": stats.updates, "pushes": stats.pushes, "drains": stats.drains,
             "dropped": stats.dropped, "rejected": stats.rejected,
-            "staleness_histogram": {bucket_label(b): n for b, n in enumerate(stats.staleness_histogram) if n},
-            "pushes_by_replica": stats.pushes_by_replica, "first_push_after": stats.first_push_after,
             "workers_failed": stats.workers_failed,
             "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
             "merged_histogram": {bucket_label(b): n for b, n in enumerate(stats.merged_histogram) if n},
             "max_merged": stats.max_merged,
             "checkpoints_written": checkpointer.written, "checkpoints": checkpointer.records}
+
+
+def add_push_counts(shard_records: list[dict], workers: list[dict], n_replicas: int) -> None:
+    """Complete each shard's record with what its workers counted for it (dbmpi.ps.client):
+    the staleness histogram of the pushes, the pushes by replica, and per replica the pushes
+    the shard had counted before that replica's first one (-1: it never pushed; a failed
+    replica's records are lost, so it shows as none)."""
+    for record in shard_records:
+        k = record["shard"]
+        histogram = [0] * N_BUCKETS
+        by_replica, first = [0] * n_replicas, [-1] * n_replicas
+        for w in workers:
+            if k not in w.get("shards", ()):
+                continue
+            i, r = w["shards"].index(k), w["replica"]
+            histogram = [a + b for a, b in zip(histogram, w["staleness_histogram_by_shard"][i], strict=True)]
+            by_replica[r] += w["pushes_by_shard"][i]
+            after = w["first_push_after_by_shard"][i]
+            if after >= 0:
+                first[r] = after if first[r] < 0 else min(first[r], after)
+        record.update({"staleness_histogram": {bucket_label(b): n for b, n in enumerate(histogram) if n},
+                       "pushes_by_replica": by_replica, "first_push_after": first})
 
 
 def _end(topo, windows, liveness: Liveness, close) -> None:
@@ -340,6 +360,8 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
     final checkpoint's test loss and accuracy; `diverged`: why the training failed)."""
     tcfg = cfg["train"]
     test_loss, test_acc = test
+    add_push_counts([r for r in records if r["kind"] == "shard"], [r for r in records if r["kind"] == "replica"],
+                    layout.n_replicas)
     metrics = Path(run_path) / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size:
         with open(metrics, "rb") as f:  # a writer killed mid-line must not swallow ours

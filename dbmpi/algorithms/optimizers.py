@@ -12,9 +12,14 @@ import numpy as np
 
 from dbmpi import kernels
 
+EVERYWHERE = slice(None)
+
 
 class Optimizer(ABC):
-    """Applies `step(params, grad)` in place; `state` holds what a checkpoint must keep."""
+    """Applies `step(params, grad)` in place; `state` holds what a checkpoint must keep.
+    `step(params, grad, at)` updates one part of the vector: `params` and `grad` are that
+    part, `at` its place in the whole, which selects the state (a shard applies its
+    update chunk by chunk: dbmpi.ps.shard)."""
 
     name = "optimizer"
 
@@ -24,8 +29,8 @@ class Optimizer(ABC):
         self.state: dict[str, np.ndarray] = {}
 
     @abstractmethod
-    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
-        """Update `params` in place from `grad`."""
+    def step(self, params: np.ndarray, grad: np.ndarray, at: slice = EVERYWHERE) -> None:
+        """Update `params` (the part `at` of the vector) in place from `grad`."""
 
 
 class SGD(Optimizer):
@@ -33,7 +38,7 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def step(self, params, grad):
+    def step(self, params, grad, at=EVERYWHERE):
         kernels.sgd_step(params, grad, self.learning_rate)
 
 
@@ -47,8 +52,8 @@ class Momentum(Optimizer):
         self.momentum = momentum
         self.state["velocity"] = np.zeros(size, dtype=np.float32)
 
-    def step(self, params, grad):
-        kernels.momentum_step(params, grad, self.state["velocity"], self.learning_rate, self.momentum)
+    def step(self, params, grad, at=EVERYWHERE):
+        kernels.momentum_step(params, grad, self.state["velocity"][at], self.learning_rate, self.momentum)
 
 
 class Adagrad(Optimizer):
@@ -61,8 +66,8 @@ class Adagrad(Optimizer):
         self.eps = eps
         self.state["accum"] = np.full(size, initial, dtype=np.float32)
 
-    def step(self, params, grad):
-        kernels.adagrad_step(params, grad, self.state["accum"], self.learning_rate, self.eps)
+    def step(self, params, grad, at=EVERYWHERE):
+        kernels.adagrad_step(params, grad, self.state["accum"][at], self.learning_rate, self.eps)
 
 
 def make_optimizer(train: dict, size: int) -> Optimizer:

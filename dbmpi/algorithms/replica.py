@@ -12,8 +12,8 @@ The seam. ReplicaLoop does no communication itself; its collaborators do, and te
 them with in-memory fakes (tests/test_replica_loop.py):
 
 - `client` (dbmpi.ps.client.ShardClient): fetch(params), push(accrued, nonfinite),
-  finish_push(), shard_versions(); counters fetches, pushes, rejected, backlog_waits,
-  bytes_fetched, bytes_pushed, the list staleness, the list shards.
+  finish_push(), shard_versions(), counts() (per-shard push counts for the records);
+  counters fetches, pushes, rejected, backlog_waits, bytes_fetched, bytes_pushed, the list staleness, the list shards.
 - `control` (dbmpi.runtime.runcontrol.ReplicaControl): the run protocol with shard 0 and the
   replica's partitions: relay_stop(), stop_seen(), warmed(), mark_warmed(),
   request_checkpoint(state), any_partition(flag) (the stop verdict shared by the partitions,
@@ -304,7 +304,7 @@ class ReplicaLoop:
                 "activation_bytes_received": getattr(model, "bytes_received", 0),
                 "mean_staleness": mean(client.staleness),
                 "examples": int(self.data.x.shape[0]), "batch": self.batch,
-                "stopped_by_signal": self.signalled, "diverged": self.diverging()}
+                "stopped_by_signal": self.signalled, "diverged": self.diverging(), **client.counts()}
 
     def finish(self, step: int) -> None:
         """After the last push was counted: hand the records (and, from a replica's first

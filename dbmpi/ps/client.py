@@ -1,12 +1,23 @@
 """A worker's client of the shards: fetch, push, and the bound on a shard's backlog.
 
-A fetch is `Rget_accumulate(NO_OP)` of the worker's segments (element-atomic: every value
-read is one the element held, dbmpi.ps.store); a push is `Raccumulate(SUM)` into the
-inboxes, completed at the next push or at the end (so it overlaps the next step), flushed,
-then counted in the control block: the data is in the inbox before PUSHES says so.
-Transfers go out as requests of at most FETCH_CHUNK values: MPICH slows down on single
-accumulate-class transfers of hundreds of MB. Cost (bench/rma.py, MPICH 5.0.2, shared
-memory, 64 MB): a fetch runs at 0.9-0.95x memcpy, a push (a read-modify-write) at 0.5-0.7x.
+Round trips per shard (counted in tests/test_client_rma.py; independent of the numbers of
+replicas, shards and workers):
+
+- a fetch issues the version read and the data reads together (`Get_accumulate(NO_OP)`,
+  element-atomic: every value read is one the element held, dbmpi.ps.store), then flushes:
+  one round trip, none before it. The version is read in the same round trip, so the
+  staleness of a push (the shard's version at the push minus the version at the fetch) is
+  exact up to the updates the shard published during the fetch itself;
+- a push is its `Accumulate(SUM)` into the inbox, completed at the next push or fetch (so
+  it overlaps the next step), flushed, then one `exchange` on the control block that adds
+  one to PUSHES and returns VERSION and ABSORBED beside it (dbmpi.ps.control): the data is
+  in the inbox before PUSHES says so, and the push's staleness and the shard's backlog come
+  back with the count. The exchanges to all shards are issued together.
+
+Transfers go out as operations of at most FETCH_CHUNK values: MPICH slows down on single
+accumulate-class transfers of hundreds of MB. The worker counts what the shards used to
+count per push (the staleness histogram, the pushes before its first one): it reports
+them in its records (`counts()`).
 
 A shard that falls behind would merge its whole backlog into one update (one Adagrad step
 the size of the learning rate in every coordinate), so a client given `max_backlog` waits
@@ -20,7 +31,7 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi import kernels
-from dbmpi.ps.control import Slot, first_push_after, pushes_by_replica, staleness_bucket
+from dbmpi.ps.control import N_BUCKETS, PUSH, Slot, staleness_bucket
 from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
 from dbmpi.runtime.layout import Segment
 
@@ -67,8 +78,12 @@ class ShardClient:
         self.bytes_fetched = 0
         self.bytes_pushed = 0
         self.staleness: list[int] = []
-        self._pending: list[MPI.Request] = []
-        self._pending_staleness = False
+        # Per shard of self.shards: the staleness histogram of this worker's pushes, and the
+        # pushes (of anyone) the shard had counted before this worker's first one (-1: none yet).
+        self.histograms = np.zeros((len(self.shards), N_BUCKETS), np.int64)
+        self.first_push_after = np.full(len(self.shards), -1, np.int64)
+        self._exchanged = np.zeros((len(self.shards), PUSH.size), np.int64)
+        self._pending = False
         windows.lock_shards()
 
     def fetch(self, out: np.ndarray) -> None:
@@ -76,18 +91,18 @@ class ShardClient:
         self.finish_push()
         control, params = self.windows.block, self.windows.params
         for i, rank in enumerate(self.ranks):
-            self.versions[i] = control.read(rank, Slot.VERSION)
-        requests = []
+            control.start_read(rank, Slot.VERSION, self.versions[i:i + 1])
         for seg, rank in zip(self.segments, self.seg_ranks, strict=True):
             # Pieces of at most FETCH_CHUNK values: MPICH slows down on very large
             # accumulate-class reads (bench/rma.py: 0.35x memcpy at 256 MB in one piece).
             for lo in range(0, seg.count, FETCH_CHUNK):
                 count = min(FETCH_CHUNK, seg.count - lo)
                 view = out[seg.local_offset + lo:seg.local_offset + lo + count]
-                requests.append(params.Rget_accumulate(NO_ORIGIN, view, rank,
-                                                       target=(seg.shard_offset + lo, count, MPI.FLOAT),
-                                                       op=MPI.NO_OP))
-        MPI.Request.Waitall(requests)
+                params.Get_accumulate(NO_ORIGIN, view, rank, target=(seg.shard_offset + lo, count, MPI.FLOAT),
+                                      op=MPI.NO_OP)
+        for rank in self.ranks:
+            params.Flush(rank)
+            control.flush(rank)
         self.fetches += 1
         self.bytes_fetched += 4 * self.size
 
@@ -96,8 +111,8 @@ class ShardClient:
 
         A non-finite gradient is withheld and counted instead; `nonfinite`, when the caller
         already knows it (kernels.axpy_count_nonfinite while accruing), saves a pass. The
-        push completes in finish_push (called by the next push, or finish), so it overlaps
-        the next step's fetch and compute; `grad` must not change until then.
+        push completes in finish_push (called by the next push or fetch, or finish), so it
+        overlaps the next step's compute; `grad` must not change until then.
         """
         self.finish_push()
         if nonfinite is None:
@@ -111,38 +126,40 @@ class ShardClient:
             for lo in range(0, seg.count, FETCH_CHUNK):
                 count = min(FETCH_CHUNK, seg.count - lo)
                 view = grad[seg.local_offset + lo:seg.local_offset + lo + count]
-                self._pending.append(inbox.Raccumulate(view, rank, target=(seg.shard_offset + lo, count, MPI.FLOAT),
-                                                       op=MPI.SUM))
-        self._pending_staleness = True
+                inbox.Accumulate(view, rank, target=(seg.shard_offset + lo, count, MPI.FLOAT), op=MPI.SUM)
+        self._pending = True
         self.bytes_pushed += 4 * self.size
         return True
 
     def finish_push(self) -> None:
-        """Complete an outstanding push at the shards, then count it there."""
-        if not self._pending_staleness:
+        """Complete an outstanding push at the shards, then count it there (one exchange
+        per shard, issued together)."""
+        if not self._pending:
             return
-        MPI.Request.Waitall(self._pending)
-        self._pending.clear()
         inbox, control = self.windows.inbox, self.windows.block
         for rank in self.ranks:
             inbox.Flush(rank)  # the data is in the inbox before the counter says so
         for i, rank in enumerate(self.ranks):
-            staleness = control.read(rank, Slot.VERSION) - int(self.versions[i])
+            control.start_exchange(rank, Slot.VERSION, PUSH, self._exchanged[i])
+        for rank in self.ranks:
+            control.flush(rank)
+        for i, rank in enumerate(self.ranks):
+            version, before, absorbed = (int(v) for v in self._exchanged[i])
+            staleness = version - int(self.versions[i])
             self.staleness.append(staleness)
-            control.add(rank, Slot.HIST + staleness_bucket(staleness))
-            first = control.add(rank, pushes_by_replica(self.replica)) == 0
-            before = control.add(rank, Slot.PUSHES)  # last: the shard may drain from here on
-            if first:
-                control.add(rank, first_push_after(self.replica), before + 1)
+            self.histograms[i, staleness_bucket(staleness)] += 1
+            if self.first_push_after[i] < 0:
+                self.first_push_after[i] = before
             if self.max_backlog is not None:
-                self._bound_backlog(rank, before + 1 - self.max_backlog)
+                self._bound_backlog(rank, before + 1 - self.max_backlog, absorbed)
         self.pushes += 1
-        self._pending_staleness = False
+        self._pending = False
 
-    def _bound_backlog(self, rank: int, absorbed: int) -> None:
-        """Wait until shard `rank` has drained at least `absorbed` pushes."""
+    def _bound_backlog(self, rank: int, absorbed: int, seen: int) -> None:
+        """Wait until shard `rank` has drained at least `absorbed` pushes (`seen`: its
+        ABSORBED count as the push was counted)."""
         control = self.windows.block
-        if absorbed <= 0 or control.read(rank, Slot.ABSORBED) >= absorbed:
+        if absorbed <= 0 or seen >= absorbed:
             return
         self.backlog_waits += 1
         self.wait(lambda: control.read(rank, Slot.ABSORBED) >= absorbed)
@@ -151,6 +168,13 @@ class ShardClient:
         """The update count of every shard (for progress lines)."""
         return [self.windows.block.read(self.layout.shard_rank(k), Slot.VERSION)
                 for k in range(self.layout.n_shards)]
+
+    def counts(self) -> dict:
+        """What the shards used to count per push, for this worker's records: per shard
+        (by index) its pushes, their staleness histogram and the pushes before the first."""
+        return {"shards": self.shards, "pushes_by_shard": [self.pushes] * len(self.shards),
+                "staleness_histogram_by_shard": self.histograms.tolist(),
+                "first_push_after_by_shard": self.first_push_after.tolist()}
 
     def finish(self) -> None:
         """Complete everything and tell every shard this worker is done."""

@@ -3,14 +3,21 @@ one-sided atomics.
 
 The parameter server's own counters come first (what a shard applied and what was pushed
 to it), then the run protocol that shard 0 hosts for everyone (warmstart, checkpoints,
-stops, the end of the run), then a pair of slots per replica and a heartbeat per worker.
-Every slot is named by `Slot`; the per-replica and per-worker ones by the methods below.
+stops, the end of the run), then a heartbeat per worker. Every slot is named by `Slot`.
 
-Atomicity: every access is MPI_Fetch_and_op on one int64 (MPI_SUM to add, MPI_NO_OP to
-read) followed by a flush, so concurrent updates from any number of ranks never lose an
-increment, and a value read is one that was there. Ordering between a push's data and its
-count comes from the flush: a worker flushes its accumulate into the inbox before it adds
-to PUSHES, so a shard that reads the count finds the data (dbmpi.ps.client).
+Atomicity: every access is an accumulate-class operation on int64 slots with MPI_SUM (to
+add) or MPI_NO_OP (to read), followed by a flush, so concurrent updates from any number of
+ranks never lose an increment, and every value read is one that was there. An operation
+may span several consecutive slots (`exchange`, `read_fixed`): it is atomic per slot, not
+across them. Ordering between a push's data and its count comes from the flush: a worker
+flushes its accumulate into the inbox before it adds to PUSHES, so a shard that reads the
+count finds the data (dbmpi.ps.client).
+
+A push's count is one `exchange` over VERSION, PUSHES and ABSORBED: it adds one to PUSHES
+and returns all three (the shard's version for the push's staleness, the pushes before it,
+and what the shard has drained, for the backlog bound): one round trip per shard and push.
+What used to be counted per push at the shard (the staleness histogram, the pushes by
+replica) is counted by each worker and reported in its records.
 """
 from __future__ import annotations
 
@@ -25,25 +32,29 @@ N_BUCKETS = 16  # histograms: 0, 1, 2-3, 4-7, ..., >= 2**14
 class Slot(IntEnum):
     """Fixed slots of a shard's control block."""
 
-    # The parameter server (on every shard)
+    # The parameter server (on every shard); VERSION, PUSHES, ABSORBED stay consecutive (PUSH).
     VERSION = 0  # updates the shard applied
     PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
     ABSORBED = 2  # the PUSHES count as of the shard's last drain: PUSHES - ABSORBED is the backlog
     WORKERS_DONE = 3  # workers that finished for good (in Downpour counted by shard 0)
     WORKERS_FAILED = 4  # workers shard 0 declared failed (they count as finished)
     REJECTED = 5  # pushes replicas withheld because the gradient was not finite
-    DROPPED = 6  # drains the shard dropped because they were not finite
+    DROPPED = 6  # drains in which the shard dropped a chunk because it was not finite
     DRAINS = 7  # drains that found data
     SHARD_BEAT = 8  # this shard's heartbeat, bumped from its own loops
-    HIST = 9  # N_BUCKETS slots: the staleness histogram of the pushes
     # The run protocol (read on shard 0)
-    CHECKPOINTS = HIST + N_BUCKETS  # checkpoints the lead has asked for
-    STOPS = CHECKPOINTS + 1  # stop requests (signals) any rank has relayed
-    WARMED = STOPS + 1  # 1 once replica 0 has finished warmstart: the other replicas start
-    VERDICT = WARMED + 1  # how the run ends, set by shard 0 once everything is written
-    RELEASED = VERDICT + 1  # ranks that read a FAILED verdict and are leaving
-    PER_REPLICA = RELEASED + 1  # first per-replica slot
+    CHECKPOINTS = 9  # checkpoints the lead has asked for
+    STOPS = 10  # stop requests (signals) any rank has relayed
+    WARMED = 11  # 1 once replica 0 has finished warmstart: the other replicas start
+    VERDICT = 12  # how the run ends, set by shard 0 once everything is written
+    RELEASED = 13  # ranks that read a FAILED verdict and are leaving
+    HEARTBEATS = 14  # first per-worker heartbeat slot
 
+
+N_FIXED = int(Slot.HEARTBEATS)  # the slots before the heartbeats: what read_fixed returns
+# A push's exchange: add one to PUSHES, read VERSION and ABSORBED beside it.
+PUSH = np.array([0, 1, 0], np.int64)
+assert (Slot.VERSION, Slot.PUSHES, Slot.ABSORBED) == (0, 1, 2)
 
 VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
 # A worker's heartbeat slot (on shard 0) counts its beats; these marks are added to it once.
@@ -52,19 +63,9 @@ DONE_MARK = 1 << 50  # the worker finished and sent its records
 BEATS = FAILED_MARK - 1  # the mask of the beat count
 
 
-def control_size(n_replicas: int, n_workers: int = 0) -> int:
-    """int64 slots: the fixed ones, then per replica its pushes and the number of pushes (of
-    anyone) the shard had received before its first one, plus one (0 until it pushes): the
-    record that shows warmstart was honoured; then per worker its heartbeat."""
-    return Slot.PER_REPLICA + 2 * n_replicas + n_workers
-
-
-def pushes_by_replica(replica: int) -> int:
-    return Slot.PER_REPLICA + 2 * replica
-
-
-def first_push_after(replica: int) -> int:
-    return Slot.PER_REPLICA + 2 * replica + 1
+def control_size(n_workers: int = 0) -> int:
+    """int64 slots: the fixed ones, then a heartbeat per worker."""
+    return N_FIXED + n_workers
 
 
 def staleness_bucket(staleness: int) -> int:
@@ -85,9 +86,8 @@ _ZERO = np.zeros(1, np.int64)
 class ControlBlock:
     """The control window of every shard (inside an open passive-target epoch)."""
 
-    def __init__(self, win: MPI.Win, n_replicas: int):
+    def __init__(self, win: MPI.Win):
         self.win = win
-        self.n_replicas = n_replicas
 
     def _fetch_op(self, rank: int, slot: int, value: np.ndarray, op) -> int:
         result = np.empty(1, np.int64)
@@ -103,14 +103,33 @@ class ControlBlock:
         """Atomically add to one slot of the block on `rank`; returns the old value."""
         return self._fetch_op(rank, slot, np.array([amount], np.int64), MPI.SUM)
 
+    def start_exchange(self, rank: int, slot: int, amounts: np.ndarray, old: np.ndarray) -> None:
+        """Start adding `amounts` to the consecutive slots from `slot` on `rank`, their old
+        values into `old` (atomic per slot) once `flush(rank)` returns."""
+        self.win.Get_accumulate(amounts, old, rank, target=(slot, amounts.size, MPI.INT64_T), op=MPI.SUM)
+
+    def start_read(self, rank: int, slot: int, out: np.ndarray) -> None:
+        """Start reading `out.size` consecutive slots from `slot` on `rank` (complete at `flush`)."""
+        self.win.Get_accumulate([None, 0, MPI.INT64_T], out, rank, target=(slot, out.size, MPI.INT64_T),
+                                op=MPI.NO_OP)
+
+    def flush(self, rank: int) -> None:
+        self.win.Flush(rank)
+
+    def exchange(self, rank: int, slot: int, amounts: np.ndarray) -> np.ndarray:
+        """Add `amounts` to consecutive slots from `slot` on `rank`; their old values."""
+        old = np.empty(amounts.size, np.int64)
+        self.start_exchange(rank, slot, amounts, old)
+        self.flush(rank)
+        return old
+
     def heartbeat(self, worker_rank: int) -> int:
         """The slot of a worker's heartbeat (meaningful on shard 0)."""
-        return Slot.PER_REPLICA + 2 * self.n_replicas + worker_rank
+        return Slot.HEARTBEATS + worker_rank
 
-    def read_all(self, rank: int, n_workers: int) -> np.ndarray:
-        """The whole block on `rank` at once (element-atomic)."""
-        values = np.empty(control_size(self.n_replicas, n_workers), np.int64)
-        self.win.Get_accumulate([None, 0, MPI.INT64_T], values, rank, target=(0, values.size, MPI.INT64_T),
-                                op=MPI.NO_OP)
-        self.win.Flush(rank)
+    def read_fixed(self, rank: int) -> np.ndarray:
+        """Every fixed slot of the block on `rank` in one operation (atomic per slot)."""
+        values = np.empty(N_FIXED, np.int64)
+        self.start_read(rank, 0, values)
+        self.flush(rank)
         return values

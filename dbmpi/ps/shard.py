@@ -1,17 +1,21 @@
 """A Downpour parameter-server shard: the serving loop over its store, optimizer and counters.
 
-The loop polls its push counter through MPI (each poll is an RMA call, which also drives
-progress of passive-target operations on implementations without a progress thread) and
-sleeps with exponential back-off when idle, so it never spins a core. When pushes were
-announced it drains the inbox (dbmpi.ps.store) and hands the sum to the optimizer, then
-publishes the result. It records ABSORBED (the PUSHES count as of the drain) so that clients
-can bound its backlog (dbmpi.ps.client), and how many pushes each update merged.
+The loop reads its fixed control slots in one RMA call per round (pushes announced,
+checkpoints asked for, workers finished); each call also drives MPI progress, and so does
+the back-off between rounds, which is kept short (at most `poll_max_s`, 0.5 ms): off-node a
+fetch or push to an idle shard waits for the shard's next MPI call. When pushes were
+announced it applies them in one pass over the slice, chunk by chunk (dbmpi.ps.store.CHUNK):
+drain the chunk, apply the optimizer to it, publish it, settle (flush, and let MPI progress
+other ranks' requests). So a shard never computes more than a chunk's worth (a fraction of
+a millisecond) without serving the network, and each chunk is touched while in cache. It
+records ABSORBED (the PUSHES count as of the drain) so that clients can bound its backlog
+(dbmpi.ps.client), and how many pushes each update merged.
 
 NaN or Inf never reach the parameters: replicas withhold non-finite pushes and count them;
-a shard that still drains a non-finite value drops that drain and counts it. (Such a value
-cannot be cleared from the inbox while pushes may land, so a shard that ever drains one
-keeps dropping the affected drains: the parameters stay finite and the counters say so.
-Only a push that bypasses the replica's check can cause this.)
+a shard that still drains a non-finite value drops that chunk of the drain and counts the
+drain as dropped. (Such a value cannot be cleared from the inbox while pushes may land, so
+a shard that ever drains one keeps dropping the affected chunk: the parameters stay finite
+and the counters say so. Only a push that bypasses the replica's check can cause this.)
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dbmpi import kernels
-from dbmpi.ps.control import N_BUCKETS, Slot, first_push_after, pushes_by_replica, staleness_bucket
-from dbmpi.ps.store import ShardStore
+from dbmpi.ps.control import N_BUCKETS, Slot, staleness_bucket
+from dbmpi.ps.store import CHUNK, ShardStore
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.poll import Backoff
 
@@ -37,9 +41,6 @@ class ShardStats:
     drains: int = 0
     dropped: int = 0
     rejected: int = 0
-    staleness_histogram: list[int] = field(default_factory=list)
-    pushes_by_replica: list[int] = field(default_factory=list)
-    first_push_after: list[int] = field(default_factory=list)
     workers_failed: int = 0
     busy_s: float = 0.0
     wall_s: float = 0.0
@@ -49,12 +50,17 @@ class ShardStats:
     max_merged: int = 0
 
 
+# An update's counters, added in one exchange from VERSION to DRAINS.
+_UPDATE = np.zeros(Slot.DRAINS + 1, np.int64)
+
+
 class Shard:
     """One Downpour shard: drains its inbox and applies the update itself (the optimizer is
-    the handler, as in a key-value server)."""
+    the handler, as in a key-value server). `chunk`: values per chunk of the update (None:
+    the whole slice at once, for benchmarks)."""
 
     def __init__(self, windows: ParameterWindows, index: int, initial: np.ndarray, optimizer,
-                 poll_min_s: float = 5e-5, poll_max_s: float = 2e-3):
+                 poll_min_s: float = 5e-5, poll_max_s: float = 5e-4, chunk: int | None = CHUNK):
         self.windows = windows
         self.layout = windows.layout
         self.index = index
@@ -66,7 +72,7 @@ class Shard:
         self.stats = ShardStats(shard=index)
         self.seen = 0  # the PUSHES count at the last drain
         self.max_merged_since = 0  # the most pushes one update merged since a caller reset it
-        self.store = ShardStore(windows, self.work.size)
+        self.store = ShardStore(windows, self.work.size, chunk)
         self.store.publish(self.work)
 
     def _counter(self, slot: int) -> int:
@@ -74,7 +80,7 @@ class Shard:
 
     # The loop -----------------------------------------------------------------------------
     def step(self, announced: int | None = None) -> bool:
-        """Drain once and apply the update if there was a finite gradient; True if applied.
+        """Drain once and apply the update where the gradient is finite; True if applied.
         `announced`: the PUSHES count, when the caller just read it."""
         if announced is None:
             announced = self._counter(Slot.PUSHES)
@@ -83,27 +89,43 @@ class Shard:
             self.seen = announced
             self.windows.block.add(self.me, Slot.ABSORBED, merged)  # before the drain: a
             # replica may push again now; its data lands in the next drain at the latest
-        if not self.store.drain(self.drained):  # their data came with the last drain (it lands before the count)
+        found, applied, dropped = self._update()
+        if not found:  # their data came with the last drain (it lands before the count)
             return False
         self.stats.merged_histogram[staleness_bucket(merged)] += 1
         self.stats.max_merged = max(self.stats.max_merged, merged)
         self.max_merged_since = max(self.max_merged_since, merged)
-        control = self.windows.block
-        control.add(self.me, Slot.DRAINS)
-        if kernels.count_nonfinite(self.drained):
-            control.add(self.me, Slot.DROPPED)
-            return False
-        self.optimizer.step(self.work, self.drained)
-        self.store.publish(self.work)
-        control.add(self.me, Slot.VERSION)
-        return True
+        counts = _UPDATE.copy()
+        counts[Slot.DRAINS], counts[Slot.DROPPED], counts[Slot.VERSION] = 1, int(dropped), int(applied)
+        self.windows.block.exchange(self.me, 0, counts)
+        return applied
 
-    def apply_pending(self) -> bool:
+    def _update(self) -> tuple[bool, bool, bool]:
+        """One pass over the slice: per chunk drain, apply, publish, settle. Returns whether
+        any chunk held data, whether any was applied, whether any was dropped (not finite)."""
+        store, work, drained, optimizer = self.store, self.work, self.drained, self.optimizer
+        found = applied = dropped = False
+        for lo, hi in store.chunks():
+            grad = drained[lo:hi]
+            if store.drain_part(grad, lo):
+                found = True
+                if kernels.count_nonfinite(grad):
+                    dropped = True
+                else:
+                    optimizer.step(work[lo:hi], grad, slice(lo, hi))
+                    store.publish_part(work[lo:hi], lo)
+                    applied = True
+            store.settle()
+        return found, applied, dropped
+
+    def apply_pending(self, announced: int | None = None) -> bool:
         """One round of serving: if pushes were announced since the last drain, drain and
         apply them; True if it did. Also called from the waits of a checkpoint, so updates
         go on while one is written (a backlog never piles up into one giant step)."""
-        announced = self._counter(Slot.PUSHES)
+        if announced is None:
+            announced = self._counter(Slot.PUSHES)
         if announced == self.seen:
+            self.windows.progress()
             return False
         t0 = time.perf_counter()
         self.step(announced)
@@ -138,14 +160,16 @@ class Shard:
             if stop is not None and stop.requested and not relayed:
                 self.windows.block.add(self.layout.shard_rank(0), Slot.STOPS)
                 relayed = True
-            if checkpoint is not None:
-                while self._counter(Slot.CHECKPOINTS) > written:
+            fixed = self.windows.block.read_fixed(self.me)
+            if checkpoint is not None and fixed[Slot.CHECKPOINTS] > written:
+                for _ in range(int(fixed[Slot.CHECKPOINTS]) - written):
                     checkpoint()
-                    written += 1
-            if self.apply_pending():
+                written = int(fixed[Slot.CHECKPOINTS])
+                continue
+            if self.apply_pending(int(fixed[Slot.PUSHES])):
                 backoff.reset()
                 continue
-            if self._counter(Slot.WORKERS_DONE) + self._counter(Slot.WORKERS_FAILED) >= n_workers:
+            if fixed[Slot.WORKERS_DONE] + fixed[Slot.WORKERS_FAILED] >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
                 announced = self._counter(Slot.PUSHES)
@@ -162,14 +186,11 @@ class Shard:
         return self.stats
 
     def _collect_stats(self) -> None:
-        control = self.windows.block.read_all(self.me, self.layout.n_workers)
+        fixed = self.windows.block.read_fixed(self.me)
         s = self.stats
-        s.updates, s.pushes, s.drains = int(control[Slot.VERSION]), int(control[Slot.PUSHES]), int(control[Slot.DRAINS])
-        s.dropped, s.rejected = int(control[Slot.DROPPED]), int(control[Slot.REJECTED])
-        s.workers_failed = int(control[Slot.WORKERS_FAILED])
-        s.staleness_histogram = control[Slot.HIST:Slot.HIST + N_BUCKETS].tolist()
-        s.pushes_by_replica = [int(control[pushes_by_replica(r)]) for r in range(self.layout.n_replicas)]
-        s.first_push_after = [int(control[first_push_after(r)]) - 1 for r in range(self.layout.n_replicas)]
+        s.updates, s.pushes, s.drains = int(fixed[Slot.VERSION]), int(fixed[Slot.PUSHES]), int(fixed[Slot.DRAINS])
+        s.dropped, s.rejected = int(fixed[Slot.DROPPED]), int(fixed[Slot.REJECTED])
+        s.workers_failed = int(fixed[Slot.WORKERS_FAILED])
 
     def close(self) -> None:
         self.store.close()

@@ -1,4 +1,5 @@
-"""A shard's parameters and gradient inbox, seen from the shard itself: publish, drain, take.
+"""A shard's parameters and gradient inbox, seen from the shard itself: publish, drain, take,
+one chunk at a time, with MPI progress driven between chunks.
 
 Why every concurrent access is well-defined. MPI lets accumulate operations on the same
 location run concurrently when they use the same operation or MPI_NO_OP (the default
@@ -8,69 +9,117 @@ never loads or stores its window memory directly:
 
 - inbox: workers `Accumulate(SUM)`; the shard drains it with `Get_accumulate(NO_OP)`, then
   `Accumulate(SUM)` of the negated values it read. A push that lands between the two stays
-  in the inbox for the next drain, so no update is lost or counted twice;
+  in the inbox for the next drain, so no update is lost or counted twice. The argument is per
+  element, so it holds chunk by chunk: draining chunk j while pushes land in chunk k
+  changes nothing;
 - params: the shard publishes a private working copy with `Accumulate(REPLACE)`; workers
   read with `Get_accumulate(NO_OP)`. Every element a fetch returns is a value that element
   held (never a torn value), though one fetch may mix elements from before and after a
   publish: the loose consistency Downpour accepts;
-- control: only `Fetch_and_op` with SUM or NO_OP (dbmpi.ps.control).
+- control: only `Fetch_and_op`/`Get_accumulate` with SUM or NO_OP (dbmpi.ps.control).
 
-Tested in tests/mpi/test_store.py. Cost (bench/rma.py, MPICH 5.0.2, shared memory, 64 MB):
-the drain (four passes) runs at about 0.25x memcpy; plain Get measured within 5% of
-Get_accumulate(NO_OP), so being well-defined costs little.
+Progress. Off-node (MPICH's network module, Open MPI's one-sided components without RDMA
+atomics) a passive-target operation completes only when the *target* enters MPI: a shard
+computing an update makes every fetch and push wait for it (24-27 ms per counter round trip
+to a shard busy with a 64 MB update, measured on MPICH's netmod). So the store works in
+chunks of `CHUNK` values (256 KB: 0.1-0.3 ms of work each) and ends each chunk with
+`settle()`: the chunk's flushes and a `progress()` of the window communicator (an
+`Iprobe`, which enters the progress engine on MPICH and Open MPI alike). The alternative,
+an MPI progress thread (MPICH's MPIR_CVAR_ASYNC_PROGRESS, which needs MPI_THREAD_MULTIPLE),
+was measured and not chosen: bench/network.py and docs/BENCHMARKS.md give the figures.
 
-A drained NaN or Inf cannot be cleared with the operations allowed alongside SUM (x + -x is
-NaN for x = NaN): only `take`, when no push can be in flight, removes it.
+Chunks also make the update one pass over memory: a Downpour shard (dbmpi.ps.shard) drains a
+chunk, applies its optimizer to it and publishes it while the chunk is in cache, instead of
+four sweeps over the whole slice.
+
+Tested in tests/mpi/test_store.py. A drained NaN or Inf cannot be cleared with the
+operations allowed alongside SUM (x + -x is NaN for x = NaN): only `take`, when no push can
+be in flight, removes it.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 from mpi4py import MPI
 
 from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
 
+CHUNK = 64 * 1024  # values per chunk: 256 KB, a fraction of a millisecond of work
+
 
 class ShardStore:
     """This shard's `params` and `inbox` windows, accessed by the shard (self-targeted RMA
-    inside the run-long epochs of ParameterWindows.lock_shards)."""
+    inside the run-long epochs of ParameterWindows.lock_shards). `chunk`: values per chunk
+    (None: the whole slice at once, as before chunking; benchmarks compare the two)."""
 
-    def __init__(self, windows: ParameterWindows, size: int):
+    def __init__(self, windows: ParameterWindows, size: int, chunk: int | None = CHUNK):
         self.windows = windows
         self.me = windows.comm.rank
-        self.negated = np.empty(size, np.float32)
+        self.size = size
+        self.chunk = max(1, min(chunk or size, size)) if size else 1
+        self.negated = np.empty(self.chunk, np.float32)
         windows.lock_shards()
 
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """The [lo, hi) ranges of the slice, one chunk each."""
+        for lo in range(0, self.size, self.chunk):
+            yield lo, min(lo + self.chunk, self.size)
+
+    # One chunk ----------------------------------------------------------------------------
+    def drain_part(self, out: np.ndarray, lo: int) -> bool:
+        """Move the inbox at [lo, lo + out.size) into `out`; False when it held nothing there.
+        The subtraction is flushed by the next settle()."""
+        self.read_part(out, lo)
+        if not out.any():
+            return False
+        negated = self.negated[:out.size]
+        np.negative(out, out=negated)
+        self.windows.inbox.Accumulate(negated, self.me, target=(lo, out.size, MPI.FLOAT), op=MPI.SUM)
+        return True
+
+    def read_part(self, out: np.ndarray, lo: int) -> None:
+        """The inbox at [lo, lo + out.size) as it is now (element-atomic NO_OP)."""
+        inbox = self.windows.inbox
+        inbox.Get_accumulate(NO_ORIGIN, out, self.me, target=(lo, out.size, MPI.FLOAT), op=MPI.NO_OP)
+        inbox.Flush(self.me)
+
+    def publish_part(self, values: np.ndarray, lo: int) -> None:
+        """Make `values` what fetches read at [lo, lo + values.size) once settled."""
+        self.windows.params.Accumulate(values, self.me, target=(lo, values.size, MPI.FLOAT), op=MPI.REPLACE)
+
+    def settle(self) -> None:
+        """Complete this chunk's operations and let MPI progress other ranks' requests."""
+        self.windows.inbox.Flush(self.me)
+        self.windows.params.Flush(self.me)
+        self.windows.progress()
+
+    # The whole slice ------------------------------------------------------------------------
     def publish(self, values: np.ndarray) -> None:
-        """Make `values` what fetches read (element-atomic REPLACE, flushed)."""
-        params = self.windows.params
-        params.Accumulate(values, self.me, op=MPI.REPLACE)
-        params.Flush(self.me)
+        """Make `values` what fetches read."""
+        for lo, hi in self.chunks():
+            self.publish_part(values[lo:hi], lo)
+            self.settle()
 
     def drain(self, out: np.ndarray) -> bool:
         """Move the inbox into `out` atomically (pushes landing meanwhile stay for the next
         drain); False when it held nothing."""
-        inbox = self.windows.inbox
-        self._read(out)
-        if not out.any():
-            return False
-        np.negative(out, out=self.negated)
-        inbox.Accumulate(self.negated, self.me, op=MPI.SUM)
-        inbox.Flush(self.me)
-        return True
-
-    def _read(self, out: np.ndarray) -> None:
-        """The inbox as it is now, into `out` (element-atomic NO_OP)."""
-        self.windows.inbox.Get_accumulate(NO_ORIGIN, out, self.me, target=(0, out.size, MPI.FLOAT), op=MPI.NO_OP)
-        self.windows.inbox.Flush(self.me)
+        found = False
+        for lo, hi in self.chunks():
+            found |= self.drain_part(out[lo:hi], lo)
+            self.settle()
+        return found
 
     def take(self, out: np.ndarray) -> None:
         """Move the inbox into `out` and zero it (REPLACE, which must not meet a concurrent
         SUM: only when no push can be in flight). Unlike `drain`, it also clears a NaN or Inf."""
         inbox = self.windows.inbox
-        self._read(out)
-        self.negated[:] = 0
-        inbox.Accumulate(self.negated, self.me, op=MPI.REPLACE)
-        inbox.Flush(self.me)
+        for lo, hi in self.chunks():
+            self.read_part(out[lo:hi], lo)
+            zeros = self.negated[:hi - lo]
+            zeros[:] = 0
+            inbox.Accumulate(zeros, self.me, target=(lo, hi - lo, MPI.FLOAT), op=MPI.REPLACE)
+            self.settle()
 
     def close(self) -> None:
         self.windows.unlock_shards()

@@ -22,6 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi.ps.control import ControlBlock, control_size
+from dbmpi.runtime.comm import Tag
 from dbmpi.runtime.layout import Layout
 
 # MPI ignores the origin buffer of a NO_OP read; a zero-count origin keeps it disjoint
@@ -37,11 +38,11 @@ class ParameterWindows:
         self.layout = layout
         self.locked = False
         n = layout.shard_size(shard) if shard is not None else 0
-        n_control = control_size(layout.n_replicas, layout.n_workers) if shard is not None else 0
+        n_control = control_size(layout.n_workers) if shard is not None else 0
         self.params = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.inbox = MPI.Win.Allocate(4 * n, 4, comm=comm)
         self.control = MPI.Win.Allocate(8 * n_control, 8, comm=comm)
-        self.block = ControlBlock(self.control, layout.n_replicas)
+        self.block = ControlBlock(self.control)
         if shard is not None:
             # Zero the fresh windows before anyone can reach them (a barrier follows).
             np.frombuffer(self.inbox.tomemory(), np.float32)[:] = 0
@@ -50,6 +51,11 @@ class ParameterWindows:
 
     def windows(self):
         return (self.params, self.inbox, self.control)
+
+    def progress(self) -> None:
+        """Let MPI progress the requests other ranks have on this rank's windows (an Iprobe
+        enters the progress engine; RMA calls on this rank's own window may not)."""
+        self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=Tag.PROGRESS)
 
     def lock_shards(self) -> None:
         """Open a shared passive-target epoch on every shard rank of every window, for the

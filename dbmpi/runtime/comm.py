@@ -25,7 +25,7 @@ SPIN_S = 5e-5  # how long a waiting rank polls before it starts to sleep
 
 class Tag(IntEnum):
     """Message tags. 10x: Sandblaster's replicas, coordinator and shards; 20x: Downpour's
-    checkpoints and end of run."""
+    checkpoints and end of run; 30x: none is ever sent."""
 
     REQUEST = 101  # a replica asks the coordinator for work (and reports what it did)
     REPLY = 102  # the coordinator's answer: a portion, wait, or stop
@@ -40,6 +40,7 @@ class Tag(IntEnum):
     CKPT_LAST = 205  # shard 0's last order: the final checkpoint's step, or False
     OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why it diverged
     SLICE_VERSION = 207  # a shard's update count at its snapshot, sent before its slices
+    PROGRESS = 301  # never sent: an Iprobe for it only drives MPI progress (dbmpi.ps.store)
 
 
 Poll = Callable[[Callable[[], bool]], object]  # poll, or a heartbeat-keeping variant of it

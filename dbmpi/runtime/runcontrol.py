@@ -9,6 +9,7 @@ VERDICT, RELEASED and each worker's DONE mark) and the point-to-point messages o
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -17,20 +18,29 @@ from mpi4py import MPI
 from dbmpi.ps.control import DONE_MARK, FAILED_MARK, Slot
 from dbmpi.runtime.comm import Tag, send
 
+STOP_LOOK_S = 0.05  # a worker looks for a relayed stop at most this often (a round trip to shard 0)
+
 
 class ReplicaControl:
     """A worker's calls on shard 0's control block and to its replica's partitions (the
     methods are documented in dbmpi.algorithms.replica)."""
 
-    def __init__(self, windows, topo, liveness):
-        self.block, self.topo, self.liveness = windows.block, topo, liveness
+    def __init__(self, windows, topo, liveness, clock: Callable[[], float] = time.monotonic):
+        self.block, self.topo, self.liveness, self.clock = windows.block, topo, liveness, clock
         self.shard0 = topo.layout.shard_rank(0)
         self.flag = np.zeros(1, np.int32)
+        self.looked = -float("inf")
 
     def relay_stop(self) -> None:
         self.block.add(self.shard0, Slot.STOPS)
 
     def stop_seen(self) -> bool:
+        """Whether a stop was relayed; looked up at most every STOP_LOOK_S (a signal is a
+        human's time scale, a training step may be a fraction of a millisecond)."""
+        now = self.clock()
+        if now - self.looked < STOP_LOOK_S:
+            return False
+        self.looked = now
         return self.block.read(self.shard0, Slot.STOPS) > 0
 
     def warmed(self) -> bool:

@@ -20,15 +20,18 @@ from tests.mpi import sub_world
 N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
 
 
-def run_server(comm, layout, initial, worker):
-    """Shards serve with SGD at rate 1; workers run `worker(client)`. Returns the final
-    parameters (at rank 0) and the shard stats (at the shards)."""
+def run_server(comm, layout, initial, worker, chunk=None, counts=None):
+    """Shards serve with SGD at rate 1, updating in chunks of `chunk` values (None: the
+    store's default); workers run `worker(client)`, and put their client's counts() in
+    the list `counts`. Returns the final parameters (at rank 0) and the shard stats (at the
+    shards)."""
     role = layout.role(comm.rank)
     windows = ParameterWindows(comm, layout, role.shard if role.is_shard else None)
     my_slice, stats, result = None, None, None
     if role.is_shard:
         lo, hi = layout.shard_ranges[role.shard]
-        shard = Shard(windows, role.shard, initial[lo:hi], SGD(hi - lo, 1.0))
+        shard = Shard(windows, role.shard, initial[lo:hi], SGD(hi - lo, 1.0),
+                      **({"chunk": chunk} if chunk else {}))
         comm.Barrier()
         stats = shard.serve()
         shard.close()
@@ -38,6 +41,8 @@ def run_server(comm, layout, initial, worker):
         client = ShardClient(windows, role.replica, [(0, layout.n_params)])
         result = worker(client, windows)
         client.finish()
+        if counts is not None:
+            counts.append(client.counts())
         client.close()
     windows.free()
     final = gather_parameters(comm, layout, my_slice, root=0)
@@ -56,7 +61,7 @@ def integer_gradient(replica, push):
 @pytest.mark.parametrize("n_replicas", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_no_lost_updates(n_shards, n_replicas, chunk, monkeypatch):
-    if chunk is not None:  # transfers split into many requests, as large shards' are
+    if chunk is not None:  # transfers split into many requests, updates into many chunks, as large shards' are
         import dbmpi.ps.client as client
 
         monkeypatch.setattr(client, "FETCH_CHUNK", chunk)
@@ -79,17 +84,22 @@ def test_no_lost_updates(n_shards, n_replicas, chunk, monkeypatch):
             assert client.push(grad)
         return total
 
-    final, stats, total = run_server(comm, layout, initial, worker)
+    counts = []
+    final, stats, total = run_server(comm, layout, initial, worker, chunk, counts)
     sums = comm.gather(total, root=0)
     all_stats = comm.gather(stats, root=0)
+    all_counts = [c for mine in comm.gather(counts, root=0) or [] for c in mine]
     if comm.rank == 0:
         expected = initial - sum(s for s in sums if s is not None)
         np.testing.assert_array_equal(final, expected.astype(np.float32))
         shard_stats = [s for s in all_stats if s is not None]
         assert all(s.pushes == n_pushes * n_replicas for s in shard_stats)
-        assert all(s.pushes_by_replica == [n_pushes] * n_replicas for s in shard_stats)
         assert all(1 <= s.updates <= n_pushes * n_replicas for s in shard_stats)
-        assert all(sum(s.staleness_histogram) == n_pushes * n_replicas for s in shard_stats)
+        assert len(all_counts) == n_replicas
+        for c in all_counts:  # every worker counted every push at every shard
+            assert c["shards"] == list(range(n_shards))
+            assert c["pushes_by_shard"] == [n_pushes] * n_shards
+            assert [sum(h) for h in c["staleness_histogram_by_shard"]] == [n_pushes] * n_shards
     comm.Free()
 
 

@@ -48,9 +48,11 @@ def test_control_block_adds_are_atomic():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
-def test_drain_loses_and_doubles_nothing():
+@pytest.mark.parametrize("chunk", [None, 97])
+def test_drain_loses_and_doubles_nothing(chunk):
     """Workers push integer gradients as fast as they can while the shard drains in a
-    loop: the sum of everything drained is exactly the sum pushed, and the inbox ends empty."""
+    loop (the whole slice at once, or chunk by chunk): the sum of everything drained is
+    exactly the sum pushed, and the inbox ends empty."""
     comm = sub_world(MPI.COMM_WORLD.size)
     if comm is None:
         return
@@ -60,7 +62,7 @@ def test_drain_loses_and_doubles_nothing():
     drained_total = np.zeros(n_params, np.float64)
     drains = 0
     if role.is_shard:
-        store = ShardStore(windows, n_params)
+        store = ShardStore(windows, n_params, chunk)
         out = np.empty(n_params, np.float32)
         comm.Barrier()
         while True:
@@ -110,7 +112,7 @@ def test_fetch_sees_only_published_values(monkeypatch):
     layout, role, windows = one_shard(comm, n_params)
     fetches = 0
     if role.is_shard:
-        store = ShardStore(windows, n_params)
+        store = ShardStore(windows, n_params, chunk=4096)  # publishes in chunks, too
         comm.Barrier()
         values = np.empty(n_params, np.float32)
         for k in range(1, n_versions + 1):
