@@ -63,7 +63,10 @@ def submit(slurm, tmp_path, digits, script, *args, sbatch=(), env=None):
             "model_parallel.sbatch": "dbmpi-model-parallel", "sweep.sbatch": "dbmpi-sweep"}[script]
     array = any(str(option).startswith("--array") for option in sbatch) or script == "sweep.sbatch"
     output = tmp_path / ("%x-%A_%a.out" if array else "%x-%j.out")
-    job_env = {**slurm.env, "DBMPI_PYTHON": sys.executable, "DBMPI_DATA": str(digits),
+    # Shared memory unless a test asks for the network path itself (sbatch --export=...):
+    # a MPIR_CVAR_NOLOCAL exported around pytest does not leak into every job.
+    inherited = {k: v for k, v in slurm.env.items() if k != "MPIR_CVAR_NOLOCAL"}
+    job_env = {**inherited, "DBMPI_PYTHON": sys.executable, "DBMPI_DATA": str(digits),
                "DBMPI_RUN_ROOT": str(tmp_path / "runs"), **(env or {})}
     job_id = slurm.sbatch(f"--output={output}", *sbatch, SCRIPTS / script, *args, env=job_env, cwd=tmp_path)
     return Job(slurm, job_id, name, tmp_path, array)
@@ -169,6 +172,48 @@ def test_downpour_job_runs_to_completion(slurm, tmp_path, digits, launcher):
     verify_checkpoint(last)
     with open_checkpoint(last) as ckpt:
         assert ckpt.state["phase"] == "end"
+
+
+@pytest.mark.timeout(420)
+def test_downpour_job_on_the_network_path(slurm, tmp_path, digits):
+    """sbatch --export=ALL,MPIR_CVAR_NOLOCAL=1: MPICH uses its network module between the
+    ranks even on one node, as it does between nodes (RMA through the netmod, no shared
+    memory). The job completes with what a user relies on: the accuracy, the run directory,
+    its summary and final checkpoint. While it runs, the variable is in every rank's
+    environment and MPICH honoured it: each rank is a node of its own, so each maps its own
+    /dev/shm/mpich_shm_* segment (on the shared-memory path all four map one, see
+    test_scancel_stops_the_ranks_cleanly_and_leaves_nothing_behind)."""
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
+
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch", sbatch=["--export=ALL,MPIR_CVAR_NOLOCAL=1"])
+    try:
+        # The ranks map their segment in MPI_Init (python -m mpi4py, before dbmpi loads) and
+        # keep it until MPI_Finalize, seconds later at the least: look while they train.
+        def initialised():
+            ranks = rank_processes(job.id)
+            mapped = {pid: shm_segments([pid]) for pid in ranks}
+            return len(ranks) == 4 and all(mapped.values()) and (ranks, mapped)
+        ranks, mapped = wait_for(initialised, 180, lambda: f"ranks {rank_processes(job.id)}; {job.context()}",
+                                 poll=0.2)
+        (record,) = job.wait(300)
+    finally:
+        slurm.command("scancel", job.id, check=False)
+    for cmd, env in ranks.values():
+        assert env.get("MPIR_CVAR_NOLOCAL") == "1", cmd
+    segments = [segment for found in mapped.values() for segment in found]
+    assert len(mapped) == 4 and len(segments) == len(set(segments)) == 4, mapped
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", job.context()
+    run_dir = job.run_dir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.9, summary
+    assert summary["layout"]["world_size"] == 4 and summary["stopped_by_signal"] is False, summary
+    assert "launcher srun" in job.log() and "final test accuracy" in job.log(), job.context()
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    verify_checkpoint(last)
+    with open_checkpoint(last) as ckpt:
+        assert ckpt.state["phase"] == "end"
+    wait_for(lambda: not job_processes(job.id), 30, lambda: f"left behind: {job_processes(job.id)}")
+    wait_for(lambda: not any(os.path.exists(s) for s in segments), 30, lambda: f"left behind: {segments}")
 
 
 @pytest.mark.timeout(300)
