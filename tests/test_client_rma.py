@@ -1,0 +1,94 @@
+"""RMA operations per replica step, counted with counting windows (tests/rma_count.py):
+per shard, a push is its accumulate plus one exchange on the control block, a fetch reads
+version and data in one round trip, and neither depends on the numbers of replicas, shards
+or workers (issue 13)."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dbmpi.ps.client import ShardClient
+from dbmpi.runtime.layout import Layout
+from tests.rma_count import BLOCKING, CountingWindows
+
+N_PARAMS = 10_007
+STEPS = 5
+
+# Per shard and step (n_fetch = n_push = 1): the fetch reads VERSION and the data, then
+# flushes both windows; the push accumulates; its completion flushes the inbox, then one
+# exchange (Get_accumulate SUM over VERSION, PUSHES, ABSORBED) and its flush.
+PER_SHARD_STEP = Counter({("control", "Get_accumulate"): 2, ("params", "Get_accumulate"): 1,
+                          ("params", "Flush"): 1, ("control", "Flush"): 2,
+                          ("inbox", "Accumulate"): 1, ("inbox", "Flush"): 1})
+
+
+def step_counts(layout: Layout, worker_rank: int, ranges, max_backlog=None) -> dict[int, Counter]:
+    """The calls per target shard of STEPS fetch-compute-push steps of one worker."""
+    windows = CountingWindows(layout, worker_rank)
+    client = ShardClient(windows, layout.role(worker_rank).replica, ranges, max_backlog=max_backlog,
+                         wait=(lambda done: None) if max_backlog else None)
+    local = np.zeros(client.size, np.float32)
+    grads = [np.ones(client.size, np.float32) for _ in range(2)]
+    client.fetch(local)
+    client.push(grads[0])
+    windows.calls.clear()  # the steady state: each step completes the previous push
+    for i in range(STEPS):
+        client.fetch(local)
+        client.push(grads[(i + 1) % 2])
+    return windows.per_target()
+
+
+@pytest.mark.parametrize("n_replicas,n_shards", [(1, 1), (2, 2), (8, 3), (64, 5), (200, 8)])
+def test_a_step_costs_the_same_per_shard_whatever_the_layout(n_replicas, n_shards):
+    layout = Layout(N_PARAMS, n_shards, n_replicas)
+    for worker in (0, layout.n_workers - 1):
+        per_target = step_counts(layout, worker, [(0, N_PARAMS)])
+        assert sorted(per_target) == layout.shard_ranks  # only shards are reached
+        for rank, calls in per_target.items():
+            assert calls == Counter({k: STEPS * v for k, v in PER_SHARD_STEP.items()}), (rank, calls)
+
+
+def test_three_round_trips_per_shard_and_step():
+    """What a step waits for, per shard: the fetch, the push's data, the push's count."""
+    layout = Layout(N_PARAMS, 2, 2)
+    for calls in step_counts(layout, 0, [(0, N_PARAMS)]).values():
+        blocking = sum(n for (window, call), n in calls.items() if call in BLOCKING)
+        # fetch: params and control flushed together; push: inbox, then control
+        assert blocking == 4 * STEPS
+
+
+def test_a_model_partition_reaches_only_the_shards_of_its_blocks():
+    layout = Layout(N_PARAMS, 4, 3, n_partitions=2)
+    ranges = [(0, 1000), (6000, 7000)]  # two blocks, in the first and third shard's ranges
+    per_target = step_counts(layout, layout.n_workers - 1, ranges)
+    shards = sorted({seg.shard for a, b in ranges for seg in layout.segments(a, b)})
+    assert sorted(per_target) == [layout.shard_rank(k) for k in shards]
+    for calls in per_target.values():
+        assert calls == Counter({k: STEPS * v for k, v in PER_SHARD_STEP.items()})
+
+
+def test_the_backlog_bound_costs_nothing_while_shards_keep_up():
+    """The exchange brings ABSORBED back: no extra read unless a wait is needed."""
+    layout = Layout(N_PARAMS, 2, 4)
+    for calls in step_counts(layout, 1, [(0, N_PARAMS)], max_backlog=2).values():
+        assert calls == Counter({k: STEPS * v for k, v in PER_SHARD_STEP.items()})
+
+
+def test_a_worker_looks_for_a_relayed_stop_at_most_every_stop_look_s():
+    """The stop flag on shard 0 is read on a human's time scale, not every step."""
+    from types import SimpleNamespace
+
+    from dbmpi.runtime.runcontrol import STOP_LOOK_S, ReplicaControl
+
+    layout = Layout(N_PARAMS, 2, 2)
+    windows = CountingWindows(layout, 0)
+    now = [0.0]
+    control = ReplicaControl(windows, SimpleNamespace(layout=layout), None, clock=lambda: now[0])
+    for _ in range(100):  # 100 steps within one look
+        control.stop_seen()
+        now[0] += STOP_LOOK_S / 200
+    assert len(windows.calls) == 2  # one Fetch_and_op(NO_OP) and its flush, on shard 0
+    assert {rank for _, _, rank in windows.calls} == {layout.shard_rank(0)}
+    now[0] += STOP_LOOK_S
+    control.stop_seen()
+    assert len(windows.calls) == 4
