@@ -139,14 +139,17 @@ def torch_time_to_accuracy(data, epochs, eval_every, cores):
     return (reached, acc, time.perf_counter() - start)
 
 
-def bench_speech(work, steps):
+def speech_config(work, steps):
+    """A Downpour config of the speech model (R = 2, S = 2) on synthetic data, for `steps`
+    steps and no evaluation; None without the synthetic data source."""
     from dbmpi import data as datasets
 
     if "synthetic" not in datasets.SOURCES:
-        return emit({"bench": "speech_downpour", "skipped": "no synthetic data source"})
+        return None
     path = work / "speech.h5"
-    datasets.prepare("synthetic", path, config=str(ROOT / "configs/speech.toml"), n_train=4096, n_test=1024)
-    config = work / "speech_downpour.toml"
+    if not path.exists():
+        datasets.prepare("synthetic", path, config=str(ROOT / "configs/speech.toml"), n_train=4096, n_test=1024)
+    config = work / f"speech_downpour_{steps}.toml"
     config.write_text((ROOT / "configs/speech.toml").read_text() + f"""
 [data]
 path = "{path}"
@@ -162,6 +165,13 @@ steps = {steps}
 log_every = 1
 eval_every = 1000000  # throughput only: no evaluation during training
 """)
+    return config
+
+
+def bench_speech(work, steps):
+    config = speech_config(work, steps)
+    if config is None:
+        return emit({"bench": "speech_downpour", "skipped": "no synthetic data source"})
     summary, records = dbmpi_train(config, work / "d-speech", [], ranks=4)
     replicas = [r for r in records if r["kind"] == "replica"]
     n_params = summary["n_params"]

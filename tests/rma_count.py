@@ -38,14 +38,14 @@ class CountingWin:
 class CountingWindows:
     """What dbmpi.ps.client.ShardClient needs of dbmpi.ps.windows.ParameterWindows."""
 
-    def __init__(self, layout, rank: int = 0):
+    def __init__(self, layout, rank: int = 0, block=ControlBlock):
         self.layout = layout
         self.comm = SimpleNamespace(rank=rank)
         self.calls: list[tuple[str, str, int]] = []
         self.params = CountingWin("params", self.calls)
         self.inbox = CountingWin("inbox", self.calls)
         self.control = CountingWin("control", self.calls)
-        self.block = ControlBlock(self.control)
+        self.block = block(self.control)
 
     def lock_shards(self) -> None:
         pass
@@ -62,3 +62,30 @@ class CountingWindows:
         for window, call, rank in self.calls:
             out.setdefault(rank, Counter())[(window, call)] += 1
         return out
+
+
+def count_step_calls(layout, worker_rank: int, ranges, steps: int = 5, max_backlog=None, look_for_stop=False,
+                     block=ControlBlock) -> dict[int, Counter]:
+    """The RMA calls, by target rank, of `steps` steady-state replica steps of one worker
+    (fetch, compute, push; n_fetch = n_push = 1), and with `look_for_stop` the replica
+    loop's look for a relayed stop (dbmpi.runtime.runcontrol.ReplicaControl.stop_seen)."""
+    import numpy as np
+
+    from dbmpi.ps.client import ShardClient
+    from dbmpi.runtime.runcontrol import ReplicaControl
+
+    windows = CountingWindows(layout, worker_rank, block)
+    client = ShardClient(windows, layout.role(worker_rank).replica, ranges, max_backlog=max_backlog,
+                         wait=(lambda done: None) if max_backlog else None)
+    control = ReplicaControl(windows, SimpleNamespace(layout=layout), None)
+    local = np.zeros(client.size, np.float32)
+    grads = [np.ones(client.size, np.float32) for _ in range(2)]
+    client.fetch(local)
+    client.push(grads[0])
+    windows.calls.clear()  # the steady state: each step completes the previous push
+    for i in range(steps):
+        if look_for_stop:
+            control.stop_seen()
+        client.fetch(local)
+        client.push(grads[(i + 1) % 2])
+    return windows.per_target()

@@ -4,12 +4,10 @@ version and data in one round trip, and neither depends on the numbers of replic
 or workers (issue 13)."""
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from dbmpi.ps.client import ShardClient
 from dbmpi.runtime.layout import Layout
-from tests.rma_count import BLOCKING, CountingWindows
+from tests.rma_count import BLOCKING, CountingWindows, count_step_calls
 
 N_PARAMS = 10_007
 STEPS = 5
@@ -23,19 +21,7 @@ PER_SHARD_STEP = Counter({("control", "Get_accumulate"): 2, ("params", "Get_accu
 
 
 def step_counts(layout: Layout, worker_rank: int, ranges, max_backlog=None) -> dict[int, Counter]:
-    """The calls per target shard of STEPS fetch-compute-push steps of one worker."""
-    windows = CountingWindows(layout, worker_rank)
-    client = ShardClient(windows, layout.role(worker_rank).replica, ranges, max_backlog=max_backlog,
-                         wait=(lambda done: None) if max_backlog else None)
-    local = np.zeros(client.size, np.float32)
-    grads = [np.ones(client.size, np.float32) for _ in range(2)]
-    client.fetch(local)
-    client.push(grads[0])
-    windows.calls.clear()  # the steady state: each step completes the previous push
-    for i in range(STEPS):
-        client.fetch(local)
-        client.push(grads[(i + 1) % 2])
-    return windows.per_target()
+    return count_step_calls(layout, worker_rank, ranges, STEPS, max_backlog)
 
 
 @pytest.mark.parametrize("n_replicas,n_shards", [(1, 1), (2, 2), (8, 3), (64, 5), (200, 8)])
