@@ -40,10 +40,11 @@ def _error_types():
     from dbmpi.io.rundir import RunDirectoryError
     from dbmpi.parallel.partition import PartitionError
     from dbmpi.plot import PlotError
+    from dbmpi.runtime.comm import ThreadSupportError
     from dbmpi.runtime.layout import LayoutError
 
     return (CheckpointError, PlotError, ConfigError, DatasetError, LayoutError, PartitionError, RunDirectoryError,
-            UsageError)
+            ThreadSupportError, UsageError)
 
 
 def cmd_train(args) -> int:
@@ -97,8 +98,10 @@ def _train_distributed(args, cfg, say) -> int:
 
     from dbmpi.algorithms import downpour, sandblaster
     from dbmpi.io.rundir import RunDirectory
+    from dbmpi.runtime.comm import require_thread_support
 
     comm = MPI.COMM_WORLD
+    require_thread_support()  # a launch setting, refused the same way on every rank
     _check_rank_memory(cfg)  # same verdict on every rank, before any allocation or collective
     # Every rank must agree on the run directory: the lead's timestamp decides.
     default = str(RunDirectory.default_path(args.config)) if comm.rank == 0 else None

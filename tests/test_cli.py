@@ -171,6 +171,40 @@ def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_an_mpi_without_thread_support_is_one_line_on_every_rank(tmp_path):
+    """mpi4py asked for MPI_THREAD_SINGLE: refused before any collective, on each rank."""
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    if not mpiexec.exists():
+        mpiexec = shutil.which("mpiexec")
+    if not mpiexec:
+        pytest.skip("no mpiexec")
+    result = subprocess.run(
+        [str(mpiexec), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
+         str(ROOT / "configs/downpour_digits.toml"), "--run-dir", str(tmp_path / "r"),
+         "--set", "train.n_replicas=1", "--set", "train.n_shards=1"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MPI4PY_RC_THREAD_LEVEL": "single"})
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], result.stderr
+    assert "MPI_THREAD_SINGLE" in lines[0] and "MPI4PY_RC_THREAD_LEVEL" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_mpichs_progress_thread_needs_thread_multiple(monkeypatch):
+    from mpi4py import MPI
+
+    from dbmpi.runtime import comm
+
+    monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_FUNNELED)
+    comm.require_thread_support({})  # enough for dbmpi itself
+    with pytest.raises(comm.ThreadSupportError, match="MPIR_CVAR_ASYNC_PROGRESS=1 .* MPI_THREAD_MULTIPLE"):
+        comm.require_thread_support({"MPIR_CVAR_ASYNC_PROGRESS": "1"})
+    monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_MULTIPLE)
+    comm.require_thread_support({"MPIR_CVAR_ASYNC_PROGRESS": "1"})
+
+
 def test_plan_prints_the_partition_plan_only_when_partitioned():
     config = ROOT / "configs/downpour_fashion.toml"
     plain = run("plan", config)

@@ -11,6 +11,7 @@ The message tags of the whole package are one enum, so no two protocols can coll
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +42,30 @@ class Tag(IntEnum):
     OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why it diverged
     SLICE_VERSION = 207  # a shard's update count at its snapshot, sent before its slices
     PROGRESS = 301  # never sent: an Iprobe for it only drives MPI progress (dbmpi.ps.store)
+
+
+class ThreadSupportError(ValueError):
+    """The MPI library does not give the thread support a run needs (a launch setting)."""
+
+
+_THREAD_LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+                  MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED", MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE"}
+
+
+def require_thread_support(environ=os.environ) -> None:
+    """Refuse a launch whose MPI thread level is below what the run needs, on every rank and
+    before any collective. dbmpi's own design needs MPI_THREAD_FUNNELED: its watchdog
+    threads make no MPI call, and shards drive MPI progress from their own loop
+    (dbmpi.ps.store), not from a thread. MPICH's progress thread, if a user asks for it
+    (MPIR_CVAR_ASYNC_PROGRESS=1), needs MPI_THREAD_MULTIPLE."""
+    provided = MPI.Query_thread()
+    need, who = MPI.THREAD_FUNNELED, "dbmpi's watchdog threads (they make no MPI calls)"
+    if environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0").strip() not in ("", "0"):
+        need, who = MPI.THREAD_MULTIPLE, "MPIR_CVAR_ASYNC_PROGRESS=1 (MPICH's progress thread)"
+    if provided < need:
+        raise ThreadSupportError(
+            f"{who} need {_THREAD_LEVELS[need]}, but MPI was initialised with {_THREAD_LEVELS[provided]}; "
+            "launch with MPI4PY_RC_THREAD_LEVEL=multiple (mpi4py's default) or an MPI built with thread support")
 
 
 Poll = Callable[[Callable[[], bool]], object]  # poll, or a heartbeat-keeping variant of it
