@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from dbmpi import config as configuration
 from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name, prune
+from dbmpi.ps.store import SERVE_PAUSE_S
 from dbmpi.runtime.comm import Tag, receive, send
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class ServingProgress:
     longer than one such call. Heartbeats go on (dbmpi.runtime.failover.Liveness). `begin()` starts
     a measurement; `stall_s` is then the longest stretch without a chance to serve."""
 
-    def __init__(self, liveness, serve, low: float = 5e-5, high: float = 2e-3):
+    def __init__(self, liveness, serve, low: float = 5e-5, high: float = SERVE_PAUSE_S):
         self.liveness, self.serve = liveness, serve
         self.low, self.high = low, high
         self.last = time.perf_counter()

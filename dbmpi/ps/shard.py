@@ -2,7 +2,7 @@
 
 The loop reads its fixed control slots in one RMA call per round (pushes announced,
 checkpoints asked for, workers finished); each call also drives MPI progress, and so does
-the back-off between rounds, which is kept short (at most `poll_max_s`, 0.5 ms): off-node a
+the back-off between rounds, which is kept short (at most `poll_max_s`, SERVE_PAUSE_S): off-node a
 fetch or push to an idle shard waits for the shard's next MPI call. When pushes were
 announced it applies them in one pass over the slice, chunk by chunk (dbmpi.ps.store.CHUNK):
 drain the chunk, apply the optimizer to it, publish it, settle (flush, and let MPI progress
@@ -26,7 +26,7 @@ import numpy as np
 
 from dbmpi import kernels
 from dbmpi.ps.control import N_BUCKETS, Slot, staleness_bucket
-from dbmpi.ps.store import CHUNK, ShardStore
+from dbmpi.ps.store import CHUNK, SERVE_PAUSE_S, ShardStore
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.poll import Backoff
 
@@ -60,7 +60,7 @@ class Shard:
     the whole slice at once, for benchmarks)."""
 
     def __init__(self, windows: ParameterWindows, index: int, initial: np.ndarray, optimizer,
-                 poll_min_s: float = 5e-5, poll_max_s: float = 5e-4, chunk: int | None = CHUNK):
+                 poll_min_s: float = 5e-5, poll_max_s: float = SERVE_PAUSE_S, chunk: int | None = CHUNK):
         self.windows = windows
         self.layout = windows.layout
         self.index = index

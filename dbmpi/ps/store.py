@@ -49,6 +49,9 @@ from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
 # from 128K values up and about 4x slower below (best of 5, shared memory); an Adagrad
 # update of a chunk takes about 0.4 ms (0.7 ms/MB), its RMA about 0.2 ms.
 CHUNK = 128 * 1024
+# The longest a shard sleeps between MPI calls while other ranks may be waiting on its windows:
+# off-node, an idle shard answers a fetch or push only at its next MPI call.
+SERVE_PAUSE_S = 5e-4
 
 
 class ShardStore:

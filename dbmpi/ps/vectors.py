@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from dbmpi import kernels
 from dbmpi.ps.checkpoint import ShardCheckpoints
-from dbmpi.ps.store import ShardStore
+from dbmpi.ps.store import SERVE_PAUSE_S, ShardStore
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.comm import Tag, Wait
 from dbmpi.runtime.signals import StopRequest
@@ -68,8 +68,9 @@ class ShardVectors:
             elif op == PUBLISH:
                 self.store.publish(self.vector(a))
                 self.control.Reduce(np.zeros(1), None, op=MPI.SUM, root=self.root)
-                # The replicas compute the batch now: sleep until it is done.
-                Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=Tag.WAKE))
+                # The replicas compute the batch now (and fetch from this shard): sleep
+                # until it is done, in short naps, so their fetches and pushes progress.
+                Wait(self.control.Irecv(np.zeros(1), source=self.root, tag=Tag.WAKE), high=SERVE_PAUSE_S)
             elif op == COLLECT:
                 # Every push of the evaluation was flushed before its replica reported it,
                 # and no other push can be in flight: take the sum and empty the inbox.
