@@ -92,7 +92,7 @@ for ROUTE in $ROUTES; do
   fi
   PY=$VENV/bin/python
   # mpi4py must load the system MPI's libmpi, not one found first on the Python's link path.
-  LIBMPI=$(ldd "$VENV"/lib/python3*/site-packages/mpi4py/MPI.*.so | grep -E '^\s*libmpi\.so')
+  LIBMPI=$(ldd "$VENV"/lib/python3*/site-packages/mpi4py/MPI.*.so | grep -E '^\s*lib(mpi|mpich)\.so')
   echo "== $ROUTE: mpi4py loads:$LIBMPI"
   case "$LIBMPI" in
     *"=> /usr/lib/"*|*"=> /lib/"*) ;;
@@ -128,7 +128,7 @@ w.Free()' 2>&1 | grep -E -i 'selected|thread level' | sort -u | sed 's/^/  /'
 done
 
 echo "== summary ($WORK)"
-printf '  %s\n' "${SUMMARY[@]}"
+[ ${#SUMMARY[@]} -eq 0 ] || printf '  %s\n' "${SUMMARY[@]}"
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "system MPI route: FAILED: ${FAILED[*]}"
   exit 1
