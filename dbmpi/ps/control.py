@@ -106,12 +106,15 @@ class ControlBlock:
     def start_exchange(self, rank: int, slot: int, amounts: np.ndarray, old: np.ndarray) -> None:
         """Start adding `amounts` to the consecutive slots from `slot` on `rank`, their old
         values into `old` (atomic per slot) once `flush(rank)` returns."""
-        self.win.Get_accumulate(amounts, old, rank, target=(slot, amounts.size, MPI.INT64_T), op=MPI.SUM)
+        # Buffers typed explicitly: mpi4py would send int64 arrays as MPI_LONG, which Open MPI
+        # refuses beside an MPI_INT64_T target (MPI_ERR_ARG); MPICH accepts either.
+        self.win.Get_accumulate([amounts, MPI.INT64_T], [old, MPI.INT64_T], rank,
+                                target=(slot, amounts.size, MPI.INT64_T), op=MPI.SUM)
 
     def start_read(self, rank: int, slot: int, out: np.ndarray) -> None:
         """Start reading `out.size` consecutive slots from `slot` on `rank` (complete at `flush`)."""
-        self.win.Get_accumulate([None, 0, MPI.INT64_T], out, rank, target=(slot, out.size, MPI.INT64_T),
-                                op=MPI.NO_OP)
+        self.win.Get_accumulate([None, 0, MPI.INT64_T], [out, MPI.INT64_T], rank,
+                                target=(slot, out.size, MPI.INT64_T), op=MPI.NO_OP)
 
     def flush(self, rank: int) -> None:
         self.win.Flush(rank)
