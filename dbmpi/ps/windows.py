@@ -28,6 +28,12 @@ from dbmpi.runtime.layout import Layout
 # MPI ignores the origin buffer of a NO_OP read; a zero-count origin keeps it disjoint
 # from the result buffer (the target must then be given explicitly).
 NO_ORIGIN = [None, 0, MPI.FLOAT]
+# Each shard's float32 windows are allocated in whole 64-byte lines. MPICH puts the windows
+# of one node's ranks back to back in one shared segment; MPICH 4.0.2 (Debian 12's) then
+# moved concurrent SUMs between the last value of one shard and the first of the next when
+# they shared an aligned word (tests/mpi/test_parameter_server.py caught it: about 1 in 1000
+# values wrong, always at a shard boundary). Lines of their own cost at most 60 bytes.
+ALIGN_VALUES = 16
 
 
 class ParameterWindows:
@@ -39,8 +45,9 @@ class ParameterWindows:
         self.locked = False
         n = layout.shard_size(shard) if shard is not None else 0
         n_control = control_size(layout.n_workers) if shard is not None else 0
-        self.params = MPI.Win.Allocate(4 * n, 4, comm=comm)
-        self.inbox = MPI.Win.Allocate(4 * n, 4, comm=comm)
+        padded = -(-n // ALIGN_VALUES) * ALIGN_VALUES
+        self.params = MPI.Win.Allocate(4 * padded, 4, comm=comm)
+        self.inbox = MPI.Win.Allocate(4 * padded, 4, comm=comm)
         self.control = MPI.Win.Allocate(8 * n_control, 8, comm=comm)
         self.block = ControlBlock(self.control)
         if shard is not None:
