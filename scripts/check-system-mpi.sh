@@ -65,7 +65,11 @@ step() {
   echo "   wall time ${dt} s, exit $rc"
 }
 
-[ -d "$WORK/src" ] || git clone -q "$SRC" "$WORK/src"
+if [ -d "$WORK/src" ]; then  # a reused WORK: bring its clone to this checkout's commit
+  git -C "$WORK/src" fetch -q "$SRC" HEAD && git -C "$WORK/src" checkout -q --detach FETCH_HEAD
+else
+  git clone -q "$SRC" "$WORK/src"
+fi
 cd "$WORK"
 
 for ROUTE in $ROUTES; do
@@ -81,15 +85,16 @@ for ROUTE in $ROUTES; do
   fi
   apt-get -o DPkg::Lock::Timeout=900 install -y -qq $PKGS python3-venv python3-dev >/dev/null || { FAILED+=("$ROUTE apt-get"); continue; }
   VENV=$WORK/venv-$ROUTE
-  if ! "$VENV/bin/python" -c "import mpi4py.MPI, dbmpi" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import mpi4py.MPI" 2>/dev/null; then
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install -q "setuptools>=64" wheel Cython numpy scipy
     env MPICC=$CC_WRAPPER "$VENV/bin/pip" install -q --no-binary=mpi4py --no-cache-dir mpi4py \
       || { FAILED+=("$ROUTE mpi4py build"); continue; }
-    (cd "$WORK/src" && "$VENV/bin/pip" install -q --no-build-isolation -e ".[data,test]") \
-      || { FAILED+=("$ROUTE dbmpi install"); continue; }
   fi
+  # dbmpi from this run's clone, also into a reused venv (which may hold an older checkout).
+  (cd "$WORK/src" && "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[data,test]") \
+    || { FAILED+=("$ROUTE dbmpi install"); continue; }
   PY=$VENV/bin/python
   # mpi4py must load the system MPI's libmpi, not one found first on the Python's link path.
   LIBMPI=$(ldd "$VENV"/lib/python3*/site-packages/mpi4py/MPI.*.so | grep -E '^\s*lib(mpi|mpich)\.so')
