@@ -6,7 +6,7 @@ the back-off between rounds, which is kept short (at most `poll_max_s`, SERVE_PA
 fetch or push to an idle shard waits for the shard's next MPI call. When pushes were
 announced it applies them in one pass over the slice, chunk by chunk (dbmpi.ps.store.CHUNK):
 drain the chunk, apply the optimizer to it, publish it, settle (flush, and let MPI progress
-other ranks' requests). So a shard never computes more than a chunk's worth (about 0.6 ms)
+other ranks' requests). So a shard never computes more than a chunk's worth (about 0.4 ms)
 without serving the network, and each chunk is touched while in cache. It
 records ABSORBED (the PUSHES count as of the drain) so that clients can bound its backlog
 (dbmpi.ps.client), and how many pushes each update merged.

@@ -22,11 +22,13 @@ Progress. Off-node (MPICH's network module, Open MPI's one-sided components with
 atomics) a passive-target operation completes only when the *target* enters MPI: a shard
 computing an update makes every fetch and push wait for it (24-27 ms per counter round trip
 to a shard busy with a 64 MB update, measured on MPICH's netmod). So the store works in
-chunks of `CHUNK` values (512 KB: about 0.6 ms of an Adagrad update) and ends each chunk with
+chunks of `CHUNK` values (512 KB: about 0.4 ms of an Adagrad update) and ends each chunk with
 `settle()`: the chunk's flushes and a `progress()` of the window communicator (an
 `Iprobe`, which enters the progress engine on MPICH and Open MPI alike). The alternative,
 an MPI progress thread (MPICH's MPIR_CVAR_ASYNC_PROGRESS, which needs MPI_THREAD_MULTIPLE),
-was measured and not chosen: bench/network.py and docs/BENCHMARKS.md give the figures.
+was measured and not chosen: with ranks sharing cores its spinning thread made every round
+trip slower (a counter round trip to a shard busy with 64 MB updates: 12 ms with the thread,
+3.1 ms with neither, 1.3 ms with chunks; bench/network.py, docs/BENCHMARKS.md section (g)).
 
 Chunks also make the update one pass over memory: a Downpour shard (dbmpi.ps.shard) drains a
 chunk, applies its optimizer to it and publishes it while the chunk is in cache, instead of
@@ -46,8 +48,8 @@ from mpi4py import MPI
 from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
 
 # Values per chunk: 512 KB. MPICH 5.0.2's self-targeted Get_accumulate runs at memcpy speed
-# from 128K values up and about 4x slower below (best of 5, shared memory); an Adagrad
-# update of a chunk takes about 0.4 ms (0.7 ms/MB), its RMA about 0.2 ms.
+# from 128K values up and about 4x slower below (best of 5, shared memory); a chunk's
+# Adagrad takes about 0.1 ms (0.19 ms/MB), its RMA about 0.2 ms, the whole update 0.8 ms/MB.
 CHUNK = 128 * 1024
 # The longest a shard sleeps between MPI calls while other ranks may be waiting on its windows:
 # off-node, an idle shard answers a fetch or push only at its next MPI call.
