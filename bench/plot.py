@@ -63,8 +63,34 @@ def downpour():
     fig.savefig(OUT / "downpour_samples_per_s.png", dpi=120)
 
 
+def network():
+    """Round trips to a busy shard (bench/network.py), per path and shard variant."""
+    rows = [r for r in load("network") if r.get("bench") == "busy_shard"]
+    if not rows:
+        return
+    variants = [("shm", "fused"), ("netmod", "fused"), ("netmod", "whole"), ("netmod", "whole+thread")]
+    sizes = sorted({r["size_mb"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("counter_round_trip_ms", "fetch_ms", "push_ms"),
+                              ("counter round trip", "fetch of the whole slice", "push of the whole slice"),
+                              strict=True):
+        width = 0.8 / len(variants)
+        for i, (path, shard) in enumerate(variants):
+            values = [next((r[key] for r in rows if (r["path"], r["shard"], r["size_mb"]) == (path, shard, mb)),
+                           0.0) for mb in sizes]
+            ax.bar([j + i * width for j in range(len(sizes))], values, width, label=f"{path}, {shard}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{mb} MB" for mb in sizes])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{title}, shard busy updating", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "network_busy_shard.png", dpi=120)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     rma()
     downpour()
+    network()
     print("figures in", OUT)

@@ -8,11 +8,13 @@ replicas, shards and workers):
   one round trip, none before it. The version is read in the same round trip, so the
   staleness of a push (the shard's version at the push minus the version at the fetch) is
   exact up to the updates the shard published during the fetch itself;
-- a push is its `Accumulate(SUM)` into the inbox, completed at the next push or fetch (so
-  it overlaps the next step), flushed, then one `exchange` on the control block that adds
-  one to PUSHES and returns VERSION and ABSORBED beside it (dbmpi.ps.control): the data is
-  in the inbox before PUSHES says so, and the push's staleness and the shard's backlog come
-  back with the count. The exchanges to all shards are issued together.
+- a push is its `Accumulate(SUM)` into the inbox, completed at the next push or fetch,
+  flushed, then one `exchange` on the control block that adds one to PUSHES and returns
+  VERSION and ABSORBED beside it (dbmpi.ps.control): the data is in the inbox before PUSHES
+  says so, and the push's staleness and the shard's backlog come back with the count. At a
+  fetch the exchange goes out with the fetch's reads, so a step that pushes and fetches
+  waits for two round trips per shard: the push's data, then the count and the fetch. The
+  operations to all shards are issued before any is waited for.
 
 Transfers go out as operations of at most FETCH_CHUNK values: MPICH slows down on single
 accumulate-class transfers of hundreds of MB. The worker counts what the shards used to
@@ -72,6 +74,7 @@ class ShardClient:
         self.shards = sorted({seg.shard for seg in self.segments})
         self.ranks = [self.layout.shard_rank(k) for k in self.shards]  # each shard once
         self.versions = np.zeros(len(self.shards), np.int64)  # shard versions at last fetch
+        self._fetched_versions = np.zeros(len(self.shards), np.int64)
         self.fetches = 0
         self.pushes = 0
         self.rejected = 0
@@ -87,11 +90,13 @@ class ShardClient:
         windows.lock_shards()
 
     def fetch(self, out: np.ndarray) -> None:
-        """Read the current values of the ranges into `out` (one-sided, element-atomic)."""
-        self.finish_push()
+        """Read the current values of the ranges into `out` (one-sided, element-atomic).
+        A pending push is counted in the same round trip: its data flushed first, then its
+        exchange issued beside the version and data reads."""
+        counting = self._start_count()
         control, params = self.windows.block, self.windows.params
         for i, rank in enumerate(self.ranks):
-            control.start_read(rank, Slot.VERSION, self.versions[i:i + 1])
+            control.start_read(rank, Slot.VERSION, self._fetched_versions[i:i + 1])
         for seg, rank in zip(self.segments, self.seg_ranks, strict=True):
             # Pieces of at most FETCH_CHUNK values: MPICH slows down on very large
             # accumulate-class reads (bench/rma.py: 0.35x memcpy at 256 MB in one piece).
@@ -103,6 +108,9 @@ class ShardClient:
         for rank in self.ranks:
             params.Flush(rank)
             control.flush(rank)
+        if counting:
+            self._end_count()  # its staleness against the previous fetch's versions
+        self.versions[:] = self._fetched_versions
         self.fetches += 1
         self.bytes_fetched += 4 * self.size
 
@@ -134,15 +142,26 @@ class ShardClient:
     def finish_push(self) -> None:
         """Complete an outstanding push at the shards, then count it there (one exchange
         per shard, issued together)."""
+        if self._start_count():
+            for rank in self.ranks:
+                self.windows.block.flush(rank)
+            self._end_count()
+
+    def _start_count(self) -> bool:
+        """If a push is pending: complete its data at the shards, then issue its exchanges
+        (completed by the caller's flush of the control window). False if none is."""
         if not self._pending:
-            return
+            return False
         inbox, control = self.windows.inbox, self.windows.block
         for rank in self.ranks:
             inbox.Flush(rank)  # the data is in the inbox before the counter says so
         for i, rank in enumerate(self.ranks):
             control.start_exchange(rank, Slot.VERSION, PUSH, self._exchanged[i])
-        for rank in self.ranks:
-            control.flush(rank)
+        return True
+
+    def _end_count(self) -> None:
+        """Record the counted push: its staleness, the shards' first-push counts, and wait
+        while a shard's backlog exceeds the bound."""
         for i, rank in enumerate(self.ranks):
             version, before, absorbed = (int(v) for v in self._exchanged[i])
             staleness = version - int(self.versions[i])
