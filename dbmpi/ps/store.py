@@ -27,8 +27,10 @@ chunks of `CHUNK` values (512 KB: about 0.4 ms of an Adagrad update) and ends ea
 `Iprobe`, which enters the progress engine on MPICH and Open MPI alike). The alternative,
 an MPI progress thread (MPICH's MPIR_CVAR_ASYNC_PROGRESS, which needs MPI_THREAD_MULTIPLE),
 was measured and not chosen: with ranks sharing cores its spinning thread made every round
-trip slower (a counter round trip to a shard busy with 64 MB updates: 12 ms with the thread,
-3.1 ms with neither, 1.3 ms with chunks; bench/network.py, docs/BENCHMARKS.md section (g)).
+trip slower (a counter round trip to a shard busy with 64 MB updates, three runs: 12-24 ms
+with the thread, 1.6-3.1 ms with neither, 0.2-1.3 ms with chunks; bench/network.py,
+docs/BENCHMARKS.md section (g), which also shows the cost: a 64 MB fetch from a busy shard
+is slower with chunks).
 
 Chunks also make the update one pass over memory: a Downpour shard (dbmpi.ps.shard) drains a
 chunk, applies its optimizer to it and publishes it while the chunk is in cache, instead of
