@@ -151,13 +151,19 @@ def test_data_path_is_relative_to_the_config_file_and_evaluate_hints_at_data(tmp
     assert result.returncode == 0 and "accuracy" in result.stdout, result.stderr
 
 
-def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
-    """The single-process baseline refuses several ranks: same message on each, no hang."""
+def mpiexec_or_skip() -> Path:
+    """The environment's mpiexec (the PyPI MPICH wheel's), else the one on PATH."""
     mpiexec = Path(sys.executable).with_name("mpiexec")
     if not mpiexec.exists():
         mpiexec = shutil.which("mpiexec")
     if not mpiexec:
         pytest.skip("no mpiexec")
+    return Path(mpiexec)
+
+
+def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
+    """The single-process baseline refuses several ranks: same message on each, no hang."""
+    mpiexec = mpiexec_or_skip()
     start = time.monotonic()
     result = subprocess.run(
         [str(mpiexec), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
@@ -173,11 +179,7 @@ def test_sgd_under_mpiexec_fails_fast_on_every_rank(tmp_path):
 
 def test_an_mpi_without_thread_support_is_one_line_on_every_rank(tmp_path):
     """mpi4py asked for MPI_THREAD_SINGLE: refused before any collective, on each rank."""
-    mpiexec = Path(sys.executable).with_name("mpiexec")
-    if not mpiexec.exists():
-        mpiexec = shutil.which("mpiexec")
-    if not mpiexec:
-        pytest.skip("no mpiexec")
+    mpiexec = mpiexec_or_skip()
     result = subprocess.run(
         [str(mpiexec), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
          str(ROOT / "configs/downpour_digits.toml"), "--run-dir", str(tmp_path / "r"),
