@@ -88,3 +88,21 @@ def remove_orphaned_mpich_segments():
             os.unlink(os.path.join(shm, name))
         except OSError:
             pass
+
+
+def pytest_runtest_logreport(report):
+    """Under `mpiexec ... pytest --with-mpi`, a test that fails on one rank ends the whole
+    suite at once (its report first, on stderr): the other ranks would otherwise wait in
+    that test's collectives until the suite's timeout."""
+    if not report.failed or os.environ.get("DBMPI_MPI_FAIL_SLOW") == "1":
+        return
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size == 1:
+        return
+    rank = mpi.COMM_WORLD.rank
+    sys.stderr.write(f"\n=== rank {rank}: {report.nodeid} failed ({report.when}); ending the MPI suite\n"
+                     f"{report.longreprtext}\n")
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(1)
