@@ -38,9 +38,10 @@ def emit(record):
     return record
 
 
-def dbmpi_train(config, run_dir, sets, ranks=None, threads=1, timeout=3600):
-    """Run `dbmpi train` (under mpiexec when ranks is given); returns (summary, records)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+def dbmpi_train(config, run_dir, sets, ranks=None, threads=1, timeout=3600, env=None):
+    """Run `dbmpi train` (under mpiexec when ranks is given; `env`: variables added to this
+    process's environment); returns (summary, records)."""
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "dbmpi", "train", str(config), "--run-dir", str(run_dir), "--quiet"]
     if ranks is not None:
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]

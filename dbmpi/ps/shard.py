@@ -50,10 +50,6 @@ class ShardStats:
     max_merged: int = 0
 
 
-# An update's counters, added in one exchange from VERSION to DRAINS.
-_UPDATE = np.zeros(Slot.DRAINS + 1, np.int64)
-
-
 class Shard:
     """One Downpour shard: drains its inbox and applies the update itself (the optimizer is
     the handler, as in a key-value server). `chunk`: values per chunk of the update (None:
@@ -95,7 +91,7 @@ class Shard:
         self.stats.merged_histogram[staleness_bucket(merged)] += 1
         self.stats.max_merged = max(self.stats.max_merged, merged)
         self.max_merged_since = max(self.max_merged_since, merged)
-        counts = _UPDATE.copy()
+        counts = np.zeros(Slot.DRAINS + 1, np.int64)  # one exchange from VERSION to DRAINS
         counts[Slot.DRAINS], counts[Slot.DROPPED], counts[Slot.VERSION] = 1, int(dropped), int(applied)
         self.windows.block.exchange(self.me, 0, counts)
         return applied

@@ -15,7 +15,7 @@ from dbmpi.ps.control import Slot
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows, gather_parameters
 from dbmpi.runtime.layout import Layout
-from tests.mpi import sub_world
+from tests.mpi import fetch_while_rising, sub_world
 
 N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
 
@@ -120,18 +120,7 @@ def test_concurrent_fetch_returns_values_elements_held():
             for i in range(n_pushes):
                 assert client.push(minus_one[i % 2])
             return None
-        previous = np.zeros(N_PARAMS, np.float32)
-        seen = np.empty(N_PARAMS, np.float32)
-        fetches = 0
-        while True:
-            client.fetch(seen)
-            fetches += 1
-            assert np.all(seen == np.round(seen)), "a fetched value was never held"
-            assert np.all((seen >= 0) & (seen <= n_pushes))
-            assert np.all(seen >= previous), "an element went backwards"
-            previous[:] = seen
-            if seen.min() == n_pushes or fetches > 20000:
-                return fetches
+        return fetch_while_rising(client, N_PARAMS, n_pushes)[1]
 
     final, _stats, fetches = run_server(comm, layout, np.zeros(N_PARAMS, np.float32), worker)
     if comm.rank == 0:

@@ -10,7 +10,7 @@ from dbmpi.ps.control import Slot
 from dbmpi.ps.store import ShardStore
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.layout import Layout
-from tests.mpi import sub_world
+from tests.mpi import fetch_while_rising, sub_world
 
 
 def one_shard(comm, n_params):
@@ -122,17 +122,7 @@ def test_fetch_sees_only_published_values(monkeypatch):
     else:
         client = ShardClient(windows, role.replica, [(0, n_params)])
         comm.Barrier()
-        seen = np.empty(n_params, np.float32)
-        previous = np.zeros(n_params, np.float32)
-        while fetches < 20000:
-            client.fetch(seen)
-            fetches += 1
-            assert np.all(seen == np.round(seen)), "a fetched value was never published"
-            assert np.all((seen >= 0) & (seen <= n_versions))
-            assert np.all(seen >= previous), "an element went backwards"
-            previous[:] = seen
-            if seen.min() == n_versions:
-                break
+        seen, fetches = fetch_while_rising(client, n_params, n_versions)
         np.testing.assert_array_equal(seen, np.full(n_params, n_versions, np.float32))
         client.close()
     windows.free()
