@@ -14,6 +14,7 @@ import pytest
 
 from dbmpi import data
 from dbmpi.data import DatasetError
+from tests.procio import bytes_read
 
 FASHION_DIR = Path(data.FASHION_MNIST_DIR)
 
@@ -383,8 +384,6 @@ def _retype(key, dtype):
     (_retype("/test/y", np.int64), "/test/y has dtype int64, expected int32"),
     (lambda f: (f.__delitem__("/train/y"), f.create_dataset("/train/y", data=np.zeros(9, np.int32))),
      "length mismatch"),
-    (lambda f: f["/test/y"].__setitem__(0, 3), "labels outside [0, 3)"),
-    (lambda f: f["/train/y"].__setitem__(2, -1), "labels outside [0, 3)"),
     (lambda f: (f.__delitem__("/test/x"), f.create_dataset("/test/x", data=np.zeros((4, 3, 2, 1), np.float32))),
      "input shape mismatch"),
     (lambda f: f.attrs.__delitem__("n_classes"), "n_classes"),
@@ -460,14 +459,93 @@ def test_shard_range_errors(tmp_path):
             ds.shard_range("train", 0, 0)
 
 
-def test_check_finite_names_the_split_and_the_first_bad_row_across_chunks(tmp_path):
+def test_check_values_names_the_split_and_the_first_bad_row_across_chunks(tmp_path):
     """Training on NaN/Inf rows can only diverge: the scan (in chunks) names the first one."""
     small_dataset(tmp_path / "ok.h5", n_train=50)
     with data.open_dataset(tmp_path / "ok.h5") as dataset:
-        dataset.check_finite(chunk_bytes=64)  # finite: no error
+        dataset.check_values(chunk_bytes=64)  # finite: no error
     with h5py.File(tmp_path / "ok.h5", "r+") as f:
         f["train/x"][37, 1, 0, 0] = np.inf
         f["train/x"][41, 0, 1, 0] = np.nan
     with data.open_dataset(tmp_path / "ok.h5") as dataset:
         with pytest.raises(DatasetError, match=r"ok\.h5: /train/x holds NaN or Inf in 2 row\(s\), the first at row 37"):
-            dataset.check_finite(chunk_bytes=64)  # 4 rows a chunk
+            dataset.check_values(chunk_bytes=64)  # 4 rows a chunk
+
+
+# ------------------------------------------------------------------------------- what is read
+
+def _wide_dataset(path, n_train=20000, n_test=5000, width=64, n_classes=7):
+    """Rows of 64 float32 (256 bytes): the file (about 6.4 MB) is far larger than a few rows."""
+    rng = np.random.default_rng(5)
+    tx = rng.random((n_train, width), dtype=np.float32)
+    ty = rng.integers(0, n_classes, n_train).astype(np.int32)
+    vx = rng.random((n_test, width), dtype=np.float32)
+    vy = rng.integers(0, n_classes, n_test).astype(np.int32)
+    data.write_dataset(path, tx, ty, vx, vy, attrs={"source": "test", "n_classes": n_classes})
+    return tx, ty, vx, vy
+
+
+METADATA_ALLOWANCE = 256 * 1024  # superblock, object headers, attributes: a fixed amount
+
+
+def test_opening_reads_metadata_only(tmp_path):
+    """Opening (the check every rank runs) reads no rows: not the labels (80 KB here) and
+    not x; the bytes read do not depend on the file's size."""
+    path = tmp_path / "wide.h5"
+    _wide_dataset(path)
+    before = bytes_read()
+    with data.open_dataset(path) as ds:
+        assert (ds.n_train, ds.n_test, ds.n_classes, ds.input_shape) == (20000, 5000, 7, (64,))
+    assert bytes_read() - before < min(METADATA_ALLOWANCE, 25000 * 4)
+
+
+@pytest.mark.parametrize("split,start,stop", [("train", 1234, 1734), ("test", 4000, 5000), ("train", 0, 1)])
+def test_a_row_range_reads_its_rows_and_labels_only(tmp_path, split, start, stop):
+    path = tmp_path / "wide.h5"
+    tx, ty, vx, vy = _wide_dataset(path)
+    with data.open_dataset(path) as ds:
+        before = bytes_read()
+        x, y = ds.load(split, start, stop)
+        read = bytes_read() - before
+    want_x, want_y = (tx, ty) if split == "train" else (vx, vy)
+    np.testing.assert_array_equal(x, want_x[start:stop])
+    np.testing.assert_array_equal(y, want_y[start:stop])
+    assert read <= (stop - start) * (64 * 4 + 4) + METADATA_ALLOWANCE, read
+
+
+def test_share_range_and_load_share(tmp_path):
+    """The shares of a split (helper for evaluating the test set across ranks) cover every
+    row once, in order, balanced; more shares than rows leaves some empty."""
+    assert [data.share_range(10, i, 3) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [data.share_range(2, i, 4) for i in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    path = tmp_path / "wide.h5"
+    _, _, vx, vy = _wide_dataset(path, n_train=50, n_test=23)
+    with data.open_dataset(path) as ds:
+        pieces = [ds.load_share("test", i, 5) for i in range(5)]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), vx)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), vy)
+        assert [len(p[1]) for p in pieces] == [5, 5, 5, 4, 4]
+        x, y = ds.load_share("test", 30, 40)  # more ranks than rows: an empty share
+        assert x.shape == (0, 64) and y.shape == (0,)
+        with pytest.raises(DatasetError, match="shard index 5 outside"):
+            ds.load_share("test", 5, 5)
+
+
+@pytest.mark.parametrize("split,row", [("train", 41), ("test", 0)])
+def test_a_label_out_of_range_is_named_by_the_scan_and_by_the_read_that_meets_it(tmp_path, split, row):
+    """Opening reads no labels, so a bad label is found by check_values (the root's chunked
+    pass before a run, naming split and first bad row) and by any load that reads it."""
+    path = tmp_path / "d.h5"
+    small_dataset(path, n_train=50, n_test=6)
+    with h5py.File(path, "r+") as f:
+        f[f"{split}/y"][row] = 3
+        f[f"{split}/y"][row + 4] = -1
+    with data.open_dataset(path) as ds:
+        with pytest.raises(DatasetError, match=rf"d\.h5: /{split}/y has labels outside \[0, 3\), "
+                                               rf"the first at row {row} \(label 3\)"):
+            ds.check_values(chunk_bytes=64)  # 4 rows of x, 16 labels a chunk
+        with pytest.raises(DatasetError, match=rf"/{split}/y has labels outside \[0, 3\), the first at "
+                                               rf"row {row + 4} \(label -1\)"):
+            ds.load(split, row + 1, row + 6)
+        x, y = ds.load(split, row + 1, row + 4)  # rows without a bad label read fine
+        assert len(y) == 3 and (y >= 0).all() and (y < 3).all()

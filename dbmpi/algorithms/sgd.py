@@ -44,7 +44,7 @@ def open_training_data(data_cfg: dict, network: Network) -> datasets.Dataset:
     try:
         check_fits(dataset, network, path)
         _check_not_empty(dataset, path)
-        dataset.check_finite()  # NaN rows would only surface as a diverged run
+        dataset.check_values()  # NaN rows or bad labels: refused now, not found by a worker later
     except (ConfigError, datasets.DatasetError):
         dataset.close()
         raise

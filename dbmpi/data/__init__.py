@@ -57,6 +57,7 @@ __all__ = [
     "Dataset",
     "open_dataset",
     "check_fits",
+    "share_range",
     "FORMAT",
     "FORMAT_VERSION",
     "SPLITS",
@@ -599,6 +600,15 @@ def _plain(value):
     return value
 
 
+def share_range(n: int, index: int, count: int) -> tuple[int, int]:
+    """Contiguous, balanced range (start, stop) of share ``index`` among ``count`` of ``n``
+    rows: the first ``n % count`` shares get one extra row, so shares differ by at most one
+    row and together cover every row once (empty shares when count > n)."""
+    base, extra = divmod(int(n), int(count))
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
 class NumberedClasses(Sequence):
     """The default class names "0".."n-1" of a file without class_names, made on demand:
     n_classes may be huge (a list of 10**10 names would exhaust memory)."""
@@ -642,8 +652,9 @@ class Dataset:
             raise
 
     def _validate(self) -> None:
-        """Check the file's format, splits, counts, classes and labels, in that order (the
-        first problem found is the one reported); sets the attributes the class documents."""
+        """Check the file's format, splits, counts and classes, in that order (the first
+        problem found is the one reported); sets the attributes the class documents. Metadata
+        only: no row is read (``check_values`` scans the values, ``load`` checks its labels)."""
         self.attrs = {k: _plain(v) for k, v in self._file.attrs.items()}
         self._check_format()
         self._x, self._y = {}, {}
@@ -652,7 +663,6 @@ class Dataset:
         self._check_shapes()
         self._read_classes()
         self.source = str(self.attrs.get("source", "unknown"))
-        self._check_label_range()
 
     def _check_format(self) -> None:
         fmt = self.attrs.get("format")
@@ -720,13 +730,14 @@ class Dataset:
         if len(self.class_names) != self.n_classes:
             raise dataset_error(p, f"{len(self.class_names)} class_names for n_classes={self.n_classes}")
 
-    def _check_label_range(self) -> None:
-        """Every label is a class: a full scan, cheap because y is small (4 bytes a row)."""
-        for split in SPLITS:
-            y = self._y[split][()]
-            if y.size and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-                raise dataset_error(self.path, f"/{split}/y has labels outside [0, {self.n_classes}) "
-                                               f"(label range: min {int(y.min())}, max {int(y.max())})")
+    def _check_labels(self, split: str, y: np.ndarray, start: int) -> None:
+        """Raise DatasetError naming the first label of ``y`` (rows ``start``.. of ``split``)
+        that is not a class: a label out of range would index outside the softmax."""
+        bad = np.flatnonzero((y < 0) | (y >= self.n_classes))
+        if bad.size:
+            row = start + int(bad[0])
+            raise dataset_error(self.path, f"/{split}/y has labels outside [0, {self.n_classes}), the first "
+                                           f"at row {row} (label {int(y[bad[0]])})")
 
     # -- access -------------------------------------------------------------------------------
 
@@ -741,7 +752,9 @@ class Dataset:
         """Read examples ``[start, stop)`` of ``split``; returns (x float32 C-contiguous, y int32).
 
         ``rows=(r0, r1)`` reads only those rows of each (spatial) example: what a model
-        partition needs, read as one hyperslab, so the rest never leaves the file.
+        partition needs, read as one hyperslab, so the rest never leaves the file. Only the
+        rows asked for are read, labels included; their labels are checked (DatasetError
+        naming the first one out of range).
         """
         n = self._rows(split)
         stop = n if stop is None else int(stop)
@@ -762,25 +775,37 @@ class Dataset:
         if stop > start:
             self._x[split].read_direct(x, selection)
         y = np.ascontiguousarray(self._y[split][start:stop], dtype=np.int32)
+        self._check_labels(split, y, start)
         return x, y
 
-    def check_finite(self, chunk_bytes: int = 1 << 24) -> None:
-        """Raise DatasetError naming the first row of x that holds NaN or Inf (a full scan in
-        chunks of about `chunk_bytes`; done once, before training)."""
+    def load_share(self, split: str, index: int, count: int, rows=None):
+        """Rows ``share_range(n, index, count)`` of ``split`` (x, y), as ``load`` reads them:
+        the share of rank ``index`` among ``count`` that split a split (e.g. the test set
+        among the ranks that evaluate it); a share may be empty when count > n."""
+        n = self._rows(split)
+        start, stop = share_range(n, *self._checked_share(index, count))
+        return self.load(split, start, stop, rows=rows)
+
+    def check_values(self, chunk_bytes: int = 1 << 24) -> None:
+        """Raise DatasetError naming the split and first row of x that holds NaN or Inf, or
+        of y whose label is not a class. One sequential pass over both splits in chunks of
+        about ``chunk_bytes`` (memory bounded for any size): run once, on one rank, before a
+        run starts (its cost is one read of the file; the workers then read only their rows)."""
+        width = math.prod(self.input_shape)
+        step = max(1, chunk_bytes // max(1, 4 * width))
         for split in SPLITS:
-            x = self._x[split]
-            width = int(np.prod(self.input_shape))
-            step = max(1, chunk_bytes // max(1, 4 * width))
-            bad_rows, first = 0, None
+            x, bad_rows, first = self._x[split], 0, None
             for start in range(0, x.shape[0], step):
-                block = x[start:start + step].reshape(-1, width)
-                bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                bad = np.flatnonzero(~np.isfinite(x[start:start + step].reshape(-1, width)).all(axis=1))
                 if bad.size and first is None:
                     first = start + int(bad[0])
                 bad_rows += int(bad.size)
             if bad_rows:
                 raise dataset_error(self.path, f"/{split}/x holds NaN or Inf in {bad_rows} row(s), the first "
                                                f"at row {first}; clean the data set (training on it cannot work)")
+            labels, label_step = self._y[split], max(1, chunk_bytes // 4)
+            for start in range(0, labels.shape[0], label_step):
+                self._check_labels(split, labels[start:start + label_step], start)
 
     def groups(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """The group id of rows ``[start, stop)`` (``/<split>/group``), or None if the file has none."""
@@ -800,16 +825,18 @@ class Dataset:
         row and together cover every row exactly once.
         """
         n = self._rows(split)
+        index, count = self._checked_share(index, count)
+        if count > n:
+            raise dataset_error(self.path, f"cannot split {n} {split} rows into {count} non-empty shards")
+        return share_range(n, index, count)
+
+    def _checked_share(self, index, count) -> tuple[int, int]:
         index, count = int(index), int(count)
         if count < 1:
             raise dataset_error(self.path, f"shard count must be >= 1, got {count}")
         if not 0 <= index < count:
             raise dataset_error(self.path, f"shard index {index} outside [0, {count})")
-        if count > n:
-            raise dataset_error(self.path, f"cannot split {n} {split} rows into {count} non-empty shards")
-        base, extra = divmod(n, count)
-        start = index * base + min(index, extra)
-        return start, start + base + (1 if index < extra else 0)
+        return index, count
 
     def close(self) -> None:
         """Close the HDF5 file (idempotent)."""
