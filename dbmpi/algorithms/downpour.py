@@ -45,6 +45,7 @@ from dbmpi.ps.client import ShardClient
 from dbmpi.ps.control import N_BUCKETS, VERDICT_CLEAN, VERDICT_FAILED, bucket_label
 from dbmpi.ps.shard import Shard
 from dbmpi.ps.windows import ParameterWindows
+from dbmpi.runtime.batchshare import BatchShare
 from dbmpi.runtime.comm import Comm, Tag, receive, send, stderr_line, world_comm
 from dbmpi.runtime.failover import EXIT_ALL_REPLICAS_FAILED, Liveness, leave
 from dbmpi.runtime.faults import FAULTS
@@ -117,16 +118,24 @@ def _work(ctx: RunContext, windows: ParameterWindows, liveness: Liveness) -> Non
 
 
 def _load_replica_data(ctx: RunContext) -> ReplicaData:
-    """A worker's model block and data: its replica's slice of the training set (only the
-    input rows its partition needs), and for replica 0 the test set."""
-    replica, network = ctx.topo.role.replica, ctx.network
+    """A worker's model block and data, read from the file and nothing more: its replica's
+    slice of the training set (only the input rows its partition needs; with a dense first
+    layer and P > 1, only its 1/P piece of the slice, the batches shared by BatchShare), and
+    for replica 0 the test set."""
+    replica, partition, network = ctx.topo.role.replica, ctx.topo.role.partition, ctx.network
+    n_parts = ctx.layout.n_partitions
     model, ranges, rows = worker_model(network, ctx.topo.replica, ctx.plan)
     with datasets.open_dataset(ctx.cfg["data"]["path"]) as dataset:
         start, stop = dataset.shard_range("train", replica, ctx.layout.n_replicas)
-        x, y = dataset.load("train", start, stop, rows=rows)
+        bounds = None
+        if rows is None and n_parts > 1:  # whole examples on every partition: a piece each
+            bounds = [datasets.share_range(stop - start, p, n_parts)[0] for p in range(n_parts)] + [stop - start]
+        first, last = (bounds[partition], bounds[partition + 1]) if bounds else (0, stop - start)
+        x, y = dataset.load("train", start + first, start + last, rows=rows)
         test = dataset.load("test", rows=rows) if replica == 0 else None
     input_rows = list(rows) if rows is not None else [0, network.input_shape[0]]
-    return ReplicaData(model, x, y, test, input_rows, ranges)
+    exchange = BatchShare(ctx.topo.replica, x.shape[1:]) if bounds else None
+    return ReplicaData(model, x, y, test, input_rows, ranges, bounds=bounds, first=first, exchange=exchange)
 
 
 def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, data: ReplicaData) -> ReplicaLoop:

@@ -39,7 +39,7 @@ import numpy as np
 
 from dbmpi import config as configuration
 from dbmpi import kernels
-from dbmpi.algorithms.minibatches import Budget, Minibatches
+from dbmpi.algorithms.minibatches import Budget, Minibatches, SplitMinibatches
 
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 DATA_ORDER = "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"
@@ -73,7 +73,11 @@ class Seat:
 @dataclass
 class ReplicaData:
     """A worker's model block and data: its replica's slice of the training set (the input
-    rows `input_rows` its partition needs), and for replica 0 the test set."""
+    rows `input_rows` its partition needs), and for replica 0 the test set.
+
+    Split (a dense first layer, P > 1): `x`, `y` are only this partition's piece of the
+    slice, the examples from `bounds[partition]` on, `bounds` where each partition's piece
+    starts then the slice's length; `exchange` joins the pieces of each batch (BatchShare)."""
 
     model: object
     x: np.ndarray
@@ -81,6 +85,21 @@ class ReplicaData:
     test: tuple | None = None
     input_rows: list | None = None
     ranges: list | None = None  # the canonical parameter ranges of its block (the shards' client)
+    bounds: list | None = None  # split: where each partition's piece of the slice starts, then its length
+    first: int = 0  # split: where this partition's piece starts in the slice
+    exchange: Callable | None = None  # split: SplitMinibatches' exchange
+
+    @property
+    def examples(self) -> int:
+        """The examples of the replica's slice (all partitions' pieces together)."""
+        return len(self.x) if self.bounds is None else int(self.bounds[-1])
+
+    def minibatches(self, batch: int, seed: int) -> Minibatches:
+        """The replica's shuffled batches of its slice: the same on every partition."""
+        if self.bounds is None:
+            return Minibatches(self.x, self.y, batch, seed)
+        return SplitMinibatches(self.x, self.y, batch, seed, bounds=self.bounds, first=self.first,
+                                exchange=self.exchange)
 
 
 class ReplicaLoop:
@@ -96,8 +115,8 @@ class ReplicaLoop:
         self.client, self.control, self.liveness = client, control, liveness
         self.stop_request, self.run_dir, self.say = stop_request, run_dir, say
         self.first_step, self.resumed, self.fail_at, self.clock = first_step, resumed, fail_at, clock
-        self.batch = min(tcfg["batch_size"], len(data.x))
-        self.budget = Budget.of(tcfg, len(data.x), self.batch, clock).start()
+        self.batch = min(tcfg["batch_size"], data.examples)
+        self.budget = Budget.of(tcfg, data.examples, self.batch, clock).start()
         self.n_fetch, self.n_push = tcfg["n_fetch"], tcfg["n_push"]
         self.warmstart = tcfg["warmstart_steps"] if seat.n_replicas > 1 else 0
         # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
@@ -105,8 +124,7 @@ class ReplicaLoop:
                            if seat.replica == 0 else None)
         # Every partition of a replica shuffles with the replica's seed (and, resumed, the
         # step it resumes at): the same examples.
-        self.batches = Minibatches(data.x, data.y, self.batch,
-                                   tcfg["seed"] + 7919 * seat.replica + 104729 * first_step)
+        self.batches = data.minibatches(self.batch, tcfg["seed"] + 7919 * seat.replica + 104729 * first_step)
         self.last_checkpoint = clock()
         self.accrued = [np.zeros(self.model.n_params, np.float32), np.zeros(self.model.n_params, np.float32)]
         self.current = 0  # the accrued buffer steps add to
@@ -117,7 +135,7 @@ class ReplicaLoop:
         self.started = clock()
         self._open_window()
         if seat.is_lead:
-            say(f"downpour: {seat.n_replicas} replicas x {seat.n_partitions} partition(s), {len(data.x)} examples "
+            say(f"downpour: {seat.n_replicas} replicas x {seat.n_partitions} partition(s), {data.examples} examples "
                 f"each, batch {self.batch}, budget {self.budget.steps} steps per replica, n_fetch {self.n_fetch}, "
                 f"n_push {self.n_push}, warmstart {self.warmstart} steps, shard optimizer {tcfg['optimizer']} "
                 f"lr {tcfg['learning_rate']}")
@@ -222,7 +240,7 @@ class ReplicaLoop:
     def checkpoint_state(self, step: int, phase: str) -> dict:
         """The state a checkpoint records, as this replica sees it."""
         return {"step": step, "phase": phase, "seed": self.tcfg["seed"], "n_replicas": self.seat.n_replicas,
-                "replica": self.seat.replica, "replica_examples": int(self.data.x.shape[0]),
+                "replica": self.seat.replica, "replica_examples": self.data.examples,
                 "elapsed_s": round(self.clock() - self.started, 3), "data_order": DATA_ORDER}
 
     def acting_lead(self) -> bool:
@@ -303,7 +321,7 @@ class ReplicaLoop:
                 "activation_bytes_sent": getattr(model, "bytes_sent", 0),
                 "activation_bytes_received": getattr(model, "bytes_received", 0),
                 "mean_staleness": mean(client.staleness),
-                "examples": int(self.data.x.shape[0]), "batch": self.batch,
+                "examples": self.data.examples, "batch": self.batch,
                 "stopped_by_signal": self.signalled, "diverged": self.diverging(), **client.counts()}
 
     def finish(self, step: int) -> None:
