@@ -549,3 +549,20 @@ def test_a_label_out_of_range_is_named_by_the_scan_and_by_the_read_that_meets_it
             ds.load(split, row + 1, row + 6)
         x, y = ds.load(split, row + 1, row + 4)  # rows without a bad label read fine
         assert len(y) == 3 and (y >= 0).all() and (y < 3).all()
+
+
+@pytest.mark.parametrize("rows", [(0, 5), (3, 8), (2, 3)])
+def test_a_band_of_input_rows_reads_only_the_band(tmp_path, rows):
+    """A partition split by rows reads its band of each example, not whole examples (HDF5's
+    64 KiB sieve would read whole ones: 8x here for one row in eight)."""
+    path = tmp_path / "images.h5"
+    rng = np.random.default_rng(2)
+    tx = rng.random((20000, 8, 16, 1), dtype=np.float32)
+    data.write_dataset(path, tx, np.zeros(20000, np.int32), tx[:10], np.zeros(10, np.int32),
+                       attrs={"source": "test", "n_classes": 2})
+    with data.open_dataset(path) as ds:
+        before = bytes_read()
+        x, y = ds.load("train", 1000, 11000, rows=rows)
+        read = bytes_read() - before
+    np.testing.assert_array_equal(x, tx[1000:11000, rows[0]:rows[1]])
+    assert read <= x.nbytes + y.nbytes + METADATA_ALLOWANCE, (read, x.nbytes)

@@ -25,6 +25,7 @@ not use dbmpi's compiled kernels or MPI, so data can be prepared without them.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -600,6 +601,17 @@ def _plain(value):
     return value
 
 
+def _open_for_rows(path: Path):
+    """The HDF5 file id of `path`, read-only, with no data sieve buffer: HDF5's sieve reads
+    spans of 64 KiB around each piece of a selection, so a band of rows of each example (a
+    partition's input rows) would read whole examples; without it each piece is one read of
+    its own bytes (about 6 us each; whole-row reads are as fast as before)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)  # closing the File closes the file
+    return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=fapl)
+
+
 def share_range(n: int, index: int, count: int) -> tuple[int, int]:
     """Contiguous, balanced range (start, stop) of share ``index`` among ``count`` of ``n``
     rows: the first ``n % count`` shares get one extra row, so shares differ by at most one
@@ -642,7 +654,7 @@ class Dataset:
         if not h5py.is_hdf5(self.path):
             raise dataset_error(self.path, "not an HDF5 file (prepare one with `dbmpi data prepare`)")
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(_open_for_rows(self.path))
         except OSError as e:
             raise dataset_error(self.path, f"cannot open HDF5 file: {e}") from None
         try:
