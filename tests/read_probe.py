@@ -28,7 +28,7 @@ def measured(load, out: Path):
         (out / f"rank{ctx.topo.rank}.json").write_text(json.dumps({
             "rank": ctx.topo.rank, "replica": role.replica, "partition": role.partition, "bytes_read": read,
             "rows": len(data.y), "x_bytes": data.x.nbytes, "y_bytes": data.y.nbytes, "test_bytes": test_bytes,
-            "examples": data.examples}))
+            "examples": data.examples, "input_rows": data.input_rows}))
         return data
     return wrapper
 
