@@ -19,6 +19,7 @@ __all__ = [
     "MIXED_SPATIAL",
     "MIXED_UNEVEN",
     "DENSE_ON_IMAGE",
+    "LOCAL_WIDE",
     "network",
     "mixed_spatial",
 ]
@@ -62,6 +63,24 @@ activation = "relu"
 type = "dense"
 units = 11
 activation = "tanh"
+[[model.layers]]
+type = "softmax"
+units = 5
+"""
+
+# Local 3x3/2 relu (2 filters) -> softmax 5 on 64x64x1: examples of 16 KiB, so a partition's
+# band of input rows (P = 2: [0, 33) and [32, 63)) leaves out more than a page of each
+# (tests/test_data_reads.py).
+LOCAL_WIDE = """
+[model]
+input_shape = [64, 64, 1]
+seed = 2
+[[model.layers]]
+type = "local"
+filters = 2
+kernel = 3
+stride = 2
+activation = "relu"
 [[model.layers]]
 type = "softmax"
 units = 5

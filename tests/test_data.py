@@ -551,18 +551,41 @@ def test_a_label_out_of_range_is_named_by_the_scan_and_by_the_read_that_meets_it
         assert len(y) == 3 and (y >= 0).all() and (y < 3).all()
 
 
-@pytest.mark.parametrize("rows", [(0, 5), (3, 8), (2, 3)])
-def test_a_band_of_input_rows_reads_only_the_band(tmp_path, rows):
+@pytest.mark.parametrize("rows", [(0, 4), (4, 8), (2, 3)])
+def test_a_band_of_input_rows_reads_only_the_band_where_the_rest_spans_a_page(tmp_path, rows):
     """A partition split by rows reads its band of each example, not whole examples (HDF5's
-    64 KiB sieve would read whole ones: 8x here for one row in eight)."""
+    64 KiB sieve would read whole ones: 8x here for one row in eight), where the rest of an
+    example spans a page or more (rows of 1 KiB here: 4 or 7 of 8 left out)."""
     path = tmp_path / "images.h5"
     rng = np.random.default_rng(2)
-    tx = rng.random((20000, 8, 16, 1), dtype=np.float32)
-    data.write_dataset(path, tx, np.zeros(20000, np.int32), tx[:10], np.zeros(10, np.int32),
+    tx = rng.random((3000, 8, 256, 1), dtype=np.float32)
+    data.write_dataset(path, tx, np.zeros(3000, np.int32), tx[:10], np.zeros(10, np.int32),
                        attrs={"source": "test", "n_classes": 2})
     with data.open_dataset(path) as ds:
         before = bytes_read()
-        x, y = ds.load("train", 1000, 11000, rows=rows)
+        x, y = ds.load("train", 500, 2500, rows=rows)
         read = bytes_read() - before
-    np.testing.assert_array_equal(x, tx[1000:11000, rows[0]:rows[1]])
+    np.testing.assert_array_equal(x, tx[500:2500, rows[0]:rows[1]])
+    assert x.flags.c_contiguous
     assert read <= x.nbytes + y.nbytes + METADATA_ALLOWANCE, (read, x.nbytes)
+
+
+def test_a_band_of_small_examples_is_cut_from_whole_ones_read_in_bounded_chunks(tmp_path, monkeypatch):
+    """Below a page of other rows per example, reading each band alone costs a read call per
+    example and saves no disk reads: whole examples are read, CHUNK_BYTES at a time."""
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # 8 examples of 512 bytes a chunk
+    path = tmp_path / "images.h5"
+    rng = np.random.default_rng(2)
+    tx = rng.random((1000, 8, 16, 1), dtype=np.float32)
+    data.write_dataset(path, tx, np.zeros(1000, np.int32), tx[:10], np.zeros(10, np.int32),
+                       attrs={"source": "test", "n_classes": 2})
+    with data.open_dataset(path) as ds:
+        for start, stop, rows in ((3, 998, (2, 5)), (0, 1, (0, 8)), (7, 7, (1, 2)), (100, 117, (7, 8))):
+            before = bytes_read()
+            x, y = ds.load("train", start, stop, rows=rows)
+            read = bytes_read() - before
+            np.testing.assert_array_equal(x, tx[start:stop, rows[0]:rows[1]])
+            assert x.flags.c_contiguous and len(y) == stop - start
+            assert read <= (stop - start) * (512 + 4) + METADATA_ALLOWANCE
+        with pytest.raises(DatasetError, match=r"input rows \[3, 9\) are outside the examples' 8 rows"):
+            ds.load("train", 0, 5, rows=(3, 9))

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 
 from dbmpi import data
-from tests.models import LOCAL_DENSE, MLP_20
+from tests.models import LOCAL_WIDE, MLP_20
 from tests.test_downpour import mpiexec
 
-N_TEST = 2_000
+N_TEST = 200
 ALLOWANCE = 1 << 20  # metadata, imports: a fixed amount
 CASES = {  # name -> (model, P, rows, example shape, classes, the input rows each partition reads)
     "dense P=1": (MLP_20, 1, 300_000, (20,), 10, None),
     "dense P=2": (MLP_20, 2, 300_000, (20,), 10, None),
-    # 9 input rows, local 3x3 stride 2: 4 output rows split [0, 2) and [2, 4), inputs [0, 5) and [4, 9).
-    "local P=2": (LOCAL_DENSE, 2, 100_000, (9, 7, 1), 5, [(0, 5), (4, 9)]),
+    # 64 input rows, local 3x3 stride 2: 31 output rows split [0, 16) and [16, 31), inputs
+    # [0, 33) and [32, 63): each partition leaves out about half of every example's 16 KiB.
+    "local P=2": (LOCAL_WIDE, 2, 1_600, (64, 64, 1), 5, [(0, 33), (32, 63)]),
 }
 
 
@@ -73,14 +74,16 @@ def test_each_worker_reads_only_its_slice(tmp_path, case):
         assert w["input_rows"] == list(band)
         row_bytes = example_bytes * (band[1] - band[0]) // shape[0] + 4  # its part of an example, its label
         assert w["x_bytes"] + w["y_bytes"] == w["rows"] * row_bytes
-        # Replica 0 also evaluates: the test set (2,000 rows) is part of what it reads.
+        # Replica 0 also evaluates: the test set (200 rows) is part of what it reads.
         limit = 1.5 * (w["rows"] * row_bytes + w["test_bytes"]) + ALLOWANCE
         assert w["bytes_read"] < limit, (w, limit)
         # The bound means something: below the file and, with P = 2, below what each
-        # partition read before (the whole slice's examples and every label of the file).
+        # partition read before (the whole examples of the slice and, on replica 0, of the
+        # test set, and every label of the file).
         assert limit < path.stat().st_size
         if n_partitions > 1:
-            assert limit < (n_train // 2) * example_bytes + 4 * (n_train + N_TEST)
-        # Tighter, and why "labels included" holds: only its own rows' labels (the train
-        # split's labels alone are 0.4-1.2 MB, more than the allowance with the rest).
+            whole_test = N_TEST * example_bytes if w["test_bytes"] else 0
+            assert limit < (n_train // 2) * example_bytes + whole_test + 4 * (n_train + N_TEST)
+        # Tighter, and why "labels included" holds: only its own rows' labels (in the dense
+        # cases the train split's labels alone are 1.2 MB, more than the allowance).
         assert w["bytes_read"] < w["rows"] * row_bytes + w["test_bytes"] + ALLOWANCE, w

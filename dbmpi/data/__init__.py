@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 FORMAT = "dbmpi-dataset"
+BAND_GAP_BYTES = 4096  # a band of rows is read alone when the rest of an example spans a page or more
+CHUNK_BYTES = 1 << 24  # whole examples read at a time where a band is cut from them
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 
@@ -763,32 +765,49 @@ class Dataset:
     def load(self, split: str, start: int = 0, stop: int | None = None, rows=None):
         """Read examples ``[start, stop)`` of ``split``; returns (x float32 C-contiguous, y int32).
 
-        ``rows=(r0, r1)`` reads only those rows of each (spatial) example: what a model
-        partition needs, read as one hyperslab, so the rest never leaves the file. Only the
-        rows asked for are read, labels included; their labels are checked (DatasetError
-        naming the first one out of range).
+        Only those examples are read, labels included, and their labels are checked
+        (DatasetError naming the first one out of range). ``rows=(r0, r1)``: only those rows
+        of each (spatial) example, what a model partition needs (``_read_band``).
         """
         n = self._rows(split)
         stop = n if stop is None else int(stop)
         start = int(start)
         if not 0 <= start <= stop <= n:
             raise dataset_error(self.path, f"row range [{start}, {stop}) is outside /{split} (0..{n})")
-        shape = self.input_shape
-        selection = np.s_[start:stop]
-        if rows is not None:
-            r0, r1 = int(rows[0]), int(rows[1])
-            if len(shape) < 2:
-                raise dataset_error(self.path, f"examples of shape {shape} have no rows to select")
-            if not 0 <= r0 < r1 <= shape[0]:
-                raise dataset_error(self.path, f"input rows [{r0}, {r1}) are outside the examples' {shape[0]} rows")
-            shape = (r1 - r0, *shape[1:])
-            selection = np.s_[start:stop, r0:r1]
-        x = np.empty((stop - start, *shape), dtype=np.float32)
-        if stop > start:
-            self._x[split].read_direct(x, selection)
+        if rows is None:
+            x = np.empty((stop - start, *self.input_shape), dtype=np.float32)
+            if stop > start:
+                self._x[split].read_direct(x, np.s_[start:stop])
+        else:
+            x = self._read_band(split, start, stop, rows)
         y = np.ascontiguousarray(self._y[split][start:stop], dtype=np.int32)
         self._check_labels(split, y, start)
         return x, y
+
+    def _read_band(self, split: str, start: int, stop: int, rows) -> np.ndarray:
+        """Rows ``[r0, r1)`` of examples ``[start, stop)``. Where an example's other rows
+        span at least BAND_GAP_BYTES (a page), the band is read alone, one read per example
+        (the file is opened without HDF5's sieve, which would read the gaps too); below that
+        the disk reads the gaps anyway and one read per example costs more than it saves, so
+        whole examples are read in chunks of CHUNK_BYTES and the band kept."""
+        shape = self.input_shape
+        r0, r1 = int(rows[0]), int(rows[1])
+        if len(shape) < 2:
+            raise dataset_error(self.path, f"examples of shape {shape} have no rows to select")
+        if not 0 <= r0 < r1 <= shape[0]:
+            raise dataset_error(self.path, f"input rows [{r0}, {r1}) are outside the examples' {shape[0]} rows")
+        x = np.empty((stop - start, r1 - r0, *shape[1:]), dtype=np.float32)
+        if stop == start:
+            return x
+        example_bytes = 4 * math.prod(shape)
+        if example_bytes * (shape[0] - (r1 - r0)) // shape[0] >= BAND_GAP_BYTES:
+            self._x[split].read_direct(x, np.s_[start:stop, r0:r1])
+            return x
+        step = max(1, CHUNK_BYTES // example_bytes)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            x[first - start:last - start] = self._x[split][first:last][:, r0:r1]
+        return x
 
     def load_share(self, split: str, index: int, count: int, rows=None):
         """Rows ``share_range(n, index, count)`` of ``split`` (x, y), as ``load`` reads them:
@@ -798,7 +817,7 @@ class Dataset:
         start, stop = share_range(n, *self._checked_share(index, count))
         return self.load(split, start, stop, rows=rows)
 
-    def check_values(self, chunk_bytes: int = 1 << 24) -> None:
+    def check_values(self, chunk_bytes: int = CHUNK_BYTES) -> None:
         """Raise DatasetError naming the split and first row of x that holds NaN or Inf, or
         of y whose label is not a class. One sequential pass over both splits in chunks of
         about ``chunk_bytes`` (memory bounded for any size): run once, on one rank, before a
