@@ -639,7 +639,8 @@ class NumberedClasses(Sequence):
 
 
 class Dataset:
-    """An open, validated data set file; reads rows of a split on demand.
+    """An open data set file, its metadata validated (no row is read on open); reads rows of
+    a split on demand, and only those (``load``, ``load_share``); ``check_values`` scans them all.
 
     The HDF5 file stays open read-only for the object's life; use ``close()`` or ``with``.
     Attributes: ``path``, ``source``, ``input_shape``, ``n_classes``, ``class_names``,
