@@ -211,7 +211,7 @@ DAMAGE = {  # case -> (damage done with h5py, what the one error line says)
                               "damaged checkpoint: tensor /params/dense1/W has no valid 'offset' attribute"),
     "missing tensor": (lambda f: f.__delitem__("params/softmax2/b"), "/params: missing tensor(s) softmax2.b"),
     "format_version not a number": (lambda f: f.attrs.__setitem__("format_version", "one"),
-                                    "checkpoint format version 'one'; this dbmpi reads version 1"),
+                                    "checkpoint format version 'one'; this dbmpi reads versions 1 and 2"),
 }
 
 
