@@ -461,7 +461,8 @@ class Checkpoint:
                 for a in range(0, ds.shape[0], READ_CHUNK):
                     digest.update(ds[a:a + READ_CHUNK])
                 if digest.hexdigest() != expected:
-                    problems.append(f"slice file {self.slice_path(record)}: /{vector}: checksum mismatch")
+                    problems.append(f"/{vector} [{record['lo']}, {record['hi']}): checksum mismatch in slice file "
+                                    f"{self.slice_path(record)}")
         return problems
 
     def read_range(self, vector: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
