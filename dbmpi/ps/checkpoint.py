@@ -41,8 +41,8 @@ class BlockingProgress:
         poll(done)
 
     def run(self, work):
-        """Do a piece of local work (no MPI: a file created, a chunk written, the final
-        fsync); returns its result."""
+        """Do a piece of local work (no MPI: a slice file written, the top-level file);
+        returns its result."""
         return work()
 
 
@@ -161,8 +161,8 @@ class ShardCheckpoints:
 
 
 class ShardCheckpointer:
-    """Downpour shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
-    slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
+    """Downpour shards' half of a checkpoint: every shard writes its slice file, shard 0 the
+    top-level file that joins them, so no rank writes or holds the whole model. The lead
     asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
     other shards point to point, so a lead dying halfway through asking cannot leave the
     shards disagreeing on which checkpoint they are at.
@@ -204,14 +204,14 @@ class ShardCheckpointer:
         self.files.write(vectors, step=step, version=version)
 
     def obey(self) -> None:
-        """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
+        """Shards but 0, while serving: write a snapshot's slice file for every order shard 0 gave."""
         while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=Tag.CKPT_ORDER):
             step = receive(self.topo.world, self.layout.shard_rank(0), Tag.CKPT_ORDER, self.progress.wait)
             self._take(step, partial(self._stream, step=step))
 
     def last_order(self) -> bool:
         """Shards but 0, after serving: obey orders until the last one; True if it asks for
-        a final checkpoint (then streamed)."""
+        a final checkpoint (then written)."""
         shard0, got = self.layout.shard_rank(0), []
 
         def last() -> bool:
@@ -228,7 +228,7 @@ class ShardCheckpointer:
     def __call__(self, state: dict | None = None) -> None:
         """Shard 0: one checkpoint, written with `state` (the final one: the other shards
         had their last order), or, for a periodic one, with the state the acting lead sent
-        (Tag.CKPT_STATE) before it asked; the other shards are ordered to stream."""
+        (Tag.CKPT_STATE) before it asked; the other shards are ordered to write their slices."""
         world = self.topo.world
         if state is None:
             state = receive(world, MPI.ANY_SOURCE, Tag.CKPT_STATE, self.progress.wait)
