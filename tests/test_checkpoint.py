@@ -295,7 +295,7 @@ def test_sliced_virtual_datasets_equal_the_slices_and_whole_tensors(sliced, netw
         assert all(not os.path.isabs(m.file_name) for m in f["params/dense1/W"].virtual_sources())
 
 
-def test_h5dump_reads_a_moved_sliced_checkpoint_from_another_directory(sliced, network, tmp_path):
+def test_h5dump_reads_a_moved_sliced_checkpoint_from_another_directory(sliced, network, tmp_path, capsys):
     """Relative source paths: a run directory moved elsewhere still opens, with h5py, with
     h5dump started in another working directory, and with `dbmpi inspect --verify`."""
     from dbmpi.cli import main
@@ -317,6 +317,10 @@ def test_h5dump_reads_a_moved_sliced_checkpoint_from_another_directory(sliced, n
     with h5py.File(top) as f:
         np.testing.assert_array_equal(f["params/dense1/W"][...], network.view(dense1, vectors["params"]))
     assert main(["inspect", str(top), "--verify"]) == 0
+    assert main(["inspect", str(top)]) == 0
+    shown = capsys.readouterr().out
+    assert "all checksums verified (2 vectors)" in shown and "/params/dense1/W" in shown and "(11, 36)" in shown
+    assert "slice ckpt-000000012/slice-00001-of-00003-" in shown and "[150, 700)" in shown
     assert main(["export", str(top), "--out", str(elsewhere / "w.npz")]) == 0
     np.testing.assert_array_equal(np.load(elsewhere / "w.npz")["adagrad/accum/dense1/W"],
                                   network.view(dense1, vectors["adagrad/accum"]))
