@@ -6,7 +6,7 @@ shards do (dbmpi.ps.checkpoint.ShardCheckpoints: every rank writes and hashes it
 rank 0 joins them with the top-level file of virtual datasets), timed from a barrier to a
 barrier; then a resume's checks, timed apart: rank 0's structure check (no hashing,
 `structure_check_s`), and every rank hashing the slices of its own range
-(dbmpi.algorithms.run.verify_own_range; `verify_s`, from a barrier to a barrier). The reference,
+(as dbmpi.algorithms.run.verify_own_range does; `verify_s`, from a barrier to a barrier). The reference,
 in the same run with S = 1 on rank 0: the single-file format 1 the way shard 0 wrote it
 before (CheckpointWriter, one process writing and hashing everything) and its root-only
 re-hash on resume. GB/s counts the checkpoint's bytes (2 vectors x 4 bytes x N) over the
@@ -73,13 +73,12 @@ def child(n_params: int, directory: Path) -> dict | None:
     import numpy as np
     from mpi4py import MPI
 
-    from dbmpi.algorithms.run import verify_own_range
     from dbmpi.io.checkpoint import open_checkpoint
     from dbmpi.ps.checkpoint import ShardCheckpoints
     from dbmpi.runtime.layout import Layout
 
     comm = MPI.COMM_WORLD
-    layout = Layout(n_params, comm.size, 1)
+    layout = Layout(n_params, comm.size, 1)  # its shard ranges; every rank here is a shard
     lo, hi = layout.shard_ranges[comm.rank]
     rng = np.random.default_rng(comm.rank)
     vectors = [("params", rng.standard_normal(hi - lo, dtype=np.float32)),
@@ -98,9 +97,9 @@ def child(n_params: int, directory: Path) -> dict | None:
     structure_s = time.perf_counter() - began
     comm.Barrier()
     began = time.perf_counter()
-    resumed = {"path": path, "vectors": ["params", "adagrad/accum"], "format_version": 2}
-    problem = verify_own_range(resumed, Layout(n_params, comm.size, 1), comm.rank)
-    assert problem is None, problem
+    with open_checkpoint(path, verify=False) as ckpt:  # what verify_own_range does on shard `rank`
+        problems = ckpt.verify_range(lo, hi, ["params", "adagrad/accum"])
+    assert not problems, problems
     comm.Barrier()
     verify_s = time.perf_counter() - began
     if comm.rank != 0:
