@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
