@@ -140,7 +140,7 @@ def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness
     return ReplicaLoop(tcfg, seat, data, client, ReplicaControl(windows, topo, liveness), liveness,
                        stop_request=ctx.stop, run_dir=ctx.run_dir, say=ctx.say,
                        first_step=resumed["step"] if resumed else 0, resumed=bool(resumed),
-                       fail_at=FAULTS.fail_step(topo.rank))
+                       fail_at=FAULTS.fail_step(topo.rank), step_sleep_s=FAULTS.step_sleep_s)
 
 
 def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_started) -> dict | None:
