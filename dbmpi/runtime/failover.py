@@ -5,13 +5,16 @@ called from the rank's own loops (every training step, every round of a shard's 
 loop, every round of a polled wait) and does MPI work at most every `interval` seconds
 (timeout / 10, clamped to 0.05-1 s):
 
-- a worker adds one to its heartbeat slot in shard 0's control window; the old value also
-  says whether shard 0 declared it failed meanwhile (FAILED_MARK);
-- a shard adds one to its own Slot.SHARD_BEAT slot;
-- every rank reads the other shards' beats: a shard silent for `train.replica_timeout_s`
-  cannot be survived (its parameters are gone), so whoever notices prints one line and
-  calls MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written
-  atomically, so the last one stays intact;
+- a worker adds one to its heartbeat slot on its home shard (dbmpi.ps.control.heartbeat_home:
+  the replicas are split into S contiguous blocks, one per shard, a replica's partitions
+  side by side); the old value also says whether that shard declared it failed meanwhile
+  (FAILED_MARK). In the same round trip it reads that shard's own beat;
+- a shard adds one to its own Slot.SHARD_BEAT slot and reads the next shard's (a ring);
+- so every shard is watched by its workers and by the shard before it, and no rank reads
+  more than one other rank per beat: a shard silent for `train.replica_timeout_s` cannot be
+  survived (its parameters are gone), so whoever notices prints one line and calls
+  MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written atomically,
+  so the last one stays intact;
 - a shard that *dies* is seen sooner, by the ranks on its host: each knows every local
   rank's process (pid and start time, exchanged when the windows are made) and its
   watchdog thread looks at the shards' processes every 0.25 s (dbmpi.runtime.procfs). RMA on a dead
@@ -26,13 +29,20 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
   within 0.5-1.6 s. A main thread stuck in MPI (the shard died holding a window mutex)
   does not take over within SHARD_GRACE_S: the watchdog then ends its rank itself (status
   4, the line from the reporter). Shards on other hosts are noticed by their heartbeat;
-- on shard 0, the failure detector reads every worker's slot. A worker whose count has not
-  moved for the timeout gets its whole replica declared failed (a replica split into P
-  partitions cannot step without all of them): its workers count as finished on every
-  shard (Slot.WORKERS_FAILED), so the shards stop waiting for them, and the other replicas train
-  on. Shard 0 also counts workers finished (Slot.WORKERS_DONE on every shard) when it sees their
-  DONE mark, so each worker is counted exactly once, as done or as failed, whichever mark
-  landed first (both are Fetch_and_op SUM on one slot: the old value says who won).
+- on every shard, a failure detector (dbmpi.runtime.detector) reads the slots of its block
+  of workers in one operation per round. A worker whose count has not moved for the timeout
+  gets its whole replica declared failed (a replica split into P partitions cannot step
+  without all of them; all P are in the same block, so one shard decides, once): its
+  workers count as finished on every shard (Slot.WORKERS_FAILED), so the shards stop
+  waiting for them, and the other replicas train on. The shard also counts workers finished
+  (Slot.WORKERS_DONE on every shard) when it sees their DONE mark, so each worker is counted
+  exactly once, as done or as failed, whichever mark landed first (both are Fetch_and_op SUM
+  on one slot: the old value says who won; a FAILED mark that came second is taken back).
+  A round costs one read, a failure P + S + 1 atomics, whatever the number of workers W
+  (tests/test_detector.py counts them at W = 10,000). Shard 0 learns who finished and who
+  failed once, at the end, from the marks (`census()`: one read per shard); a worker asks
+  whether a replica failed (warmstart, the acting lead) with one read of that replica's
+  marks, at most once per interval.
 
 Heartbeats come from the training loops, not from a thread: a second thread making RMA
 calls next to the training loop, with per-target epochs, made MPICH 5.0.2's shards fall far
