@@ -183,7 +183,8 @@ def test_32_oversubscribed_replicas_survive_a_killed_one(tmp_path):
     assert "31 replica(s) train on" in err
     failures = [r for r in run["records"] if r["kind"] == "replica_failed"]
     assert len(failures) == 1 and failures[0]["ranks"] == [31]
-    assert run["replica_timeout_s"] - 1 <= run["detection_s"] <= run["replica_timeout_s"] + 60, run["detection_s"]
+    # Not before the timeout less what a starved victim may have missed; at most a minute late.
+    assert run["replica_timeout_s"] / 2 <= run["detection_s"] <= run["replica_timeout_s"] + 60, run["detection_s"]
     survivors = [r for r in run["records"] if r["kind"] == "replica"]
     assert sorted(r["replica"] for r in survivors) == list(range(31))
     assert all(r["steps"] > 0 for r in survivors)
