@@ -86,6 +86,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 from mpi4py import MPI
 
 from dbmpi.ps.control import DONE_MARK, FAILED_MARK, Slot, heartbeat_home, home_workers
@@ -258,9 +259,9 @@ class Liveness:
                 continue
             marks = block.read_slots(layout.shard_rank(k), Slot.HEARTBEATS, len(workers))
             failed = (marks & FAILED_MARK) != 0
-            self.failed_workers.update(w for w, f in zip(workers, failed, strict=True) if f)
-            self.done_workers.update(w for w, m, f in zip(workers, marks, failed, strict=True)
-                                     if m & DONE_MARK and not f)
+            ranks = np.arange(workers.start, workers.stop)
+            self.failed_workers.update(ranks[failed].tolist())
+            self.done_workers.update(ranks[((marks & DONE_MARK) != 0) & ~failed].tolist())
 
     def wait(self, done, low: float = 5e-5, high: float = 0.05, limit_s: float | None = None) -> bool:
         """Poll `done()` with exponential back-off (no spinning: ranks share cores),
