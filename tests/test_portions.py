@@ -14,7 +14,18 @@ import numpy as np
 import pytest
 
 from dbmpi.algorithms import portions
-from dbmpi.algorithms.portions import MAX_BACKUPS, PortionScheduler, cut
+from dbmpi.algorithms.portions import (
+    MAX_BACKUPS,
+    REPLY_FIELDS,
+    REQUEST_FIELDS,
+    STOPPED,
+    Order,
+    PortionScheduler,
+    Reply,
+    cut,
+    decode_request,
+    encode_request,
+)
 
 FAIL = -1  # an event that is the coordinator declaring a replica failed
 
@@ -350,3 +361,16 @@ def test_2000_replicas_with_stragglers_finish_near_the_straggler_floor():
     # A cancelled copy is refused when reported, or still computing when the batch ends.
     assert batch.cancelled_reports + len(batch.scheduler.cancelled) == stats.backups_cancelled
     assert stats.backups_issued <= MAX_BACKUPS * len(batch.scheduler.portions)
+
+
+def test_requests_and_replies_round_trip_through_fixed_size_int64_buffers():
+    out = np.zeros(REQUEST_FIELDS, np.int64)
+    flushed = {"portions": 3, "loss": 0.1 + 0.2, "nonfinite": 7}
+    assert decode_request(encode_request(out, 5, 9, None, flushed, True)) == {
+        "replica": 5, "evaluation": 9, "done": None, "flushed": flushed, "signal": True}
+    assert decode_request(encode_request(out, 0, 1, 0, None, False))["done"] == 0  # portion 0 is not "none"
+    order = Order.of(Reply(commit=False, discard=True, portion=(7, 70, 80)), evaluation=4, n=1000)
+    fields = np.array(order, np.int64)
+    assert fields.shape == (REPLY_FIELDS,) and Order(*fields.tolist()) == order
+    assert (order.commit, order.discard, order.index, order.begin, order.end) == (0, 1, 7, 70, 80)
+    assert Order.of(Reply(flush=True), 4, 1000).index == -1 and Order.stopped().stop == STOPPED

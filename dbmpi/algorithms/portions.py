@@ -41,6 +41,9 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 FREE, ASSIGNED, COMMITTED, FLUSHED = "free", "assigned", "committed", "flushed"
 MAX_BACKUPS = 2  # late copies of one portion while it is out
@@ -62,10 +65,6 @@ class Reply:
     flush: bool = False  # push the accumulator now and report it
     portion: tuple[int, int, int] | None = None  # (index, start, stop) to compute
     backup: bool = False  # the portion is a backup copy of an outstanding one
-
-    def as_message(self, batch: int) -> dict:
-        return {"batch": batch, "commit": self.commit, "discard": self.discard,
-                "flush": self.flush, "portion": self.portion, "backup": self.backup}
 
 
 @dataclass
@@ -401,4 +400,64 @@ class Silence:
         self.owed.pop(replica, None)
 
 
-__all__ = ["MAX_BACKUPS", "BatchStats", "FreeRuns", "PortionScheduler", "Reply", "Silence", "cut"]
+# The messages --------------------------------------------------------------------------------
+# Requests and replies travel as fixed-size int64 buffers (dbmpi.runtime.portion_channel): no
+# pickling, preposted receives. A request: replica, evaluation of the portion reported, that
+# portion (-1: none), portions flushed (-1: no flush report), the flush's loss (float64 bits),
+# its non-finite gradient entries, a stop signal seen (0/1).
+REQUEST_FIELDS = 7
+REPLY_FIELDS = 10  # Order's fields
+STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
+
+
+def encode_request(out: np.ndarray, replica: int, evaluation: int, done: int | None, flushed: dict | None,
+                   signal: bool) -> np.ndarray:
+    """A replica lead's request into `out` (REQUEST_FIELDS int64s)."""
+    out[:] = (replica, evaluation, -1 if done is None else done, -1 if flushed is None else flushed["portions"],
+              0, 0 if flushed is None else flushed["nonfinite"], int(signal))
+    out.view(np.float64)[4] = 0.0 if flushed is None else flushed["loss"]
+    return out
+
+
+def decode_request(fields: np.ndarray) -> dict:
+    """The request `encode_request` wrote, as the coordinator reads it."""
+    replica, evaluation, done, flushed, _, nonfinite, signal = fields.tolist()
+    report = None if flushed < 0 else {"portions": flushed, "loss": float(fields.view(np.float64)[4]),
+                                        "nonfinite": nonfinite}
+    return {"replica": replica, "evaluation": evaluation, "done": None if done < 0 else done,
+            "flushed": report, "signal": bool(signal)}
+
+
+class Order(NamedTuple):
+    """A reply as REPLY_FIELDS int64s, in this order: what the replica does next."""
+
+    stop: int  # 0, STOPPED or DISMISSED
+    discard: int  # drop the accrual (its commits were revoked)
+    commit: int  # the portion just reported counts
+    flush: int  # push the accrual and report it
+    index: int  # the portion to compute (-1: none)
+    begin: int  # its examples [begin, end)
+    end: int
+    evaluation: int
+    n: int  # the batch's examples
+    test: int  # evaluate the published point on the test set
+
+    @classmethod
+    def of(cls, reply: Reply, evaluation: int, n: int) -> Order:
+        """The scheduler's reply during evaluation `evaluation` of a batch of `n` examples."""
+        index, begin, end = reply.portion or (-1, 0, 0)
+        return cls(0, int(reply.discard), int(bool(reply.commit)), int(reply.flush), index, begin, end,
+                   evaluation, n, 0)
+
+    @classmethod
+    def stopped(cls, how: int = STOPPED) -> Order:
+        return cls(how, 0, 0, 0, -1, 0, 0, 0, 1, 0)
+
+    @classmethod
+    def tested(cls, evaluation: int, discard: bool) -> Order:
+        """Evaluate the published point on the test set (first dropping a void accrual)."""
+        return cls(0, int(discard), 0, 0, -1, 0, 0, evaluation, 1, 1)
+
+
+__all__ = ["DISMISSED", "MAX_BACKUPS", "REPLY_FIELDS", "REQUEST_FIELDS", "STOPPED", "BatchStats", "FreeRuns",
+           "Order", "PortionScheduler", "Reply", "Silence", "cut", "decode_request", "encode_request"]
