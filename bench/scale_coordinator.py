@@ -10,9 +10,12 @@ Three figures per batch size, measured in the same run:
   and 3 requesting ranks that follow the replies without computing (no shards: the vector
   commands go to an empty `control`). Fixed-size int64 requests and replies on preposted
   receives (dbmpi.runtime.portion_channel).
+- `mpi_coordinator_cpu_us_per_portion`: the coordinator's CPU time per portion in that batch
+  (polling included): what bounds it when the replicas compute, and a figure that a loaded
+  machine distorts less than wall-clock rates.
 - the reference, `pickled_round_trips_per_s`: the message path before issue 14, a pickled
-  dict request (`send`) answered by a pickled dict reply found with `improbe` (the
-  coordinator's old `receive`/`reply`), between the same ranks; a portion took at least one
+  dict request (`send`) found with a polled `improbe` and answered by a pickled dict reply
+  (the coordinator's old `_receive` and `reply`), between the same ranks; a portion took at least one
   such round trip (1 + 1/push_every with its flush), plus the old scheduler's scan.
 
     python bench/scale_coordinator.py [--portions 2000 8000 32000] [--replicas 2000]
@@ -114,13 +117,14 @@ def coordinate(world, n: int) -> dict:
     tcfg = {"history": 1, "portion_size": 1, "push_every": PUSH_EVERY, "backup_tasks": True,
             "weight_decay": 0.0, "replica_timeout_s": 300.0}
     space = ShardSpace(topo, layout, [(0, n)], tcfg)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     space.evaluate("x", "g")
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     space.stop_replicas()
     space.ranks.close()
     stats = space.stats_log[-1]
     return {"mpi_portions_per_s": round(n / seconds), "mpi_seconds": round(seconds, 3),
+            "mpi_coordinator_cpu_us_per_portion": round(1e6 * cpu / n, 1),
             "portions_by_replica": stats["portions_by_replica"], "backups_issued": stats["backups_issued"]}
 
 
@@ -151,28 +155,33 @@ def pickled_reference(world, n_round_trips: int, coordinator: bool) -> dict:
     """Round trips per second of the pre-issue-14 path: pickled dicts, `improbe` at the coordinator."""
     from mpi4py import MPI
 
-    from dbmpi.runtime.comm import Tag, wait
+    from dbmpi.runtime.comm import SPIN_S, Tag, poll, wait
 
     message = {"replica": 0, "evaluation": 1, "done": 5, "flushed": None, "signal": False}
     answer = {"batch": 0, "commit": True, "discard": False, "flush": False, "portion": (6, 6, 7),
               "backup": False, "evaluation": 1, "n": 1000, "stop": False}
     per_rank = n_round_trips // REQUESTERS
     world.Barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if coordinator:
-        status = MPI.Status()
+        status, found = MPI.Status(), []
+
+        def arrived() -> bool:  # as the old coordinator's polled receive
+            message = world.improbe(source=MPI.ANY_SOURCE, tag=Tag.REQUEST, status=status)
+            if message is not None:
+                found.append((status.Get_source(), message.recv()))
+            return message is not None
+
         for _ in range(per_rank * REQUESTERS):
-            found = None
-            while found is None:
-                found = world.improbe(source=MPI.ANY_SOURCE, tag=Tag.REQUEST, status=status)
-            found.recv()
-            world.send(answer, dest=status.Get_source(), tag=Tag.REPLY)
+            poll(arrived, spin=SPIN_S)
+            world.send(answer, dest=found.pop()[0], tag=Tag.REPLY)
     else:
         for _ in range(per_rank):
             world.send(message, dest=REQUESTERS, tag=Tag.REQUEST)
             wait(world.irecv(source=REQUESTERS, tag=Tag.REPLY))
-    seconds = time.perf_counter() - start
-    return {"pickled_round_trips_per_s": round(per_rank * REQUESTERS / seconds)}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"pickled_round_trips_per_s": round(per_rank * REQUESTERS / seconds),
+            "pickled_coordinator_cpu_us_per_round_trip": round(1e6 * cpu / (per_rank * REQUESTERS), 1)}
 
 
 def main() -> None:

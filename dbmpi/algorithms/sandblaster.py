@@ -197,7 +197,7 @@ class ShardSpace:
         self.stats_log.append({
             "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples, "portions": s.portions,
             "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
-            "backups_issued": s.backups_issued, "backups_won": s.backups_won,
+            "backups_issued": s.backups_issued, "backups_won": s.backups_won, "backups_cancelled": s.backups_cancelled,
             "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked, "reissued": s.reissued,
             "seconds": seconds})
 
@@ -382,7 +382,7 @@ class ShardSpace:
             if message is not None:
                 self._stop(message["replica"])
                 waiting.discard(message["replica"])
-            waiting &= set(self.silence.live)
+            waiting -= self.silence.failed
         for replica in sorted(self.silence.failed):
             self._dismiss(replica)
 
