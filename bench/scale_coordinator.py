@@ -11,17 +11,20 @@ Three figures per batch size, measured in the same run:
   commands go to an empty `control`). Fixed-size int64 requests and replies on preposted
   receives (dbmpi.runtime.portion_channel).
 - `mpi_coordinator_cpu_us_per_portion`: the coordinator's CPU time per portion in that batch
-  (polling included): what bounds it when the replicas compute, and a figure that a loaded
-  machine distorts less than wall-clock rates.
+  (its 50 us polling spins included), and `mpi_capacity_portions_per_s`, its inverse: the
+  rate the coordinator could serve if requests were always waiting (replicas that compute
+  keep it fed). Three requesters that compute nothing measure the round trip's latency
+  instead, which a shared, loaded machine stretches (`load_average` is in every record).
 - the reference, `pickled_round_trips_per_s`: the message path before issue 14, a pickled
   dict request (`send`) found with a polled `improbe` and answered by a pickled dict reply
   (the coordinator's old `_receive` and `reply`), between the same ranks; a portion took at least one
   such round trip (1 + 1/push_every with its flush), plus the old scheduler's scan.
 
-    python bench/scale_coordinator.py [--portions 2000 8000 32000] [--replicas 2000]
+    python bench/scale_coordinator.py [--portions 1000 4000 16000] [--replicas 2000]
 
-Prints one JSON object per batch size and, last, {"coordinator_portions_per_s": ...} (the MPI
-figure at the largest size). `measure(portion_counts)` returns the per-size records.
+Prints one JSON object per batch size and, last, {"coordinator_portions_per_s": ...,
+"coordinator_capacity_portions_per_s": ...} (the MPI figures at the largest size).
+`measure(portion_counts)` returns the per-size records.
 """
 import os
 import subprocess
@@ -52,7 +55,7 @@ def scheduler_rate(n_portions: int, n_replicas: int) -> dict:
     queue = deque((r, None, None) for r in range(n_replicas))
     held = dict.fromkeys(range(n_replicas), 0)
     requests = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while not scheduler.complete:
         replica, done, flushed = queue.popleft()
         reply = scheduler.handle(replica, done, flushed)
@@ -66,9 +69,9 @@ def scheduler_rate(n_portions: int, n_replicas: int) -> dict:
             held[replica] = 0
         else:
             queue.append((replica, None if reply.portion is None else reply.portion[0], None))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"scheduler_portions_per_s": round(n_portions / seconds), "scheduler_requests": requests,
-            "scheduler_us_per_request": round(1e6 * seconds / requests, 2)}
+            "scheduler_cpu_us_per_portion": round(1e6 * cpu / n_portions, 1)}
 
 
 def measure(portion_counts, n_replicas: int = 2000) -> list[dict]:
@@ -84,8 +87,9 @@ def measure(portion_counts, n_replicas: int = 2000) -> list[dict]:
     if done.returncode != 0:
         raise RuntimeError(f"mpiexec failed ({done.returncode}): {done.stderr[-2000:]}")
     over_mpi = {r["portions"]: r for r in map(json.loads, done.stdout.splitlines())}
-    return [{"portions": n, "replicas_in_process": n_replicas, **scheduler_rate(n, n_replicas), **over_mpi[n]}
-            for n in counts]
+    return [{"portions": n, "replicas_in_process": n_replicas, **scheduler_rate(n, n_replicas), **over_mpi[n],
+             "mpi_capacity_portions_per_s": round(1e6 / over_mpi[n]["mpi_coordinator_cpu_us_per_portion"]),
+             "load_average": round(os.getloadavg()[0], 1)} for n in counts]
 
 
 # Under mpiexec ------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def pickled_reference(world, n_round_trips: int, coordinator: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--portions", type=int, nargs="+", default=[2000, 8000, 32000])
+    parser.add_argument("--portions", type=int, nargs="+", default=[1000, 4000, 16000])
     parser.add_argument("--replicas", type=int, default=2000, help="virtual replicas of the in-process figure")
     args = parser.parse_args()
     if os.environ.get("DBMPI_BENCH_CHILD"):
@@ -197,6 +201,7 @@ def main() -> None:
         print(json.dumps(record), flush=True)
     last = records[-1]
     print(json.dumps({"coordinator_portions_per_s": last["mpi_portions_per_s"],
+                      "coordinator_capacity_portions_per_s": last["mpi_capacity_portions_per_s"],
                       "scheduler_portions_per_s": last["scheduler_portions_per_s"],
                       "pickled_round_trips_per_s": last["pickled_round_trips_per_s"]}), flush=True)
 
