@@ -18,7 +18,8 @@ Three figures per batch size, measured in the same run:
 - the reference, `pickled_round_trips_per_s`: the message path before issue 14, a pickled
   dict request (`send`) found with a polled `improbe` and answered by a pickled dict reply
   (the coordinator's old `_receive` and `reply`), between the same ranks; a portion took at least one
-  such round trip (1 + 1/push_every with its flush), plus the old scheduler's scan.
+  such round trip (1 + 1/push_every with its flush), plus the old scheduler's scan; and
+  `fixed_round_trips_per_s`, the fixed-size messages alone in the same harness.
 
     python bench/scale_coordinator.py [--portions 1000 4000 16000] [--replicas 2000]
 
@@ -105,8 +106,9 @@ def child(counts: list[int]) -> None:
         fixed = coordinate(world, n) if coordinator else follow(world)
         world.Barrier()
         pickled = pickled_reference(world, max(2000, n // 4), coordinator)
+        raw = fixed_round_trips(world, max(2000, n // 4), coordinator)
         if coordinator:
-            print(json.dumps({"portions": n, **fixed, **pickled}), flush=True)
+            print(json.dumps({"portions": n, **fixed, **pickled, **raw}), flush=True)
 
 
 def coordinate(world, n: int) -> dict:
@@ -188,6 +190,43 @@ def pickled_reference(world, n_round_trips: int, coordinator: bool) -> dict:
             "pickled_coordinator_cpu_us_per_round_trip": round(1e6 * cpu / (per_rank * REQUESTERS), 1)}
 
 
+def fixed_round_trips(world, n_round_trips: int, coordinator: bool) -> dict:
+    """Round trips per second of the fixed-size messages alone (the channels, no scheduler):
+    the same harness as `pickled_reference`."""
+    import numpy as np
+
+    from dbmpi.algorithms.portions import REPLY_FIELDS, REQUEST_FIELDS, Order, Reply, encode_request
+    from dbmpi.runtime.comm import SPIN_S, poll
+    from dbmpi.runtime.portion_channel import CoordinatorChannel, RankChannel
+
+    per_rank = n_round_trips // REQUESTERS
+    answer = Order.of(Reply(commit=True, portion=(6, 6, 7)), 1, 1000)
+    channel = CoordinatorChannel(world, REQUEST_FIELDS, REPLY_FIELDS) if coordinator else RankChannel(world, REQUESTERS)
+    world.Barrier()
+    start, cpu = time.perf_counter(), time.process_time()
+    if coordinator:
+        found = []
+
+        def arrived() -> bool:
+            request = channel.request()
+            if request is not None:
+                found.append(request[0])
+            return request is not None
+
+        for _ in range(per_rank * REQUESTERS):
+            poll(arrived, spin=SPIN_S)
+            channel.reply(found.pop(), answer)
+        channel.close()
+    else:
+        request = encode_request(np.zeros(REQUEST_FIELDS, np.int64), 0, 1, 5, None, False)
+        reply = np.zeros(REPLY_FIELDS, np.int64)
+        for _ in range(per_rank):
+            channel.ask(request, reply)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"fixed_round_trips_per_s": round(per_rank * REQUESTERS / seconds),
+            "fixed_coordinator_cpu_us_per_round_trip": round(1e6 * cpu / (per_rank * REQUESTERS), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--portions", type=int, nargs="+", default=[1000, 4000, 16000])
@@ -203,7 +242,8 @@ def main() -> None:
     print(json.dumps({"coordinator_portions_per_s": last["mpi_portions_per_s"],
                       "coordinator_capacity_portions_per_s": last["mpi_capacity_portions_per_s"],
                       "scheduler_portions_per_s": last["scheduler_portions_per_s"],
-                      "pickled_round_trips_per_s": last["pickled_round_trips_per_s"]}), flush=True)
+                      "pickled_round_trips_per_s": last["pickled_round_trips_per_s"],
+                      "fixed_round_trips_per_s": last["fixed_round_trips_per_s"]}), flush=True)
 
 
 if __name__ == "__main__":
