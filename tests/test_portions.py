@@ -374,3 +374,20 @@ def test_requests_and_replies_round_trip_through_fixed_size_int64_buffers():
     assert fields.shape == (REPLY_FIELDS,) and Order(*fields.tolist()) == order
     assert (order.commit, order.discard, order.index, order.begin, order.end) == (0, 1, 7, 70, 80)
     assert Order.of(Reply(flush=True), 4, 1000).index == -1 and Order.stopped().stop == STOPPED
+
+
+def test_a_portion_gets_at_most_two_late_copies_and_the_others_are_cancelled_when_one_commits():
+    s = PortionScheduler(cut(0, 10, 10), 4, push_every=1)  # one portion, four replicas
+    assert s.handle(0).portion[0] == 0
+    first, second = s.handle(1), s.handle(2)
+    assert first.backup and second.backup and first.portion[0] == second.portion[0] == 0
+    assert s.handle(3) is None  # a third late copy is never issued: parked
+    reply = s.handle(2, done=0)  # the second backup finishes first
+    assert reply.commit is True and reply.flush
+    assert s.cancelled == {0: 0, 1: 0} and s.stats.backups_cancelled == 2 and s.stats.backups_won == 1
+    assert s.handle(0, done=0).commit is False  # the original, cancelled: told no, never counted
+    s.handle(2, flushed={"portions": 1, "loss": 0.5})
+    assert s.complete and s.stats.examples == 10 and s.stats.committed_by == {2: 1}
+    assert s.handle(1, done=0).commit is False and s.stats.duplicates_rejected == 2
+    with pytest.raises(ValueError, match="reported a flush of 3 portions"):
+        s.handle(3, flushed={"portions": 3, "loss": 0.0})
