@@ -305,6 +305,8 @@ def cmd_inspect(args) -> int:
         print(f"  format {ckpt.file.attrs['format']} v{ckpt.file.attrs['format_version']}, written by "
               f"dbmpi {ckpt.dbmpi_version} at {ckpt.created_utc}")
         print(f"  algorithm {ckpt.algorithm}, step {ckpt.step}, {ckpt.n_params:,} parameters")
+        for record in ckpt.slices:  # format 2: the slice files its tensors map onto
+            print(f"  slice {record['file']} [{record['lo']:,}, {record['hi']:,})")
         print(f"  {'tensor':<34} {'shape':<22} {'dtype':<8} {'min':>11} {'max':>11} {'mean':>11} {'std':>11}")
         for vector in ckpt.vectors():
             for name, ds in ckpt.tensor_datasets(vector):

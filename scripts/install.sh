@@ -8,13 +8,18 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 needs_install() {
-  "$PYTHON" - <<'PY' 2>/dev/null
+  # Run from / so that the package found is the installed one, not this directory's.
+  (cd / && "$PYTHON" - "$PWD" <<'PY' 2>/dev/null)
 import glob, os, sys
+root = sys.argv[1]
 try:
     import dbmpi._kernels as k, dbmpi  # noqa: F401
     import mpi4py, h5py, pytest, pytest_mpi, pytest_timeout, ruff, sklearn  # noqa: F401
 except Exception:
     sys.exit(0)
+os.chdir(root)
+if os.path.realpath(os.path.dirname(dbmpi.__file__)) != os.path.realpath(os.path.join(root, "dbmpi")):
+    sys.exit(0)  # installed from another checkout: install this one
 built = glob.glob(os.path.join(os.path.dirname(k.__file__), "*.so"))
 sources = glob.glob("cython_kernels/*.pyx") + glob.glob("cython_kernels/*.pxd")
 if len(built) < len(glob.glob("cython_kernels/*.pyx")):

@@ -362,7 +362,7 @@ def test_checkpoints_do_not_change_what_the_training_reaches(tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("flip", "corrupt: /params/dense0/W: checksum mismatch"),
+    ("flip", "corrupt: /params [0, "),  # the slice file holding dense0.W, found by the shard reading it
     ("truncate", "truncated or corrupt"),
     ("model", "does not match the model"),
 ])

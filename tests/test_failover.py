@@ -40,11 +40,11 @@ def none_left(marker: str, within_s: float = 10.0) -> bool:
     return True
 
 
-def supervised_training(tmp_path, run_dir, n, *sets, disable_auto_cleanup=True, config=CONFIG):
+def supervised_training(tmp_path, run_dir, n, *sets, disable_auto_cleanup=True, config=CONFIG, env=None):
     """`mpiexec [-disable-auto-cleanup] -n N python -m dbmpi.runtime.supervise ... dbmpi train` in
     the background (tests.test_downpour.background_training); killed if still running after."""
     return background_training(tmp_path, run_dir, f"train.replica_timeout_s={TIMEOUT_S}", *sets, config=config,
-                               ranks=n, budget=(),
+                               ranks=n, budget=(), env=env,
                                mpiexec_args=["-disable-auto-cleanup"] if disable_auto_cleanup else [],
                                wrapper=[sys.executable, "-m", "dbmpi.runtime.supervise"])
 
@@ -132,6 +132,66 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
                 later.append(ckpt.state["replica"])
     assert later and set(later) == {lead}, later
     assert none_left(str(run_dir))
+
+
+# Many tiny replicas on few cores: each step's compute is a sleep beside a tiny batch
+# (DBMPI_STEP_SLEEP), so the ranks take turns on the cores as if each had its own.
+MANY_TINY = ["train.n_shards=2", "train.steps=100000000", "train.warmstart_steps=10", "train.batch_size=8",
+             "train.n_fetch=10", "train.n_push=10", "train.log_every=50", "train.eval_every=100000000"]
+
+
+def kill_one_of_many(tmp_path, n_replicas: int, timeout_s: float = 10.0, budget_s: float = 40.0,
+                     step_sleep_s: float = 0.01) -> dict:
+    """R tiny replicas and two shards under the failover launcher, each replica training for
+    `budget_s` seconds; the last replica is SIGKILLed once training runs. Returns what a user
+    sees (exit status, stderr, summary, records) and two times: `detection_s` from the kill
+    to the replica_failed record, `end_of_run_s` from the survivors' time budget running out
+    (the lead's loop start, from its first train record, + budget_s) to the job's exit.
+    Used by the test below and bench/scale_control.py."""
+    run_dir, n = tmp_path / f"run-{n_replicas}", n_replicas + 2
+    with supervised_training(tmp_path, run_dir, n, f"train.n_replicas={n_replicas}", *MANY_TINY,
+                             f"train.replica_timeout_s={timeout_s}", f"train.time_budget_s={budget_s}",
+                             env={"DBMPI_STEP_SLEEP": str(step_sleep_s)}) as proc:
+        pids = wait_until_training(run_dir, n, proc, train_records=1, timeout=900)
+        seen = time.time()
+        killed_unix = time.time()
+        os.kill(pids[n_replicas - 1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=budget_s + 900)
+        exited_unix = time.time()
+    recs = records(run_dir)
+    first_train = next(r for r in recs if r["kind"] == "train")
+    failures = [r for r in recs if r["kind"] == "replica_failed"]
+    budget_end = seen - first_train["elapsed_s"] + budget_s
+    return {"replicas": n_replicas, "ranks": n, "replica_timeout_s": timeout_s, "budget_s": budget_s,
+            "status": proc.returncode, "err": err, "out": out, "records": recs,
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "detection_s": failures[0]["detected_unix"] - killed_unix if failures else None,
+            "end_of_run_s": exited_unix - budget_end, "run_dir": run_dir}
+
+
+def test_32_oversubscribed_replicas_survive_a_killed_one(tmp_path):
+    """32 replicas and 2 shards (34 ranks) on a two-core machine, one replica SIGKILLed: the
+    shard holding its heartbeat (shard 1, not shard 0) declares it failed after the timeout,
+    with one line, the others finish on their time budget, the job ends in bounded time with
+    the killed rank's status, and the summary names the failure. Bounds are generous: the
+    ranks share two cores with whatever else runs."""
+    run = kill_one_of_many(tmp_path, 32)
+    err = run["err"]
+    assert run["status"] == 128 + signal.SIGKILL, err[-3000:]
+    assert run["summary"]["failed_replicas"] == [31], err[-3000:]
+    assert err.count("dbmpi: replica 31 failed") == 1 and "Traceback" not in err, err[-3000:]
+    assert "31 replica(s) train on" in err
+    failures = [r for r in run["records"] if r["kind"] == "replica_failed"]
+    assert len(failures) == 1 and failures[0]["ranks"] == [31]
+    # Not before the timeout less what a starved victim may have missed; at most a minute late.
+    assert run["replica_timeout_s"] / 2 <= run["detection_s"] <= run["replica_timeout_s"] + 60, run["detection_s"]
+    survivors = [r for r in run["records"] if r["kind"] == "replica"]
+    assert sorted(r["replica"] for r in survivors) == list(range(31))
+    assert all(r["steps"] > 0 for r in survivors)
+    shards = [r for r in run["records"] if r["kind"] == "shard"]
+    assert len(shards) == 2 and all(s["workers_failed"] == 1 for s in shards)
+    assert run["end_of_run_s"] < 180, run["end_of_run_s"]
+    assert none_left(str(run["run_dir"]))
 
 
 def test_a_killed_partition_takes_its_replica_out_and_the_other_replica_finishes(tmp_path):

@@ -140,7 +140,7 @@ def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness
     return ReplicaLoop(tcfg, seat, data, client, ReplicaControl(windows, topo, liveness), liveness,
                        stop_request=ctx.stop, run_dir=ctx.run_dir, say=ctx.say,
                        first_step=resumed["step"] if resumed else 0, resumed=bool(resumed),
-                       fail_at=FAULTS.fail_step(topo.rank))
+                       fail_at=FAULTS.fail_step(topo.rank), step_sleep_s=FAULTS.step_sleep_s)
 
 
 def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_started) -> dict | None:
@@ -161,8 +161,8 @@ def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_s
 
     stats = shard.serve(None, ctx.stop, tick=tick)
     checkpointer.last_order()  # the final checkpoint, unless no replica survived to give it a state
-    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer)]}, layout.shard_rank(0), Tag.FINAL,
-         liveness.wait)
+    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer), *liveness.events]},
+         layout.shard_rank(0), Tag.FINAL, liveness.wait)
     _end(topo, windows, liveness, shard.close)
     return None
 
@@ -278,6 +278,7 @@ def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness) -> tuple[lis
         messages.poll()
 
     stats = shard.serve(checkpointer, ctx.stop, tick=tick)
+    liveness.census()  # which workers finished and which failed (their marks, on every shard)
     # Everyone is counted finished or failed now; the finished workers' messages are in.
     finals = messages.of(sorted(liveness.done_workers), liveness)
     states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()

@@ -91,11 +91,12 @@ class ReplicaLoop:
     def __init__(self, tcfg: dict, seat: Seat, data: ReplicaData, client, control, liveness, *,
                  stop_request=None, run_dir=None, say: Callable[[str], None] = _silent,
                  first_step: int = 0, resumed: bool = False, fail_at: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 step_sleep_s: float = 0.0, clock: Callable[[], float] = time.perf_counter):
         self.tcfg, self.seat, self.data, self.model = tcfg, seat, data, data.model
         self.client, self.control, self.liveness = client, control, liveness
         self.stop_request, self.run_dir, self.say = stop_request, run_dir, say
         self.first_step, self.resumed, self.fail_at, self.clock = first_step, resumed, fail_at, clock
+        self.step_sleep_s = step_sleep_s  # a test hook (DBMPI_STEP_SLEEP): compute stood in by a sleep
         self.batch = min(tcfg["batch_size"], len(data.x))
         self.budget = Budget.of(tcfg, len(data.x), self.batch, clock).start()
         self.n_fetch, self.n_push = tcfg["n_fetch"], tcfg["n_push"]
@@ -177,6 +178,8 @@ class ReplicaLoop:
             self.client.fetch(model.params)
         xb, yb = self.batches.next()
         loss = model.loss_and_grad(xb, yb)
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
         self.nonfinite += kernels.axpy_count_nonfinite(1.0, model.grad, self.accrued[self.current])
         if self.tcfg["local_learning_rate"]:
             kernels.sgd_step(model.params, model.grad, self.tcfg["local_learning_rate"])

@@ -34,7 +34,13 @@ from dbmpi import data as datasets
 from dbmpi.algorithms.sgd import DivergedError
 from dbmpi.config import ConfigError
 from dbmpi.io.atomic import atomic_write_text
-from dbmpi.io.checkpoint import CheckpointError, list_checkpoints, newest_valid, open_checkpoint
+from dbmpi.io.checkpoint import (
+    SINGLE_FILE_VERSION,
+    CheckpointError,
+    list_checkpoints,
+    newest_valid,
+    open_checkpoint,
+)
 from dbmpi.io.rundir import RunDirectory, RunDirectoryError
 from dbmpi.model import Network
 from dbmpi.parallel.partition import PartitionPlan
@@ -51,23 +57,67 @@ def _silent(_msg: str) -> None:
     pass
 
 
-def resolve_resume(resume: str | None, run_path: Path, network: Network) -> dict | None:
-    """The checkpoint a run resumes from, checked (checksums, model) before anything starts.
+def resolve_resume(resume: str | None, run_path: Path, network: Network, skip: tuple[str, ...] = ()) -> dict | None:
+    """The checkpoint a run resumes from, checked before anything starts: its structure
+    (format 2: the slice files are there and fit; each shard hashes the slices it reads,
+    `verify_own_range`) or, for the single-file format 1, every checksum; and the model.
 
-    "auto": the newest valid checkpoint in the run directory, or a fresh start if it has
-    none (so a requeued job's first start works too); a path: that checkpoint.
+    "auto": the newest such checkpoint in the run directory not in `skip`, or a fresh start
+    if it has none (so a requeued job's first start works too); a path: that checkpoint.
     """
     if resume is None:
         return None
     if resume == "auto":
         if not list_checkpoints(run_path / "checkpoints"):
             return None
-        path = newest_valid(run_path / "checkpoints")
+        path = newest_valid(run_path / "checkpoints", skip=skip)
     else:
         path = Path(resume)
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path, verify=False if resume == "auto" else "structure") as ckpt:
         ckpt.check_network(network)
-        return {"path": str(path), "step": ckpt.step, "state": ckpt.state, "vectors": ckpt.vectors()}
+        return {"path": str(path), "step": ckpt.step, "state": ckpt.state, "vectors": ckpt.vectors(),
+                "format_version": ckpt.format_version}
+
+
+def verify_own_range(resumed: dict | None, layout: Layout, rank: int) -> str | None:
+    """On a shard rank, for a format-2 checkpoint: hash the slice files that hold this
+    shard's range of the vectors it will read (with other S, the few old slices its range
+    spans, each whole); the first problem, or None. Other ranks read nothing: None."""
+    if resumed is None or resumed.get("format_version") == SINGLE_FILE_VERSION:
+        return None
+    role = layout.role(rank)
+    if not role.is_shard:
+        return None
+    lo, hi = layout.shard_ranges[role.shard]
+    vectors = ["params"] if resumed.get("parameters_only") else resumed["vectors"]
+    with open_checkpoint(resumed["path"], verify=False) as ckpt:
+        problems = ckpt.verify_range(lo, hi, vectors)
+    return f"{resumed['path']}: corrupt: {problems[0]}" if problems else None
+
+
+def resume_verified(comm: Comm, resume: str | None, run_path: Path, network: Network, layout: Layout, root: int,
+                    say: Callable[[str], None], parameters_only: bool = False) -> dict | None:
+    """resolve_resume on `root`, then every shard verifies its own range (verify_own_range),
+    all agreed: a bad checksum found by any shard is one CheckpointError on every rank, or,
+    with `--resume auto`, a line from the root and the next older checkpoint."""
+    skip: list[str] = []
+    while True:
+        resumed = agree(comm, lambda: resolve_resume(resume, run_path, network, tuple(skip)), AGREED_ERRORS,
+                        root=root)
+        if resumed is not None and parameters_only:
+            resumed.update(state={}, parameters_only=True)  # no optimizer state: the parameters only
+        try:
+            mine = verify_own_range(resumed, layout, comm.rank)
+        except CheckpointError as exc:
+            mine = str(exc)
+        problem = next((p for p in comm.allgather(mine) if p is not None), None)
+        if problem is None:
+            return resumed
+        if resume != "auto":
+            raise CheckpointError(problem)
+        if comm.rank == root:
+            say(f"dbmpi: {problem}; resuming from an older checkpoint instead")
+        skip.append(resumed["path"])
 
 
 def prepare_and_check_data(cfg: dict, network: Network) -> dict:
@@ -138,9 +188,7 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
     layout.check_world(comm.size)
     root = layout.coordinator_rank if coordinator else 0
     data_info = agree(comm, lambda: prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)
-    resumed = agree(comm, lambda: resolve_resume(resume, Path(run_path), network), AGREED_ERRORS, root=root)
-    if resumed is not None and parameters_only:
-        resumed.update(state={}, parameters_only=True)  # no optimizer state: the parameters only
+    resumed = resume_verified(comm, resume, Path(run_path), network, layout, root, say, parameters_only)
     if check is not None:
         check(data_info)
     made: list[RunDirectory] = []  # only the root makes the run directory and logs progress

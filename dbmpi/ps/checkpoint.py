@@ -1,10 +1,11 @@
-"""The shards' half of a checkpoint: shard 0 writes the file, every other shard streams its
-slice of each vector to it in canonical order, a chunk at a time, so no rank ever holds a
-whole vector. Used by Downpour (over the world; its waits keep serving pushes and
-heartbeats while a checkpoint is written: ServingProgress, dbmpi.runtime.failover) and Sandblaster
-(over the control communicator); what goes into the file is dbmpi.io.checkpoint's business.
-ShardCheckpointer is Downpour's shard side: the lead's state and shard 0's orders to the
-other shards (Tag.CKPT_STATE, CKPT_ORDER, CKPT_LAST), one record per checkpoint.
+"""The shards' half of a checkpoint: every shard writes and hashes its own slice file (its
+range of every vector) at the same time, sends shard 0 the file's record (name, range,
+checksums), and shard 0 writes the small top-level file that joins them and renames it into
+place (dbmpi.io.checkpoint, format 2). No rank writes or holds more than its slices. Used by
+Downpour (over the world; its waits keep serving pushes and heartbeats while a checkpoint is
+written: ServingProgress, dbmpi.runtime.failover) and Sandblaster (over the control
+communicator). ShardCheckpointer is Downpour's shard side: the lead's state and shard 0's
+orders to the other shards (Tag.CKPT_STATE, CKPT_ORDER, CKPT_LAST), one record per checkpoint.
 """
 from __future__ import annotations
 
@@ -19,26 +20,29 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi import config as configuration
-from dbmpi.io.checkpoint import CheckpointWriter, checkpoint_name, prune
+from dbmpi.io.checkpoint import checkpoint_name, prune, write_checkpoint, write_slice
 from dbmpi.ps.store import SERVE_PAUSE_S
 from dbmpi.runtime.comm import Tag, receive, send
+from dbmpi.runtime.poll import poll
 
 if TYPE_CHECKING:
     from dbmpi.ps.shard import Shard
     from dbmpi.runtime.failover import Liveness
 
-CHUNK = 1 << 22  # float32 values per message (16 MB)
-
 
 class BlockingProgress:
-    """How a checkpoint waits by default: MPI's own blocking waits, local work inline."""
+    """How a checkpoint waits by default: MPI's own blocking waits, polls with
+    dbmpi.runtime.poll's back-off, local work inline."""
 
     def complete(self, request: MPI.Request) -> None:
         request.Wait()
 
+    def wait(self, done) -> None:
+        poll(done)
+
     def run(self, work):
-        """Do a piece of local work (no MPI: a file created, a chunk written, the final
-        fsync); returns its result."""
+        """Do a piece of local work (no MPI: a slice file written, the top-level file);
+        returns its result."""
         return work()
 
 
@@ -92,11 +96,12 @@ class ServingProgress:
 
 
 class SliceLost(RuntimeError):
-    """Shard `shard` failed while it sent its slice (for example, it died mid-transfer)."""
+    """Shard `shard` failed before its slice file's record reached shard 0 (for example, it
+    died while writing its slice)."""
 
     def __init__(self, shard: int, error: MPI.Exception):
         self.shard, self.error = shard, error
-        self.what = f"failed while sending its slice ({error.Get_error_string().splitlines()[0]})"
+        self.what = f"failed while writing its slice ({error.Get_error_string().splitlines()[0]})"
         super().__init__(f"shard {shard} {self.what}")
 
 
@@ -104,10 +109,10 @@ class ShardCheckpoints:
     """Collective over the shards of `comm` (shard k is rank `shard_ranks[k]`): each call
     to `write` makes one checkpoint in `directory` and keeps the newest `keep`.
 
-    `progress` says how to wait and what to keep doing meanwhile: `complete(request)` and
-    `run(work)` (a piece of local work: the file created, a chunk written, the final
-    fsync). Sandblaster uses BlockingProgress, the default; Downpour's shards pass
-    ServingProgress, which keeps applying pushes meanwhile."""
+    `progress` says how to wait and what to keep doing meanwhile: `complete(request)`,
+    `wait(done)` and `run(work)` (local work: the slice file, the top-level file).
+    Sandblaster uses BlockingProgress, the default; Downpour's shards pass ServingProgress,
+    which keeps applying pushes meanwhile."""
 
     def __init__(self, comm: MPI.Intracomm, shard_ranks: list[int], shard_ranges: list[tuple[int, int]],
                  tensors, directory: Path, keep: int, progress=None):
@@ -125,66 +130,39 @@ class ShardCheckpoints:
               config_text: str = "", layout: dict | None = None, state: dict | None = None,
               version: int | None = None) -> Path | None:
         """`vectors`: (name in the file, this shard's slice), the same names in the same order
-        on every shard. Only shard 0's keyword arguments are used, but `version` (the update
-        count of the shard's snapshot) is given by every shard or none: shard 0 records the
-        list as the state's `shard_versions`. Shard 0 returns the path. Raises SliceLost on
-        shard 0 if another shard fails mid-transfer."""
+        on every shard; `step` the same on every shard. Every shard writes its slice file;
+        shard 0 then writes the top-level file with its keyword arguments. `version` (the
+        update count of the shard's snapshot) is given by every shard or none: shard 0
+        records the list as the state's `shard_versions`. Shard 0 returns the path. Raises
+        SliceLost on shard 0 if another shard fails before its slice is written."""
+        lo, _ = self.shard_ranges[self.index]
+        record = self.progress.run(partial(write_slice, self.directory, step, self.index, len(self.shard_ranks),
+                                           lo, vectors))
+        record["version"] = version
         if self.index != 0:
-            if version is not None:
-                self.progress.complete(self.comm.Isend(np.array([version], np.int64), dest=self.shard_ranks[0],
-                                                       tag=Tag.SLICE_VERSION))
-            self._send(vectors)
+            send(self.comm, record, self.shard_ranks[0], Tag.SLICE, self.progress.wait)
             return None
-        progress = self.progress
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / checkpoint_name(step)
+        records = [record] + [self._receive_record(k) for k in range(1, len(self.shard_ranks))]
+        versions = [r.pop("version") for r in records]
         if version is not None:
-            state = dict(state or {}, shard_versions=[version] + [self._receive_version(k)
-                                                                  for k in range(1, len(self.shard_ranks))])
-        make = partial(CheckpointWriter, path, self.tensors, algorithm=algorithm, step=step,
-                       config_text=config_text, layout=layout or {}, state=state)
-        with progress.run(make) as out:
-            for name, mine in vectors:
-                stream = progress.run(partial(out.vector, name))
-                for lo in range(0, mine.size, CHUNK):  # shard 0's range starts at 0
-                    progress.run(partial(stream.write, lo, mine[lo:lo + CHUNK]))
-                for k in range(1, len(self.shard_ranks)):
-                    self._receive_slice(k, stream)
-                progress.run(stream.finish)
-            progress.run(out.commit)
-        prune(self.directory, self.keep)
+            state = dict(state or {}, shard_versions=versions)
+        path = self.directory / checkpoint_name(step)
+        self.progress.run(partial(write_checkpoint, path, self.tensors, records, algorithm=algorithm, step=step,
+                                  config_text=config_text, layout=layout or {}, state=state))
+        self.progress.run(partial(prune, self.directory, self.keep))
         self.written.append(path.name)
         return path
 
-    def _send(self, vectors) -> None:
-        writer = self.shard_ranks[0]
-        for _, values in vectors:
-            for lo in range(0, values.size, CHUNK):
-                self.progress.complete(self.comm.Isend(values[lo:lo + CHUNK], dest=writer, tag=Tag.SLICE))
-
-    def _receive_version(self, k: int) -> int:
-        got = np.zeros(1, np.int64)
+    def _receive_record(self, k: int) -> dict:
         try:
-            self.progress.complete(self.comm.Irecv(got, source=self.shard_ranks[k], tag=Tag.SLICE_VERSION))
+            return receive(self.comm, self.shard_ranks[k], Tag.SLICE, self.progress.wait)
         except MPI.Exception as exc:
             raise SliceLost(k, exc) from exc
-        return int(got[0])
-
-    def _receive_slice(self, k: int, stream) -> None:
-        lo, hi = self.shard_ranges[k]
-        buf = np.empty(min(CHUNK, hi - lo), np.float32)
-        for start in range(lo, hi, CHUNK):
-            piece = buf[:min(CHUNK, hi - start)]
-            try:
-                self.progress.complete(self.comm.Irecv(piece, source=self.shard_ranks[k], tag=Tag.SLICE))
-            except MPI.Exception as exc:
-                raise SliceLost(k, exc) from exc
-            self.progress.run(partial(stream.write, start, piece))
 
 
 class ShardCheckpointer:
-    """Downpour shards' half of a checkpoint: shard 0 writes the file, the other shards stream their
-    slices to it in order, one chunk at a time, so no rank holds the whole model. The lead
+    """Downpour shards' half of a checkpoint: every shard writes its slice file, shard 0 the
+    top-level file that joins them, so no rank writes or holds the whole model. The lead
     asks shard 0 only (its state, then shard 0's CHECKPOINTS counter); shard 0 orders the
     other shards point to point, so a lead dying halfway through asking cannot leave the
     shards disagreeing on which checkpoint they are at.
@@ -221,19 +199,19 @@ class ShardCheckpointer:
                              "duration_s": round(time.perf_counter() - began, 4),
                              "max_merged_during": shard.max_merged_since})
 
-    def _stream(self, vectors, version: int) -> None:
-        """Shards but 0: send this shard's snapshot to shard 0."""
-        self.files.write(vectors, version=version)
+    def _stream(self, vectors, version: int, step: int) -> None:
+        """Shards but 0: write this shard's snapshot as its slice file of checkpoint `step`."""
+        self.files.write(vectors, step=step, version=version)
 
     def obey(self) -> None:
-        """Shards but 0, while serving: stream a snapshot for every order shard 0 gave."""
+        """Shards but 0, while serving: write a snapshot's slice file for every order shard 0 gave."""
         while self.topo.world.iprobe(source=self.layout.shard_rank(0), tag=Tag.CKPT_ORDER):
             step = receive(self.topo.world, self.layout.shard_rank(0), Tag.CKPT_ORDER, self.progress.wait)
-            self._take(step, self._stream)
+            self._take(step, partial(self._stream, step=step))
 
     def last_order(self) -> bool:
         """Shards but 0, after serving: obey orders until the last one; True if it asks for
-        a final checkpoint (then streamed)."""
+        a final checkpoint (then written)."""
         shard0, got = self.layout.shard_rank(0), []
 
         def last() -> bool:
@@ -244,13 +222,13 @@ class ShardCheckpointer:
 
         self.liveness.wait(last)
         if got[0] is not False:
-            self._take(got[0], self._stream)
+            self._take(got[0], partial(self._stream, step=got[0]))
         return got[0] is not False
 
     def __call__(self, state: dict | None = None) -> None:
         """Shard 0: one checkpoint, written with `state` (the final one: the other shards
         had their last order), or, for a periodic one, with the state the acting lead sent
-        (Tag.CKPT_STATE) before it asked; the other shards are ordered to stream."""
+        (Tag.CKPT_STATE) before it asked; the other shards are ordered to write their slices."""
         world = self.topo.world
         if state is None:
             state = receive(world, MPI.ANY_SOURCE, Tag.CKPT_STATE, self.progress.wait)

@@ -3,7 +3,15 @@ one-sided atomics.
 
 The parameter server's own counters come first (what a shard applied and what was pushed
 to it), then the run protocol that shard 0 hosts for everyone (warmstart, checkpoints,
-stops, the end of the run), then a heartbeat per worker. Every slot is named by `Slot`.
+stops, the end of the run), then the heartbeats of the workers this shard watches. Every
+fixed slot is named by `Slot`.
+
+Heartbeats are spread over the shards (`heartbeat_home`): the replicas are split into S
+contiguous, balanced blocks (as the parameters are), and shard k holds one slot per worker
+of its block, a replica's P workers side by side. So each shard's failure detector reads
+all of its workers in one operation on its own window, one shard decides alone (and once)
+that a whole replica failed, and a worker's beat is one operation on one shard. No shard
+holds more than ceil(R / S) x P heartbeats.
 
 Atomicity: every access is an accumulate-class operation on int64 slots with MPI_SUM (to
 add) or MPI_NO_OP (to read), followed by a flush, so concurrent updates from any number of
@@ -48,7 +56,8 @@ class Slot(IntEnum):
     WARMED = 11  # 1 once replica 0 has finished warmstart: the other replicas start
     VERDICT = 12  # how the run ends, set by shard 0 once everything is written
     RELEASED = 13  # ranks that read a FAILED verdict and are leaving
-    HEARTBEATS = 14  # first per-worker heartbeat slot
+    REPLICAS_FAILED = 14  # replicas declared failed, by whichever shard declared them
+    HEARTBEATS = 15  # first heartbeat slot of the workers this shard watches (heartbeat_home)
 
 
 N_FIXED = int(Slot.HEARTBEATS)  # the slots before the heartbeats: what read_fixed returns
@@ -57,15 +66,42 @@ PUSH = np.array([0, 1, 0], np.int64)
 assert (Slot.VERSION, Slot.PUSHES, Slot.ABSORBED) == (0, 1, 2)
 
 VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
-# A worker's heartbeat slot (on shard 0) counts its beats; these marks are added to it once.
-FAILED_MARK = 1 << 40  # shard 0 declared the worker failed
+# A worker's heartbeat slot (on its home shard) counts its beats; these marks are added to it once.
+FAILED_MARK = 1 << 40  # its home shard declared the worker failed
 DONE_MARK = 1 << 50  # the worker finished and sent its records
 BEATS = FAILED_MARK - 1  # the mask of the beat count
 
 
-def control_size(n_workers: int = 0) -> int:
-    """int64 slots: the fixed ones, then a heartbeat per worker."""
-    return N_FIXED + n_workers
+def control_size(n_heartbeats: int = 0) -> int:
+    """int64 slots: the fixed ones, then the heartbeats a shard holds (`home_workers`)."""
+    return N_FIXED + n_heartbeats
+
+
+def _first_replica(shard: int, n_replicas: int, n_shards: int) -> int:
+    """The first replica whose heartbeats shard `shard` holds (runtime.layout.balanced_ranges' split)."""
+    base, extra = divmod(n_replicas, n_shards)
+    return shard * base + min(shard, extra)
+
+
+def home_shard(replica: int, n_replicas: int, n_shards: int) -> int:
+    """The shard holding the heartbeats of `replica`'s workers (O(1), the inverse of _first_replica)."""
+    base, extra = divmod(n_replicas, n_shards)
+    wide = extra * (base + 1)  # the first `extra` shards hold base + 1 replicas each
+    return replica // (base + 1) if replica < wide else extra + (replica - wide) // base
+
+
+def home_workers(layout, shard: int) -> range:
+    """The worker ranks whose heartbeat slots shard `shard` holds, in slot order from
+    Slot.HEARTBEATS (whole replicas; empty when there are fewer replicas than shards)."""
+    R, P, S = layout.n_replicas, layout.n_partitions, layout.n_shards
+    return range(P * _first_replica(shard, R, S), P * _first_replica(shard + 1, R, S))
+
+
+def heartbeat_home(layout, worker: int) -> tuple[int, int]:
+    """(shard index, slot) of worker rank `worker`'s heartbeat: its replica's block."""
+    R, P, S = layout.n_replicas, layout.n_partitions, layout.n_shards
+    k = home_shard(worker // P, R, S)
+    return k, Slot.HEARTBEATS + worker - P * _first_replica(k, R, S)
 
 
 def staleness_bucket(staleness: int) -> int:
@@ -126,13 +162,22 @@ class ControlBlock:
         self.flush(rank)
         return old
 
-    def heartbeat(self, worker_rank: int) -> int:
-        """The slot of a worker's heartbeat (meaningful on shard 0)."""
-        return Slot.HEARTBEATS + worker_rank
+    def read_slots(self, rank: int, slot: int, count: int) -> np.ndarray:
+        """`count` consecutive slots from `slot` on `rank` in one operation (atomic per slot)."""
+        values = np.empty(count, np.int64)
+        self.start_read(rank, slot, values)
+        self.flush(rank)
+        return values
+
+    def beat(self, rank: int, slot: int, watched: int) -> tuple[int, int]:
+        """A worker's heartbeat: add one to `slot` on `rank` and read slot `watched` there
+        (that shard's own beat) in one round trip; (old value of `slot`, `watched`)."""
+        old, seen = np.empty(1, np.int64), np.empty(1, np.int64)
+        self.win.Fetch_and_op(np.ones(1, np.int64), old, rank, slot, MPI.SUM)
+        self.win.Fetch_and_op(_ZERO, seen, rank, watched, MPI.NO_OP)
+        self.win.Flush(rank)
+        return int(old[0]), int(seen[0])
 
     def read_fixed(self, rank: int) -> np.ndarray:
         """Every fixed slot of the block on `rank` in one operation (atomic per slot)."""
-        values = np.empty(N_FIXED, np.int64)
-        self.start_read(rank, 0, values)
-        self.flush(rank)
-        return values
+        return self.read_slots(rank, 0, N_FIXED)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.ps.control import ControlBlock, control_size
+from dbmpi.ps.control import ControlBlock, control_size, home_workers
 from dbmpi.runtime.comm import Tag
 from dbmpi.runtime.layout import Layout
 
@@ -44,7 +44,7 @@ class ParameterWindows:
         self.layout = layout
         self.locked = False
         n = layout.shard_size(shard) if shard is not None else 0
-        n_control = control_size(layout.n_workers) if shard is not None else 0
+        n_control = control_size(len(home_workers(layout, shard))) if shard is not None else 0
         padded = -(-n // ALIGN_VALUES) * ALIGN_VALUES
         self.params = MPI.Win.Allocate(4 * padded, 4, comm=comm)
         self.inbox = MPI.Win.Allocate(4 * padded, 4, comm=comm)

@@ -35,7 +35,7 @@ class Tag(IntEnum):
     RECORDS = 105  # every live rank's records at the end
     VERDICT = 106  # how a Sandblaster run ends
     CKPT_STATE = 201  # the acting lead's state to shard 0 (periodic checkpoints)
-    SLICE = 202  # a shard's slices to the checkpoint writer
+    SLICE = 202  # a shard's slice file record (name, range, checksums) to shard 0
     FINAL = 203  # every worker's records (and a replica's final state) to shard 0
     CKPT_ORDER = 204  # shard 0 orders the other shards to stream their slices (its step)
     CKPT_LAST = 205  # shard 0's last order: the final checkpoint's step, or False

@@ -5,13 +5,16 @@ called from the rank's own loops (every training step, every round of a shard's 
 loop, every round of a polled wait) and does MPI work at most every `interval` seconds
 (timeout / 10, clamped to 0.05-1 s):
 
-- a worker adds one to its heartbeat slot in shard 0's control window; the old value also
-  says whether shard 0 declared it failed meanwhile (FAILED_MARK);
-- a shard adds one to its own Slot.SHARD_BEAT slot;
-- every rank reads the other shards' beats: a shard silent for `train.replica_timeout_s`
-  cannot be survived (its parameters are gone), so whoever notices prints one line and
-  calls MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written
-  atomically, so the last one stays intact;
+- a worker adds one to its heartbeat slot on its home shard (dbmpi.ps.control.heartbeat_home:
+  the replicas are split into S contiguous blocks, one per shard, a replica's partitions
+  side by side); the old value also says whether that shard declared it failed meanwhile
+  (FAILED_MARK). In the same round trip it reads that shard's own beat;
+- a shard adds one to its own Slot.SHARD_BEAT slot and reads the next shard's (a ring);
+- so every shard is watched by its workers and by the shard before it, and no rank reads
+  more than one other rank per beat: a shard silent for `train.replica_timeout_s` cannot be
+  survived (its parameters are gone), so whoever notices prints one line and calls
+  MPI_Abort(ABORT_SHARD_LOST), which ends every rank; checkpoints are written atomically,
+  so the last one stays intact;
 - a shard that *dies* is seen sooner, by the ranks on its host: each knows every local
   rank's process (pid and start time, exchanged when the windows are made) and its
   watchdog thread looks at the shards' processes every 0.25 s (dbmpi.runtime.procfs). RMA on a dead
@@ -26,13 +29,20 @@ loop, every round of a polled wait) and does MPI work at most every `interval` s
   within 0.5-1.6 s. A main thread stuck in MPI (the shard died holding a window mutex)
   does not take over within SHARD_GRACE_S: the watchdog then ends its rank itself (status
   4, the line from the reporter). Shards on other hosts are noticed by their heartbeat;
-- on shard 0, the failure detector reads every worker's slot. A worker whose count has not
-  moved for the timeout gets its whole replica declared failed (a replica split into P
-  partitions cannot step without all of them): its workers count as finished on every
-  shard (Slot.WORKERS_FAILED), so the shards stop waiting for them, and the other replicas train
-  on. Shard 0 also counts workers finished (Slot.WORKERS_DONE on every shard) when it sees their
-  DONE mark, so each worker is counted exactly once, as done or as failed, whichever mark
-  landed first (both are Fetch_and_op SUM on one slot: the old value says who won).
+- on every shard, a failure detector (dbmpi.runtime.detector) reads the slots of its block
+  of workers in one operation per round. A worker whose count has not moved for the timeout
+  gets its whole replica declared failed (a replica split into P partitions cannot step
+  without all of them; all P are in the same block, so one shard decides, once): its
+  workers count as finished on every shard (Slot.WORKERS_FAILED), so the shards stop
+  waiting for them, and the other replicas train on. The shard also counts workers finished
+  (Slot.WORKERS_DONE on every shard) when it sees their DONE mark, so each worker is counted
+  exactly once, as done or as failed, whichever mark landed first (both are Fetch_and_op SUM
+  on one slot: the old value says who won; a FAILED mark that came second is taken back).
+  A round costs one read, a failure P + S + 1 atomics, whatever the number of workers W
+  (tests/test_detector.py counts them at W = 10,000). Shard 0 learns who finished and who
+  failed once, at the end, from the marks (`census()`: one read per shard); a worker asks
+  whether a replica failed (warmstart, the acting lead) with one read of that replica's
+  marks, at most once per interval.
 
 Heartbeats come from the training loops, not from a thread: a second thread making RMA
 calls next to the training loop, with per-target epochs, made MPICH 5.0.2's shards fall far
@@ -76,12 +86,14 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 from mpi4py import MPI
 
-from dbmpi.ps.control import BEATS, DONE_MARK, FAILED_MARK, Slot
+from dbmpi.ps.control import DONE_MARK, FAILED_MARK, Slot, heartbeat_home, home_workers
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime import procfs
 from dbmpi.runtime.comm import poll, stderr_line
+from dbmpi.runtime.detector import FailureDetector
 from dbmpi.runtime.layout import Layout
 
 EXIT_REPLICA_LOST = 1  # a live rank of a replica the shards declared failed
@@ -116,20 +128,22 @@ class Liveness:
         self.timeout = float(timeout_s)
         self.interval = heartbeat_interval(self.timeout)
         self.shard0 = layout.shard_rank(0)
-        self.is_detector = role.is_shard and role.shard == 0
-        self.period = min(self.interval, 0.1) if self.is_detector else self.interval
+        self.period = min(self.interval, 0.1) if role.is_shard else self.interval
         self.started = self.last_tick = self.last_beat = time.monotonic()
         self._busy = 0
         self._beating = False
         self._closed = threading.Event()
-        # Beats seen: shard rank -> (value, when it last changed); on shard 0 also per worker.
-        self._shard_beats: dict[int, tuple[int, float]] = {}
-        self._beats: dict[int, tuple[int, float]] = {}
-        # Workers known to be declared failed (every rank); on shard 0 also those done.
+        # A worker beats into its slot on its home shard; a shard watches its workers there.
+        self.home = heartbeat_home(layout, self.rank) if role.is_worker else None
+        self.detector = FailureDetector(windows.block, layout, role.shard, self.timeout, self.started) \
+            if role.is_shard and home_workers(layout, role.shard) else None
+        # The one shard this rank watches for silence: a worker its home shard, a shard the next one.
+        self.watched = self._watched_shard()
+        self._watched_beat: tuple[int, float] | None = None  # (its beat count, when it last changed)
+        # Workers known to be declared failed, and (shard 0 after `census()`) those done.
         self.failed_workers: set[int] = set()
         self.done_workers: set[int] = set()
-        self._failed_count = 0
-        self.events: list[dict] = []  # shard 0: one replica_failed record per failure
+        self._looked: dict[int, float] = {}  # replica -> when this rank last read its marks
         # The processes of the ranks on this host (collective): a shard among them that ends
         # is seen at once (_watch_loop), whatever its heartbeat says.
         self.local = procfs.host_peers(comm)
@@ -141,6 +155,8 @@ class Liveness:
     # The main thread -----------------------------------------------------------------------
     def start(self) -> Liveness:
         self.started = self.last_tick = self.last_beat = time.monotonic()
+        if self.detector is not None:
+            self.detector.started = self.started
         self._beating = True
         threading.Thread(target=self._watch_loop, name="dbmpi-watchdog", daemon=True).start()
         self.beat(force=True)
@@ -179,19 +195,21 @@ class Liveness:
             return
         if now - self.last_beat > self.timeout / 2:
             # This rank was busy: it saw nobody meanwhile, which says nothing about them.
-            self._shard_beats.clear()
-            self._beats.clear()
+            self._watched_beat = None
+            if self.detector is not None:
+                self.detector.forget()
         control = self.windows.block
         if self.role.is_shard:
             control.add(self.rank, Slot.SHARD_BEAT)
+            if self.detector is not None:
+                self.detector.round(now)
+            if self.watched is not None:
+                self._watch_shard(now, control.read(self.layout.shard_rank(self.watched), Slot.SHARD_BEAT))
         else:
-            old = control.add(self.shard0, self.windows.block.heartbeat(self.rank))
+            old, shard_beat = control.beat(self.layout.shard_rank(self.home[0]), self.home[1], Slot.SHARD_BEAT)
             if old & FAILED_MARK:
                 self.leave_released()
-            self._refresh_failed()
-        if self.is_detector:
-            self._detect(now)
-        self._watch_shards(now)
+            self._watch_shard(now, shard_beat)
         self.last_beat = time.monotonic()
 
     def stop(self) -> None:
@@ -204,12 +222,46 @@ class Liveness:
         self.stop()
         self._closed.set()
 
+    @property
+    def events(self) -> list[dict]:
+        """The replica_failed records of the replicas this shard declared failed."""
+        return self.detector.events if self.detector is not None else []
+
     def replica_failed(self, replica: int) -> bool:
-        P = self.layout.n_partitions
-        return any(self.layout.worker_rank(replica, p) in self.failed_workers for p in range(P))
+        """Whether `replica` was declared failed: its workers' marks on its home shard, read
+        in one operation at most once per heartbeat interval (a failure is for good)."""
+        layout = self.layout
+        first = layout.worker_rank(replica, 0)
+        if first in self.failed_workers:
+            return True
+        now = time.monotonic()
+        if now - self._looked.get(replica, -float("inf")) < self.interval:
+            return False
+        self._looked[replica] = now
+        home, slot = heartbeat_home(layout, first)
+        marks = self.windows.block.read_slots(layout.shard_rank(home), slot, layout.n_partitions)
+        if not (marks & FAILED_MARK).any():
+            return False
+        self.failed_workers.update(range(first, first + layout.n_partitions))
+        return True
 
     def failed_replicas(self) -> list[int]:
         return sorted({w // self.layout.n_partitions for w in self.failed_workers})
+
+    def census(self) -> None:
+        """Shard 0, once every worker is counted finished or failed: which were which, read
+        from their marks on every shard (one operation per shard). A worker whose DONE mark
+        landed first has no FAILED mark (its shard took it back)."""
+        layout, block = self.layout, self.windows.block
+        for k in range(layout.n_shards):
+            workers = home_workers(layout, k)
+            if not workers:
+                continue
+            marks = block.read_slots(layout.shard_rank(k), Slot.HEARTBEATS, len(workers))
+            failed = (marks & FAILED_MARK) != 0
+            ranks = np.arange(workers.start, workers.stop)
+            self.failed_workers.update(ranks[failed].tolist())
+            self.done_workers.update(ranks[((marks & DONE_MARK) != 0) & ~failed].tolist())
 
     def wait(self, done, low: float = 5e-5, high: float = 0.05, limit_s: float | None = None) -> bool:
         """Poll `done()` with exponential back-off (no spinning: ranks share cores),
@@ -247,28 +299,23 @@ class Liveness:
         leave(EXIT_REPLICA_LOST)
 
     # Checks ----------------------------------------------------------------------------------
-    def _refresh_failed(self) -> None:
-        """Learn which workers shard 0 declared failed (read when their count changes)."""
-        control = self.windows.block
-        count = control.read(self.shard0, Slot.WORKERS_FAILED)
-        if count == self._failed_count:
-            return
-        for w in range(self.layout.n_workers):
-            if control.read(self.shard0, self.windows.block.heartbeat(w)) & FAILED_MARK:
-                self.failed_workers.add(w)
-        self._failed_count = count
+    def _watched_shard(self) -> int | None:
+        """The shard whose silence this rank watches for: a worker's home shard, the next
+        shard in a ring for a shard (none when it is the only one). Every shard is watched
+        by another shard and by its own workers, and no rank watches more than one."""
+        if self.role.is_worker:
+            return self.home[0]
+        S = self.layout.n_shards
+        return (self.role.shard + 1) % S if S > 1 else None
 
-    def _watch_shards(self, now: float) -> None:
-        for k, rank in enumerate(self.layout.shard_ranks):
-            if rank == self.rank:
-                continue
-            value = self.windows.block.read(rank, Slot.SHARD_BEAT)
-            seen = self._shard_beats.get(rank)
-            if seen is None or seen[0] != value:
-                self._shard_beats[rank] = (value, now)
-            elif now - seen[1] > self.timeout:
-                self.shard_lost(k, f"sent no heartbeat for {now - seen[1]:.1f} s "
-                                   f"(train.replica_timeout_s = {self.timeout:g})")
+    def _watch_shard(self, now: float, value: int) -> None:
+        """The watched shard's beat count is `value`: a shard silent for the timeout is lost."""
+        seen = self._watched_beat
+        if seen is None or seen[0] != value:
+            self._watched_beat = (value, now)
+        elif now - seen[1] > self.timeout:
+            self.shard_lost(self.watched, f"sent no heartbeat for {now - seen[1]:.1f} s "
+                                          f"(train.replica_timeout_s = {self.timeout:g})")
 
     def shard_lost(self, shard: int, what: str) -> None:
         """A shard is gone: its parameters cannot be recovered, so the whole job ends. When
@@ -312,62 +359,6 @@ class Liveness:
             self._run_ending = True
             return
         self.shard_lost(self.dead_shard[0], "")
-
-    def _detect(self, now: float) -> None:
-        """Shard 0: count finished workers, declare silent ones' replicas failed."""
-        control, layout = self.windows.block, self.layout
-        for w in range(layout.n_workers):
-            if w in self.done_workers or w in self.failed_workers:
-                continue
-            value = control.read(self.rank, self.windows.block.heartbeat(w))
-            if value & DONE_MARK:
-                self._count(w, Slot.WORKERS_DONE)
-                continue
-            beats = value & BEATS
-            seen = self._beats.get(w)
-            if seen is None or seen[0] != beats:
-                self._beats[w] = (beats, now)
-            elif now - seen[1] > self.timeout:
-                self._declare(w, now)
-
-    def _count(self, worker: int, slot: int) -> None:
-        (self.done_workers if slot == Slot.WORKERS_DONE else self.failed_workers).add(worker)
-        for rank in self.layout.shard_ranks:
-            self.windows.block.add(rank, slot)
-
-    def _declare(self, silent_worker: int, now: float) -> None:
-        """Declare the silent worker's replica failed: each of its workers that has not
-        finished (its DONE mark not in yet) is counted failed instead. The partitions of a
-        replica whose partner died fall silent too (they wait in a collective), so which of
-        them died cannot be told from here: the record lists every silent one."""
-        layout = self.layout
-        replica = layout.role(silent_worker).replica
-        ranks = [layout.worker_rank(replica, p) for p in range(layout.n_partitions)]
-        silent = {w: now - self._beats[w][1] for w in ranks
-                  if w in self._beats and now - self._beats[w][1] > self.timeout / 2}
-        declared = []
-        for p in range(layout.n_partitions):
-            w = layout.worker_rank(replica, p)
-            if w in self.done_workers or w in self.failed_workers:
-                continue
-            old = self.windows.block.add(self.rank, self.windows.block.heartbeat(w), FAILED_MARK)
-            if old & DONE_MARK:  # it finished just now: done, not failed
-                self._count(w, Slot.WORKERS_DONE)
-            else:
-                self._count(w, Slot.WORKERS_FAILED)
-                declared.append(w)
-        if not declared:
-            return
-        elapsed = now - self.started
-        silent_s = max(silent.values())
-        self.events.append({"kind": "replica_failed", "replica": replica, "ranks": declared,
-                            "silent_ranks": sorted(silent), "silent_s": round(silent_s, 2),
-                            "detected_s": round(elapsed, 2), "detected_unix": round(time.time(), 3),
-                            "detected_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        who = "rank" + ("s " if len(silent) > 1 else " ") + ", ".join(map(str, sorted(silent)))
-        live = layout.n_replicas - len(self.failed_replicas())
-        stderr_line(f"dbmpi: replica {replica} failed (no heartbeat from {who} for {silent_s:.1f} s) "
-                    f"{elapsed:.1f} s into the run; {live} replica(s) train on")
 
     # The watchdog thread (no MPI) --------------------------------------------------------------
     def _watch_loop(self) -> None:

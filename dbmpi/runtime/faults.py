@@ -11,6 +11,8 @@ variables inject nothing. The table of hooks is in CONTRIBUTING.md:
   tests do not depend on the machine's load.
 - DBMPI_DIE_AFTER_PUSH="REPLICA:N": that Sandblaster replica's ranks are SIGKILLed right
   after their N-th push lands, before it is reported.
+- DBMPI_STEP_SLEEP=SECONDS: every Downpour worker sleeps that long per step beside its
+  (tiny) compute, so dozens of replicas share two cores as if each had its own machine.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Faults:
     slow: tuple[int, float] | None = None  # (replica, factor)
     portion_delay_s: float = 0.0
     die_after_push: tuple[int, int] | None = None  # (replica, pushes)
+    step_sleep_s: float = 0.0
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] = os.environ) -> Faults:
@@ -42,7 +45,8 @@ class Faults:
         return cls(fail_at=None if fail_at is None else (fail_at[0], int(fail_at[1])),
                    slow=None if slow is None else (slow[0], float(slow[1])),
                    portion_delay_s=float(env.get("DBMPI_PORTION_DELAY", "0") or 0),
-                   die_after_push=None if die is None else (die[0], int(die[1])))
+                   die_after_push=None if die is None else (die[0], int(die[1])),
+                   step_sleep_s=float(env.get("DBMPI_STEP_SLEEP", "0") or 0))
 
     def fail_step(self, rank: int) -> int | None:
         """The step at which worker `rank` must raise, if any."""

@@ -1,6 +1,6 @@
 """Downpour's run protocol, the MPI side: the control block slots on shard 0 that a run uses
 besides the parameter server's own (dbmpi.ps.control.Slot: STOPS, WARMED, CHECKPOINTS,
-VERDICT, RELEASED and each worker's DONE mark) and the point-to-point messages of its end
+VERDICT, RELEASED; and each worker's DONE mark, on its home shard) and the point-to-point messages of its end
 (Tag.CKPT_STATE, Tag.FINAL, Tag.OUTCOME).
 
 - `ReplicaControl`: a worker's side, the `control` of dbmpi.algorithms.replica.ReplicaLoop.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.ps.control import DONE_MARK, FAILED_MARK, Slot
+from dbmpi.ps.control import DONE_MARK, FAILED_MARK, Slot, heartbeat_home
 from dbmpi.runtime.comm import Tag, send
 
 STOP_LOOK_S = 0.05  # a worker looks for a relayed stop at most this often (a round trip to shard 0)
@@ -66,7 +66,8 @@ class ReplicaControl:
         flushed and counted before), the DONE mark counts this worker finished. True if shard 0
         had declared it failed meanwhile (it no longer counts this worker)."""
         send(self.topo.world, final, self.shard0, Tag.FINAL, self.liveness.wait)
-        old = self.block.add(self.shard0, self.block.heartbeat(self.topo.rank), DONE_MARK)
+        home, slot = heartbeat_home(self.topo.layout, self.topo.rank)
+        old = self.block.add(self.topo.layout.shard_rank(home), slot, DONE_MARK)
         return bool(old & FAILED_MARK)
 
 

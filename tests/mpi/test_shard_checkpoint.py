@@ -1,9 +1,14 @@
-"""A Downpour checkpoint under load: the shards keep applying pushes while it is written,
-and the file holds each shard's slice exactly as it was at that shard's snapshot."""
+"""Shard checkpoints under MPI: a Downpour checkpoint under load (the shards keep applying
+pushes while their slice files are written, and the checkpoint holds each shard's slice
+exactly as it was at that shard's snapshot); a resume where each shard verifies its own
+range."""
 import time
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from dbmpi.algorithms.optimizers import SGD
 from dbmpi.io.checkpoint import open_checkpoint
@@ -108,3 +113,65 @@ def test_shards_apply_pushes_while_a_checkpoint_is_written_and_it_holds_their_sn
     assert 4 <= versions[0] <= 7 and versions[1] == total == 7
     for k, (lo, hi) in enumerate(layout.shard_ranges):  # SGD at rate 1 on ones: -version
         np.testing.assert_array_equal(params[lo:hi], np.full(hi - lo, -versions[k], np.float32))
+
+
+def write_two_checkpoints(comm, network, directory):
+    """Checkpoints at steps 10 and 20 written by the first two ranks as shards (S = 2, the
+    Sandblaster way: BlockingProgress); params + 10 * step, Adagrad = step."""
+    layout = Layout(network.n_params, 2, 1)
+    if comm.rank < 2:
+        files = ShardCheckpoints(comm.Split(0, comm.rank), [0, 1], layout.shard_ranges, network.tensors,
+                                 directory, 5)
+        lo, hi = layout.shard_ranges[comm.rank]
+        for step in (10, 20):
+            files.write([("params", network.params[lo:hi] + 10 * step),
+                         ("adagrad/accum", np.full(hi - lo, step, np.float32))],
+                        step=step, algorithm="downpour", config_text="", state={"step": step})
+        files.comm.Free()
+    else:
+        comm.Split(MPI.UNDEFINED, comm.rank)
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+def test_each_shard_verifies_its_own_range_and_a_bad_slice_is_one_line_on_every_rank(tmp_path):
+    """S = 2 checkpoints resumed with S = 3 (3 shards + 1 worker): every shard hashes the
+    slices of its range; shard 1's old slice corrupted: `--resume PATH` raises the same
+    CheckpointError on every rank, `--resume auto` falls back to the older checkpoint with
+    one line from the root, and the shards read their ranges from it."""
+    from dbmpi.algorithms.run import resume_verified
+    from dbmpi.io.checkpoint import CheckpointError, checkpoint_name
+    from dbmpi.model import Network
+    from tests.models import LOCAL_DENSE
+
+    comm = sub_world(4)
+    if comm is None:
+        return
+    run = Path(comm.bcast(str(tmp_path), root=0)) / "run"
+    network = Network.from_string(LOCAL_DENSE)
+    write_two_checkpoints(comm, network, run / "checkpoints")
+    newest = run / "checkpoints" / checkpoint_name(20)
+    layout = Layout(network.n_params, 3, 1)
+    said = []
+    resumed = resume_verified(comm, "auto", run, network, layout, 0, said.append)
+    assert resumed["step"] == 20 and not said
+    if comm.rank == 0:
+        with open_checkpoint(newest, verify=False) as ckpt:
+            with h5py.File(ckpt.slice_path(ckpt.slices[1]), "r+") as f:
+                f["params"][0] += 1.0
+    comm.Barrier()
+    with pytest.raises(CheckpointError) as error:
+        resume_verified(comm, str(newest), run, network, layout, 0, said.append)
+    lines = comm.allgather(str(error.value))
+    assert len(set(lines)) == 1 and "checksum mismatch in slice file" in lines[0] and "slice-00001-of-00002" in lines[0]
+    resumed = resume_verified(comm, "auto", run, network, layout, 0, said.append)
+    assert resumed["step"] == 10
+    assert len(said) == (comm.rank == 0) and all("resuming from an older checkpoint" in s for s in said)
+    role = layout.role(comm.rank)
+    if role.is_shard:
+        lo, hi = layout.shard_ranges[role.shard]
+        with open_checkpoint(resumed["path"], verify=False) as ckpt:
+            np.testing.assert_array_equal(ckpt.read_range("params", lo, hi), network.params[lo:hi] + 100)
+            np.testing.assert_array_equal(ckpt.read_range("adagrad/accum", lo, hi), np.full(hi - lo, 10, np.float32))
+    comm.Free()
