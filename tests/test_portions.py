@@ -8,10 +8,24 @@ when backups are on.
 """
 import heapq
 import itertools
+import sys
 
+import numpy as np
 import pytest
 
-from dbmpi.algorithms.portions import PortionScheduler, cut
+from dbmpi.algorithms import portions
+from dbmpi.algorithms.portions import (
+    MAX_BACKUPS,
+    REPLY_FIELDS,
+    REQUEST_FIELDS,
+    STOPPED,
+    Order,
+    PortionScheduler,
+    Reply,
+    cut,
+    decode_request,
+    encode_request,
+)
 
 FAIL = -1  # an event that is the coordinator declaring a replica failed
 
@@ -47,7 +61,7 @@ def simulate(n_examples=1000, portion=25, speeds=(1.0, 1.0, 1.0), push_every=3, 
             if reply.commit:
                 accumulator[replica].append(pending[replica])
             if reply.flush:
-                flushed = {"portions": list(accumulator[replica]), "loss": 0.0}
+                flushed = {"portions": len(accumulator[replica]), "loss": 0.0}
                 counted.extend(accumulator[replica])
                 accumulator[replica] = []
                 continue
@@ -124,16 +138,16 @@ def test_revoked_commits_are_recomputed_not_lost():
     assert sorted({a, b, c, d}) == [0, 1, 2, 3]
     reply = s.handle(1, done=d)  # no free portion left: replica 1 must flush first
     assert reply.commit and reply.flush and reply.portion is None
-    reply = s.handle(1, flushed={"portions": [b, d], "loss": 0.5})
+    reply = s.handle(1, flushed={"portions": 2, "loss": 0.5})
     assert reply.portion[0] == c and reply.backup  # c is outstanding at replica 0
     reply = s.handle(1, done=c)
     assert reply.commit and reply.flush
-    reply = s.handle(1, flushed={"portions": [c], "loss": 0.25})
+    reply = s.handle(1, flushed={"portions": 1, "loss": 0.25})
     # Only a is missing, committed at replica 0, which is busy with c: revoked and re-issued.
     assert reply is not None and reply.portion[0] == a and s.stats.revoked == 1
     reply = s.handle(1, done=a)
     assert reply.commit and reply.flush
-    s.handle(1, flushed={"portions": [a], "loss": 0.25})
+    s.handle(1, flushed={"portions": 1, "loss": 0.25})
     assert s.complete and s.stats.examples == 40 and s.stats.loss == pytest.approx(1.0)
     assert s.stats.backups_won == 1
     # The slow replica comes back: c is a duplicate and its accumulator (a) is void.
@@ -193,7 +207,8 @@ def test_a_replica_dying_between_its_flush_and_its_report_spoils_the_sums():
         s.handle(0)
     # Replica 1 dies while computing: its portion goes back, the sums are intact.
     assert s.fail(1) is True
-    assert s._free() == [0, 1, 2] and s.stats.reissued == 2
+    assert [i for i, st in enumerate(s.state) if st == "free"] == [0, 1, 2] and s.free.count == 3
+    assert s.stats.reissued == 2
     # A new batch that knows of the failures gives them nothing and counts on the rest.
     t = PortionScheduler(cut(0, 30, 10), 3, push_every=1, failed=[0, 1])
     assert t.failed == {0, 1} and t.handle(2).portion is not None
@@ -213,3 +228,166 @@ def test_silence_takes_a_replica_that_owes_a_message_too_long_for_dead():
     assert watch.live == [0, 1] and watch.overdue(16.0) == [(1, 11.0)]
     watch.asked(2, now=16.0)  # a failed replica is never waited for again
     assert watch.overdue(100.0) == [(1, 95.0)]
+
+
+# At scale: 2,000 virtual replicas --------------------------------------------------------
+class VirtualBatch:
+    """One batch of `n_portions` through `n_replicas` simulated replicas in virtual time, as
+    the coordinator serves them (dbmpi.algorithms.sandblaster.ShardSpace): each message is
+    handled, then parked replicas are offered work until one is refused. Portion i costs
+    `durations[i] / speed` of the replica computing it; a flush costs nothing. Records what
+    each replica accrued and flushed, the verdicts on cancelled copies, and the late copies
+    each portion got while it was out."""
+
+    def __init__(self, n_replicas, n_portions, speeds, durations, push_every=4):
+        self.scheduler = PortionScheduler(cut(0, n_portions, 1), n_replicas, push_every)
+        self.speeds, self.durations = speeds, durations
+        self.accrued = {r: [] for r in range(n_replicas)}
+        self.computing: dict[int, int] = {}
+        self.counted: list[int] = []
+        self.parked: set[int] = set()
+        self.late_copies = [0] * n_portions
+        self.cancelled_reports = 0  # reports of a copy cancelled meanwhile: all refused
+        self.events = [(0.0, r, None) for r in range(n_replicas)]
+        self.now = 0.0
+
+    def run(self) -> float:
+        """The batch's virtual duration."""
+        heapq.heapify(self.events)
+        while not self.scheduler.complete:
+            self.now, replica, done = heapq.heappop(self.events)
+            self.serve(replica, done)
+            while self.parked:  # as ShardSpace._wake_parked
+                other = self.parked.pop()
+                if not self.serve(other, None):
+                    break
+        return self.now
+
+    def serve(self, replica, done) -> bool:
+        """The replica's requests until it computes or is parked; False if parked at once."""
+        flushed = None
+        while True:
+            was_cancelled = done is not None and self.scheduler.cancelled.get(replica) == done
+            reply = self.scheduler.handle(replica, done, flushed)
+            if was_cancelled:
+                assert reply.commit is False  # a cancelled copy never counts
+                self.cancelled_reports += 1
+            done, flushed = None, None
+            if reply is None:
+                self.parked.add(replica)
+                return False
+            if reply.discard:
+                self.accrued[replica] = []
+            if reply.commit:
+                self.accrued[replica].append(self.computing[replica])
+            if reply.flush:
+                flushed = {"portions": len(self.accrued[replica]), "loss": 0.0}
+                self.counted.extend(self.accrued[replica])
+                self.accrued[replica] = []
+                continue
+            if reply.portion is None:
+                continue
+            index = reply.portion[0]
+            self.late_copies[index] = self.late_copies[index] + 1 if reply.backup else 0
+            assert self.late_copies[index] <= MAX_BACKUPS
+            self.computing[replica] = index
+            heapq.heappush(self.events, (self.now + self.durations[index] / self.speeds[replica], replica, index))
+            return True
+
+
+def straggling_batch(n_replicas, portions_per_replica=10, stragglers=5, seed=0):
+    """Portions of random cost (uniform in [0.5, 1.5], mean 1), `stragglers` replicas 10x slow."""
+    rng = np.random.default_rng(seed)
+    n_portions = n_replicas * portions_per_replica
+    speeds = np.ones(n_replicas)
+    speeds[rng.choice(n_replicas, stragglers, replace=False)] = 0.1
+    durations = rng.uniform(0.5, 1.5, n_portions)
+    return VirtualBatch(n_replicas, n_portions, speeds.tolist(), durations.tolist()), float(durations.sum())
+
+
+def scheduler_lines(batch: VirtualBatch) -> int:
+    """Lines of dbmpi/algorithms/portions.py executed while the batch runs: the scheduler's
+    operations, Python loops included (a scan over the portions or replicas per request
+    shows up as lines per portion growing with the batch)."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == portions.__file__ else None
+
+    sys.settrace(calls)
+    try:
+        batch.run()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_the_scheduler_costs_the_same_per_portion_at_200_and_2000_replicas():
+    """Lines of scheduler code per portion, 10 portions per replica: the same (within 25%)
+    at 200 replicas / 2,000 portions and 2,000 / 20,000. The scheduler before issue 14
+    scanned the portions per request: 460 lines per portion at 20 / 200, 3,946 at 200 / 2,000."""
+    per_portion = []
+    for n_replicas in (200, 2000):
+        batch, _ = straggling_batch(n_replicas)
+        lines = scheduler_lines(batch)
+        assert batch.scheduler.complete
+        per_portion.append(lines / len(batch.scheduler.portions))
+    assert per_portion[1] <= 1.25 * per_portion[0], per_portion
+    assert per_portion[1] < 400, per_portion  # a few requests per portion, tens of lines each
+
+
+def test_2000_replicas_with_stragglers_finish_near_the_straggler_floor():
+    """2,000 replicas, 20,000 portions of random cost (mean 1), 5 replicas 10x slower. The
+    floor is the batch's work over the replicas' capacity: ideal x R / (R - 0.9 k), with
+    ideal = work / R (every replica at full speed) and k = 5 replicas that each lose 0.9 of
+    theirs (R / (R - 0.9) for one). No scheduler beats it; the last portions, each up to
+    1.5 units, keep any from reaching it exactly. Every portion counts once, no portion
+    has more than MAX_BACKUPS late copies out, and every cancelled copy reported is refused."""
+    n_replicas, stragglers = 2000, 5
+    batch, work = straggling_batch(n_replicas, stragglers=stragglers)
+    elapsed = batch.run()
+    ideal = work / n_replicas
+    floor = ideal * n_replicas / (n_replicas - 0.9 * stragglers)
+    assert elapsed <= 1.25 * floor, (elapsed, floor)
+    stats = batch.scheduler.stats
+    assert sorted(batch.counted) == list(range(len(batch.scheduler.portions)))
+    assert stats.examples == len(batch.scheduler.portions)
+    assert stats.backups_won >= 1 and stats.backups_cancelled >= 1
+    # A cancelled copy is refused when reported, or still computing when the batch ends.
+    assert batch.cancelled_reports + len(batch.scheduler.cancelled) == stats.backups_cancelled
+    assert stats.backups_issued <= MAX_BACKUPS * len(batch.scheduler.portions)
+
+
+def test_requests_and_replies_round_trip_through_fixed_size_int64_buffers():
+    out = np.zeros(REQUEST_FIELDS, np.int64)
+    flushed = {"portions": 3, "loss": 0.1 + 0.2, "nonfinite": 7}
+    assert decode_request(encode_request(out, 5, 9, None, flushed, True)) == {
+        "replica": 5, "evaluation": 9, "done": None, "flushed": flushed, "signal": True}
+    assert decode_request(encode_request(out, 0, 1, 0, None, False))["done"] == 0  # portion 0 is not "none"
+    order = Order.of(Reply(commit=False, discard=True, portion=(7, 70, 80)), evaluation=4, n=1000)
+    fields = np.array(order, np.int64)
+    assert fields.shape == (REPLY_FIELDS,) and Order(*fields.tolist()) == order
+    assert (order.commit, order.discard, order.index, order.begin, order.end) == (0, 1, 7, 70, 80)
+    assert Order.of(Reply(flush=True), 4, 1000).index == -1 and Order.stopped().stop == STOPPED
+
+
+def test_a_portion_gets_at_most_two_late_copies_and_the_others_are_cancelled_when_one_commits():
+    s = PortionScheduler(cut(0, 10, 10), 4, push_every=1)  # one portion, four replicas
+    assert s.handle(0).portion[0] == 0
+    first, second = s.handle(1), s.handle(2)
+    assert first.backup and second.backup and first.portion[0] == second.portion[0] == 0
+    assert s.handle(3) is None  # a third late copy is never issued: parked
+    reply = s.handle(2, done=0)  # the second backup finishes first
+    assert reply.commit is True and reply.flush
+    assert s.cancelled == {0: 0, 1: 0} and s.stats.backups_cancelled == 2 and s.stats.backups_won == 1
+    assert s.handle(0, done=0).commit is False  # the original, cancelled: told no, never counted
+    s.handle(2, flushed={"portions": 1, "loss": 0.5})
+    assert s.complete and s.stats.examples == 10 and s.stats.committed_by == {2: 1}
+    assert s.handle(1, done=0).commit is False and s.stats.duplicates_rejected == 2
+    with pytest.raises(ValueError, match="reported a flush of 3 portions"):
+        s.handle(3, flushed={"portions": 3, "loss": 0.0})

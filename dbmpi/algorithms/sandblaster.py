@@ -47,7 +47,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -55,7 +54,19 @@ from dbmpi import data as datasets
 from dbmpi import kernels
 from dbmpi.algorithms.coordinator import Coordinator
 from dbmpi.algorithms.lbfgs import X, vector_names
-from dbmpi.algorithms.portions import BatchStats, PortionScheduler, Reply, Silence, cut
+from dbmpi.algorithms.portions import (
+    DISMISSED,
+    REPLY_FIELDS,
+    REQUEST_FIELDS,
+    BatchStats,
+    Order,
+    PortionScheduler,
+    Reply,
+    Silence,
+    cut,
+    decode_request,
+    encode_request,
+)
 from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.io.checkpoint import open_checkpoint
@@ -85,11 +96,7 @@ from dbmpi.runtime.portion_channel import ANY_SOURCE, CoordinatorChannel, Partit
 from dbmpi.runtime.topology import Topology
 from dbmpi.runtime.vitalwatch import VitalWatch
 
-STOPPED, DISMISSED = 1, 2  # a stop reply's first field: the run is over / declared failed
 ABORT_PARTITIONS_LEFT = 7  # MPI_Abort code ending a failed run whose replicas have P > 1 partitions
-# A reply within a replica, as int64s: stop, discard, commit, flush, index, start, stop,
-# evaluation, n, test (evaluate the published point on the test set)
-REPLY_FIELDS = 10
 
 
 # The coordinator ----------------------------------------------------------------------------
@@ -99,7 +106,7 @@ class ShardSpace:
 
     def __init__(self, topo: Topology, layout: Layout, batches: list[tuple[int, int]], tcfg: dict):
         self.shards = ShardCommands(topo.control, vector_names(tcfg["history"]))
-        self.ranks = CoordinatorChannel(topo.world)
+        self.ranks = CoordinatorChannel(topo.world, REQUEST_FIELDS, REPLY_FIELDS)
         self.layout = layout
         self.batches = batches
         self.batch = 0  # which batch evaluations use now
@@ -190,7 +197,7 @@ class ShardSpace:
         self.stats_log.append({
             "evaluation": self.evaluation, "batch": self.batch, "examples": s.examples, "portions": s.portions,
             "portions_by_replica": [s.committed_by.get(r, 0) for r in range(self.layout.n_replicas)],
-            "backups_issued": s.backups_issued, "backups_won": s.backups_won,
+            "backups_issued": s.backups_issued, "backups_won": s.backups_won, "backups_cancelled": s.backups_cancelled,
             "duplicates_rejected": s.duplicates_rejected, "revoked": s.revoked, "reissued": s.reissued,
             "seconds": seconds})
 
@@ -240,19 +247,21 @@ class ShardSpace:
         self._wake_parked(scheduler, n)  # work may have appeared (revoked commits)
 
     def _wake_parked(self, scheduler: PortionScheduler, n: int) -> None:
-        for replica in sorted(self.parked):
+        """Offer work to parked replicas until one is refused: they hold nothing, so the
+        others would be refused too (one refusal per message once the batch runs dry)."""
+        while self.parked:
+            replica = self.parked.pop()
             reply = scheduler.handle(replica)
-            if reply is not None:
-                self._reply(replica, reply, n)
+            self._reply(replica, reply, n)
+            if reply is None:
+                return
 
     def _reply(self, replica: int, reply: Reply | None, n: int) -> None:
         if reply is None:
             self.parked.add(replica)
             return
         self.parked.discard(replica)
-        message = reply.as_message(self.batch)
-        message.update(evaluation=self.evaluation, n=n, stop=False)
-        self.ranks.reply(self.leads[replica], message)
+        self.ranks.reply(self.leads[replica], Order.of(reply, self.evaluation, n))
         self.silence.asked(replica, time.monotonic())
 
     def _stash(self, message: dict) -> None:
@@ -286,7 +295,11 @@ class ShardSpace:
         """A message with `tag` from `source` if one is in. A failed replica's messages are
         not passed on: its requests are answered with its dismissal, and one reporting a
         flush spoils the inboxes (it was silent too long, not dead, and pushed)."""
-        found = self.ranks.receive(tag, source)
+        if tag == Tag.REQUEST:  # fixed-size, on the preposted receives
+            found = self.ranks.request()
+            found = None if found is None else (found[0], decode_request(found[1]))
+        else:
+            found = self.ranks.receive(tag, source)
         if found is None:
             return None
         sender, message = found
@@ -307,7 +320,7 @@ class ShardSpace:
         """Tell a replica declared failed to leave, in reply to its next request."""
         if replica not in self.dismissed:
             self.dismissed.add(replica)
-            self.ranks.reply_unwaited(self.leads[replica], {"stop": True, "dismissed": True})  # it may be dead
+            self.ranks.reply_unwaited(self.leads[replica], Order.stopped(DISMISSED))  # it may be dead
 
     def _declare(self, replica: int, silent_s: float) -> None:
         """A replica that owed a message for `train.replica_timeout_s` is failed: the
@@ -348,9 +361,7 @@ class ShardSpace:
             # the next evaluation would.
             discard = self.stashed.pop(chosen, None) is not None
             self.parked.discard(chosen)
-            self.ranks.reply(self.leads[chosen], {"stop": False, "test": True, "discard": discard, "commit": False,
-                                                  "flush": False, "portion": None, "evaluation": self.evaluation,
-                                                  "n": 1})
+            self.ranks.reply(self.leads[chosen], Order.tested(self.evaluation, discard))
             self.silence.asked(chosen, time.monotonic())
             while result is None and chosen not in self.silence.failed:
                 result = self._receive(tag=Tag.RESULT, source=self.leads[chosen])
@@ -371,12 +382,12 @@ class ShardSpace:
             if message is not None:
                 self._stop(message["replica"])
                 waiting.discard(message["replica"])
-            waiting &= set(self.silence.live)
+            waiting -= self.silence.failed
         for replica in sorted(self.silence.failed):
             self._dismiss(replica)
 
     def _stop(self, replica: int) -> None:
-        self.ranks.reply(self.leads[replica], {"stop": True})
+        self.ranks.reply(self.leads[replica], Order.stopped())
         self.silence.asked(replica, time.monotonic())  # it owes its records now
 
     def records(self, before_verdict: Callable[[], None] = lambda: None) -> list[list[dict]]:
@@ -406,38 +417,11 @@ class ShardSpace:
 
 
 # Replicas -----------------------------------------------------------------------------------
-def _encode(message: dict) -> np.ndarray:
-    out = np.zeros(REPLY_FIELDS, np.int64)
-    if message.get("stop"):
-        out[0] = DISMISSED if message.get("dismissed") else STOPPED
-        return out
-    portion = message["portion"] or (-1, 0, 0)
-    out[1:] = [message["discard"], 1 if message["commit"] else 0, message["flush"],
-               portion[0], portion[1], portion[2], message["evaluation"], message["n"],
-               1 if message.get("test") else 0]
-    return out
-
-
 def _leave_dismissed(topo: Topology) -> None:
     role = topo.role
     stderr_line(f"dbmpi: rank {topo.rank} (replica {role.replica}, partition {role.partition}): the coordinator "
                 f"declared replica {role.replica} failed; this rank leaves, the others go on")
     leave(EXIT_REPLICA_LOST)
-
-
-class Order(NamedTuple):
-    """A reply within a replica (`_encode`): what to do next."""
-
-    stop: int  # 0, STOPPED or DISMISSED
-    discard: int  # drop the accrual (its commits were revoked)
-    commit: int  # the portion just reported counts
-    flush: int  # push the accrual and report it
-    index: int  # the portion to compute (-1: none)
-    begin: int  # its examples [begin, end)
-    end: int
-    evaluation: int
-    n: int  # the batch's examples
-    test: int  # evaluate the published point on the test set
 
 
 class Accrual:
@@ -478,6 +462,7 @@ class Replica:
         self.computed, self.busy = 0, 0.0
         self.coordinator = RankChannel(self.topo.world, self.layout.coordinator_rank)
         self.partitions = PartitionRelay(self.topo.replica) if self.layout.n_partitions > 1 else None
+        self.request = np.zeros(REQUEST_FIELDS, np.int64)
         self.reply = np.zeros(REPLY_FIELDS, np.int64)
         self.signalled = False  # a stop signal on any partition, shared at flushes
         self.test_data = None
@@ -499,12 +484,12 @@ class Replica:
         """The lead reports what it did and waits for the reply; the other partitions get
         it from the lead (point to point: polled nonblocking collectives are slow)."""
         if self.lead:
-            self.reply[:] = _encode(self.coordinator.ask(
-                {"replica": self.replica, "evaluation": self.done_evaluation, "done": self.done,
-                 "flushed": self.flushed, "signal": self.signalled or self.signals.requested}))
+            encode_request(self.request, self.replica, self.done_evaluation, self.done, self.flushed,
+                           self.signalled or self.signals.requested)
+            self.coordinator.ask(self.request, self.reply)
         if self.partitions is not None:
             self.partitions.share(self.reply)
-        return Order(*(int(v) for v in self.reply))
+        return Order(*self.reply.tolist())
 
     def follow(self, order: Order, dataset) -> bool:
         """Do what `order` says; False once told to stop."""
@@ -544,7 +529,7 @@ class Replica:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.partitions is not None:  # every partition's share has landed
             self.signalled = self.partitions.any_signalled(self.signals.requested)
-        self.flushed = {"portions": accrual.portions, "loss": accrual.loss, "nonfinite": accrual.nonfinite}
+        self.flushed = {"portions": len(accrual.portions), "loss": accrual.loss, "nonfinite": accrual.nonfinite}
         accrual.clear()
 
     def compute(self, order: Order, dataset) -> None:
@@ -600,6 +585,7 @@ def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
     coordinator = Coordinator(ctx.cfg, space, ctx.layout, ctx.run_dir, say, stop=ctx.stop,
                               n_params=ctx.network.n_params, resumed=ctx.resumed, set_aside=set_aside)
     summary = coordinator.run(before_verdict=watch.stop)
+    space.ranks.close()  # no more requests to serve
     if summary["failed_replicas"]:
         _leave_after_failure(summary, ctx.layout, ctx.topo, say)
     return summary

@@ -1,8 +1,9 @@
 """Sandblaster's point-to-point messages between the coordinator and the other ranks, and
 within a replica, so dbmpi.algorithms.sandblaster never touches MPI itself.
 
-- `CoordinatorChannel`: the coordinator's end (over `world`): replies to the replicas'
-  leads, the end-of-run verdicts, a probe for the next message with a tag.
+- `CoordinatorChannel`: the coordinator's end (over `world`): the replicas' requests (fixed-size
+  int64 buffers on preposted receives) and the replies to their leads, the end-of-run
+  verdicts, a probe for the next pickled message with a tag (results, records).
 - `RankChannel`: a worker's or a shard's end (over `world`): a replica lead's requests and
   test results, every rank's records and the verdict that answers them.
 - `PartitionRelay`: within a replica (over `topo.replica`): the lead passes each reply on to
@@ -21,27 +22,58 @@ ANY_SOURCE = MPI.ANY_SOURCE
 
 
 class CoordinatorChannel:
-    """The coordinator's messages to and from the other ranks."""
+    """The coordinator's messages to and from the other ranks. Requests and replies are
+    fixed-size int64 buffers (their fields: dbmpi.algorithms.portions): a ring of `ring`
+    receives from any source stays posted, so a request lands without a probe or a pickle,
+    and is taken in the order MPI matched it (the oldest posted receive matches first)."""
 
-    def __init__(self, world: MPI.Intracomm):
+    def __init__(self, world: MPI.Intracomm, request_fields: int, reply_fields: int, ring: int = 16):
         self.world = world
-        # Replies sent to ranks that may be dead: never waited for, so kept, not freed.
-        self.unwaited: list[MPI.Request] = []
+        self.requests = np.zeros((ring, request_fields), np.int64)
+        self.posted = [self._post(slot) for slot in range(ring)]
+        self.head = 0  # the slot posted first
+        self.status = MPI.Status()
+        self.outgoing = np.zeros(reply_fields, np.int64)
+        # Replies sent to ranks that may be dead: never waited for, so kept (with their buffers).
+        self.unwaited: list[tuple[MPI.Request, np.ndarray]] = []
 
-    def reply(self, rank: int, message: dict) -> None:
-        """A reply to a replica lead's request (work, a test, stop)."""
-        self.world.send(message, dest=rank, tag=Tag.REPLY)
+    def _post(self, slot: int) -> MPI.Request:
+        return self.world.Irecv(self.requests[slot], source=ANY_SOURCE, tag=Tag.REQUEST)
 
-    def reply_unwaited(self, rank: int, message: dict) -> None:
+    def request(self) -> tuple[int, np.ndarray] | None:
+        """(sender, fields) of the next request if one is in; its slot is posted again."""
+        slot = self.head
+        if not self.posted[slot].Test(self.status):
+            return None
+        fields = self.requests[slot].copy()
+        self.posted[slot] = self._post(slot)
+        self.head = (slot + 1) % len(self.posted)
+        return self.status.Get_source(), fields
+
+    def reply(self, rank: int, fields) -> None:
+        """A reply (REPLY_FIELDS integers) to a replica lead's request: work, a test, stop."""
+        self.outgoing[:] = fields
+        self.world.Send(self.outgoing, dest=rank, tag=Tag.REPLY)
+
+    def reply_unwaited(self, rank: int, fields) -> None:
         """A reply to a rank that may be dead (a dismissal): sent, never waited for."""
-        self.unwaited.append(self.world.isend(message, dest=rank, tag=Tag.REPLY))
+        buffer = np.array(fields, np.int64)
+        self.unwaited.append((self.world.Isend(buffer, dest=rank, tag=Tag.REPLY), buffer))
+
+    def close(self) -> None:
+        """Withdraw the posted receives (no more requests are served)."""
+        for posted in self.posted:
+            posted.Cancel()
+            posted.Wait()
+        self.posted = []
 
     def verdict(self, rank: int, clean: bool) -> None:
         """How `rank` ends, in answer to its records (True: the collective teardown)."""
         self.world.send(clean, dest=rank, tag=Tag.VERDICT)
 
     def receive(self, tag: int, source: int = ANY_SOURCE) -> tuple[int, object] | None:
-        """(sender, message) of a message with `tag` from `source` if one is in, else None."""
+        """(sender, message) of a pickled message with `tag` (a result, records) from
+        `source` if one is in, else None. Requests come through `request`."""
         status = MPI.Status()
         found = self.world.improbe(source=source, tag=tag, status=status)
         if found is None:
@@ -60,10 +92,13 @@ class RankChannel:
     def __init__(self, world: MPI.Intracomm, coordinator: int):
         self.world, self.coordinator = world, coordinator
 
-    def ask(self, request: dict) -> dict:
-        """A replica lead's request (what it did, and for more work); the coordinator's reply."""
-        self.world.send(request, dest=self.coordinator, tag=Tag.REQUEST)
-        return wait(self.world.irecv(source=self.coordinator, tag=Tag.REPLY))
+    def ask(self, request: np.ndarray, reply: np.ndarray) -> np.ndarray:
+        """A replica lead's request (int64 fields: what it did, and for more work); the
+        coordinator's reply lands in `reply` (received posted before the request goes)."""
+        answer = self.world.Irecv(reply, source=self.coordinator, tag=Tag.REPLY)
+        self.world.Send(request, dest=self.coordinator, tag=Tag.REQUEST)
+        Wait(answer)
+        return reply
 
     def send_result(self, result) -> None:
         """A test evaluation's result."""
