@@ -171,7 +171,7 @@ def _initial_slice(ctx: RunContext, k: int) -> tuple:
     """Shard k's initial parameters and optimizer: the network's, or a resumed checkpoint's
     (each shard reads only its own range of every vector)."""
     lo, hi = ctx.layout.shard_ranges[k]
-    initial = ctx.network.params[lo:hi]
+    initial = None if ctx.resumed else ctx.network.initial_values(lo, hi)  # its range only, drawn directly
     optimizer = make_optimizer(ctx.tcfg, hi - lo)
     resumed = ctx.resumed
     if resumed:
@@ -322,6 +322,7 @@ def _evaluate_final(cfg, network, final_path) -> tuple:
     parameters at the end); (None, None) without one."""
     if final_path is None:
         return None, None
+    network.allocate(initialise=False)  # the whole model, for this evaluation only
     with open_checkpoint(final_path, verify=False) as ckpt:
         ckpt.read_range("params", 0, network.n_params, out=network.params)
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:

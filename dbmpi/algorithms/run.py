@@ -2,8 +2,9 @@
 
 API (both `downpour.run` and `sandblaster.run` are these two calls around their `_run`):
 
-- `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network, the
-  layout and the partition plan, checks the world size, then on the root rank (rank 0, or
+- `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network's
+  structure (no parameter vector: each role allocates only what it holds), the layout and
+  the partition plan, checks the world size, then on the root rank (rank 0, or
   `root` given: Sandblaster's coordinator) prepares and checks the data, resolves `resume`
   and makes the run directory. Each of those steps is agreed (dbmpi.runtime.comm.agree): it
   raises the same AGREED_ERRORS error on every rank, so bad input ends every rank with the
@@ -130,7 +131,7 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
     """Everything checked and agreed before the run commits (see the module docstring).
     `coordinator`: the layout has one, and it is the root; `parameters_only`: a resumed
     checkpoint gives only its parameters (its state is dropped, the run directory is new)."""
-    network = Network(cfg["model"])
+    network = Network(cfg["model"], allocate=False)  # the structure: each role allocates its own part
     layout = layout_for(cfg["train"], network.n_params, coordinator=coordinator)
     # Same verdicts on every rank, before any collective: the partition plan (a P the model
     # cannot be split into) and the world size.

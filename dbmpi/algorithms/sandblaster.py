@@ -634,7 +634,8 @@ def _shard_vectors(ctx: RunContext, windows: ParameterWindows) -> tuple[ShardVec
     lo, hi = layout.shard_ranges[shard]
     checkpoints = ShardCheckpoints(ctx.topo.control, list(range(layout.n_shards)), layout.shard_ranges,
                                    ctx.network.tensors, ctx.run_path / "checkpoints", ctx.tcfg["checkpoint_keep"])
-    vectors = ShardVectors(windows, ctx.topo.control, ctx.network.params[lo:hi], vector_names(ctx.tcfg["history"]),
+    initial = ctx.network.initial_values(lo, hi)  # its range only, drawn directly
+    vectors = ShardVectors(windows, ctx.topo.control, initial, vector_names(ctx.tcfg["history"]),
                            checkpoints, ctx.stop)
     if ctx.resumed:
         with open_checkpoint(ctx.resumed["path"], verify=False) as ckpt:
