@@ -56,6 +56,11 @@ class Layer(ABC):
         """Multiply-adds x 2 of the forward pass for one example (backward is about twice)."""
         return 0
 
+    def buffer_values(self, training: bool, need_gx: bool) -> int:
+        """float32 values per example of the work buffers the passes keep (_buffer): the
+        output, and with training and need_gx the input gradient (dbmpi.runtime.memory)."""
+        return math.prod(self.output_shape) + (math.prod(self.input_shape) if training and need_gx else 0)
+
     # Buffers ------------------------------------------------------------------------------
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         buf = self._buffers.get(name)
@@ -221,6 +226,10 @@ class LocalContrastNorm(Layer):
     def flops_per_example(self):
         return 10 * math.prod(self.output_shape)
 
+    def buffer_values(self, training, need_gx):
+        rows, cols, _ = self.output_shape  # y and gx (the base's), v, the per-position d
+        return super().buffer_values(training, need_gx) + math.prod(self.output_shape) + rows * cols
+
     def forward(self, x):
         n = x.shape[0]
         self.y = self._buffer("y", (n,) + self.output_shape)
@@ -242,6 +251,10 @@ class Output(Dense):
 
     def __init__(self, spec, input_shape, where):
         super().__init__({**spec, "activation": "identity"}, input_shape, where)
+
+    def buffer_values(self, training, need_gx):
+        # logits, probabilities and, training, their gradient
+        return super().buffer_values(training, need_gx) + self.units * (2 if training else 1)
 
     def loss(self, labels: np.ndarray, want_grad: bool, scale: float | None = None):
         """Loss of the last forward's logits; with want_grad, dL/dlogits in self.glogits."""

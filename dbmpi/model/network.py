@@ -164,6 +164,18 @@ class Network:
                               out[a - lo:b - lo], scratch)
         return out
 
+    def activation_bytes(self, batch: int, training: bool = True) -> int:
+        """Bytes of the layers' work buffers for a batch of `batch` examples: a training
+        step's (forward and backward) or an evaluation's (forward and loss)."""
+        values = sum(layer.buffer_values(training, self._needs_input_gradient(index))
+                     for index, layer in enumerate(self.layers))
+        return 4 * batch * values
+
+    def _needs_input_gradient(self, index: int) -> bool:
+        """Whether backward computes layer `index`'s input gradient (a layer below has
+        parameters)."""
+        return index > 0 and any(below.has_params for below in self.layers[:index])
+
     # Passes -------------------------------------------------------------------------------
     def _check_batch(self, x, labels=None):
         x = np.asarray(x)
@@ -193,8 +205,7 @@ class Network:
         g = self.output.glogits
         for index in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[index]
-            need_gx = index > 0 and any(below.has_params for below in self.layers[:index])
-            g = layer.backward(g, need_gx, lr)
+            g = layer.backward(g, self._needs_input_gradient(index), lr)
             if g is None:
                 break
 
