@@ -10,7 +10,6 @@ alone. A rank that leaves through os._exit (a failed run) writes nothing.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import runpy
 import sys
