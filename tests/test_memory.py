@@ -1,0 +1,165 @@
+"""Memory per rank (dbmpi.runtime.memory): the formula `dbmpi plan` reports, its scaling by
+role (O(N/S) on a shard, O(own parameters) on a partition, nothing on the coordinator), and
+a real Downpour run of a 259M-parameter model whose every rank's measured peak RSS is
+within 10% of the plan's figure, both ways."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbmpi import config as configuration
+from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.model import Network
+from dbmpi.parallel.partition import plan_for
+from dbmpi.runtime.layout import layout_for
+from dbmpi.runtime.memory import OPTIMIZER_STATE, WINDOW_ALIGN, DataSize, MemoryModel, padded
+from tests.test_cli import mpiexec_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Two dense layers on a 1024-value input: 250,000 x 1,025 + 10 x 250,001 = 258,752,510
+# parameters (1.04 GB of float32), small activations.
+BIG_MODEL = """
+[model]
+input_shape = [1024]
+[[model.layers]]
+type = "dense"
+units = {units}
+activation = "relu"
+[[model.layers]]
+type = "softmax"
+units = 10
+[data]
+path = "{data}"
+[train]
+algorithm = "downpour"
+optimizer = "sgd"
+learning_rate = 0.001
+batch_size = 8
+steps = 4
+n_shards = {shards}
+n_replicas = 1
+n_partitions = {partitions}
+eval_every = 1000
+eval_batch_size = 50
+"""
+
+
+def big_config(tmp_path: Path, units: int, shards: int = 2, partitions: int = 1) -> Path:
+    path = tmp_path / "model.toml"
+    path.write_text(BIG_MODEL.format(units=units, data=tmp_path / "data.h5", shards=shards, partitions=partitions))
+    return path
+
+
+SMALL_DATA = DataSize(1000, 50)
+
+
+def model_of(path: Path, data: DataSize | None = SMALL_DATA, baseline: int = 0,
+             **train) -> MemoryModel:
+    cfg = configuration.load(path, [f"train.{key}={value}" for key, value in train.items()])
+    tcfg = cfg["train"]
+    network = Network(cfg["model"], allocate=False)
+    layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
+    plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
+    return MemoryModel(layout, network, tcfg, plan, data, baseline)
+
+
+def test_the_constants_are_the_codes():
+    """The window line and the optimizer state the model counts are what the code allocates."""
+    windows = (ROOT / "dbmpi/ps/windows.py").read_text()
+    assert re.search(rf"^ALIGN_VALUES = {WINDOW_ALIGN}$", windows, re.M)
+    for name, vectors in OPTIMIZER_STATE.items():
+        tcfg = {"optimizer": name, "learning_rate": 0.1, "momentum": 0.9, "adagrad_eps": 1e-8, "adagrad_initial": 0.1}
+        state = make_optimizer(tcfg, 10).state
+        assert sum(v.size for v in state.values()) == 10 * vectors
+    assert padded(1) == WINDOW_ALIGN and padded(WINDOW_ALIGN + 1) == 2 * WINDOW_ALIGN
+
+
+def test_a_shard_holds_o_n_over_s_and_a_partition_its_own_share(tmp_path):
+    path = big_config(tmp_path, units=1000)
+    n = model_of(path).network.n_params
+
+    def shard1(shards, optimizer="adagrad"):
+        mem = model_of(path, n_shards=shards, optimizer=optimizer).ranks()
+        return next(m for m in mem if m.role.is_shard and m.role.shard == 1)
+
+    # Shard k > 0: two windows, working copy, drain buffer, state, snapshot of its slice.
+    assert shard1(2).own == pytest.approx(4 * (2 + 1 + 1 + 1 + 2) * n / 2, abs=64 * 8)
+    assert shard1(4).own * 4 == pytest.approx(shard1(2).own * 2, rel=1e-3)
+    assert shard1(4, "sgd").own < shard1(4, "adagrad").own
+    whole = model_of(path).ranks()[0]
+    assert dict(whole.parts)["parameters, gradient, 2 accrued pushes"] == 16 * n
+    assert whole.mapped == 2 * 4 * sum(padded(b - a) for a, b in model_of(path).layout.shard_ranges)
+    # Partitions: each its own share of the vectors (dense layers split by units).
+    split = model_of(path, n_partitions=2)
+    for p in range(2):
+        mem = split.rank(p)
+        assert dict(mem.parts)["parameters, gradient, 2 accrued pushes"] == 16 * split.plan.n_params_of(p)
+        assert mem.mapped < whole.mapped
+
+
+def test_sandblaster_coordinator_holds_no_model_vector(tmp_path):
+    path = big_config(tmp_path, units=1000)
+    mem = model_of(path, algorithm="sandblaster", iterations=2, n_replicas=2, baseline=5).ranks()
+    coordinator = mem[-1]
+    assert coordinator.role.is_coordinator and coordinator.own == 0 and coordinator.resident == 5
+    assert all(m.own > 0 for m in mem[:-1])
+
+
+def test_plan_without_the_data_file_says_what_it_leaves_out(tmp_path):
+    path = big_config(tmp_path, units=1000)
+    out = subprocess.run([sys.executable, "-m", "dbmpi", "plan", str(path), "--json"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "data file is not there yet" in out.stdout
+    memory = json.loads(out.stdout.strip().splitlines()[-1])["memory"]
+    assert [m["role"] for m in memory] == ["replica 0 partition 0", "shard 0", "shard 1"]
+    assert all(m["baseline"] > 10 * 2**20 for m in memory)  # measured: python, numpy, h5py, ...
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(tmp_path: Path, units: int, shards: int = 2, partitions: int = 1, timeout: int = 600) -> list[dict]:
+    """Run the training under mpiexec with the RSS probe; per rank: the plan's figure and the
+    measured peak RSS (and the run's output on failure)."""
+    from dbmpi.data import prepare_synthetic
+
+    config = big_config(tmp_path, units, shards, partitions)
+    prepare_synthetic(tmp_path / "data.h5", input_shape=[1024], n_classes=10, n_train=1000, n_test=50)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    planned = subprocess.run([sys.executable, "-m", "dbmpi", "plan", str(config), "--json"], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT, env=env)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout.strip().splitlines()[-1])["memory"]
+    need = sum(m["own"] for m in plan) + len(plan) * plan[0]["baseline"]
+    if available_memory() < 1.2 * need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free, {available_memory() / 2**30:.1f} GiB available")
+    probe = tmp_path / "rss"
+    run = subprocess.run([str(mpiexec_or_skip()), "-n", str(len(plan)), sys.executable, "-m", "mpi4py", "-m",
+                          "tests.rss_probe", str(probe), "train", str(config), "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    measured = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["maxrss_bytes"]
+                for p in probe.glob("rss-*.json")}
+    assert sorted(measured) == list(range(len(plan)))
+    return [{**m, "measured": measured[m["rank"]]} for m in plan]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partitions", [1])
+def test_every_ranks_peak_rss_is_the_plans_on_a_259m_parameter_model(tmp_path, partitions):
+    ranks = measure(tmp_path, units=250_000, shards=2, partitions=partitions)
+    assert ranks[0]["parts"]  # the worker holds the model: 16 bytes a parameter
+    for rank in ranks:
+        ratio = rank["measured"] / rank["resident"]
+        assert 0.9 <= ratio <= 1.1, (rank["rank"], rank["role"], rank["measured"], rank["resident"], rank["parts"])
