@@ -16,7 +16,7 @@ from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.model import Network
 from dbmpi.parallel.partition import plan_for
 from dbmpi.runtime.layout import layout_for
-from dbmpi.runtime.memory import OPTIMIZER_STATE, WINDOW_ALIGN, DataSize, MemoryModel, padded
+from dbmpi.runtime.memory import CHECKPOINT_CHUNK, OPTIMIZER_STATE, WINDOW_ALIGN, DataSize, MemoryModel, padded
 from tests.test_cli import mpiexec_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,8 @@ def test_the_constants_are_the_codes():
     """The window line and the optimizer state the model counts are what the code allocates."""
     windows = (ROOT / "dbmpi/ps/windows.py").read_text()
     assert re.search(rf"^ALIGN_VALUES = {WINDOW_ALIGN}$", windows, re.M)
+    checkpoint = (ROOT / "dbmpi/ps/checkpoint.py").read_text()
+    assert re.search(rf"^CHUNK = 1 << {CHECKPOINT_CHUNK.bit_length() - 1} ", checkpoint, re.M)
     for name, vectors in OPTIMIZER_STATE.items():
         tcfg = {"optimizer": name, "learning_rate": 0.1, "momentum": 0.9, "adagrad_eps": 1e-8, "adagrad_initial": 0.1}
         state = make_optimizer(tcfg, 10).state

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from dbmpi.runtime.layout import Layout, Role, human_bytes
 WINDOW_ALIGN = 16
 # Optimizer state vectors per parameter (dbmpi.algorithms.optimizers).
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1}
+# float32 values per checkpoint message (dbmpi.ps.checkpoint.CHUNK).
+CHECKPOINT_CHUNK = 1 << 22
 # Minibatches a replica holds besides its slice: the one in use and the one prefetched.
 BATCHES_HELD = 2
 
@@ -110,19 +113,31 @@ class MemoryModel:
             vectors = 6 + 2 * self.tcfg["history"]
             return parts + [(f"L-BFGS vectors ({vectors})", 4 * vectors * n)]
         state = OPTIMIZER_STATE.get(self.tcfg["optimizer"], 1)
-        parts += [("working copy", 4 * n), ("drain buffer", 4 * n), ("optimizer state", 4 * state * n),
-                  ("checkpoint snapshot", 4 * (1 + state) * n)]
-        if role.shard == 0:  # scores the final checkpoint: the whole model, forward only
-            parts += [("final evaluation: parameters", 4 * self.network.n_params),
-                      *self._evaluation()]
-        return parts
+        parts += [("working copy", 4 * n), ("drain buffer", 4 * n), ("optimizer state", 4 * state * n)]
+        snapshot = 4 * (1 + state) * n
+        if role.shard != 0:
+            return parts + [("checkpoint snapshot", snapshot)]
+        # Shard 0 writes the checkpoint: a chunk received and a chunk hashed at a time, in
+        # its writer thread's heap, which keeps them. Then it scores the checkpoint with the
+        # whole model once the snapshot is freed: the larger of the two.
+        stream = 2 * 4 * min(CHECKPOINT_CHUNK, max(hi - lo for lo, hi in self.layout.shard_ranges))
+        parts.append(("checkpoint stream buffers", stream))
+        evaluation = self._evaluation()
+        if snapshot >= evaluation:
+            return parts + [("checkpoint snapshot", snapshot)]
+        return parts + [("final evaluation (whole model, its largest tensor read, test set, activations)",
+                         evaluation)]
 
-    def _evaluation(self) -> list[tuple[str, int]]:
-        if self.data is None:
-            return []
-        batch = min(self.tcfg["eval_batch_size"], self.data.n_test)
-        return [("test set", self.data.n_test * self._example_bytes()),
-                ("evaluation activations", self.network.activation_bytes(batch, training=False))]
+    def _evaluation(self) -> int:
+        """Shard 0 scoring the final checkpoint: the parameters, the checkpoint's largest
+        tensor as read (dbmpi.io.checkpoint reads a tensor whole), the test set, a batch's
+        forward buffers."""
+        largest = max(t.size for t in self.network.tensors)
+        total = 4 * self.network.n_params + 4 * largest
+        if self.data is not None:
+            batch = min(self.tcfg["eval_batch_size"], self.data.n_test)
+            total += self.data.n_test * self._example_bytes() + self.network.activation_bytes(batch, training=False)
+        return total
 
     # Workers ------------------------------------------------------------------------------
     def _worker(self, role: Role) -> list[tuple[str, int]]:
@@ -192,15 +207,18 @@ def padded(n: int) -> int:
 
 @functools.lru_cache(maxsize=1)
 def interpreter_baseline() -> int:
-    """Peak resident bytes of a Python that imported what every rank imports (numpy, h5py,
-    scipy's BLAS, mpi4py without initialising MPI, dbmpi's commands), measured in a child."""
-    code = ("import mpi4py; mpi4py.rc.initialize = False\n"
-            "from mpi4py import MPI\n"
+    """Peak resident bytes of a Python that did what every rank does before its buffers:
+    import numpy, h5py, scipy's BLAS, dbmpi's commands, and initialise MPI (a singleton,
+    outside any launcher), measured in a child process."""
+    code = ("from mpi4py import MPI\n"
             "import numpy, h5py, threadpoolctl, scipy.linalg.cython_blas\n"
             "import dbmpi.cli, dbmpi.kernels, dbmpi.algorithms.downpour, dbmpi.algorithms.sandblaster\n"
             "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    launcher = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "SLURM_")  # a singleton: no launcher to reach
+    env = {key: value for key, value in os.environ.items() if not key.startswith(launcher)}
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                              env=env)
         return int(done.stdout.split()[-1]) * 1024
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return current_peak_rss()
