@@ -51,6 +51,7 @@ n_replicas = 1
 n_partitions = {partitions}
 eval_every = 1000
 eval_batch_size = 50
+replica_timeout_s = 600
 """
 
 

@@ -76,7 +76,10 @@ class PartitionedNetwork:
             self.layers.append(block)
         self.output = self.layers[-1]
         self.class_range = self.plan.layers[-1].parts[p].owned
-        self.init_params()
+        if network.allocated:  # a whole model given: its values
+            self.load_canonical(network.params)
+        else:  # the structure only (a run): its own ranges' initial values, drawn directly
+            self.init_params()
 
     # Parameters ---------------------------------------------------------------------------
     def local_offset(self, canonical: int) -> int:
