@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Two dense layers on a 1024-value input: units x 1,025 + 10 x (units + 1) parameters
-# (units = 250,000: 258,752,510, 1.04 GB of float32), small activations.
+# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations.
 DENSE_RUN = """
 [model]
 input_shape = [1024]
