@@ -11,7 +11,7 @@ recorded (`ru_maxrss`). One JSON line per rank and size:
 then a last line {"rss_vs_plan_max": the largest |measured / plan - 1| over every rank and
 size, "sizes": [...]}. bench/scale.py imports `measure`.
 
-    python bench/scale_memory.py [--units 4000 16000 64000]
+    python bench/scale_memory.py [--sizes 4000000 16000000 64000000]
 """
 from __future__ import annotations
 
@@ -26,17 +26,23 @@ sys.path.insert(0, str(ROOT))
 
 from tests import rss_probe  # noqa: E402 - the repository root first
 
-# Hidden units of the default sizes: about 4.1M, 16.4M and 65.6M parameters.
-DEFAULT_UNITS = (4000, 16000, 64000)
+# Parameter counts of the default sizes (the model's hidden units are chosen to match).
+DEFAULT_SIZES = (4_000_000, 16_000_000, 64_000_000)
 
 
-def measure(sizes=DEFAULT_UNITS) -> list[dict]:
-    """One row per rank and size (`sizes`: hidden units of the model)."""
+def units_for(n_params: int) -> int:
+    """Hidden units of the two-layer model closest to n_params (1035 per unit, + 10)."""
+    return max(1, round((n_params - 10) / 1035))
+
+
+def measure(sizes=DEFAULT_SIZES) -> list[dict]:
+    """One row per rank and size (`sizes`: about that many parameters each)."""
     rows = []
-    for units in sizes:
+    for size in sizes:
+        units = units_for(size)
+        n = 1025 * units + 10 * (units + 1)
         with tempfile.TemporaryDirectory(prefix="dbmpi-scale-memory-") as tmp:
             for rank in rss_probe.measure(Path(tmp), units=units, shards=2):
-                n = 1025 * units + 10 * (units + 1)
                 rows.append({"n_params": n, "rank": rank["rank"], "role": rank["role"],
                              "measured_bytes": rank["measured"], "plan_bytes": rank["resident"],
                              "rss_vs_plan": round(rank["measured"] / rank["resident"], 4),
@@ -49,10 +55,10 @@ def measure(sizes=DEFAULT_UNITS) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--units", type=int, nargs="+", default=list(DEFAULT_UNITS),
-                        help="hidden units of each model size (parameters: about 1035 x units)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                        help="about how many parameters each model has")
     args = parser.parse_args()
-    rows = measure(args.units)
+    rows = measure(args.sizes)
     for row in rows:
         print(json.dumps(row))
     print(json.dumps({"rss_vs_plan_max": max(abs(row["rss_vs_plan"] - 1) for row in rows),
