@@ -146,13 +146,14 @@ class MemoryModel:
         vectors = 3 if self.sandblaster else 4  # params, grad, then the accrual or 2 accrued pushes
         parts = [("parameters, gradient, " + ("accrual" if self.sandblaster else "2 accrued pushes"),
                   4 * vectors * n)]
+        # A partition's activations: its share of the whole model's (its gather buffers for
+        # the activation exchange are not counted).
         share = 1 if self.plan is None else self.plan.n_partitions
         train = self.network.activation_bytes(batch) // share
         if self.data is None:
             return parts + [("activations", train)]
-        evaluates = role.replica == 0
         evaluation = 0
-        if evaluates:
+        if role.replica == 0:  # evaluates its copy as it goes, on the test set
             evaluation = self.network.activation_bytes(min(self.tcfg["eval_batch_size"], self.data.n_test),
                                                        training=False) // share
             parts.append(("test set", self.data.n_test * self._example_bytes(role)))
