@@ -628,13 +628,14 @@ def _work(ctx: RunContext, watch: VitalWatch) -> None:
 
 
 def _shard_vectors(ctx: RunContext, windows: ParameterWindows) -> tuple[ShardVectors, ShardCheckpoints]:
-    """A shard's slice of every L-BFGS vector (x from the network, or the vectors of the
+    """A shard's slice of every L-BFGS vector (x initialised for its range, or the vectors of the
     checkpoint resumed from: each shard reads only its own range), and its checkpoint writer."""
     layout, shard = ctx.layout, ctx.topo.role.shard
     lo, hi = layout.shard_ranges[shard]
     checkpoints = ShardCheckpoints(ctx.topo.control, list(range(layout.n_shards)), layout.shard_ranges,
                                    ctx.network.tensors, ctx.run_path / "checkpoints", ctx.tcfg["checkpoint_keep"])
-    initial = ctx.network.initial_values(lo, hi)  # its range only, drawn directly
+    # Its range only, drawn directly (a resume reads it below instead).
+    initial = np.zeros(hi - lo, np.float32) if ctx.resumed else ctx.network.initial_values(lo, hi)
     vectors = ShardVectors(windows, ctx.topo.control, initial, vector_names(ctx.tcfg["history"]),
                            checkpoints, ctx.stop)
     if ctx.resumed:
