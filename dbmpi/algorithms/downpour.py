@@ -98,7 +98,7 @@ def _introduce(ctx: RunContext) -> None:
     if resumed:
         say(f"resuming from {resumed['path']} at step {resumed['step']}")
         ctx.run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
-    say(ctx.layout.describe(tcfg["optimizer"], ctx.plan))
+    say(ctx.layout.describe(tcfg["optimizer"], ctx.plan, ctx.memory()))
     if ctx.layout.n_partitions > 1:
         say(ctx.plan.describe(tcfg["batch_size"]))
     say(f"run directory: {ctx.run_dir.path}")

@@ -41,6 +41,7 @@ from dbmpi.model import Network
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.runtime.comm import Comm, abort_on_error, agree
 from dbmpi.runtime.layout import Layout, LayoutError, layout_for
+from dbmpi.runtime.memory import DataSize, MemoryModel, current_peak_rss
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
 
@@ -119,6 +120,13 @@ class RunContext:
     @property
     def tcfg(self) -> dict:
         return self.cfg["train"]
+
+    def memory(self) -> list[int]:
+        """Each rank's expected peak resident bytes (dbmpi.runtime.memory; this interpreter
+        as the baseline): the layout's memory column."""
+        data = DataSize(self.data_info["n_train"], self.data_info["n_test"])
+        model = MemoryModel(self.layout, self.network, self.tcfg, self.plan, data, current_peak_rss())
+        return [mem.resident for mem in model.ranks()]
 
     def speaker(self, rank: int) -> Callable[[str], None]:
         """The caller's `say` on `rank`, silent on every other rank."""

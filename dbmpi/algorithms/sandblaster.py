@@ -594,7 +594,7 @@ def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
     after a failed replica it leaves without collectives once the run is written."""
     say, tcfg, n_train = ctx.say, ctx.tcfg, ctx.data_info["n_train"]
     say(ctx.network.summary())
-    say(ctx.layout.describe("sgd", ctx.plan))
+    say(ctx.layout.describe("sgd", ctx.plan, ctx.memory()))
     say(f"run directory: {ctx.run_dir.path}")
     space = ShardSpace(ctx.topo, ctx.layout, cut(0, n_train, min(tcfg["batch_size"], n_train)), tcfg)
     coordinator = Coordinator(ctx.cfg, space, ctx.layout, ctx.run_dir, say, stop=ctx.stop,
