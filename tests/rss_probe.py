@@ -22,6 +22,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def planned_memory(config: Path) -> list[dict]:
 
 
 def measure(workdir: Path, units: int, shards: int = 2, partitions: int = 1, timeout: int = 600,
-            enough: callable = None) -> list[dict]:
+            enough: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Per rank: the plan's memory (RankMemory.to_dict) and "measured", its peak RSS in a
     real run. `enough(plan)` (optional) is called before the run (a test skips there)."""
     from dbmpi.data import prepare_synthetic

@@ -19,7 +19,8 @@ API (both `downpour.run` and `sandblaster.run` are these two calls around their 
 `RunContext` carries the rest: cfg, network, layout, plan, comm, root, run_path, run_dir
 (the root's RunDirectory, None elsewhere), say (the root's; silent elsewhere), `speaker(rank)`
 (the caller's `say` on that rank only), resumed (resolve_resume's answer), data_info
-({"n_train", "n_test"}).
+({"n_train", "n_test"}); `memory()` gives each rank's expected peak resident bytes
+(dbmpi.runtime.memory).
 """
 from __future__ import annotations
 
