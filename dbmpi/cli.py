@@ -122,22 +122,29 @@ def _train_distributed(args, cfg, say) -> int:
 
 
 def _check_rank_memory(cfg: dict) -> None:
-    """Refuse a distributed run whose biggest rank needs more memory than this machine has:
-    the model's values and gradient (every rank builds the network) plus that rank's buffers
-    from the `dbmpi plan` memory column. One line instead of a MemoryError traceback."""
+    """Refuse a distributed run whose biggest rank's buffers (dbmpi.runtime.memory: what
+    `dbmpi plan` reports, less the interpreter, which differs a little from rank to rank)
+    need more memory than this machine has: the same verdict on every rank, one line
+    instead of a MemoryError traceback."""
     from dbmpi.model import Network
+    from dbmpi.runtime.layout import require_memory
+
+    ranks = _memory_model(cfg, Network(cfg["model"], allocate=False), baseline=0).ranks()
+    biggest = max(ranks, key=lambda mem: mem.own)
+    require_memory(biggest.own, f"rank {biggest.rank} ({biggest.role}): its buffers (dbmpi plan)")
+
+
+def _memory_model(cfg: dict, network, baseline: int):
+    """The memory model of a validated distributed run config and its network's structure
+    (dbmpi.runtime.memory)."""
     from dbmpi.parallel.partition import plan_for
-    from dbmpi.runtime.layout import layout_for, require_memory
+    from dbmpi.runtime.layout import layout_for
+    from dbmpi.runtime.memory import DataSize, MemoryModel
 
     tcfg = cfg["train"]
-    network = Network(cfg["model"], allocate=False)
     layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
     plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
-    need = {rank: layout.memory_bytes(layout.role(rank), tcfg["optimizer"], plan) for rank in range(layout.world_size)}
-    rank = max(need, key=need.get)
-    require_memory(network.memory_bytes() + need[rank],
-                   f"rank {rank} ({layout.role(rank)}): the model's {network.n_params:,} parameters and "
-                   "this rank's buffers (dbmpi plan)")
+    return MemoryModel(layout, network, tcfg, plan, DataSize.of_file(cfg["data"]["path"]), baseline)
 
 
 def cmd_evaluate(args) -> int:
@@ -171,8 +178,9 @@ def cmd_model(args) -> int:
 
 def cmd_plan(args) -> int:
     from dbmpi.model import Network
-    from dbmpi.parallel.partition import plan_for
     from dbmpi.runtime.layout import layout_for
+    from dbmpi.runtime.memory import describe as describe_memory
+    from dbmpi.runtime.memory import interpreter_baseline
 
     cfg = configuration.load(args.config, args.set)
     network = Network(cfg["model"], allocate=False)
@@ -185,9 +193,11 @@ def cmd_plan(args) -> int:
     layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
     if args.n is not None:
         layout.check_world(args.n)
-    plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
+    memory = _memory_model(cfg, network, interpreter_baseline())  # the partition plan's verdict too
+    plan, ranks = memory.plan, memory.ranks()
     print(network.summary())
-    print(layout.describe(tcfg["optimizer"], plan))
+    print(layout.describe(tcfg["optimizer"], plan, [mem.resident for mem in ranks]))
+    print(describe_memory(ranks, memory.data is not None))
     if tcfg["algorithm"] == "sandblaster":
         vectors = 6 + 2 * tcfg["history"]
         if plan is not None:
@@ -209,6 +219,7 @@ def cmd_plan(args) -> int:
                   f"{mib:.2f} MiB every {tcfg['n_push']} step(s), from its shards only")
     if args.json:
         print(layout.to_json(), end="")
+        print(json.dumps({"memory": [mem.to_dict() for mem in ranks]}))
     return 0
 
 

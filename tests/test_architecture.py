@@ -35,6 +35,7 @@ MPI_FREE_MODULES = sorted({
     "dbmpi.model.network",
     "dbmpi.parallel.partition",
     "dbmpi.runtime.layout",
+    "dbmpi.runtime.memory",
     "dbmpi.runtime.poll",
     "dbmpi.runtime.faults",
     "dbmpi.runtime.signals",

@@ -99,7 +99,7 @@ def _introduce(ctx: RunContext) -> None:
     if resumed:
         say(f"resuming from {resumed['path']} at step {resumed['step']}")
         ctx.run_dir.log({"kind": "resume", "checkpoint": resumed["path"], "step": resumed["step"]})
-    say(ctx.layout.describe(tcfg["optimizer"], ctx.plan))
+    say(ctx.layout.describe(tcfg["optimizer"], ctx.plan, ctx.memory()))
     if ctx.layout.n_partitions > 1:
         say(ctx.plan.describe(tcfg["batch_size"]))
     say(f"run directory: {ctx.run_dir.path}")
@@ -180,7 +180,7 @@ def _initial_slice(ctx: RunContext, k: int) -> tuple:
     """Shard k's initial parameters and optimizer: the network's, or a resumed checkpoint's
     (each shard reads only its own range of every vector)."""
     lo, hi = ctx.layout.shard_ranges[k]
-    initial = ctx.network.params[lo:hi]
+    initial = None if ctx.resumed else ctx.network.initial_values(lo, hi)  # its range only, drawn directly
     optimizer = make_optimizer(ctx.tcfg, hi - lo)
     resumed = ctx.resumed
     if resumed:
@@ -332,6 +332,7 @@ def _evaluate_final(cfg, network, final_path) -> tuple:
     parameters at the end); (None, None) without one."""
     if final_path is None:
         return None, None
+    network.allocate(initialise=False)  # the whole model, for this evaluation only
     with open_checkpoint(final_path, verify=False) as ckpt:
         ckpt.read_range("params", 0, network.n_params, out=network.params)
     with datasets.open_dataset(cfg["data"]["path"]) as dataset:

@@ -2,8 +2,9 @@
 
 API (both `downpour.run` and `sandblaster.run` are these two calls around their `_run`):
 
-- `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network, the
-  layout and the partition plan, checks the world size, then on the root rank (rank 0, or
+- `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network's
+  structure (no parameter vector: each role allocates only what it holds), the layout and
+  the partition plan, checks the world size, then on the root rank (rank 0, or
   `root` given: Sandblaster's coordinator) prepares and checks the data, resolves `resume`
   and makes the run directory. Each of those steps is agreed (dbmpi.runtime.comm.agree): it
   raises the same AGREED_ERRORS error on every rank, so bad input ends every rank with the
@@ -18,7 +19,8 @@ API (both `downpour.run` and `sandblaster.run` are these two calls around their 
 `RunContext` carries the rest: cfg, network, layout, plan, comm, root, run_path, run_dir
 (the root's RunDirectory, None elsewhere), say (the root's; silent elsewhere), `speaker(rank)`
 (the caller's `say` on that rank only), resumed (resolve_resume's answer), data_info
-({"n_train", "n_test"}).
+({"n_train", "n_test"}); `memory()` gives each rank's expected peak resident bytes
+(dbmpi.runtime.memory).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from dbmpi.model import Network
 from dbmpi.parallel.partition import PartitionPlan
 from dbmpi.runtime.comm import Comm, abort_on_error, agree
 from dbmpi.runtime.layout import Layout, LayoutError, layout_for
+from dbmpi.runtime.memory import DataSize, MemoryModel, current_peak_rss
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
 
@@ -169,6 +172,13 @@ class RunContext:
     def tcfg(self) -> dict:
         return self.cfg["train"]
 
+    def memory(self) -> list[int]:
+        """Each rank's expected peak resident bytes (dbmpi.runtime.memory; this interpreter
+        as the baseline): the layout's memory column."""
+        data = DataSize(self.data_info["n_train"], self.data_info["n_test"])
+        model = MemoryModel(self.layout, self.network, self.tcfg, self.plan, data, current_peak_rss())
+        return [mem.resident for mem in model.ranks()]
+
     def speaker(self, rank: int) -> Callable[[str], None]:
         """The caller's `say` on `rank`, silent on every other rank."""
         return self.output if self.comm.rank == rank else _silent
@@ -180,7 +190,7 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
     """Everything checked and agreed before the run commits (see the module docstring).
     `coordinator`: the layout has one, and it is the root; `parameters_only`: a resumed
     checkpoint gives only its parameters (its state is dropped, the run directory is new)."""
-    network = Network(cfg["model"])
+    network = Network(cfg["model"], allocate=False)  # the structure: each role allocates its own part
     layout = layout_for(cfg["train"], network.n_params, coordinator=coordinator)
     # Same verdicts on every rank, before any collective: the partition plan (a P the model
     # cannot be split into) and the world size.

@@ -579,7 +579,7 @@ def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
     after a failed replica it leaves without collectives once the run is written."""
     say, tcfg, n_train = ctx.say, ctx.tcfg, ctx.data_info["n_train"]
     say(ctx.network.summary())
-    say(ctx.layout.describe("sgd", ctx.plan))
+    say(ctx.layout.describe("sgd", ctx.plan, ctx.memory()))
     say(f"run directory: {ctx.run_dir.path}")
     space = ShardSpace(ctx.topo, ctx.layout, cut(0, n_train, min(tcfg["batch_size"], n_train)), tcfg)
     coordinator = Coordinator(ctx.cfg, space, ctx.layout, ctx.run_dir, say, stop=ctx.stop,
@@ -614,13 +614,15 @@ def _work(ctx: RunContext, watch: VitalWatch) -> None:
 
 
 def _shard_vectors(ctx: RunContext, windows: ParameterWindows) -> tuple[ShardVectors, ShardCheckpoints]:
-    """A shard's slice of every L-BFGS vector (x from the network, or the vectors of the
+    """A shard's slice of every L-BFGS vector (x initialised for its range, or the vectors of the
     checkpoint resumed from: each shard reads only its own range), and its checkpoint writer."""
     layout, shard = ctx.layout, ctx.topo.role.shard
     lo, hi = layout.shard_ranges[shard]
     checkpoints = ShardCheckpoints(ctx.topo.control, list(range(layout.n_shards)), layout.shard_ranges,
                                    ctx.network.tensors, ctx.run_path / "checkpoints", ctx.tcfg["checkpoint_keep"])
-    vectors = ShardVectors(windows, ctx.topo.control, ctx.network.params[lo:hi], vector_names(ctx.tcfg["history"]),
+    # Its range only, drawn directly (a resume reads it below instead).
+    initial = np.zeros(hi - lo, np.float32) if ctx.resumed else ctx.network.initial_values(lo, hi)
+    vectors = ShardVectors(windows, ctx.topo.control, initial, vector_names(ctx.tcfg["history"]),
                            checkpoints, ctx.stop)
     if ctx.resumed:
         with open_checkpoint(ctx.resumed["path"], verify=False) as ckpt:

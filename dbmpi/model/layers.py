@@ -42,9 +42,11 @@ class Layer(ABC):
         """Attach views of the network's flat parameter and gradient vectors."""
         self.params, self.grads = params, grads
 
-    def init(self, rng: np.random.Generator) -> None:  # noqa: B027 - a no-op unless overridden
-        """Fill the parameters deterministically from rng (nothing to fill in a layer
-        without parameters; layers with parameters override this)."""
+    def init_limit(self, tensor: str) -> float | None:
+        """How tensor `tensor` starts: uniform on (-limit, limit), drawn in storage order
+        from the layer's own random stream starting at its first value (a layer draws for
+        one tensor only, its W), or None: zeros. dbmpi.model.network fills any range."""
+        return None
 
     @property
     def n_params(self) -> int:
@@ -53,6 +55,11 @@ class Layer(ABC):
     def flops_per_example(self) -> int:
         """Multiply-adds x 2 of the forward pass for one example (backward is about twice)."""
         return 0
+
+    def buffer_values(self, training: bool, need_gx: bool) -> int:
+        """float32 values per example of the work buffers the passes keep (_buffer): the
+        output, and with training and need_gx the input gradient (dbmpi.runtime.memory)."""
+        return math.prod(self.output_shape) + (math.prod(self.input_shape) if training and need_gx else 0)
 
     # Buffers ------------------------------------------------------------------------------
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -73,10 +80,9 @@ class Layer(ABC):
         lr given, apply `param -= lr * grad` in place instead (fused SGD)."""
 
 
-def _uniform_init(rng, shape, fan_in, fan_out, activation):
+def _uniform_limit(fan_in: int, fan_out: int, activation: str) -> float:
     # He for ReLU, Glorot otherwise: keeps activations' variance stable through depth.
-    limit = math.sqrt(6.0 / fan_in) if activation == "relu" else math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, size=shape).astype(np.float32)
+    return math.sqrt(6.0 / fan_in) if activation == "relu" else math.sqrt(6.0 / (fan_in + fan_out))
 
 
 class Dense(Layer):
@@ -95,9 +101,8 @@ class Dense(Layer):
     def tensors(self):
         return [("W", (self.units, self.n_in)), ("b", (self.units,))]
 
-    def init(self, rng):
-        self.params["W"][...] = _uniform_init(rng, (self.units, self.n_in), self.n_in, self.units, self.activation)
-        self.params["b"][...] = 0.0
+    def init_limit(self, tensor):
+        return _uniform_limit(self.n_in, self.units, self.activation) if tensor == "W" else None
 
     def flops_per_example(self):
         return 2 * self.units * self.n_in
@@ -149,10 +154,8 @@ class LocallyConnected(Layer):
         r, c, f = self.output_shape
         return [("W", (r, c, f, self.patch)), ("b", (r, c, f))]
 
-    def init(self, rng):
-        r, c, f = self.output_shape
-        self.params["W"][...] = _uniform_init(rng, (r, c, f, self.patch), self.patch, f, self.activation)
-        self.params["b"][...] = 0.0
+    def init_limit(self, tensor):
+        return _uniform_limit(self.patch, self.filters, self.activation) if tensor == "W" else None
 
     def flops_per_example(self):
         r, c, f = self.output_shape
@@ -223,6 +226,10 @@ class LocalContrastNorm(Layer):
     def flops_per_example(self):
         return 10 * math.prod(self.output_shape)
 
+    def buffer_values(self, training, need_gx):
+        rows, cols, _ = self.output_shape  # y and gx (the base's), v, the per-position d
+        return super().buffer_values(training, need_gx) + math.prod(self.output_shape) + rows * cols
+
     def forward(self, x):
         n = x.shape[0]
         self.y = self._buffer("y", (n,) + self.output_shape)
@@ -244,6 +251,10 @@ class Output(Dense):
 
     def __init__(self, spec, input_shape, where):
         super().__init__({**spec, "activation": "identity"}, input_shape, where)
+
+    def buffer_values(self, training, need_gx):
+        # logits, probabilities and, training, their gradient
+        return super().buffer_values(training, need_gx) + self.units * (2 if training else 1)
 
     def loss(self, labels: np.ndarray, want_grad: bool, scale: float | None = None):
         """Loss of the last forward's logits; with want_grad, dL/dlogits in self.glogits."""

@@ -34,6 +34,25 @@ class Tensor:
         return math.prod(self.shape)
 
 
+# Values drawn per step of initial_values (8 MiB of float64 scratch).
+INIT_CHUNK = 1 << 20
+
+
+def _fill_uniform(stream: np.random.PCG64, skip: int, limit: float, out: np.ndarray,
+                  scratch: np.ndarray) -> None:
+    """out[:] = values skip, skip + 1, ... of Generator(stream).uniform(-limit, limit),
+    rounded to float32: numpy's uniform is low + (high - low) * random(), one draw each."""
+    stream.advance(skip)
+    generator = np.random.Generator(stream)
+    low, scale = -limit, limit - (-limit)
+    for start in range(0, out.size, scratch.size):
+        part = scratch[:min(scratch.size, out.size - start)]
+        generator.random(out=part)
+        np.multiply(part, scale, out=part)
+        np.add(part, low, out=part)
+        out[start:start + part.size] = part
+
+
 def _normalise_input_shape(input_shape) -> tuple[int, ...]:
     shape = tuple(input_shape)
     return shape + (1,) if len(shape) == 2 else shape
@@ -65,12 +84,16 @@ class Network:
                 self.tensors.append(Tensor(f"{layer.name}.{tname}", index, tuple(tshape), offset))
                 offset += math.prod(tshape)
         self.n_params = offset
+        self.allocated = False
         if allocate:
-            self._allocate()
+            self.allocate()
 
-    def _allocate(self) -> None:
-        """The parameter and gradient vectors, bound to the layers and initialised; refused
-        in one line when they cannot fit in this machine's memory."""
+    def allocate(self, initialise: bool = True) -> Network:
+        """The parameter and gradient vectors, bound to the layers and (unless told not to)
+        initialised; refused in one line when they cannot fit in this machine's memory. For
+        the roles that run the whole model (dbmpi.runtime.memory); a no-op once done."""
+        if self.allocated:
+            return self
         require_memory(self.memory_bytes(), f"model: {self.n_params:,} parameters (values and gradient, float32)")
         self.params = np.zeros(self.n_params, dtype=np.float32)
         self.grad = np.zeros(self.n_params, dtype=np.float32)
@@ -80,7 +103,10 @@ class Network:
                 {t.name.split(".")[-1]: self.view(t, self.params) for t in mine},
                 {t.name.split(".")[-1]: self.view(t, self.grad) for t in mine},
             )
-        self.init_params()
+        self.allocated = True
+        if initialise:
+            self.init_params()
+        return self
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> Network:
@@ -105,12 +131,50 @@ class Network:
         return {t.name: self.view(t, self.params) for t in self.tensors}
 
     def init_params(self, seed: int | None = None) -> None:
-        """Deterministic initialisation: layer i draws from Generator(PCG64([seed, i])), so a
-        layer's initial values depend only on the seed and its place, on every rank."""
+        """Set the allocated parameters to their initial values (initial_values)."""
+        self.initial_values(0, self.n_params, self.params, seed)
+
+    def initial_values(self, lo: int, hi: int, out: np.ndarray | None = None,
+                       seed: int | None = None) -> np.ndarray:
+        """The initial values of the canonical range [lo, hi) (any range: it may straddle
+        tensors and layers), written into `out` (float32, hi - lo values) or a new array.
+
+        Layer i draws its W from Generator(PCG64([seed, i])), one float64 per value in
+        storage order, scaled to (-limit, limit) and rounded to float32; its b is zero. So
+        a layer's values depend only on the seed and its place, and value k of W is the
+        stream advanced by k: a shard or partition initialises its own range directly,
+        bit-identical to the whole vector's, in chunks of INIT_CHUNK values (no
+        full-size temporary)."""
         seed = self.seed if seed is None else seed
-        for index, layer in enumerate(self.layers):
-            if layer.has_params:
-                layer.init(np.random.default_rng([seed, index]))
+        if not 0 <= lo <= hi <= self.n_params:
+            raise ValueError(f"range [{lo}, {hi}) is outside the {self.n_params} parameters")
+        out = np.empty(hi - lo, np.float32) if out is None else out
+        if out.shape != (hi - lo,) or out.dtype != np.float32:
+            raise ValueError(f"out: expected float32 of shape ({hi - lo},), got {out.dtype} {out.shape}")
+        scratch = np.empty(min(INIT_CHUNK, hi - lo), np.float64)
+        for tensor in self.tensors:
+            a, b = max(lo, tensor.offset), min(hi, tensor.offset + tensor.size)
+            if a >= b:
+                continue
+            limit = self.layers[tensor.layer].init_limit(tensor.name.split(".")[-1])
+            if limit is None:
+                out[a - lo:b - lo] = 0.0
+            else:
+                _fill_uniform(np.random.PCG64([seed, tensor.layer]), a - tensor.offset, limit,
+                              out[a - lo:b - lo], scratch)
+        return out
+
+    def activation_bytes(self, batch: int, training: bool = True) -> int:
+        """Bytes of the layers' work buffers for a batch of `batch` examples: a training
+        step's (forward and backward) or an evaluation's (forward and loss)."""
+        values = sum(layer.buffer_values(training, self._needs_input_gradient(index))
+                     for index, layer in enumerate(self.layers))
+        return 4 * batch * values
+
+    def _needs_input_gradient(self, index: int) -> bool:
+        """Whether backward computes layer `index`'s input gradient (a layer below has
+        parameters)."""
+        return index > 0 and any(below.has_params for below in self.layers[:index])
 
     # Passes -------------------------------------------------------------------------------
     def _check_batch(self, x, labels=None):
@@ -141,8 +205,7 @@ class Network:
         g = self.output.glogits
         for index in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[index]
-            need_gx = index > 0 and any(below.has_params for below in self.layers[:index])
-            g = layer.backward(g, need_gx, lr)
+            g = layer.backward(g, self._needs_input_gradient(index), lr)
             if g is None:
                 break
 

@@ -76,7 +76,10 @@ class PartitionedNetwork:
             self.layers.append(block)
         self.output = self.layers[-1]
         self.class_range = self.plan.layers[-1].parts[p].owned
-        self.load_canonical(network.params)
+        if network.allocated:  # a whole model given: its values
+            self.load_canonical(network.params)
+        else:  # the structure only (a run): its own ranges' initial values, drawn directly
+            self.init_params()
 
     # Parameters ---------------------------------------------------------------------------
     def local_offset(self, canonical: int) -> int:
@@ -100,6 +103,14 @@ class PartitionedNetwork:
             params[name] = self.params[start:start + math.prod(shape)].reshape(shape)
             grads[name] = self.grad[start:start + math.prod(shape)].reshape(shape)
         block.bind(params, grads)
+
+    def init_params(self) -> None:
+        """Its ranges' initial values, drawn directly (the network holds only its structure:
+        no rank builds the whole vector to take a part of it)."""
+        local = 0
+        for a, b in self.ranges:
+            self.network.initial_values(a, b, self.params[local:local + b - a])
+            local += b - a
 
     def load_canonical(self, full: np.ndarray) -> None:
         """Copy this partition's ranges out of a full canonical vector."""
@@ -391,9 +402,10 @@ class PartitionedNetwork:
 
 def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan):
     """What a worker rank trains: (model, its canonical parameter ranges, the input rows it
-    reads or None for whole examples). The whole network when the replica has one rank."""
+    reads or None for whole examples). The whole network when the replica has one rank
+    (allocated and initialised here: the one role of a run that holds the full vector)."""
     if plan.n_partitions == 1:
-        return network, [(0, network.n_params)], None
+        return network.allocate(), [(0, network.n_params)], None
     model = PartitionedNetwork(network, comm, plan)
     rows = model.input_rows
     if rows == (0, network.input_shape[0]):

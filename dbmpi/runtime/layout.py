@@ -157,21 +157,6 @@ class Layout:
         return pieces
 
     # Description --------------------------------------------------------------------------
-    def memory_bytes(self, role: Role, optimizer: str = "adagrad", plan=None) -> int:
-        """Parameter-sized float32 buffers a rank holds (activations not included).
-
-        A worker keeps its parameter copy, gradient and two accrued pushes, of the whole
-        model or, with a partition plan (dbmpi.parallel.partition), of its partition's ranges; a shard
-        keeps its slice, a private working copy, the gradient inbox, the drain buffer and
-        optimizer state.
-        """
-        if role.is_worker:
-            return 4 * 4 * self.worker_params(role, plan)
-        if role.is_shard:
-            state = {"adagrad": 1, "momentum": 1, "sgd": 0}.get(optimizer, 1)
-            return 4 * (4 + state) * self.shard_size(role.shard)
-        return 0
-
     def worker_params(self, role: Role, plan=None) -> int:
         """Parameters a worker fetches and pushes: all, or its partition's share."""
         if plan is None or self.n_partitions == 1:
@@ -188,11 +173,13 @@ class Layout:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def describe(self, optimizer: str = "adagrad", plan=None) -> str:
-        """The rank table; with a partition plan, each worker's own parameter share."""
+    def describe(self, optimizer: str = "adagrad", plan=None, memory: list[int] | None = None) -> str:
+        """The rank table; with a partition plan, each worker's own parameter share; with
+        `memory`, each rank's resident bytes (dbmpi.runtime.memory). `optimizer` is
+        accepted for the callers' sake (the memory model reads it from the config)."""
         lines = [f"layout: {self.formula()} = {self.world_size} ranks; "
                  f"{self.n_params:,} parameters ({self.n_params * 4 / 2**20:.1f} MiB float32)"]
-        lines.append(f"  {'rank':>4}  {'role':<24} {'parameters':<28} {'memory':>10}")
+        lines.append(f"  {'rank':>4}  {'role':<24} {'parameters':<28}" + (f" {'memory':>10}" if memory else ""))
         for rank in range(self.world_size):
             role = self.role(rank)
             if role.is_shard:
@@ -204,8 +191,8 @@ class Layout:
                           f"own {mine:,} (fetch/push)")
             else:
                 params = "none (scalars only)"
-            mem = self.memory_bytes(role, optimizer, plan)
-            lines.append(f"  {rank:>4}  {str(role):<24} {params:<28} {_mib(mem):>10}")
+            row = f"  {rank:>4}  {str(role):<24} {params:<28}"
+            lines.append(row + (f" {_mib(memory[rank]):>10}" if memory else ""))
         if self.n_partitions > 1 and plan is None:
             lines.append("  (workers of a partitioned replica hold only their partition's "
                          "parameters: see the partition plan)")

@@ -6,7 +6,7 @@ import pytest
 
 from dbmpi.config import ConfigError
 from dbmpi.model import Network
-from tests.models import mixed_spatial
+from tests.models import LOCAL_DENSE, MIXED_UNEVEN, mixed_spatial
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -134,3 +134,16 @@ units = 2
 """
     with pytest.raises(ConfigError, match=r"model.layers\[0\]: a local layer needs"):
         Network.from_string(text)
+
+
+@pytest.mark.parametrize("text", [mixed_spatial("softmax"), mixed_spatial("logistic"), MIXED_UNEVEN, LOCAL_DENSE])
+def test_activation_bytes_are_the_buffers_the_passes_keep(text):
+    """dbmpi plan's activation term (dbmpi.runtime.memory) is exactly what the layers hold."""
+    rng = np.random.default_rng(0)
+    for training in (True, False):
+        net = Network.from_string(text)
+        x = rng.random((6,) + net.input_shape).astype(np.float32)
+        labels = np.zeros(6, np.int32)
+        net.loss_and_grad(x, labels) if training else net.evaluate(x, labels)
+        held = sum(buf.nbytes for layer in net.layers for buf in layer._buffers.values())
+        assert held == net.activation_bytes(6, training=training) > 0

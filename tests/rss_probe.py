@@ -1,0 +1,135 @@
+"""Peak resident memory of every rank of a real `dbmpi train`, against `dbmpi plan`'s figure.
+
+As a module under mpiexec it is the probe:
+
+    mpiexec -n N python -m mpi4py -m tests.rss_probe OUT_DIR dbmpi-arguments...
+
+Each rank runs `dbmpi dbmpi-arguments...` (runpy, exactly as the console script does) and,
+when the command returns, writes OUT_DIR/rss-<rank>.json: {"rank", "maxrss_bytes", "code"}
+(`ru_maxrss`: the process's peak resident set). The training's own records are left alone;
+a rank that leaves through os._exit (a failed run) writes nothing.
+
+`measure(workdir, units, ...)` (tests/test_memory.py, bench/scale_memory.py) writes a
+two-dense-layer Downpour config and its synthetic data, asks `dbmpi plan --json` for every
+rank's memory, runs the training under the probe and returns both per rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import runpy
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Two dense layers on a 1024-value input: units x 1,025 + 10 x (units + 1) parameters
+# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations.
+DENSE_RUN = """
+[model]
+input_shape = [1024]
+[[model.layers]]
+type = "dense"
+units = {units}
+activation = "relu"
+[[model.layers]]
+type = "softmax"
+units = 10
+[data]
+path = "{data}"
+[train]
+algorithm = "downpour"
+optimizer = "sgd"
+learning_rate = 0.001
+batch_size = 8
+steps = 4
+n_shards = {shards}
+n_replicas = 1
+n_partitions = {partitions}
+eval_every = 1000
+eval_batch_size = 50
+replica_timeout_s = 600
+"""
+
+
+def dense_run_config(workdir: Path, units: int, shards: int = 2, partitions: int = 1) -> Path:
+    """DENSE_RUN's config in `workdir` (its data file is made by `measure`)."""
+    path = workdir / "model.toml"
+    path.write_text(DENSE_RUN.format(units=units, data=workdir / "data.h5", shards=shards, partitions=partitions))
+    return path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def mpiexec() -> str | None:
+    """The environment's mpiexec (the PyPI MPICH wheel's), else the one on PATH."""
+    own = Path(sys.executable).with_name("mpiexec")
+    return str(own) if own.exists() else shutil.which("mpiexec")
+
+
+def planned_memory(config: Path) -> list[dict]:
+    """`dbmpi plan --json`'s memory of every rank (dbmpi.runtime.memory.RankMemory.to_dict)."""
+    planned = subprocess.run([sys.executable, "-m", "dbmpi", "plan", str(config), "--json"], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT, env=run_env())
+    if planned.returncode != 0:
+        raise RuntimeError(f"dbmpi plan failed: {planned.stderr}")
+    return json.loads(planned.stdout.strip().splitlines()[-1])["memory"]
+
+
+def measure(workdir: Path, units: int, shards: int = 2, partitions: int = 1, timeout: int = 600,
+            enough: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Per rank: the plan's memory (RankMemory.to_dict) and "measured", its peak RSS in a
+    real run. `enough(plan)` (optional) is called before the run (a test skips there)."""
+    from dbmpi.data import prepare_synthetic
+
+    config = dense_run_config(workdir, units, shards, partitions)
+    prepare_synthetic(workdir / "data.h5", input_shape=[1024], n_classes=10, n_train=1000, n_test=50)
+    plan = planned_memory(config)
+    if enough is not None:
+        enough(plan)
+    probe = workdir / "rss"
+    run = subprocess.run([mpiexec(), "-n", str(len(plan)), sys.executable, "-m", "mpi4py", "-m", "tests.rss_probe",
+                          str(probe), "train", str(config), "--run-dir", str(workdir / "run")],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env())
+    if run.returncode != 0:
+        raise RuntimeError(f"the training failed ({run.returncode}): {run.stdout[-3000:]}{run.stderr[-3000:]}")
+    measured = {}
+    for path in probe.glob("rss-*.json"):
+        got = json.loads(path.read_text())
+        measured[got["rank"]] = got["maxrss_bytes"]
+    if sorted(measured) != list(range(len(plan))):
+        raise RuntimeError(f"ranks {sorted(measured)} reported, {len(plan)} expected")
+    return [{**rank, "measured": measured[rank["rank"]]} for rank in plan]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    sys.argv = ["dbmpi"] + sys.argv[2:]
+    code = 0
+    try:
+        runpy.run_module("dbmpi", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.rank
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rss-{rank}.json").write_text(json.dumps({"rank": rank, "maxrss_bytes": peak_rss_bytes(),
+                                                       "code": code}))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Memory per rank (dbmpi.runtime.memory): the formula `dbmpi plan` reports, its scaling by
+role (O(N/S) on a shard, O(own parameters) on a partition, nothing on the coordinator), and
+a real Downpour run of a 259M-parameter model whose every rank's measured peak RSS is
+within 10% of the plan's figure, both ways."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbmpi import config as configuration
+from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.model import Network
+from dbmpi.parallel.partition import plan_for
+from dbmpi.runtime.layout import layout_for
+from dbmpi.runtime.memory import CHECKPOINT_CHUNK, OPTIMIZER_STATE, WINDOW_ALIGN, DataSize, MemoryModel, padded
+from tests.rss_probe import dense_run_config, measure, mpiexec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_DATA = DataSize(1000, 50)
+
+
+def model_of(path: Path, data: DataSize | None = SMALL_DATA, baseline: int = 0,
+             **train) -> MemoryModel:
+    cfg = configuration.load(path, [f"train.{key}={value}" for key, value in train.items()])
+    tcfg = cfg["train"]
+    network = Network(cfg["model"], allocate=False)
+    layout = layout_for(tcfg, network.n_params, coordinator=tcfg["algorithm"] == "sandblaster")
+    plan = plan_for(tcfg, network) if layout.n_partitions > 1 else None
+    return MemoryModel(layout, network, tcfg, plan, data, baseline)
+
+
+def test_the_constants_are_the_codes():
+    """The window line and the optimizer state the model counts are what the code allocates."""
+    windows = (ROOT / "dbmpi/ps/windows.py").read_text()
+    assert re.search(rf"^ALIGN_VALUES = {WINDOW_ALIGN}$", windows, re.M)
+    checkpoint = (ROOT / "dbmpi/ps/checkpoint.py").read_text()
+    assert re.search(rf"^CHUNK = 1 << {CHECKPOINT_CHUNK.bit_length() - 1} ", checkpoint, re.M)
+    for name, vectors in OPTIMIZER_STATE.items():
+        tcfg = {"optimizer": name, "learning_rate": 0.1, "momentum": 0.9, "adagrad_eps": 1e-8, "adagrad_initial": 0.1}
+        state = make_optimizer(tcfg, 10).state
+        assert sum(v.size for v in state.values()) == 10 * vectors
+    assert padded(1) == WINDOW_ALIGN and padded(WINDOW_ALIGN + 1) == 2 * WINDOW_ALIGN
+
+
+def test_a_shard_holds_o_n_over_s_and_a_partition_its_own_share(tmp_path):
+    path = dense_run_config(tmp_path, units=1000)
+    n = model_of(path).network.n_params
+
+    def shard1(shards, optimizer="adagrad"):
+        mem = model_of(path, n_shards=shards, optimizer=optimizer).ranks()
+        return next(m for m in mem if m.role.is_shard and m.role.shard == 1)
+
+    # Shard k > 0: two windows, working copy, drain buffer, state, snapshot of its slice.
+    assert shard1(2).own == pytest.approx(4 * (2 + 1 + 1 + 1 + 2) * n / 2, abs=64 * 8)
+    assert shard1(4).own * 4 == pytest.approx(shard1(2).own * 2, rel=1e-3)
+    assert shard1(4, "sgd").own < shard1(4, "adagrad").own
+    whole = model_of(path).ranks()[0]
+    assert dict(whole.parts)["parameters, gradient, 2 accrued pushes"] == 16 * n
+    assert whole.mapped == 2 * 4 * sum(padded(b - a) for a, b in model_of(path).layout.shard_ranges)
+    # Partitions: each its own share of the vectors (dense layers split by units).
+    split = model_of(path, n_partitions=2)
+    for p in range(2):
+        mem = split.rank(p)
+        assert dict(mem.parts)["parameters, gradient, 2 accrued pushes"] == 16 * split.plan.n_params_of(p)
+        assert mem.mapped < whole.mapped
+
+
+def test_sandblaster_coordinator_holds_no_model_vector(tmp_path):
+    path = dense_run_config(tmp_path, units=1000)
+    mem = model_of(path, algorithm="sandblaster", iterations=2, n_replicas=2, baseline=5).ranks()
+    coordinator = mem[-1]
+    assert coordinator.role.is_coordinator and coordinator.own == 0 and coordinator.resident == 5
+    assert all(m.own > 0 for m in mem[:-1])
+
+
+def test_plan_without_the_data_file_says_what_it_leaves_out(tmp_path):
+    path = dense_run_config(tmp_path, units=1000)
+    out = subprocess.run([sys.executable, "-m", "dbmpi", "plan", str(path), "--json"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "data file is not there yet" in out.stdout
+    memory = json.loads(out.stdout.strip().splitlines()[-1])["memory"]
+    assert [m["role"] for m in memory] == ["replica 0 partition 0", "shard 0", "shard 1"]
+    assert all(m["baseline"] > 10 * 2**20 for m in memory)  # measured: python, numpy, h5py, ...
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def enough_memory(plan: list[dict]) -> None:
+    """Skip (saying why) unless the machine has room for the run: every rank's own buffers
+    and interpreter, shared windows counted once."""
+    need = sum(rank["own"] + rank["baseline"] for rank in plan)
+    if available_memory() < 1.2 * need:
+        pytest.skip(f"the run needs {need / 2**30:.1f} GiB, {available_memory() / 2**30:.1f} GiB available")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_every_ranks_peak_rss_is_the_plans_on_a_259m_parameter_model(tmp_path, partitions):
+    """R = 1, S = 2, P = 1 or 2 on two dense layers (258,750,010 parameters, 1.04 GB of
+    float32; about 11 GB at peak in all): the plan's figure for each rank (its buffers, the
+    shard windows a worker maps, the measured interpreter) is within 10% of the rank's
+    measured peak RSS, both ways."""
+    if mpiexec() is None:
+        pytest.skip("no mpiexec")
+    ranks = measure(tmp_path, units=250_000, shards=2, partitions=partitions, enough=enough_memory)
+    held = [rank["parts"]["parameters, gradient, 2 accrued pushes"] for rank in ranks[:partitions]]
+    assert sum(held) == 16 * 258_750_010  # the partitions hold their shares, together the model once
+    for rank in ranks:
+        ratio = rank["measured"] / rank["resident"]
+        assert 0.9 <= ratio <= 1.1, (rank["rank"], rank["role"], rank["measured"], rank["resident"], rank["parts"])
