@@ -34,7 +34,17 @@ def launch(n, *args, cwd, timeout=240):
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Every rank's records (dbmpi.io.rundir.read_metrics: per-rank files, completed)."""
+    from dbmpi.io.rundir import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def metrics_text(run_dir) -> str:
+    """All metrics files' text so far ('' before there is any): for polling a live run."""
+    from dbmpi.io.rundir import metrics_files
+
+    return "".join(path.read_text() for path in metrics_files(run_dir)) if Path(run_dir).exists() else ""
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adagrad", 0.05), ("sgd", 0.05)])
@@ -125,7 +135,7 @@ def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, 
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "\n".join(lines)  # nothing else: no "Abort(2) on node ..." lines
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert metrics_text(tmp_path / "run") == ""
 
 
 @pytest.mark.slow
@@ -447,8 +457,7 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
     with background_training(tmp_path, run_dir) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # training has started on every rank
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"kind": "train"' in metrics.read_text() and len(rank_pids(str(run_dir))) == 4:
+            if '"kind": "train"' in metrics_text(run_dir) and len(rank_pids(str(run_dir))) == 4:
                 break
             time.sleep(0.2)
         pids = rank_pids(str(run_dir))

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_downpour import CONFIG, background_training, rank_pids
+from tests.test_downpour import CONFIG, background_training, metrics_text, rank_pids, records
 
 TIMEOUT_S = 4  # train.replica_timeout_s in these runs
 RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.log_every=500"]
 
 
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def none_left(marker: str, within_s: float = 10.0) -> bool:
@@ -53,8 +51,7 @@ def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):
     """Until the lead has logged `train_records` train records and all n ranks run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= train_records \
+        if metrics_text(run_dir).count('"kind": "train"') >= train_records \
                 and len(rank_pids(str(run_dir))) == n:
             return rank_pids(str(run_dir))
         time.sleep(0.1)

@@ -17,7 +17,7 @@ from dbmpi import config as configuration
 from dbmpi.algorithms.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.data import open_dataset
 from dbmpi.model import Network
-from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, records
+from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, metrics_text, records
 
 CONFIG = ROOT / "configs/sandblaster_digits.toml"
 # A Sandblaster run in the background (tests.test_downpour.background_training): an iteration
@@ -215,8 +215,7 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
         with background_training(tmp_path, run_dir, **SANDBLASTER_BACKGROUND) as proc:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                metrics = run_dir / "metrics.jsonl"
-                if metrics.exists() and '"iteration": 2' in metrics.read_text() and len(rank_pids(str(run_dir))) == 5:
+                if '"iteration": 2' in metrics_text(run_dir) and len(rank_pids(str(run_dir))) == 5:
                     break
                 time.sleep(0.2)
             pids = rank_pids(str(run_dir))
