@@ -78,6 +78,31 @@ def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
     assert "final test accuracy" in result.stdout
 
 
+def test_each_rank_writes_its_own_metrics_and_the_split_final_evaluation_is_dbmpi_evaluate(tmp_path):
+    """Every rank appends to its own metrics file (nothing gathered at the end), its final
+    record with its peak memory; the finished replicas split the test set (pieces of
+    eval_batch_size rows) and their summed scores are the final checkpoint's, as
+    `dbmpi evaluate` scores it on one rank."""
+    from dbmpi.evaluation import evaluate_checkpoint
+
+    run_dir = tmp_path / "run"
+    result, _ = launch(5, "train", CONFIG, "--run-dir", run_dir, "--set", "train.n_replicas=3",
+                       "--set", "train.steps=150", "--set", "train.eval_batch_size=50",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == [f"rank-{r:05d}.jsonl" for r in range(5)]
+    assert not (run_dir / "metrics.jsonl").exists()
+    finals = {r["rank"]: r for r in records(run_dir) if r["kind"] in ("replica", "shard")}
+    assert sorted(finals) == [0, 1, 2, 3, 4] and all(r["peak_rss_bytes"] > 2**20 for r in finals.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scored = evaluate_checkpoint(run_dir / "checkpoints" / summary["final_checkpoint"], tmp_path / "digits.h5")
+    assert summary["test_examples"] == scored["examples"]
+    assert summary["test_accuracy"] == scored["accuracy"]
+    assert summary["test_loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    [final] = [r for r in records(run_dir) if r["kind"] == "eval" and r.get("source") == "shards"]
+    assert final["evaluators"] == 3 and final["test_examples"] == scored["examples"]
+
+
 def test_fetch_push_rhythm_local_updates_and_time_budget(tmp_path):
     """n_fetch/n_push > 1 with local application between fetches still trains; a time
     budget ends every replica on time even with a huge step budget."""
