@@ -96,6 +96,9 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
     assert summary["steps_by_replica"] == expected
     assert summary["test_accuracy"] >= 0.9, summary
     recs = records(run_dir)
+    # The two survivors split the final evaluation: every test row scored once.
+    [final] = [r for r in recs if r["kind"] == "eval" and r.get("source") == "shards"]
+    assert final["evaluators"] == 2 and final["test_examples"] == summary["test_examples"] > 0
     failures = [r for r in recs if r["kind"] == "replica_failed"]
     assert len(failures) == 1 and failures[0]["replica"] == victim
     assert failures[0]["ranks"] == failures[0]["silent_ranks"] == [victim]
