@@ -68,7 +68,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     during = [r for r in evals if r.get("source") != "shards" and "time" in r]
     if during:
         accuracy.plot([r["time"] for r in during], [r["test_accuracy"] for r in during], marker=".",
-                      label="replica 0's copy")
+                      label="during training")
     final = [r for r in evals if r.get("source") == "shards" or "source" not in r]
     if final:
         accuracy.scatter([r["time"] for r in final], [r["test_accuracy"] for r in final], color="C3",

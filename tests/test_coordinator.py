@@ -186,7 +186,7 @@ def test_test_evaluations_during_training_are_logged(tmp_path):
     space = FakeSpace([(0, N_EXAMPLES)])
     _, records, _, _ = coordinate(tmp_path, "run", space, "train.iterations=4", "train.tolerance=0",
                                   "train.eval_every=2")
-    evals = [r for r in records if r["kind"] == "eval" and r["source"] == "replica 0"]
+    evals = [r for r in records if r["kind"] == "eval" and r["source"] == "replicas"]
     assert [r["iteration"] for r in evals] == [2, 4] and space.calls.count("test") == 3
 
 

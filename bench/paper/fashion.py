@@ -158,7 +158,7 @@ def run_method(method: str, warm: dict, budget_s: float, replicas: int = 2, shar
     final = evals[-1]  # Downpour and Sandblaster: the shards' parameters at the end
     curve = [(0.0, warm["test_accuracy"])]
     curve += [(r["time"], r["test_accuracy"]) for r in evals
-              if r.get("source") in (None, "replica 0") and r is not final]
+              if r.get("source") in (None, "replica 0", "replicas") and r is not final]
     curve.append((final["time"], final["test_accuracy"]))
     return {"method": method, "label": METHODS[method], **layout,
             # Oversubscribed: more computing workers (replicas x BLAS threads) than cores. The

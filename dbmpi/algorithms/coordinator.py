@@ -206,7 +206,7 @@ class Coordinator:
         test_loss, test_accuracy = self.space.test(X)
         if not math.isfinite(test_loss):
             self.failure = f"iteration {iteration}: the test loss is {test_loss}"
-        self.run_dir.log({"kind": "eval", "source": "replica 0", "iteration": iteration,
+        self.run_dir.log({"kind": "eval", "source": "replicas", "iteration": iteration,
                           "time_s": round(self.elapsed(), 4), "test_loss": test_loss,
                           "test_accuracy": test_accuracy})
         self.say(f"[lbfgs] iteration {iteration:>5}  test accuracy {test_accuracy:.4f}")
