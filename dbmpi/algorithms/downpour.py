@@ -355,8 +355,17 @@ def _final_evaluation(ctx: RunContext, liveness, final_path) -> tuple:
     liveness.wait(over)
     for w in sorted(done):  # the end of the evaluation (a rank that died meanwhile never reads it)
         requests.append(world.isend(None, dest=w, tag=Tag.EVAL))
+    liveness.wait(lambda: _sent(requests), limit_s=liveness.timeout)
     loss, accuracy, rows = shares.result()
     return loss, accuracy, rows, len(evaluators)
+
+
+def _sent(requests) -> bool:
+    """Whether nonblocking sends are done (one to a rank that died counts as done)."""
+    try:
+        return all(request.Test() for request in requests)
+    except Exception:  # noqa: BLE001 - an MPI error from a dead peer: nothing more to send it
+        return True
 
 
 def _score_shares(ctx: RunContext, client, data: ReplicaData, liveness) -> None:
