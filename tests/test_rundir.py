@@ -45,18 +45,34 @@ def test_an_older_single_metrics_file_still_reads_and_counts_as_a_run(tmp_path):
     assert sorted(r["kind"] for r in read_metrics(tmp_path / "old")) == ["resume", "train"]
 
 
-def test_a_torn_last_line_is_left_out_and_the_next_start_begins_a_new_line(tmp_path):
+def test_a_torn_last_line_is_left_out_and_the_next_start_cuts_it(tmp_path):
     metrics = RankMetrics(tmp_path, 3, started=0.0)
     metrics.log({"kind": "train", "step": 1})
     metrics.close()
     path = tmp_path / rank_metrics_name(3)
     path.write_text(path.read_text() + '{"kind": "tra')  # killed mid-line
     assert [r["step"] for r in read_metrics(tmp_path)] == [1]
-    again = RankMetrics(tmp_path, 3, started=0.0)
+    again = RankMetrics(tmp_path, 3, started=0.0)  # a resume in place
     again.log({"kind": "train", "step": 2})
     again.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    path.write_text('{"kind": "train", "step": 1}\n{not json\n{"kind": "train", "step": 3}\n')
     with pytest.raises(RunDirectoryError, match=r"rank-00003.jsonl:2: not a JSON line"):
-        read_metrics(tmp_path)  # now a bad line in the middle: an error naming it
+        read_metrics(tmp_path)  # a bad line in the middle: an error naming it
+    path.write_text('{"kind": "tr')  # torn before its first newline: nothing kept
+    RankMetrics(tmp_path, 3, started=0.0).close()
+    assert path.read_text() == ""
+
+
+def test_a_run_resumed_in_place_keeps_each_files_order(tmp_path):
+    """A second start's clock begins at 0 again: records are not sorted by time."""
+    first = RankMetrics(tmp_path, 0, started=0.0)
+    first.log({"kind": "iteration", "iteration": 1})
+    first.close()
+    second = RankMetrics(tmp_path, 0, started=1e12)  # a later start: smaller `time` values
+    second.log({"kind": "iteration", "iteration": 2})
+    second.close()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_no_metrics_is_an_error(tmp_path):

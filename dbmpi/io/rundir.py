@@ -7,8 +7,8 @@ of size O(ranks x steps) travels at the end of a run. Every record carries `time
 since the run started (one clock for all ranks: the lead's start time, broadcast). The
 config, layout and summary are written atomically (temp file, fsync, rename) so a crash never
 leaves them half written. `read_metrics` reads every rank's file (and the single
-`metrics.jsonl` of run directories written before, which still read) into one list, in time
-order, and completes what no one rank knows (`complete_records`).
+`metrics.jsonl` of run directories written before, which still read) into one list, file by
+file, and completes what no one rank knows (`complete_records`).
 """
 from __future__ import annotations
 
@@ -54,20 +54,10 @@ class RankMetrics:
         self.started = time.time() if started is None else started
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_line(self.path)
             self._file = open(self.path, "a", buffering=1)
         except OSError as exc:  # e.g. a read-only directory
             raise RunDirectoryError(f"{self.path.parent.parent}: cannot write the run there: {exc.strerror}") from None
-        self._end_torn_line()
-
-    def _end_torn_line(self) -> None:
-        """A writer killed mid-line (an earlier start of this rank) must not swallow ours."""
-        if self._file.tell() == 0:
-            return
-        with open(self.path, "rb") as f:
-            f.seek(-1, 2)
-            torn = f.read(1) != b"\n"
-        if torn:
-            self._file.write("\n")
 
     def log(self, record: dict) -> None:
         """Append one record (a JSON object per line), stamped with the run's wall time."""
@@ -76,6 +66,27 @@ class RankMetrics:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_torn_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Cut the partial last line a writer killed mid-line (an earlier start of this rank)
+    left, so the records appended now start on a line of their own and the file stays
+    readable to the end."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, 2)
+        keep = end
+        while keep > 0:
+            start = max(0, keep - chunk)
+            f.seek(start)
+            newline = f.read(keep - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep != end:
+            f.truncate(keep)
 
 
 class RunDirectory:
@@ -148,15 +159,16 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def read_metrics(run_path: str | Path) -> list[dict]:
-    """Every record of a run directory (all ranks' files, or the older single file), sorted
-    by time (stable), completed by `complete_records`. RunDirectoryError when there are none."""
+    """Every record of a run directory: the older single file's, then each rank's file's
+    (by rank), each in the order written, then what `complete_records` adds. Not sorted by
+    `time`: a run resumed in place starts its clock again, and a file's order is the truth.
+    RunDirectoryError when there are none."""
     files = metrics_files(run_path)
     if not files:
         raise RunDirectoryError(f"{run_path}: no metrics (not a run directory?)")
     records = [r for path in files for r in _read_lines(path)]
     if not records:
         raise RunDirectoryError(f"{run_path}: no records yet")
-    records.sort(key=lambda r: r.get("time", 0.0))
     return complete_records(records)
 
 
@@ -171,15 +183,13 @@ def complete_records(records: list[dict]) -> list[dict]:
         if r.get("kind") in ("shard", "replica") and "run_started" in r:
             starts.setdefault(r["run_started"], []).append(r)
     extra = []
-    for group in starts.values():
+    for _, group in sorted(starts.items()):
         shards = sorted((r for r in group if r["kind"] == "shard"), key=lambda r: r["shard"])
         workers = [r for r in group if r["kind"] == "replica"]
         if shards and "n_replicas" in shards[0]:
             add_push_counts(shards, workers, shards[0]["n_replicas"])
             extra += checkpoint_records(shards)
-    if not extra:
-        return records
-    return sorted(records + extra, key=lambda r: r.get("time", 0.0))
+    return records + extra
 
 
 def add_push_counts(shards: list[dict], workers: list[dict], n_replicas: int) -> None:
