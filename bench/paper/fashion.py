@@ -6,7 +6,7 @@ curves from the runs.
 Every dbmpi method starts from the same checkpoint, as in the paper: a short single-replica
 run (Downpour with R = 1, S = 1 and plain SGD at the shard) whose final parameters the
 others take (`--init` for SGD and Sandblaster, `--resume` for Downpour, which starts fresh
-Adagrad state from them). Every curve's time axis is the run's own clock (metrics.jsonl's
+Adagrad state from them). Every curve's time axis is the run's own clock (the metrics'
 `time`: seconds since the run directory was made, so data loading is included), and each
 curve starts at t = 0 with the warm start's test accuracy.
 """
