@@ -53,7 +53,9 @@ def dbmpi_train(config, run_dir, sets, ranks=None, threads=1, timeout=3600, env=
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from dbmpi.io.rundir import read_metrics
+
+    records = read_metrics(run_dir)
     return summary, records
 
 

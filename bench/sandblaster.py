@@ -220,7 +220,9 @@ def _train(run_dir, ranks, sets, env, snapshots, timeout):
     if result.returncode != 0:
         raise RuntimeError(f"{shown} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    from dbmpi.io.rundir import read_metrics
+
+    records = read_metrics(run_dir)
     iterations = [r for r in records if r.get("kind") == "iteration"]
     return summary, iterations, records, shown, seconds, cpu
 

@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a network described by a TOML config",
                            description="Train the network of CONFIG with its [train] settings; writes "
-                                       "config.toml, metrics.jsonl and summary.json to a run directory.")
+                                       "config.toml, metrics/rank-NNNNN.jsonl (one per rank) and summary.json "
+                                       "to a run directory.")
     train.add_argument("config", help="TOML run configuration (see configs/)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.learning_rate=0.05 "

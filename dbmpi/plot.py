@@ -1,4 +1,5 @@
-"""`dbmpi plot RUN_DIR`: a run's metrics as one PNG (matplotlib is the optional `plot` extra).
+"""`dbmpi plot RUN_DIR`: a run's metrics (every rank's file, dbmpi.io.rundir.read_metrics) as
+one PNG (matplotlib is the optional `plot` extra).
 
 Panels: training loss against steps and against wall time, one line per replica (wall
 time marks the checkpoints); test accuracy against wall time (replica 0's copies during the
@@ -8,29 +9,15 @@ checkpoint stalled each shard's updates.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dbmpi.io.atomic import atomic_path
+from dbmpi.io.rundir import read_metrics
 
 
 class PlotError(ValueError):
-    """A run directory that cannot be plotted (missing, empty, or no matplotlib)."""
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise PlotError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise PlotError(f"{path}:{number}: not a JSON line") from None
-    if not records:
-        raise PlotError(f"{path}: no records yet")
-    return records
+    """A run directory that cannot be plotted (no matplotlib; a missing or empty one is
+    dbmpi.io.rundir.RunDirectoryError)."""
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -66,7 +53,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         rows.sort(key=lambda r: r["step"])
         label = f"replica {replica}"
         loss_steps.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
-        # elapsed_s: the replica's own clock (its records reach the run directory at the end)
+        # elapsed_s: the replica's own clock (`time`, the run's, differs by the warmstart wait)
         loss_time.plot([r.get("elapsed_s", r["time"]) for r in rows], [r["loss"] for r in rows], label=label)
     if train:
         loss_steps.set_xlabel("step")
@@ -81,7 +68,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     during = [r for r in evals if r.get("source") != "shards" and "time" in r]
     if during:
         accuracy.plot([r["time"] for r in during], [r["test_accuracy"] for r in during], marker=".",
-                      label="replica 0's copy")
+                      label="during training")
     final = [r for r in evals if r.get("source") == "shards" or "source" not in r]
     if final:
         accuracy.scatter([r["time"] for r in final], [r["test_accuracy"] for r in final], color="C3",

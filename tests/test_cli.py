@@ -101,9 +101,9 @@ def test_run_directory_is_never_overwritten(tmp_path):
     args = ("train", ROOT / "configs/mlp_digits.toml", "--run-dir", tmp_path / "r", "--quiet",
             "--set", "train.steps=5", "--set", f"data.path={tmp_path / 'd.h5'}")
     assert run(*args).returncode == 0
-    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    before = (tmp_path / "r" / "metrics" / "rank-00000.jsonl").read_text()
     assert "already holds a run" in error_line(run(*args))
-    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "r" / "metrics" / "rank-00000.jsonl").read_text() == before
 
 
 def test_a_runs_config_toml_trains_again_as_it_is(tmp_path):

@@ -34,7 +34,17 @@ def launch(n, *args, cwd, timeout=240):
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Every rank's records (dbmpi.io.rundir.read_metrics: per-rank files, completed)."""
+    from dbmpi.io.rundir import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def metrics_text(run_dir) -> str:
+    """All metrics files' text so far ('' before there is any): for polling a live run."""
+    from dbmpi.io.rundir import metrics_files
+
+    return "".join(path.read_text() for path in metrics_files(run_dir)) if Path(run_dir).exists() else ""
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adagrad", 0.05), ("sgd", 0.05)])
@@ -66,6 +76,31 @@ def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
     assert 'eval_every = "epoch"' in (run_dir / "config.toml").read_text()
     assert json.loads((run_dir / "layout.json").read_text())["roles"][2] == "shard 0"
     assert "final test accuracy" in result.stdout
+
+
+def test_each_rank_writes_its_own_metrics_and_the_split_final_evaluation_is_dbmpi_evaluate(tmp_path):
+    """Every rank appends to its own metrics file (nothing gathered at the end), its final
+    record with its peak memory; the finished replicas split the test set (pieces of
+    eval_batch_size rows) and their summed scores are the final checkpoint's, as
+    `dbmpi evaluate` scores it on one rank."""
+    from dbmpi.evaluation import evaluate_checkpoint
+
+    run_dir = tmp_path / "run"
+    result, _ = launch(5, "train", CONFIG, "--run-dir", run_dir, "--set", "train.n_replicas=3",
+                       "--set", "train.steps=150", "--set", "train.eval_batch_size=50",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == [f"rank-{r:05d}.jsonl" for r in range(5)]
+    assert not (run_dir / "metrics.jsonl").exists()
+    finals = {r["rank"]: r for r in records(run_dir) if r["kind"] in ("replica", "shard")}
+    assert sorted(finals) == [0, 1, 2, 3, 4] and all(r["peak_rss_bytes"] > 2**20 for r in finals.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scored = evaluate_checkpoint(run_dir / "checkpoints" / summary["final_checkpoint"], tmp_path / "digits.h5")
+    assert summary["test_examples"] == scored["examples"]
+    assert summary["test_accuracy"] == scored["accuracy"]
+    assert summary["test_loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    [final] = [r for r in records(run_dir) if r["kind"] == "eval" and r.get("source") == "shards"]
+    assert final["evaluators"] == 3 and final["test_examples"] == scored["examples"]
 
 
 def test_fetch_push_rhythm_local_updates_and_time_budget(tmp_path):
@@ -125,7 +160,7 @@ def test_bad_input_ends_every_rank_with_one_message(tmp_path, ranks, overrides, 
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "\n".join(lines)  # nothing else: no "Abort(2) on node ..." lines
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert metrics_text(tmp_path / "run") == ""
 
 
 @pytest.mark.slow
@@ -447,8 +482,7 @@ def test_a_stop_signal_on_any_rank_checkpoints_and_exits_0(tmp_path, signame, ra
     with background_training(tmp_path, run_dir) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # training has started on every rank
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"kind": "train"' in metrics.read_text() and len(rank_pids(str(run_dir))) == 4:
+            if '"kind": "train"' in metrics_text(run_dir) and len(rank_pids(str(run_dir))) == 4:
                 break
             time.sleep(0.2)
         pids = rank_pids(str(run_dir))

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_downpour import CONFIG, background_training, rank_pids
+from tests.test_downpour import CONFIG, background_training, metrics_text, rank_pids, records
 
 TIMEOUT_S = 4  # train.replica_timeout_s in these runs
 RHYTHM = ["train.n_fetch=20", "train.n_push=20", "train.batch_size=64", "train.log_every=500"]
 
 
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def none_left(marker: str, within_s: float = 10.0) -> bool:
@@ -53,8 +51,7 @@ def wait_until_training(run_dir, n, proc, train_records=2, timeout=120):
     """Until the lead has logged `train_records` train records and all n ranks run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= train_records \
+        if metrics_text(run_dir).count('"kind": "train"') >= train_records \
                 and len(rank_pids(str(run_dir))) == n:
             return rank_pids(str(run_dir))
         time.sleep(0.1)
@@ -99,6 +96,9 @@ def test_a_killed_replica_does_not_stop_training(tmp_path, victim):
     assert summary["steps_by_replica"] == expected
     assert summary["test_accuracy"] >= 0.9, summary
     recs = records(run_dir)
+    # The two survivors split the final evaluation: every test row scored once.
+    [final] = [r for r in recs if r["kind"] == "eval" and r.get("source") == "shards"]
+    assert final["evaluators"] == 2 and final["test_examples"] == summary["test_examples"] > 0
     failures = [r for r in recs if r["kind"] == "replica_failed"]
     assert len(failures) == 1 and failures[0]["replica"] == victim
     assert failures[0]["ranks"] == failures[0]["silent_ranks"] == [victim]

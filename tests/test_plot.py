@@ -4,13 +4,17 @@ import json
 import pytest
 
 from dbmpi.cli import main
+from dbmpi.io.rundir import rank_metrics_name
 
 pytest.importorskip("matplotlib")  # the plot extra; scripts/install.sh installs it
 
 
-def write_metrics(run_dir, records):
-    run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_metrics(run_dir, records, ranks=3):
+    """The records spread over `ranks` per-rank files, as a distributed run writes them."""
+    (run_dir / "metrics").mkdir(parents=True)
+    for rank in range(ranks):
+        mine = records[rank::ranks]
+        (run_dir / rank_metrics_name(rank)).write_text("".join(json.dumps(r) + "\n" for r in mine))
 
 
 def test_downpour_run(tmp_path, capsys):
@@ -33,12 +37,12 @@ def test_downpour_run(tmp_path, capsys):
 
 def test_sandblaster_run_and_errors(tmp_path, capsys):
     records = [{"time": 0.2 * i, "kind": "iteration", "iteration": i, "loss": 2.0 / (i + 1)} for i in range(8)]
-    write_metrics(tmp_path / "run", records)
+    write_metrics(tmp_path / "run", records, ranks=1)
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").exists()
     assert main(["plot", str(tmp_path / "missing")]) == 2
-    assert "no metrics.jsonl" in capsys.readouterr().err
-    (tmp_path / "bad").mkdir()
+    assert "no metrics (not a run directory?)" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()  # an older run directory: one metrics.jsonl
     (tmp_path / "bad" / "metrics.jsonl").write_text("{not json\n")
     assert main(["plot", str(tmp_path / "bad")]) == 2
     assert "metrics.jsonl:1: not a JSON line" in capsys.readouterr().err

@@ -112,7 +112,11 @@ class FakeLiveness:
         raise AssertionError("not declared failed here")
 
 
-class FakeRunDir:
+class FakeMetrics:
+    """A worker's metrics file (dbmpi.io.rundir.RankMetrics), in memory."""
+
+    started = 1000.0
+
     def __init__(self):
         self.logged, self.closed = [], False
 
@@ -146,9 +150,8 @@ def make_loop(replica=0, n_replicas=1, rank=None, clock=None, failed=(), rejecte
     data = ReplicaData(FakeModel(), x, y, test=(x[:8], y[:8]), input_rows=[0, 2])
     seat = Seat(rank=replica if rank is None else rank, replica=replica, partition=0, n_replicas=n_replicas,
                 n_partitions=1)
-    run_dir = FakeRunDir() if seat.is_lead else None
     loop = ReplicaLoop(tcfg, seat, data, FakeClient(calls, rejected_every), FakeControl(calls, warmed),
-                       FakeLiveness(failed), run_dir=run_dir, clock=clock or Clock())
+                       FakeLiveness(failed), metrics=FakeMetrics(), clock=clock or Clock())
     return loop, calls
 
 
@@ -182,11 +185,34 @@ def test_records_and_final_state():
     loop.run()
     final = loop.control.final
     assert final["state"]["step"] == 10 and final["state"]["phase"] == "end"
-    record = final["records"][-1]
+    record = loop.metrics.logged[-1]  # the worker's own file ends with its replica record
     assert record["kind"] == "replica" and record["steps"] == 10 and record["pushes"] == 3
     assert record["input_rows"] == [0, 2] and record["batch"] == 4
-    logged = [r for r in loop.run_dir.logged if r["kind"] == "train"]  # the lead logs as it goes
-    assert [r["step"] for r in logged] == [5, 10] and loop.run_dir.closed
+    assert record["peak_rss_bytes"] > 10 * 2**20 and record["run_started"] == FakeMetrics.started
+    # shard 0 gets a fixed set of totals, not the records (O(1) whatever the run's length)
+    assert final["totals"] == {key: record[key] for key in final["totals"]}
+    assert set(final["totals"]) == {"rank", "replica", "partition", "steps", "wall_s", "batch", "pushes",
+                                    "rejected", "bytes_fetched", "mean_staleness", "stopped_by_signal", "diverged"}
+    logged = [r for r in loop.metrics.logged if r["kind"] == "train"]  # logged as it goes
+    assert [r["step"] for r in logged] == [5, 10] and loop.metrics.closed
+
+
+def test_every_worker_logs_its_own_train_records():
+    loop, _ = make_loop(replica=1, n_replicas=2, steps=10, log_every=5, warmed=True)
+    loop.run()
+    train = [r for r in loop.metrics.logged if r["kind"] == "train"]
+    assert [(r["replica"], r["step"]) for r in train] == [(1, 5), (1, 10)]
+    assert "shard_updates" not in train[0]  # only the lead reads the shards' versions
+
+
+def test_replica_0_evaluates_its_copy_a_batch_at_a_time_with_a_heartbeat_between():
+    loop, _ = make_loop(steps=4, eval_every=2, eval_batch_size=3)  # 8 test rows: batches of 3, 3, 2
+    beats = []
+    loop.liveness.beat = lambda force=False: beats.append(force)
+    loop.evaluate(2, "downpour")
+    evals = [r for r in loop.metrics.logged if r["kind"] == "eval"]
+    assert evals == [{"kind": "eval", "source": "replica 0", "step": 2, "test_loss": 0.5, "test_accuracy": 0.75}]
+    assert len(beats) == 3
 
 
 def test_warmstart_replica_0_trains_alone_then_releases_the_others():
@@ -242,7 +268,7 @@ def test_a_stop_signal_is_relayed_once_and_stops_every_replica():
     assert calls.count(("relay_stop",)) == 1
     state = loop.control.final["state"]
     assert (state["step"], state["phase"]) == (6, "signal")
-    assert loop.control.final["records"][-1]["stopped_by_signal"]
+    assert loop.control.final["totals"]["stopped_by_signal"]
 
 
 def test_periodic_checkpoints_by_the_acting_lead_only():
@@ -260,5 +286,5 @@ def test_periodic_checkpoints_by_the_acting_lead_only():
 def test_mostly_withheld_pushes_stop_the_replica_as_diverged():
     loop, _ = make_loop(steps=400, n_push=1, rejected_every=1)  # every push withheld
     loop.run()
-    record = loop.control.final["records"][-1]
+    record = loop.control.final["totals"]
     assert record["diverged"] and record["rejected"] == 10 and record["steps"] == 10

@@ -17,7 +17,7 @@ from dbmpi import config as configuration
 from dbmpi.algorithms.lbfgs import LBFGS, NumpyVectorSpace
 from dbmpi.data import open_dataset
 from dbmpi.model import Network
-from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, records
+from tests.test_downpour import ROOT, background_training, damaged_digits, error_lines, launch, metrics_text, records
 
 CONFIG = ROOT / "configs/sandblaster_digits.toml"
 # A Sandblaster run in the background (tests.test_downpour.background_training): an iteration
@@ -215,8 +215,7 @@ def test_a_stop_signal_on_any_sandblaster_rank_checkpoints_and_resume_auto_finis
         with background_training(tmp_path, run_dir, **SANDBLASTER_BACKGROUND) as proc:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                metrics = run_dir / "metrics.jsonl"
-                if metrics.exists() and '"iteration": 2' in metrics.read_text() and len(rank_pids(str(run_dir))) == 5:
+                if '"iteration": 2' in metrics_text(run_dir) and len(rank_pids(str(run_dir))) == 5:
                     break
                 time.sleep(0.2)
             pids = rank_pids(str(run_dir))
@@ -297,17 +296,27 @@ def test_a_killed_sandblaster_rank_ends_the_job_and_keeps_the_checkpoints(tmp_pa
 ])
 def test_test_accuracy_during_training_leaves_the_iterates_alone(tmp_path, sets, env):
     """train.eval_every = k: the test accuracy of x after every k iterations, measured by
-    replica 0 between evaluations (its partitions together when it is split); the iterates
-    are those of a run without it and the last measurement is the final one's."""
+    the live replicas between evaluations, each a piece of the test set (a replica's
+    partitions together when it is split); the iterates are those of a run without it, the
+    last measurement is the final one's, and that is `dbmpi evaluate`'s on the final
+    checkpoint."""
+    from dbmpi.evaluation import evaluate_checkpoint
+
     ranks = 6
     n_iter = 6
     _, plain, _ = run_sandblaster(tmp_path, "plain", ranks, *sets, f"train.iterations={n_iter}", env=env)
     summary, its, run_dir = run_sandblaster(tmp_path, "eval", ranks, *sets, f"train.iterations={n_iter}",
                                             "train.eval_every=1", env=env)
     np.testing.assert_allclose([r["loss"] for r in its], [r["loss"] for r in plain], rtol=1e-5)
-    evals = [r for r in records(run_dir) if r["kind"] == "eval" and r["source"] == "replica 0"]
+    evals = [r for r in records(run_dir) if r["kind"] == "eval" and r["source"] == "replicas"]
     assert [r["iteration"] for r in evals] == list(range(1, n_iter + 1))
     assert abs(evals[-1]["test_accuracy"] - summary["test_accuracy"]) < 1e-9
+    scored = evaluate_checkpoint(run_dir / "checkpoints" / summary["checkpoints_written"][-1], tmp_path / "digits.h5")
+    assert summary["test_accuracy"] == scored["accuracy"]
+    assert summary["test_loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == [f"rank-{r:05d}.jsonl" for r in range(ranks)]
+    finals = [r for r in records(run_dir) if r["kind"] in ("replica", "shard", "coordinator")]
+    assert sorted(r["rank"] for r in finals) == list(range(ranks)) and all(r["peak_rss_bytes"] for r in finals)
     accuracies = [r["test_accuracy"] for r in evals]
     assert accuracies[-1] > accuracies[0] and accuracies[-1] > 0.85
     assert all(r["time_s"] > 0 for r in evals)
@@ -328,7 +337,8 @@ def test_init_takes_only_the_parameters_of_a_checkpoint(tmp_path):
                        "--set", f"data.path={tmp_path / 'digits.h5'}", "--set", "train.iterations=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     recs = records(tmp_path / "second")
-    assert recs[0]["kind"] == "init" and not [r for r in recs if r["kind"] == "resume"]
+    kinds = [r["kind"] for r in recs]  # the coordinator's file: init, then the iterations
+    assert kinds.index("init") < kinds.index("iteration") and "resume" not in kinds
     its = [r for r in recs if r["kind"] == "iteration"]
     assert [r["iteration"] for r in its] == [0, 1, 2]
     assert abs(its[0]["loss"] - expected) < 1e-5 * expected

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_downpour import background_training, rank_pids, records
+from tests.test_downpour import background_training, metrics_text, rank_pids, records
 from tests.test_failover import none_left
 from tests.test_sandblaster import CONFIG, serial_reference
 
@@ -31,8 +31,7 @@ def wait_for_iterations(run_dir, proc, n, ranks, timeout=120):
     """The rank pids once the coordinator has logged `n` iterations (all ranks running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"kind": "iteration"') >= n + 1 \
+        if metrics_text(run_dir).count('"kind": "iteration"') >= n + 1 \
                 and len(rank_pids(str(run_dir))) == ranks:
             return rank_pids(str(run_dir))
         time.sleep(0.05)
@@ -179,7 +178,7 @@ def test_a_stalled_replica_is_declared_failed_then_dismissed(tmp_path):
         pids = wait_for_iterations(run_dir, proc, 2, 5)
         os.kill(pids[1], signal.SIGSTOP)
         try:
-            seen = (run_dir / "metrics.jsonl").read_text().count('"kind": "iteration"')
+            seen = metrics_text(run_dir).count('"kind": "iteration"')
             wait_for_iterations(run_dir, proc, seen + 2, 5)  # (seen - 1) + 3
         finally:
             os.kill(pids[1], signal.SIGCONT)

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from dbmpi.io.rundir import read_metrics
 from tests.conftest import require_fashion
 from tests.test_cli import error_line
 from tests.test_data import _retype
@@ -19,10 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def dbmpi(*args, cwd, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "dbmpi", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("momentum", 0.05), ("adagrad", 0.05)])

@@ -36,7 +36,10 @@ def dbmpi(*args, ranks: int | None = None, timeout: float = 3600, env: dict | No
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """Every rank's records of a run directory (dbmpi.io.rundir.read_metrics)."""
+    from dbmpi.io.rundir import read_metrics
+
+    return read_metrics(run_dir)
 
 
 def fresh_run_dir(name: str) -> Path:

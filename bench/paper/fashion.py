@@ -6,7 +6,7 @@ curves from the runs.
 Every dbmpi method starts from the same checkpoint, as in the paper: a short single-replica
 run (Downpour with R = 1, S = 1 and plain SGD at the shard) whose final parameters the
 others take (`--init` for SGD and Sandblaster, `--resume` for Downpour, which starts fresh
-Adagrad state from them). Every curve's time axis is the run's own clock (metrics.jsonl's
+Adagrad state from them). Every curve's time axis is the run's own clock (the metrics'
 `time`: seconds since the run directory was made, so data loading is included), and each
 curve starts at t = 0 with the warm start's test accuracy.
 """
@@ -158,7 +158,7 @@ def run_method(method: str, warm: dict, budget_s: float, replicas: int = 2, shar
     final = evals[-1]  # Downpour and Sandblaster: the shards' parameters at the end
     curve = [(0.0, warm["test_accuracy"])]
     curve += [(r["time"], r["test_accuracy"]) for r in evals
-              if r.get("source") in (None, "replica 0") and r is not final]
+              if r.get("source") in (None, "replica 0", "replicas") and r is not final]
     curve.append((final["time"], final["test_accuracy"]))
     return {"method": method, "label": METHODS[method], **layout,
             # Oversubscribed: more computing workers (replicas x BLAS threads) than cores. The

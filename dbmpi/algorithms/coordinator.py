@@ -18,7 +18,7 @@ from typing import Protocol
 from dbmpi import config as configuration
 from dbmpi.algorithms.lbfgs import LBFGS, NotFinite, VectorSpace, X
 from dbmpi.io.checkpoint import checkpoint_name
-from dbmpi.io.rundir import RunDirectory
+from dbmpi.io.rundir import RunDirectory, peak_rss_bytes
 from dbmpi.runtime.layout import Layout
 
 
@@ -206,7 +206,7 @@ class Coordinator:
         test_loss, test_accuracy = self.space.test(X)
         if not math.isfinite(test_loss):
             self.failure = f"iteration {iteration}: the test loss is {test_loss}"
-        self.run_dir.log({"kind": "eval", "source": "replica 0", "iteration": iteration,
+        self.run_dir.log({"kind": "eval", "source": "replicas", "iteration": iteration,
                           "time_s": round(self.elapsed(), 4), "test_loss": test_loss,
                           "test_accuracy": test_accuracy})
         self.say(f"[lbfgs] iteration {iteration:>5}  test accuracy {test_accuracy:.4f}")
@@ -284,14 +284,18 @@ class Coordinator:
         return summary
 
     def write(self, summary: dict, gathered: list[list[dict]]) -> None:
-        """The ranks' records (`gathered`, one list per rank), the final test evaluation and
-        summary.json (with each replica's portion count) into the run directory, closed."""
+        """The final test evaluation, the failure records and the coordinator's own record
+        into its metrics file (each rank logged its own `replica` or `shard` record: `gathered`
+        holds them, one list per rank, for the counts), and summary.json (with each replica's
+        portion count); closed."""
         run_dir = self.run_dir
         records = [r for per_rank in gathered for r in per_rank]
         for record in records:
-            run_dir.log(record)
+            if record["kind"] not in ("replica", "shard"):  # in the ranks' own files
+                run_dir.log(record)
         run_dir.log({"kind": "eval", "source": "shards", "test_loss": summary["test_loss"],
                      "test_accuracy": summary["test_accuracy"]})
+        run_dir.log({"kind": "coordinator", "rank": self.layout.coordinator_rank, "peak_rss_bytes": peak_rss_bytes()})
         workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
         computed = {r["replica"]: r["portions_computed"] for r in workers if r["partition"] == 0}
         # None for a failed replica (it sent no records)

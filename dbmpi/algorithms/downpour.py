@@ -10,13 +10,14 @@ apply it to its own copy), every `n_push` steps push the accrued gradient (that 
 dbmpi.algorithms.replica.ReplicaLoop, MPI-free). Shards apply the updates themselves
 (dbmpi.ps.shard). Replica 0 trains alone for `warmstart_steps`
 before the others start. A replica stops after its step budget (or epochs over its slice)
-or its time budget, pushes what it has accrued, sends its records to shard 0 and marks
+or its time budget, pushes what it has accrued, sends its totals (O(1)) to shard 0 and marks
 itself done; the shards stop once every replica has finished or was declared failed
-(dbmpi.runtime.failover: a killed replica does not stop the others). The lead rank (replica 0)
-prints progress and logs its records as it goes. Shard 0 writes the final checkpoint (with
-the state of the lowest replica that finished), then, once the others are released,
-evaluates it (the parameters as the shards hold them at the end) and writes the remaining
-records and the summary.
+(dbmpi.runtime.failover: a killed replica does not stop the others). Every rank writes its
+own records into its own metrics file as it goes (dbmpi.io.rundir); the lead rank (replica 0)
+prints progress. Shard 0 writes the final checkpoint (with the state of the lowest replica
+that finished), then the finished replicas split the test set and score the shards' final
+parameters (`_final_evaluation`: shard 0 sums (loss sum, correct, rows) per piece), and
+shard 0, once the others are released, writes the summary from the O(1) totals.
 
 Input is validated identically on every rank before the first collective call, so a bad
 config, layout, data file or run directory ends every rank with the same message
@@ -26,8 +27,7 @@ dbmpi.runtime.runcontrol's.
 from __future__ import annotations
 
 import math
-import os
-from collections import Counter
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +37,9 @@ from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat, mean
 from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
 from dbmpi.config import ConfigError
+from dbmpi.evaluation import TestShares, score
 from dbmpi.io.checkpoint import open_checkpoint
-from dbmpi.io.rundir import RunDirectory
+from dbmpi.io.rundir import RankMetrics, merge_counts, peak_rss_bytes, write_json
 from dbmpi.model.partitioned import worker_model
 from dbmpi.ps.checkpoint import ShardCheckpointer
 from dbmpi.ps.client import ShardClient
@@ -75,10 +76,11 @@ def run(cfg: dict, run_path: Path, comm: Comm | None = None,
 
 
 def _run(ctx: RunContext) -> dict | None:
-    """The committed run, on every rank: the windows and heartbeats, then a worker's or a
-    shard's part."""
-    # The lead's run directory's start time is everyone's (shard 0 writes the last records).
+    """The committed run, on every rank: its metrics file, the windows and heartbeats, then a
+    worker's or a shard's part."""
+    # The lead's run directory's start time is everyone's: one time axis in every rank's file.
     run_started = ctx.comm.bcast(ctx.run_dir.started if ctx.run_dir is not None else None, root=0)
+    metrics = ctx.run_dir if ctx.run_dir is not None else RankMetrics(ctx.run_path, ctx.comm.rank, run_started)
     topo, layout = ctx.topo, ctx.layout
     role = topo.role
     if topo.is_lead:
@@ -87,9 +89,9 @@ def _run(ctx: RunContext) -> dict | None:
     windows.lock_shards()
     liveness = Liveness(windows, layout, topo.world, ctx.tcfg["replica_timeout_s"], role)
     if role.is_worker:
-        _work(ctx, windows, liveness)
+        _work(ctx, windows, liveness, metrics)
         return None
-    return _serve(ctx, windows, liveness, run_started)
+    return _serve(ctx, windows, liveness, metrics)
 
 
 def _introduce(ctx: RunContext) -> None:
@@ -105,15 +107,16 @@ def _introduce(ctx: RunContext) -> None:
     say(f"run directory: {ctx.run_dir.path}")
 
 
-def _work(ctx: RunContext, windows: ParameterWindows, liveness: Liveness) -> None:
+def _work(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, metrics) -> None:
     """A worker: load its data (before the heartbeats start: loading may take long), train,
-    hand in, end."""
+    hand in, score its share of the test set, end."""
     topo = ctx.topo
     data = _load_replica_data(ctx)
     topo.world.Barrier()
     liveness.start()
     with liveness.partition_errors():  # a dead partition: this replica leaves, not the job
-        client = _replica_loop(ctx, windows, liveness, data).run()
+        client = _replica_loop(ctx, windows, liveness, data, metrics).run()
+        _score_shares(ctx, client, data, liveness)
     _end(topo, windows, liveness, client.close)
 
 
@@ -138,7 +141,8 @@ def _load_replica_data(ctx: RunContext) -> ReplicaData:
     return ReplicaData(model, x, y, test, input_rows, ranges, bounds=bounds, first=first, exchange=exchange)
 
 
-def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, data: ReplicaData) -> ReplicaLoop:
+def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, data: ReplicaData,
+                  metrics) -> ReplicaLoop:
     """A worker's ReplicaLoop over MPI: the shards' client and the run protocol on shard 0."""
     tcfg, topo, layout, resumed = ctx.tcfg, ctx.topo, ctx.layout, ctx.resumed
     role = topo.role
@@ -147,14 +151,15 @@ def _replica_loop(ctx: RunContext, windows: ParameterWindows, liveness: Liveness
                          wait=lambda done: liveness.wait(done, high=2e-3))
     seat = Seat(topo.rank, role.replica, role.partition, layout.n_replicas, layout.n_partitions)
     return ReplicaLoop(tcfg, seat, data, client, ReplicaControl(windows, topo, liveness), liveness,
-                       stop_request=ctx.stop, run_dir=ctx.run_dir, say=ctx.say,
+                       metrics=metrics, stop_request=ctx.stop, say=ctx.say,
                        first_step=resumed["step"] if resumed else 0, resumed=bool(resumed),
                        fail_at=FAULTS.fail_step(topo.rank), step_sleep_s=FAULTS.step_sleep_s)
 
 
-def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_started) -> dict | None:
+def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, metrics) -> dict | None:
     """A shard: publish its slice, serve until every worker finished or failed; shard 0
-    then ends the run (_shard0_end), the others stream the final checkpoint and hand in."""
+    then ends the run (_shard0_end), the others stream the final checkpoint, log their
+    record and hand shard 0 their totals (O(1))."""
     topo, layout = ctx.topo, ctx.layout
     role = topo.role
     shard = Shard(windows, role.shard, *_initial_slice(ctx, role.shard))
@@ -162,7 +167,7 @@ def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_s
     topo.world.Barrier()  # every shard has published its initial slice
     liveness.start()
     if role.shard == 0:
-        return _shard0_end(ctx, windows, shard, checkpointer, liveness, run_started)
+        return _shard0_end(ctx, windows, shard, checkpointer, liveness, metrics)
 
     def tick() -> None:
         liveness.beat()
@@ -170,8 +175,12 @@ def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, run_s
 
     stats = shard.serve(None, ctx.stop, tick=tick)
     checkpointer.last_order()  # the final checkpoint, unless no replica survived to give it a state
-    send(topo.world, {"records": [_shard_record(topo, stats, checkpointer), *liveness.events]},
-         layout.shard_rank(0), Tag.FINAL, liveness.wait)
+    record = _shard_record(topo, stats, checkpointer, metrics)
+    metrics.log(record)
+    for event in liveness.events:  # the failures this shard's detector declared
+        metrics.log(event)
+    metrics.close()
+    send(topo.world, _shard_totals(record), layout.shard_rank(0), Tag.FINAL, liveness.wait)
     _end(topo, windows, liveness, shard.close)
     return None
 
@@ -192,7 +201,14 @@ def _initial_slice(ctx: RunContext, k: int) -> tuple:
     return initial, optimizer
 
 
-def _shard_record(topo, stats, checkpointer) -> dict:
+def _shard_record(topo, stats, checkpointer, metrics) -> dict:
+    """A shard's `shard` record, for its own metrics file: its counters, its part in each
+    checkpoint (times in seconds since the run started), its peak memory, and what the
+    reader needs to complete it (dbmpi.io.rundir.complete_records: the run's start, the
+    replica count, the staleness buckets' labels)."""
+    started = metrics.started
+    checkpoints = [dict(c, time=round(c["time"] - started, 4)) if "time" in c else dict(c)
+                   for c in checkpointer.records]
     return {"kind": "shard", "rank": topo.rank, "shard": topo.role.shard,
             "updates": stats.updates, "pushes": stats.pushes, "drains": stats.drains,
             "dropped": stats.dropped, "rejected": stats.rejected,
@@ -200,29 +216,17 @@ def _shard_record(topo, stats, checkpointer) -> dict:
             "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
             "merged_histogram": {bucket_label(b): n for b, n in enumerate(stats.merged_histogram) if n},
             "max_merged": stats.max_merged,
-            "checkpoints_written": checkpointer.written, "checkpoints": checkpointer.records}
+            "checkpoints_written": checkpointer.written, "checkpoints": checkpoints,
+            "peak_rss_bytes": peak_rss_bytes(), "n_replicas": topo.layout.n_replicas,
+            "bucket_labels": [bucket_label(b) for b in range(N_BUCKETS)], "run_started": started}
 
 
-def add_push_counts(shard_records: list[dict], workers: list[dict], n_replicas: int) -> None:
-    """Complete each shard's record with what its workers counted for it (dbmpi.ps.client):
-    the staleness histogram of the pushes, the pushes by replica, and per replica the pushes
-    the shard had counted before that replica's first one (-1: it never pushed; a failed
-    replica's records are lost, so it shows as none)."""
-    for record in shard_records:
-        k = record["shard"]
-        histogram = [0] * N_BUCKETS
-        by_replica, first = [0] * n_replicas, [-1] * n_replicas
-        for w in workers:
-            if k not in w.get("shards", ()):
-                continue
-            i, r = w["shards"].index(k), w["replica"]
-            histogram = [a + b for a, b in zip(histogram, w["staleness_histogram_by_shard"][i], strict=True)]
-            by_replica[r] += w["pushes_by_shard"][i]
-            after = w["first_push_after_by_shard"][i]
-            if after >= 0:
-                first[r] = after if first[r] < 0 else min(first[r], after)
-        record.update({"staleness_histogram": {bucket_label(b): n for b, n in enumerate(histogram) if n},
-                       "pushes_by_replica": by_replica, "first_push_after": first})
+def _shard_totals(record: dict) -> dict:
+    """What the summary needs of a shard's record: O(1) numbers (a histogram of N_BUCKETS)."""
+    return {"shard": record["shard"], "updates": record["updates"], "dropped": record["dropped"],
+            "merged_histogram": record["merged_histogram"], "max_merged": record["max_merged"],
+            "checkpoints": len(record["checkpoints"]),
+            "stall_s_max": max((c.get("stall_s", 0.0) for c in record["checkpoints"]), default=0.0)}
 
 
 def _end(topo, windows, liveness: Liveness, close) -> None:
@@ -243,22 +247,19 @@ def _end(topo, windows, liveness: Liveness, close) -> None:
         _end_diverged(diverged, leaving=False)
 
 
-def _shard0_end(ctx: RunContext, windows, shard, checkpointer, liveness, run_started) -> dict | None:
+def _shard0_end(ctx: RunContext, windows, shard, checkpointer, liveness, metrics) -> dict | None:
     """Shard 0 serves, then writes the final checkpoint with the state of the lowest replica
-    that finished and collects every rank's records (point to point: a collective would wait
-    for a dead rank forever). Then it gives the verdict, lets the others go, and evaluates
-    the final checkpoint and writes metrics and summary on its own."""
-    records, final_path, diverged, failed = _shard0_collect(ctx, shard, checkpointer, liveness)
-    liveness.beat(force=True)  # the others wait for the verdict: the evaluation must take less than the timeout
-    with liveness.busy():
-        test = _evaluate_final(ctx.cfg, ctx.network, final_path)
+    that finished and collects every rank's totals (point to point: a collective would wait
+    for a dead rank forever); the finished replicas score the test set. Then it gives the
+    verdict, lets the others go, and writes its records and the summary."""
+    workers, shards, final_path, diverged, failed = _shard0_collect(ctx, shard, checkpointer, liveness, metrics)
+    test = _final_evaluation(ctx, liveness, final_path)
     if test[0] is not None and not math.isfinite(test[0]):
         diverged = f"the final test loss is {test[0]}; lower train.learning_rate"
         final_path = set_aside(final_path)
     _shard0_release(ctx, windows, shard, liveness, diverged, failed)
     say = ctx.speaker(ctx.layout.shard_rank(0))  # shard 0 writes the rest (the lead may have failed)
-    summary = _finish(ctx.cfg, ctx.network, ctx.layout, final_path, records, failed, ctx.run_path, run_started,
-                      say, test, diverged)
+    summary = _finish(ctx, final_path, workers, shards, failed, metrics, say, test, diverged)
     if diverged is not None:
         _end_diverged(diverged, leaving=bool(failed))
     if not failed:
@@ -273,11 +274,12 @@ def _shard0_end(ctx: RunContext, windows, shard, checkpointer, liveness, run_sta
     leave(0)
 
 
-def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness) -> tuple[list, Path | None, str | None, list]:
+def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness, metrics) -> tuple:
     """Shard 0: serve until everyone is counted finished or failed, write the final
-    checkpoint (unless the run diverged or no replica finished), and gather every rank's
-    records. Returns (records, the final checkpoint or None, why the run diverged or None,
-    the replicas failed when serving ended: the run's verdict, whatever fails later)."""
+    checkpoint (unless the run diverged or no replica finished), log its own record and
+    gather every rank's totals (O(1) each). Returns (the workers' totals, the shards'
+    totals, the final checkpoint or None, why the run diverged or None, the replicas failed
+    when serving ended: the run's verdict, whatever fails later)."""
     topo, layout = ctx.topo, ctx.layout
     world = topo.world
     messages = FinalMessages(world)
@@ -293,8 +295,8 @@ def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness) -> tuple[lis
     states = sorted((layout.role(w).replica, msg["state"]) for w, msg in finals.items()
                     if msg["state"] is not None)
     failed = liveness.failed_replicas()
-    records = [r for w in sorted(finals) for r in finals[w]["records"]]
-    diverged = _divergence(records, ctx.tcfg)
+    workers = [finals[w]["totals"] for w in sorted(finals)]
+    diverged = _divergence(workers, ctx.tcfg)
     go = bool(states) and diverged is None  # a diverged run keeps its last good checkpoint
     for k in range(1, layout.n_shards):  # the final checkpoint's step, or False: none
         send(world, states[0][1]["step"] if go else False, layout.shard_rank(k), Tag.CKPT_LAST, liveness.wait)
@@ -303,11 +305,14 @@ def _shard0_collect(ctx: RunContext, shard, checkpointer, liveness) -> tuple[lis
         state = dict(states[0][1], lead_replica=states[0][0], failed_replicas=failed)
         checkpointer(state)  # the final checkpoint
         final_path = checkpointer.last
-    records.append(_shard_record(topo, stats, checkpointer))
+    record = _shard_record(topo, stats, checkpointer, metrics)
+    metrics.log(record)
+    shards = [_shard_totals(record)]
     for k in range(1, layout.n_shards):
-        records.extend(receive(world, layout.shard_rank(k), Tag.FINAL, liveness.wait)["records"])
-    records.extend(liveness.events)
-    return records, final_path, diverged, failed
+        shards.append(receive(world, layout.shard_rank(k), Tag.FINAL, liveness.wait))
+    for event in liveness.events:
+        metrics.log(event)
+    return workers, shards, final_path, diverged, failed
 
 
 def _shard0_release(ctx: RunContext, windows, shard, liveness, diverged: str | None, failed: list) -> None:
@@ -327,24 +332,83 @@ def _shard0_release(ctx: RunContext, windows, shard, liveness, diverged: str | N
     liveness.close()
 
 
-def _evaluate_final(cfg, network, final_path) -> tuple:
-    """On shard 0: test loss and accuracy of the final checkpoint's parameters (the shards'
-    parameters at the end); (None, None) without one."""
-    if final_path is None:
-        return None, None
-    network.allocate(initialise=False)  # the whole model, for this evaluation only
-    with open_checkpoint(final_path, verify=False) as ckpt:
-        ckpt.read_range("params", 0, network.n_params, out=network.params)
-    with datasets.open_dataset(cfg["data"]["path"]) as dataset:
-        test_x, test_y = dataset.load("test")
-    return network.evaluate(test_x, test_y, cfg["train"]["eval_batch_size"])
+def _final_evaluation(ctx: RunContext, liveness, final_path) -> tuple:
+    """Shard 0: the test loss, accuracy and rows scored of the shards' final parameters
+    (those of the final checkpoint), scored by the finished replicas, each a share of the
+    test rows (dbmpi.evaluation.TestShares; a replica whose partitions all finished takes
+    part, its partitions together). Each piece of `eval_batch_size` rows comes back as (loss
+    sum, correct, rows), which is also a heartbeat: a replica silent for
+    `replica_timeout_s` is passed over and its unscored rows go to another. Every finished
+    worker is told None at the end (or at once when it scores nothing). (None, None, 0)
+    without a final checkpoint."""
+    topo, layout, tcfg = ctx.topo, ctx.layout, ctx.tcfg
+    world, P = topo.world, layout.n_partitions
+    done = liveness.done_workers
+    evaluators = [] if final_path is None else [
+        r for r in range(layout.n_replicas) if all(layout.worker_rank(r, p) in done for p in range(P))]
+    shares = TestShares(ctx.data_info["n_test"], tcfg["eval_batch_size"], evaluators, liveness.timeout,
+                        time.monotonic())
+    requests = []
+
+    def hand_out(replica: int, share) -> None:
+        requests.extend(world.isend(share, dest=layout.worker_rank(replica, p), tag=Tag.EVAL) for p in range(P))
+
+    for replica, share in shares.shares.items():
+        hand_out(replica, share)
+
+    def over() -> bool:
+        while (message := world.improbe(tag=Tag.EVAL)) is not None:
+            report = message.recv()
+            shares.scored(report["replica"], report["start"], *report["score"], now=time.monotonic())
+        for replica, share in shares.check(time.monotonic()):
+            hand_out(replica, share)
+        return shares.over()
+
+    liveness.wait(over)
+    for w in sorted(done):  # the end of the evaluation (a rank that died meanwhile never reads it)
+        requests.append(world.isend(None, dest=w, tag=Tag.EVAL))
+    liveness.wait(lambda: _sent(requests), limit_s=liveness.timeout)
+    loss, accuracy, rows = shares.result()
+    return loss, accuracy, rows, len(evaluators)
 
 
-def _divergence(records: list[dict], tcfg: dict) -> str | None:
-    """Why the training diverged, from the workers' records (None if it did not): more than
+def _sent(requests) -> bool:
+    """Whether nonblocking sends are done (one to a rank that died counts as done)."""
+    try:
+        return all(request.Test() for request in requests)
+    except Exception:  # noqa: BLE001 - an MPI error from a dead peer: nothing more to send it
+        return True
+
+
+def _score_shares(ctx: RunContext, client, data: ReplicaData, liveness) -> None:
+    """A finished worker: score the test rows shard 0 hands out (`_final_evaluation`) on the
+    shards' final parameters (fetched once, after the last update), a piece at a time, each
+    piece's (loss sum, correct, rows) reported by the replica's first partition, until shard 0
+    says None."""
+    topo, layout = ctx.topo, ctx.layout
+    world, shard0, model = topo.world, layout.shard_rank(0), data.model
+    batch = ctx.tcfg["eval_batch_size"]
+    whole = data.input_rows == [0, ctx.network.input_shape[0]]
+    rows = None if whole else tuple(data.input_rows)
+    fetched = False
+    while (share := receive(world, shard0, Tag.EVAL, liveness.wait)) is not None:
+        if not fetched:
+            client.fetch(model.params)
+            fetched = True
+        with datasets.open_dataset(ctx.cfg["data"]["path"]) as dataset:
+            for start in range(share[0], share[1], batch):
+                x, y = dataset.load("test", start, min(start + batch, share[1]), rows=rows)
+                piece = score(model, x, y, batch)
+                liveness.beat()
+                if topo.role.partition == 0:
+                    send(world, {"replica": topo.role.replica, "start": start, "score": piece}, shard0, Tag.EVAL,
+                         liveness.wait)
+
+
+def _divergence(workers: list[dict], tcfg: dict) -> str | None:
+    """Why the training diverged, from the workers' totals (None if it did not): more than
     train.max_rejected_fraction of the pushes withheld as non-finite, or a replica stopped
     because its own pushes were."""
-    workers = [r for r in records if r["kind"] == "replica"]
     rejected = sum(r["rejected"] for r in workers)
     attempted = rejected + sum(r["pushes"] for r in workers)
     limit = tcfg["max_rejected_fraction"]
@@ -365,34 +429,20 @@ def _end_diverged(message: str, leaving: bool) -> None:
     raise DivergedError(message)
 
 
-def _finish(cfg, network, layout, final_path, records, failed, run_path, run_started, say,
-            test=(None, None), diverged: str | None = None) -> dict:
-    """On shard 0: append every record to metrics.jsonl and write summary.json (`test`: the
-    final checkpoint's test loss and accuracy; `diverged`: why the training failed)."""
-    tcfg = cfg["train"]
-    test_loss, test_acc = test
-    add_push_counts([r for r in records if r["kind"] == "shard"], [r for r in records if r["kind"] == "replica"],
-                    layout.n_replicas)
-    metrics = Path(run_path) / "metrics.jsonl"
-    if metrics.exists() and metrics.stat().st_size:
-        with open(metrics, "rb") as f:  # a writer killed mid-line must not swallow ours
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                with open(metrics, "ab") as g:
-                    g.write(b"\n")
-    run_dir = RunDirectory(run_path, resume=True)
-    if run_started is not None:
-        run_dir.started = run_started  # one time axis with the lead's records
-    for record in records:
-        run_dir.log(record)
-    shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["shard"])
-    checkpoints = checkpoint_records(shards, run_dir.started)
-    for record in checkpoints:
-        run_dir.log(record)
+def _finish(ctx: RunContext, final_path, workers, shards, failed, metrics, say,
+            test=(None, None, 0, 0), diverged: str | None = None) -> dict:
+    """On shard 0: log the final evaluation into its metrics file and write summary.json from
+    the workers' and shards' totals (`test`: the final parameters' test loss, accuracy, rows
+    scored and replicas scoring; `diverged`: why the training failed)."""
+    tcfg, layout = ctx.tcfg, ctx.layout
+    test_loss, test_acc, test_rows, evaluators = test
     if final_path is not None:
-        run_dir.log({"kind": "eval", "source": "shards", "checkpoint": final_path.name,
-                     "test_loss": test_loss, "test_accuracy": test_acc})
-    workers = sorted((r for r in records if r["kind"] == "replica"), key=lambda r: (r["replica"], r["partition"]))
+        metrics.log({"kind": "eval", "source": "shards", "checkpoint": final_path.name,
+                     "test_loss": test_loss, "test_accuracy": test_acc, "test_examples": test_rows,
+                     "evaluators": evaluators})
+    metrics.close()
+    workers = sorted(workers, key=lambda r: (r["replica"], r["partition"]))
+    shards = sorted(shards, key=lambda r: r["shard"])
     replicas = {r["replica"]: r for r in workers if r["partition"] == 0}
     finished = [replicas[k] for k in sorted(replicas) if k not in failed]
     wall = max((r["wall_s"] for r in replicas.values()), default=0.0)
@@ -409,41 +459,22 @@ def _finish(cfg, network, layout, final_path, records, failed, run_path, run_sta
         "pushes_rejected": sum(r["rejected"] for r in workers),
         "stopped_by_signal": any(r.get("stopped_by_signal") for r in workers),
         "drains_dropped": sum(s["dropped"] for s in shards),
-        "merged_histogram": dict(sum((Counter(s["merged_histogram"]) for s in shards), Counter())),
+        "merged_histogram": merge_counts(s["merged_histogram"] for s in shards),
         "max_merged_pushes": max((s["max_merged"] for s in shards), default=0),
-        "checkpoints": len(checkpoints),
-        "checkpoint_stall_s_max": max((max(c["stall_s_by_shard"]) for c in checkpoints), default=0.0),
+        "checkpoints": shards[0]["checkpoints"] if shards else 0,
+        "checkpoint_stall_s_max": max((s["stall_s_max"] for s in shards), default=0.0),
         "mean_staleness": mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
         "failed_replicas": failed,
         "final_checkpoint": final_path.name if final_path is not None else None,
-        "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
+        "test_loss": test_loss, "test_accuracy": test_acc, "test_examples": test_rows,
+        "n_params": ctx.network.n_params,
         "status": "diverged" if diverged else "finished", "failure": diverged,
     }
-    run_dir.write_json("summary.json", summary)
-    run_dir.close()
+    write_json(ctx.run_path, "summary.json", summary)
     say(f"shards applied {summary['updates_by_shard']} updates; replicas ran {summary['steps_by_replica']} "
         f"steps; {summary['pushes_rejected']} pushes rejected, {summary['drains_dropped']} drains dropped"
         + (f"; replica(s) {failed} failed" if failed else ""))
     say(f"one update merged at most {summary['max_merged_pushes']} pushes"
-        + (f"; {len(checkpoints)} checkpoint(s) stalled updates at most "
-           f"{1e3 * summary['checkpoint_stall_s_max']:.1f} ms" if checkpoints else ""))
+        + (f"; {summary['checkpoints']} checkpoint(s) stalled updates at most "
+           f"{1e3 * summary['checkpoint_stall_s_max']:.1f} ms" if summary["checkpoints"] else ""))
     return summary
-
-
-def checkpoint_records(shards: list[dict], started: float) -> list[dict]:
-    """One `checkpoint` record per checkpoint, from the shards' own records (sorted by
-    shard): its file and step, the shards' update counts at their snapshots, and per shard
-    how long updates stalled, how many were applied while it was written and the most
-    pushes one of them merged."""
-    if not shards:
-        return []
-    records = []
-    for i, head in enumerate(shards[0]["checkpoints"]):
-        mine = [s["checkpoints"][i] if i < len(s["checkpoints"]) else {} for s in shards]
-        records.append({"kind": "checkpoint", "time": round(head["time"] - started, 4), "step": head["step"],
-                        "file": head.get("file"), "duration_s": head["duration_s"],
-                        "shard_versions": [c.get("version") for c in mine],
-                        "stall_s_by_shard": [c.get("stall_s", 0.0) for c in mine],
-                        "updates_during_by_shard": [c.get("updates_during") for c in mine],
-                        "max_merged_during_by_shard": [c.get("max_merged_during") for c in mine]})
-    return records

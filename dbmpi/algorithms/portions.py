@@ -454,9 +454,9 @@ class Order(NamedTuple):
         return cls(how, 0, 0, 0, -1, 0, 0, 0, 1, 0)
 
     @classmethod
-    def tested(cls, evaluation: int, discard: bool) -> Order:
-        """Evaluate the published point on the test set (first dropping a void accrual)."""
-        return cls(0, int(discard), 0, 0, -1, 0, 0, evaluation, 1, 1)
+    def tested(cls, evaluation: int, discard: bool, begin: int, end: int) -> Order:
+        """Score test rows [begin, end) of the published point (first dropping a void accrual)."""
+        return cls(0, int(discard), 0, 0, -1, begin, end, evaluation, 1, 1)
 
 
 __all__ = ["DISMISSED", "MAX_BACKUPS", "REPLY_FIELDS", "REQUEST_FIELDS", "STOPPED", "BatchStats", "FreeRuns",

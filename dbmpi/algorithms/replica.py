@@ -1,6 +1,6 @@
 """One Downpour worker's training loop (MPI-free): the paper's client loop, with its budget,
-warmstart, periodic checkpoint requests, progress records, replica 0's evaluations and the
-hand-in of its records at the end.
+warmstart, periodic checkpoint requests, progress records (each worker into its own metrics
+file), replica 0's evaluations and the hand-in at the end (its totals and state: O(1)).
 
 Per step: a heartbeat; every `n_fetch` steps fetch the parameters; a minibatch gradient
 added to the accrued gradient (and, with a local learning rate, applied to this copy); every
@@ -18,8 +18,10 @@ them with in-memory fakes (tests/test_replica_loop.py):
   replica's partitions: relay_stop(), stop_seen(), warmed(), mark_warmed(),
   request_checkpoint(state), any_partition(flag) (the stop verdict shared by the partitions,
   a collective when P > 1: every partition calls it at the same steps), hand_in(final) (the
-  records delivered, then this worker marked done; True if shard 0 had declared its replica
-  failed meanwhile).
+  totals and state delivered, then this worker marked done; True if shard 0 had declared its
+  replica failed meanwhile).
+- `metrics` (dbmpi.io.rundir.RankMetrics, the lead's RunDirectory): this worker's own
+  metrics file, log(record), close(), started (the run's start, seconds since the epoch).
 - `liveness` (dbmpi.runtime.failover.Liveness): beat(force=False), busy(alone=True),
   replica_failed(replica), wait(done, low, high), leave_released().
 - `clock`: seconds (time.perf_counter) for the time budget, periodic checkpoints, records.
@@ -40,6 +42,8 @@ import numpy as np
 from dbmpi import config as configuration
 from dbmpi import kernels
 from dbmpi.algorithms.minibatches import Budget, Minibatches, SplitMinibatches
+from dbmpi.evaluation import mean_score, score
+from dbmpi.io.rundir import peak_rss_bytes
 
 MIN_REJECTED = 10  # a replica stops as diverged only after this many withheld pushes
 DATA_ORDER = "each replica shuffles its slice with seed + 7919 * replica + 104729 * step"
@@ -103,17 +107,18 @@ class ReplicaData:
 
 
 class ReplicaLoop:
-    """A worker's run: train, then hand its records to shard 0 (see the module docstring).
-    `first_step`: the step a resumed run starts at (then no warmstart); `run_dir`, `say`: the
-    lead's (None and silent elsewhere); `fail_at`: a step at which to fail (tests)."""
+    """A worker's run: train, then hand its totals to shard 0 (see the module docstring).
+    `first_step`: the step a resumed run starts at (then no warmstart); `metrics`: this
+    worker's metrics file; `say`: the lead's (silent elsewhere); `fail_at`: a step at which
+    to fail (tests)."""
 
     def __init__(self, tcfg: dict, seat: Seat, data: ReplicaData, client, control, liveness, *,
-                 stop_request=None, run_dir=None, say: Callable[[str], None] = _silent,
+                 metrics, stop_request=None, say: Callable[[str], None] = _silent,
                  first_step: int = 0, resumed: bool = False, fail_at: int | None = None,
                  step_sleep_s: float = 0.0, clock: Callable[[], float] = time.perf_counter):
         self.tcfg, self.seat, self.data, self.model = tcfg, seat, data, data.model
         self.client, self.control, self.liveness = client, control, liveness
-        self.stop_request, self.run_dir, self.say = stop_request, run_dir, say
+        self.stop_request, self.metrics, self.say = stop_request, metrics, say
         self.first_step, self.resumed, self.fail_at, self.clock = first_step, resumed, fail_at, clock
         self.step_sleep_s = step_sleep_s  # a test hook (DBMPI_STEP_SLEEP): compute stood in by a sleep
         self.batch = min(tcfg["batch_size"], data.examples)
@@ -132,7 +137,6 @@ class ReplicaLoop:
         self.nonfinite = 0  # NaN/Inf entries in it
         self.rejected_then = 0  # client.rejected at the last periodic checkpoint
         self.relayed = self.signalled = False  # this rank relayed a stop signal / one was seen
-        self.records: list[dict] = []
         self.started = clock()
         self._open_window()
         if seat.is_lead:
@@ -277,8 +281,8 @@ class ReplicaLoop:
         self.staleness_seen = len(self.client.staleness)
 
     def log(self, step: int, phase: str) -> None:
-        """A `train` record of the steps since the last one: the lead logs and prints it, the
-        others keep it for shard 0."""
+        """A `train` record of the steps since the last one, into this worker's metrics file;
+        the lead prints it too."""
         client, seat = self.client, self.seat
         now = self.clock()
         recent = client.staleness[self.staleness_seen:]
@@ -291,23 +295,21 @@ class ReplicaLoop:
                   "pushes": client.pushes, "rejected": client.rejected}
         if seat.is_lead:
             record["shard_updates"] = client.shard_versions()
-            self.run_dir.log(record)
+        self.metrics.log(record)
+        if seat.is_lead:
             staleness = record["staleness"] if record["staleness"] is None else round(record["staleness"], 2)
             self.say(f"[{phase}] step {step:>7}  loss {record['loss']:.4f}  "
                      f"{record['samples_per_s']:8.0f} samples/s (replica 0)  "
                      f"shard updates {sum(record['shard_updates'])}  staleness {staleness}")
-        else:
-            self.records.append(record)
         self._open_window(now)
 
     def evaluate(self, step: int, phase: str) -> None:
-        """Replica 0: its own copy on the test set (all its partitions take part)."""
-        self.liveness.beat(force=True)  # the evaluation must take less than the timeout
-        with self.liveness.busy(alone=self.seat.n_partitions == 1):
-            test_loss, test_acc = self.model.evaluate(self.data.test[0], self.data.test[1],
-                                                      self.tcfg["eval_batch_size"])
+        """Replica 0: its own copy on the test set (all its partitions take part), a batch
+        at a time with a heartbeat between: it cannot trip the failure detector."""
+        test_loss, test_acc = mean_score([score(self.model, self.data.test[0], self.data.test[1],
+                                                self.tcfg["eval_batch_size"], between=self.liveness.beat)])
         if self.seat.is_lead:
-            self.run_dir.log({"kind": "eval", "source": "replica 0", "step": step,
+            self.metrics.log({"kind": "eval", "source": "replica 0", "step": step,
                               "test_loss": test_loss, "test_accuracy": test_acc})
             self.say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
 
@@ -325,21 +327,33 @@ class ReplicaLoop:
                 "activation_bytes_received": getattr(model, "bytes_received", 0),
                 "mean_staleness": mean(client.staleness),
                 "examples": self.data.examples, "batch": self.batch,
-                "stopped_by_signal": self.signalled, "diverged": self.diverging(), **client.counts()}
+                "stopped_by_signal": self.signalled, "diverged": self.diverging(), **client.counts(),
+                "peak_rss_bytes": peak_rss_bytes(), "run_started": self.metrics.started}
 
     def finish(self, step: int) -> None:
-        """After the last push was counted: hand the records (and, from a replica's first
-        partition, the state for the final checkpoint) to shard 0; once they are delivered,
-        this worker counts as finished. Leaves if its replica was declared failed meanwhile."""
+        """After the last push was counted: this worker's `replica` record into its metrics
+        file; its totals (`totals`, O(1)) and, from a replica's first partition, the state for
+        the final checkpoint to shard 0; once they are delivered, this worker counts as
+        finished. Leaves if its replica was declared failed meanwhile."""
         phase = "signal" if self.signalled else "end"
         if self.seat.is_lead and self.signalled:
             self.say(f"stop signal: checkpointing at step {step} and exiting")
         elapsed = self.clock() - self.started
         self.batches.close()
-        self.records.append(self.replica_record(step, elapsed))
-        if self.seat.is_lead:
-            self.run_dir.close()  # shard 0 appends the rest
-        final = {"records": self.records,
+        record = self.replica_record(step, elapsed)
+        self.metrics.log(record)
+        self.metrics.close()
+        final = {"totals": totals(record),
                  "state": self.checkpoint_state(step, phase) if self.seat.partition == 0 else None}
         if self.control.hand_in(final):  # declared failed meanwhile: shard 0 no longer counts it
             self.liveness.leave_released()
+
+
+TOTALS = ("rank", "replica", "partition", "steps", "wall_s", "batch", "pushes", "rejected", "bytes_fetched",
+          "mean_staleness", "stopped_by_signal", "diverged")
+
+
+def totals(record: dict) -> dict:
+    """What shard 0's summary needs of a worker's `replica` record: a fixed set of numbers
+    (the per-shard counts stay in the worker's metrics file)."""
+    return {key: record[key] for key in TOTALS}

@@ -131,10 +131,10 @@ def prepare_and_check_data(cfg: dict, network: Network) -> dict:
         return {"n_train": dataset.n_train, "n_test": dataset.n_test}
 
 
-def make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False) -> RunDirectory:
+def make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False, rank: int = 0) -> RunDirectory:
     """The run directory with the resolved config and the layout (refused if it holds a run
-    and this is not a resume)."""
-    run = RunDirectory(run_path, resume=resume)
+    and this is not a resume); its metrics file is world rank `rank`'s (the root's)."""
+    run = RunDirectory(run_path, resume=resume, rank=rank)
     run.write_config(cfg)
     atomic_write_text(run.path / "layout.json", layout.to_json())
     return run
@@ -203,7 +203,7 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
         check(data_info)
     made: list[RunDirectory] = []  # only the root makes the run directory and logs progress
     agree(comm, lambda: made.append(make_run_directory(cfg, run_path, layout,
-                                                       resume is not None and not parameters_only)),
+                                                       resume is not None and not parameters_only, root)),
           AGREED_ERRORS, root=root)
     return RunContext(cfg=cfg, network=network, layout=layout, plan=plan, comm=comm, root=root,
                       run_path=Path(run_path), run_dir=made[0] if made else None,

@@ -13,7 +13,9 @@ Ranks (dbmpi.runtime.layout with a coordinator): R x P workers, S shards, then t
   (`ShardSpace`; the iteration loop, checkpoints and summary are dbmpi.algorithms.coordinator's).
   To evaluate f and its gradient at a point it publishes the point, then hands out the
   batch's portions (dbmpi.algorithms.portions): two-sided messages with each replica's lead, backups
-  near the end, a commit protocol so each portion counts once.
+  near the end, a commit protocol so each portion counts once. A test evaluation is split
+  the same way: pieces of the test set handed to the live replicas, their (loss sum,
+  correct, rows) summed at the coordinator (`ShardSpace.test`).
 - **Replicas** (`Replica`) fetch the published point once per evaluation (one-sided), compute each
   portion's loss and gradient, accrue the committed ones and push them into the shards'
   inboxes (one-sided accumulate) when told to, then report the flush.
@@ -26,9 +28,10 @@ message from when it is sent anything but a stop until its next message
 (PortionScheduler.fail); what it flushed stays counted, so every example counts once and a
 full batch gives the same iterates. If it died told to flush and before its report, part of
 its push may be in the inboxes: the coordinator waits for the live replicas' pushes,
-empties the inboxes and computes the batch again. Test evaluations go to the lowest live
-replica. The end is point to point: each live rank sends its records to the coordinator and
-waits for the verdict; after a failure every rank leaves without collectives (os._exit),
+empties the inboxes and computes the batch again; a test piece it held goes to another
+replica. Every rank writes its own records into its own metrics file (dbmpi.io.rundir). The
+end is point to point: each live rank sends its record (O(1)) to the coordinator and waits
+for the verdict; after a failure every rank leaves without collectives (os._exit),
 and with P > 1 partitions the coordinator ends the dead one's stuck partners with
 MPI_Abort(7) once the run is written. A shard or the coordinator cannot be lost: the ranks
 on its host see its process end (dbmpi.runtime.vitalwatch) and the job ends with MPI_Abort(4).
@@ -69,7 +72,9 @@ from dbmpi.algorithms.portions import (
 )
 from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
+from dbmpi.evaluation import mean_score, score
 from dbmpi.io.checkpoint import open_checkpoint
+from dbmpi.io.rundir import RankMetrics, peak_rss_bytes
 from dbmpi.model.partitioned import worker_model
 from dbmpi.ps.checkpoint import ShardCheckpoints
 from dbmpi.ps.client import ShardClient
@@ -104,8 +109,10 @@ class ShardSpace:
     """dbmpi.algorithms.lbfgs's vector space over the shards' slices; `evaluate` runs a batch through
     the replicas."""
 
-    def __init__(self, topo: Topology, layout: Layout, batches: list[tuple[int, int]], tcfg: dict):
+    def __init__(self, topo: Topology, layout: Layout, batches: list[tuple[int, int]], tcfg: dict,
+                 n_test: int = 0):
         self.shards = ShardCommands(topo.control, vector_names(tcfg["history"]))
+        self.test_pieces = cut(0, n_test, tcfg["eval_batch_size"]) if n_test else []
         self.ranks = CoordinatorChannel(topo.world, REQUEST_FIELDS, REPLY_FIELDS)
         self.layout = layout
         self.batches = batches
@@ -344,29 +351,40 @@ class ShardSpace:
             self.ranks.abort(EXIT_ALL_REPLICAS_FAILED)
 
     def test(self, point: str) -> tuple[float, float]:
-        """(loss, accuracy) of `point` on the test set, computed between two evaluations by
-        the lowest live replica (replica 0 unless it failed): the shards publish the point,
-        the replica fetches and evaluates it; another one does if it fails meanwhile."""
+        """(loss, accuracy) of `point` on the test set, between two evaluations, split across
+        the live replicas: the shards publish the point; pieces of `eval_batch_size` test rows
+        go to replicas as they are free (each fetches the point once), their (loss sum,
+        correct, rows) are summed here. A piece held by a replica that fails meanwhile goes
+        to another; each piece counts once. Every message is a reply to a request or a
+        result, as in an evaluation, so the failure detector (Silence) watches it the same."""
         self.shards.send(PUBLISH, 0.0, point)
         self.shards.total()
-        result = None
-        while result is None:
-            chosen = self.silence.live[0]
-            if chosen not in self.parked and chosen not in self.stashed:
-                message = self._receive()
-                if message is not None:
-                    self._stash(message)
+        todo, out, scores = list(self.test_pieces), {}, []
+        while todo or out:
+            for replica in [r for r in out if r in self.silence.failed]:
+                todo.append(out.pop(replica))
+            free = [r for r in self.silence.live if r not in out and (r in self.parked or r in self.stashed)]
+            for replica in free[:len(todo)]:
+                out[replica] = todo.pop()
+                self._test_order(replica, out[replica])
+            message = self._receive(tag=Tag.RESULT) if out else self._receive()
+            if message is None:
                 continue
-            # A stashed request reports work of an evaluation that is over: discard it, as
-            # the next evaluation would.
-            discard = self.stashed.pop(chosen, None) is not None
-            self.parked.discard(chosen)
-            self.ranks.reply(self.leads[chosen], Order.tested(self.evaluation, discard))
-            self.silence.asked(chosen, time.monotonic())
-            while result is None and chosen not in self.silence.failed:
-                result = self._receive(tag=Tag.RESULT, source=self.leads[chosen])
+            if not out:  # a replica asks: free for a piece
+                self._stash(message)
+            elif out.pop(message["replica"], None) is not None:
+                scores.append(message["score"])
         self.shards.wake()
-        return result
+        return mean_score(scores)
+
+    def _test_order(self, replica: int, piece: tuple[int, int]) -> None:
+        """Have a free replica score test rows [start, stop) of the published point."""
+        # A stashed request reports work of an evaluation that is over: discard it, as the
+        # next evaluation would.
+        discard = self.stashed.pop(replica, None) is not None
+        self.parked.discard(replica)
+        self.ranks.reply(self.leads[replica], Order.tested(self.evaluation, discard, *piece))
+        self.silence.asked(replica, time.monotonic())
 
     def stop_replicas(self) -> None:
         """Answer every live replica's next request with stop (parked and stashed ones at
@@ -465,7 +483,6 @@ class Replica:
         self.request = np.zeros(REQUEST_FIELDS, np.int64)
         self.reply = np.zeros(REPLY_FIELDS, np.int64)
         self.signalled = False  # a stop signal on any partition, shared at flushes
-        self.test_data = None
 
     def run(self) -> dict:
         """Follow the coordinator's replies until stop; this worker's record."""
@@ -478,7 +495,7 @@ class Replica:
                 "portions_computed": self.computed, "busy_s": round(self.busy, 3), "fetches": client.fetches,
                 "pushes": client.pushes, "bytes_fetched": client.bytes_fetched,
                 "bytes_pushed": client.bytes_pushed, "n_params": self.model.n_params,
-                "slowdown": self.factor}
+                "slowdown": self.factor, "peak_rss_bytes": peak_rss_bytes()}
 
     def next_order(self) -> Order:
         """The lead reports what it did and waits for the reply; the other partitions get
@@ -503,22 +520,24 @@ class Replica:
             self.accrual.add(self.model.grad, self.last_loss, self.last_n / order.n, self.done)
         self.done, self.flushed = None, None
         if order.test:
-            self.test(dataset)
+            self.test(order, dataset)
         elif order.flush:
             self.flush()
         elif order.index >= 0:  # else a verdict without work: report and ask again
             self.compute(order, dataset)
         return True
 
-    def test(self, dataset) -> None:
-        """The point the shards published, on the test set (the lowest live replica only)."""
-        self.client.fetch(self.model.params)
-        self.fetched = -1
-        if self.test_data is None:
-            self.test_data = dataset.load("test", rows=self.rows)
-        result = self.model.evaluate(*self.test_data, self.cfg["train"]["eval_batch_size"])
+    def test(self, order: Order, dataset) -> None:
+        """Test rows [begin, end) of the point the shards published (fetched once per test
+        evaluation), scored as (loss sum, correct, rows) for the coordinator to sum."""
+        tested = -2 - order.evaluation  # never an evaluation's number: compute() fetches again
+        if self.fetched != tested:
+            self.client.fetch(self.model.params)
+            self.fetched = tested
+        x, y = dataset.load("test", order.begin, order.end, rows=self.rows)
+        result = score(self.model, x, y, self.cfg["train"]["eval_batch_size"])
         if self.lead:
-            self.coordinator.send_result(result)
+            self.coordinator.send_result({"replica": self.replica, "score": result})
 
     def flush(self) -> None:
         """Push the accrual into the shards' inboxes; the next request reports it."""
@@ -566,7 +585,12 @@ def _run(ctx: RunContext) -> dict | None:
     """Every rank's part of the committed run. A divergence raises DivergedError on every
     rank, after the teardown."""
     watch = VitalWatch(ctx.topo.world, ctx.layout).start()
-    summary = _coordinate(ctx, watch) if ctx.topo.role.is_coordinator else _work(ctx, watch)
+    # The coordinator's start time is everyone's: one time axis in every rank's metrics file.
+    started = ctx.comm.bcast(ctx.run_dir.started if ctx.run_dir is not None else None, root=ctx.root)
+    if ctx.topo.role.is_coordinator:
+        summary = _coordinate(ctx, watch)
+    else:
+        summary = _work(ctx, watch, RankMetrics(ctx.run_path, ctx.comm.rank, started))
     failure = ctx.topo.world.bcast(summary["failure"] if summary is not None else None,
                                    root=ctx.layout.coordinator_rank)
     if failure is not None:  # the same line on every rank (dbmpi.cli), the last good checkpoint kept
@@ -581,7 +605,8 @@ def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
     say(ctx.network.summary())
     say(ctx.layout.describe("sgd", ctx.plan, ctx.memory()))
     say(f"run directory: {ctx.run_dir.path}")
-    space = ShardSpace(ctx.topo, ctx.layout, cut(0, n_train, min(tcfg["batch_size"], n_train)), tcfg)
+    space = ShardSpace(ctx.topo, ctx.layout, cut(0, n_train, min(tcfg["batch_size"], n_train)), tcfg,
+                       n_test=ctx.data_info["n_test"])
     coordinator = Coordinator(ctx.cfg, space, ctx.layout, ctx.run_dir, say, stop=ctx.stop,
                               n_params=ctx.network.n_params, resumed=ctx.resumed, set_aside=set_aside)
     summary = coordinator.run(before_verdict=watch.stop)
@@ -591,18 +616,22 @@ def _coordinate(ctx: RunContext, watch: VitalWatch) -> dict:
     return summary
 
 
-def _work(ctx: RunContext, watch: VitalWatch) -> None:
+def _work(ctx: RunContext, watch: VitalWatch, metrics: RankMetrics) -> None:
     """A shard's or a worker's part: serve the vector commands, or compute portions; then
-    the records to the coordinator, point to point, and its verdict says how to end."""
+    its record into its own metrics file and (O(1)) to the coordinator, point to point, and
+    the coordinator's verdict says how to end."""
     topo, layout, role = ctx.topo, ctx.layout, ctx.topo.role
     windows = ParameterWindows(topo.window, layout, role.shard if role.is_shard else None)
     if role.is_shard:
         shard, checkpoints = _shard_vectors(ctx, windows)
         shard.serve()
         record = {"kind": "shard", "rank": topo.rank, "shard": role.shard, "commands": shard.commands,
-                  "vectors": len(shard.vectors), "checkpoints_written": checkpoints.written}
+                  "vectors": len(shard.vectors), "checkpoints_written": checkpoints.written,
+                  "peak_rss_bytes": peak_rss_bytes()}
     else:
         record = Replica(ctx, windows).run()
+    metrics.log(record)
+    metrics.close()
     coordinator = RankChannel(topo.world, layout.coordinator_rank)
     coordinator.send_records({"rank": topo.rank, "records": [record]})
     watch.stop()  # the run is over for this rank; the others may leave from here on

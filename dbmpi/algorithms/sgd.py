@@ -19,7 +19,7 @@ from dbmpi.algorithms.minibatches import Budget, Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
 from dbmpi.data import check_fits
-from dbmpi.io.rundir import RunDirectory
+from dbmpi.io.rundir import RunDirectory, peak_rss_bytes
 from dbmpi.model import Network
 
 
@@ -151,6 +151,6 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
                "epochs": round(step / steps_per_epoch, 4), "batch_size": batch,
                "wall_time_s": round(elapsed, 3), "samples_per_s": round(step * batch / elapsed, 1),
                "test_loss": test_loss, "test_accuracy": test_acc, "n_params": network.n_params,
-               "status": "finished", "failure": None}
+               "status": "finished", "failure": None, "peak_rss_bytes": peak_rss_bytes()}
     run.write_json("summary.json", summary)
     return summary

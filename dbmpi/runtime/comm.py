@@ -41,6 +41,7 @@ class Tag(IntEnum):
     CKPT_LAST = 205  # shard 0's last order: the final checkpoint's step, or False
     OUTCOME = 206  # shard 0 to every rank that reads the verdict: None, or why it diverged
     SLICE_VERSION = 207  # a shard's update count at its snapshot, sent before its slices
+    EVAL = 208  # the final evaluation: shard 0's test rows to score (or None), a piece's scores back
     PROGRESS = 301  # never sent: an Iprobe for it only drives MPI progress (dbmpi.ps.store)
 
 

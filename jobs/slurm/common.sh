@@ -128,9 +128,8 @@ dbmpi_slurm_train() {
   DBMPI_TERMINATED=
   trap 'DBMPI_PENDING=USR1; DBMPI_SIGNALLED=USR1' USR1
   trap 'DBMPI_TERMINATED=TERM' TERM
-  local metrics=$DBMPI_RUN_DIR/metrics.jsonl
   local size_at_launch
-  size_at_launch=$(stat -c %s "$metrics" 2>/dev/null || echo 0)
+  size_at_launch=$(dbmpi_metrics_size)
   local launched=$SECONDS
   "${cmd[@]}" &
   local pid=$! status=0
@@ -138,7 +137,7 @@ dbmpi_slurm_train() {
     if [ -n "$DBMPI_PENDING" ]; then
       # A rank killed by USR1 before it installed its handler would end the job; wait until
       # the run has logged something since launch (training has started), within limits.
-      if [ "$(stat -c %s "$metrics" 2>/dev/null || echo 0)" -gt "$size_at_launch" ] ||
+      if [ "$(dbmpi_metrics_size)" -gt "$size_at_launch" ] ||
          [ $((SECONDS - launched)) -ge "$signal_wait" ]; then
         local shown=$DBMPI_PENDING
         [ "$stop_signal" = "$DBMPI_PENDING" ] || shown="$DBMPI_PENDING (as $stop_signal)"
@@ -167,6 +166,11 @@ dbmpi_slurm_train() {
     dbmpi_say "scontrol requeue failed (was the job submitted with --requeue?)"
   fi
   exit "$status"
+}
+
+# Bytes in the run's metrics files (each rank's, metrics/rank-*.jsonl), 0 before there are any.
+dbmpi_metrics_size() {
+  cat "$DBMPI_RUN_DIR"/metrics/rank-*.jsonl 2>/dev/null | wc -c
 }
 
 # True unless the run wrote a summary that says it was not stopped by a signal.

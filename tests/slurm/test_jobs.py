@@ -73,10 +73,13 @@ def submit(slurm, tmp_path, digits, script, *args, sbatch=(), env=None):
 
 
 def metrics(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    """Every rank's records so far ([] before there are any)."""
+    from dbmpi.io.rundir import RunDirectoryError, read_metrics
+
+    try:
+        return read_metrics(run_dir)
+    except RunDirectoryError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wait_for(condition, timeout, message, poll=0.5):
