@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 
 needs_install() {
   # Run from / so that the package found is the installed one, not this directory's.
-  (cd / && "$PYTHON" - "$PWD" <<'PY' 2>/dev/null)
+  local root=$PWD
+  (cd / && "$PYTHON" - "$root" <<'PY' 2>/dev/null)
 import glob, os, sys
 root = sys.argv[1]
 try:
