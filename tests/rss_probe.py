@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Two dense layers on a 1024-value input: units x 1,025 + 10 x (units + 1) parameters
-# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations.
+# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations. Two steps: every
+# buffer is in use after the first (the second fetches again and pushes from the second
+# accrued buffer; 1, 2 and 4 steps peak alike); no periodic evaluation, a 50-row test split.
 DENSE_RUN = """
 [model]
 input_shape = [1024]
@@ -46,7 +48,7 @@ algorithm = "downpour"
 optimizer = "sgd"
 learning_rate = 0.001
 batch_size = 8
-steps = 4
+steps = 2
 n_shards = {shards}
 n_replicas = 1
 n_partitions = {partitions}
