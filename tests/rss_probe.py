@@ -20,15 +20,19 @@ import os
 import resource
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Two dense layers on a 1024-value input: units x 1,025 + 10 x (units + 1) parameters
-# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations.
+# (units = 250,000: 258,750,010, 1.04 GB of float32), small activations. Two steps: every
+# buffer is in use after the first (the second fetches again and pushes from the second
+# accrued buffer; 1, 2 and 4 steps peak alike); no periodic evaluation, a 50-row test split.
 DENSE_RUN = """
 [model]
 input_shape = [1024]
@@ -46,7 +50,7 @@ algorithm = "downpour"
 optimizer = "sgd"
 learning_rate = 0.001
 batch_size = 8
-steps = 4
+steps = 2
 n_shards = {shards}
 n_replicas = 1
 n_partitions = {partitions}
@@ -88,10 +92,78 @@ def planned_memory(config: Path) -> list[dict]:
     return json.loads(planned.stdout.strip().splitlines()[-1])["memory"]
 
 
+class MemoryShort(RuntimeError):
+    """The machine's available memory fell below the floor during the run, which was
+    stopped: `available` bytes were left, the run's processes held `run_rss` bytes (their
+    resident sets summed) against the plan's `plan` (RankMemory.to_dict per rank)."""
+
+    def __init__(self, available: int, run_rss: int, plan: list[dict]):
+        self.available, self.run_rss, self.plan = available, run_rss, plan
+        super().__init__(f"stopped the run: the machine had {available / 2**30:.1f} GiB available, its ranks held "
+                         f"{run_rss / 2**30:.1f} GiB (planned {sum(r['resident'] for r in plan) / 2**30:.1f} GiB)")
+
+
+def meminfo(key: str = "MemAvailable") -> int:
+    """A /proc/meminfo figure in bytes (0 where there is none)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_rss(root: int) -> int:
+    """The resident bytes of process `root` and its descendants, summed (from /proc)."""
+    parents, rss = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        parents[int(entry.name)] = int(fields.get("PPid", "0"))
+        rss[int(entry.name)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    members, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in members and pid not in members:
+                members.add(pid)
+                grew = True
+    return sum(rss.get(pid, 0) for pid in members)
+
+
+def run_guarded(command: list[str], workdir: Path, timeout: float, plan: list[dict],
+                floor: int | None = None) -> tuple[int, str]:
+    """Run `command` (its own process group) until it ends: (status, its output's tail).
+    Stops the group and raises MemoryShort if the machine's available memory falls below
+    `floor` (default: 1 GiB or 5% of the memory, the smaller), TimeoutExpired after `timeout`."""
+    floor = min(2**30, meminfo("MemTotal") // 20) if floor is None else floor
+    log = workdir / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=run_env(),
+                                start_new_session=True)
+        began = time.monotonic()
+        try:
+            while proc.poll() is None:
+                if (available := meminfo()) < floor:
+                    raise MemoryShort(available, tree_rss(proc.pid), plan)
+                if time.monotonic() - began > timeout:
+                    raise subprocess.TimeoutExpired(command, timeout)
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, log.read_text()[-6000:]
+
+
 def measure(workdir: Path, units: int, shards: int = 2, partitions: int = 1, timeout: int = 600,
             enough: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Per rank: the plan's memory (RankMemory.to_dict) and "measured", its peak RSS in a
-    real run. `enough(plan)` (optional) is called before the run (a test skips there)."""
+    real run. `enough(plan)` (optional) is called before the run (a test skips there); the
+    run is stopped with MemoryShort if the machine runs short of memory meanwhile."""
     from dbmpi.data import prepare_synthetic
 
     config = dense_run_config(workdir, units, shards, partitions)
@@ -100,11 +172,11 @@ def measure(workdir: Path, units: int, shards: int = 2, partitions: int = 1, tim
     if enough is not None:
         enough(plan)
     probe = workdir / "rss"
-    run = subprocess.run([mpiexec(), "-n", str(len(plan)), sys.executable, "-m", "mpi4py", "-m", "tests.rss_probe",
-                          str(probe), "train", str(config), "--run-dir", str(workdir / "run")],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=run_env())
-    if run.returncode != 0:
-        raise RuntimeError(f"the training failed ({run.returncode}): {run.stdout[-3000:]}{run.stderr[-3000:]}")
+    code, output = run_guarded([mpiexec(), "-n", str(len(plan)), sys.executable, "-m", "mpi4py", "-m",
+                                "tests.rss_probe", str(probe), "train", str(config), "--run-dir",
+                                str(workdir / "run")], workdir, timeout, plan)
+    if code != 0:
+        raise RuntimeError(f"the training failed ({code}): {output}")
     measured = {}
     for path in probe.glob("rss-*.json"):
         got = json.loads(path.read_text())

@@ -4,7 +4,11 @@ Every buffer a role allocates and touches is one named part (bytes), so the figu
 rank's peak resident set less the interpreter, not a bound: the P = 1 worker holds the whole
 model (parameters, gradient, two accrued pushes), a model partition only its ranges, a shard
 its slice (two windows, working copy, drain buffer, optimizer state and the snapshot it
-keeps while a checkpoint is written), Sandblaster's coordinator no model vector.
+keeps while its slice file of a checkpoint is written: every shard alike, shard 0's
+top-level file holds no values), Sandblaster's coordinator no model vector. A worker's data
+is its replica's slice (with a dense first layer and P > 1, its 1/P piece of it and the
+batches it joins), its minibatches, replica 0's test set and, for the split final
+evaluation (Sandblaster's test evaluations too), one piece of `eval_batch_size` test rows.
 `tests/test_memory.py` holds a real run's measured peak RSS of every rank to this figure.
 
 On one node MPICH puts the shards' windows in shared memory and a worker reads and adds to
@@ -31,10 +35,11 @@ from dbmpi.runtime.layout import Layout, Role, human_bytes
 WINDOW_ALIGN = 16
 # Optimizer state vectors per parameter (dbmpi.algorithms.optimizers).
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1}
-# float32 values per checkpoint message (dbmpi.ps.checkpoint.CHUNK).
-CHECKPOINT_CHUNK = 1 << 22
 # Minibatches a replica holds besides its slice: the one in use and the one prefetched.
 BATCHES_HELD = 2
+# With a dense first layer and P > 1, the batch a partition joins (dbmpi.runtime.batchshare):
+# its piece packed, the joined examples and their inputs copied out.
+BATCHES_JOINED = 3
 
 
 @dataclass(frozen=True)
@@ -114,30 +119,10 @@ class MemoryModel:
             return parts + [(f"L-BFGS vectors ({vectors})", 4 * vectors * n)]
         state = OPTIMIZER_STATE.get(self.tcfg["optimizer"], 1)
         parts += [("working copy", 4 * n), ("drain buffer", 4 * n), ("optimizer state", 4 * state * n)]
-        snapshot = 4 * (1 + state) * n
-        if role.shard != 0:
-            return parts + [("checkpoint snapshot", snapshot)]
-        # Shard 0 writes the checkpoint: a chunk received and a chunk hashed at a time, in
-        # its writer thread's heap, which keeps them. Then it scores the checkpoint with the
-        # whole model once the snapshot is freed: the larger of the two.
-        stream = 2 * 4 * min(CHECKPOINT_CHUNK, max(hi - lo for lo, hi in self.layout.shard_ranges))
-        parts.append(("checkpoint stream buffers", stream))
-        evaluation = self._evaluation()
-        if snapshot >= evaluation:
-            return parts + [("checkpoint snapshot", snapshot)]
-        return parts + [("final evaluation (whole model, its largest tensor read, test set, activations)",
-                         evaluation)]
-
-    def _evaluation(self) -> int:
-        """Shard 0 scoring the final checkpoint: the parameters, the checkpoint's largest
-        tensor as read (dbmpi.io.checkpoint reads a tensor whole), the test set, a batch's
-        forward buffers."""
-        largest = max(t.size for t in self.network.tensors)
-        total = 4 * self.network.n_params + 4 * largest
-        if self.data is not None:
-            batch = min(self.tcfg["eval_batch_size"], self.data.n_test)
-            total += self.data.n_test * self._example_bytes() + self.network.activation_bytes(batch, training=False)
-        return total
+        # The snapshot its slice file of a checkpoint is written from (dbmpi.io.checkpoint.
+        # write_slice hashes and writes views of it: no other buffer; shard 0's top-level file
+        # holds only links to the slice files).
+        return parts + [("checkpoint snapshot", 4 * (1 + state) * n)]
 
     # Workers ------------------------------------------------------------------------------
     def _worker(self, role: Role) -> list[tuple[str, int]]:
@@ -152,17 +137,36 @@ class MemoryModel:
         train = self.network.activation_bytes(batch) // share
         if self.data is None:
             return parts + [("activations", train)]
-        evaluation = 0
-        if role.replica == 0:  # evaluates its copy as it goes, on the test set
-            evaluation = self.network.activation_bytes(min(self.tcfg["eval_batch_size"], self.data.n_test),
-                                                       training=False) // share
+        # Every worker scores pieces of the test set: the split final evaluation (Downpour),
+        # the test evaluations (Sandblaster); replica 0 also evaluates its copy as it goes.
+        piece = min(self.tcfg["eval_batch_size"], self.data.n_test)
+        evaluation = self.network.activation_bytes(piece, training=False) // share if piece else 0
+        if role.replica == 0 and not self.sandblaster:
             parts.append(("test set", self.data.n_test * self._example_bytes(role)))
+        parts.append(("test piece", piece * self._example_bytes(role)))
         # A layer keeps one buffer per name, re-made for another batch size: the larger set.
         parts.append(("activations", max(train, evaluation)))
-        rows = 0 if self.sandblaster else -(-self.data.n_train // self.layout.n_replicas)
-        parts.append(("training data (slice, minibatches)",
-                      (rows + BATCHES_HELD * batch) * self._example_bytes(role)))
-        return parts
+        return parts + [("training data (slice, minibatches)", self._training_data(role, batch))]
+
+    def _training_data(self, role: Role, batch: int) -> int:
+        """A worker's training examples: its replica's slice (Sandblaster reads portions from
+        the file instead), or with a dense first layer and P > 1 its 1/P piece of it and the
+        batches it joins; the batch in use and the one prefetched."""
+        from dbmpi.data import share_range
+
+        example = self._example_bytes(role)
+        if self.sandblaster:
+            return BATCHES_HELD * batch * example
+        lo, hi = share_range(self.data.n_train, role.replica, self.layout.n_replicas)
+        if not self._split_examples():
+            return (hi - lo + BATCHES_HELD * batch) * example
+        first, last = share_range(hi - lo, role.partition, self.layout.n_partitions)
+        return (last - first + (BATCHES_HELD + BATCHES_JOINED) * batch) * example
+
+    def _split_examples(self) -> bool:
+        """Whether a replica's partitions share its slice (dense first layer, P > 1)."""
+        return self.plan is not None and self.plan.n_partitions > 1 and \
+            self.plan.input_rows(0) == (0, self.network.input_shape[0])
 
     def _example_bytes(self, role: Role | None = None) -> int:
         """One example's input values (a partition's rows only) and label."""
