@@ -228,6 +228,16 @@ def test_warmstart_replica_0_trains_alone_then_releases_the_others():
     assert other.liveness.waits >= 1 and other.control.final["state"]["step"] == 10
 
 
+def test_a_run_resumed_between_two_fetches_fetches_before_its_first_step():
+    """Resumed at step 4 with n_fetch = 3: step 4 must not train on the freshly built model."""
+    loop, calls = make_loop(steps=8, n_fetch=3, n_push=4)
+    loop.first_step, loop.resumed = 4, True
+    loop.run()
+    kinds = [c[0] for c in calls if c[0] in ("fetch", "push")]
+    assert kinds[0] == "fetch"  # before step 4 computes
+    assert kinds.count("fetch") == 2  # step 4, then step 6 on the rhythm
+
+
 def test_a_resumed_run_skips_warmstart():
     loop, calls = make_loop(replica=0, n_replicas=2, steps=10, warmstart_steps=6)
     loop.first_step, loop.resumed = 4, True

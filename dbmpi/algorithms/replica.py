@@ -124,6 +124,7 @@ class ReplicaLoop:
         self.batch = min(tcfg["batch_size"], data.examples)
         self.budget = Budget.of(tcfg, data.examples, self.batch, clock).start()
         self.n_fetch, self.n_push = tcfg["n_fetch"], tcfg["n_push"]
+        self.fetched = False  # whether the model holds the shards' parameters yet
         self.warmstart = tcfg["warmstart_steps"] if seat.n_replicas > 1 else 0
         # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
         self.eval_every = (configuration.eval_interval(tcfg, self.budget.steps_per_epoch)
@@ -196,8 +197,9 @@ class ReplicaLoop:
         if step == self.fail_at:
             raise RuntimeError(f"failure injected at step {step} (DBMPI_FAIL_AT)")
         model = self.model
-        if step % self.n_fetch == 0:
+        if step % self.n_fetch == 0 or not self.fetched:  # a resumed run fetches at its first step
             self.client.fetch(model.params)
+            self.fetched = True
         xb, yb = self.batches.next()
         loss = model.loss_and_grad(xb, yb)
         if self.step_sleep_s:
