@@ -114,7 +114,7 @@ def from_file(path: Path) -> dict:
     for line in path.read_text().splitlines():
         record = json.loads(line)
         part = record.pop("part", None)
-        if part in PARTS and "wall_s" in record:  # the end of a part's run: its records are complete
+        if part in PARTS and set(record) <= {"wall_s", "load_average"}:  # the line closing a part's run
             results[part] = current.pop(part, ([], {}))
         elif part in PARTS:
             records, reference = current.setdefault(part, ([], {}))

@@ -140,6 +140,21 @@ def test_keep_the_last_k(tmp_path, network):
         newest_valid(tmp_path / "empty")
 
 
+def kill_while_writing(script: str, *args):
+    """Run `script` in a child, SIGKILL it once it says "writing"; the ended process."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc
+
+
 CRASHING_WRITER = """
 import sys, time
 from pathlib import Path
@@ -159,20 +174,10 @@ def test_a_writer_killed_mid_write_leaves_the_old_checkpoints_and_its_temp_is_cl
     """SIGKILL while a checkpoint is being written (no Python cleanup runs): the previous
     checkpoints still verify and --resume auto picks the newest of them; the next
     checkpoint written in that directory removes the orphaned temporary."""
-    import sys
-
     from dbmpi.io.checkpoint import stale_temporaries
 
     write(tmp_path / checkpoint_name(40), network, {"params": network.params}, step=40)
-    proc = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path), LOCAL_DENSE],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = kill_while_writing(CRASHING_WRITER, tmp_path, LOCAL_DENSE)
     orphans = stale_temporaries(tmp_path)
     assert [p.name for p in orphans] == [f".{checkpoint_name(50)}.tmp-{proc.pid}"]
     assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(40)]
@@ -412,20 +417,10 @@ def test_a_kill_between_slices_and_top_level_leaves_the_previous_checkpoint(tmp_
     """SIGKILL after every slice file of step 50 is written, before or while its top-level
     file is: step 40 stays the newest checkpoint and --resume auto picks it; the next
     checkpoint's prune removes the orphaned slice files, their directory and the temp."""
-    import sys
-
     from dbmpi.io.checkpoint import stale_slices, stale_temporaries
 
     write_sliced(tmp_path, network.tensors, {"params": network.params}, [0, 300, network.n_params], step=40)
-    proc = subprocess.Popen([sys.executable, "-c", SLICE_CRASH, str(tmp_path), LOCAL_DENSE, phase],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_while_writing(SLICE_CRASH, tmp_path, LOCAL_DENSE, phase)
     orphans = sorted((tmp_path / "ckpt-000000050").iterdir())
     assert len(orphans) == 2
     assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(40)]
