@@ -10,7 +10,8 @@ training for a time budget; the last replica is SIGKILLed once training runs
   up to one heartbeat interval and the detector's round; what grows with W is the cost of
   the rounds);
 - `end_of_run_s`: from the survivors' time budget running out to the job's exit (hand-in,
-  the final checkpoint, the records gathered at shard 0, the evaluation, the release);
+  the final checkpoint, every rank's O(1) totals to shard 0, the split final evaluation,
+  the release);
 - `wall_s`: the whole job, startup included, for reference.
 
 Prints one JSON line per W, then one summary line. The ranks share this machine's cores
