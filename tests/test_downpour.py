@@ -307,7 +307,7 @@ def test_partitioned_spatial_model_reads_its_rows_and_honours_a_time_budget(tmp_
     config.write_text(SPATIAL_DIGITS)
     run_dir = tmp_path / "run"
     result, elapsed = launch(6, "train", config, "--run-dir", run_dir, "--set", "train.steps=1000000",
-                             "--set", "train.time_budget_s=5", "--set", "train.eval_every=100",
+                             "--set", "train.time_budget_s=5", "--set", "train.eval_every=10",
                              cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert elapsed < 90

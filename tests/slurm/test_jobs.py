@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,41 @@ def test_downpour_job_runs_to_completion(slurm, tmp_path, digits, launcher):
         assert ckpt.state["phase"] == "end"
 
 
+# UCX's address exchange in MPI_Init sometimes cannot open a peer's /proc/PID/fd link under
+# srun ("mm_posix.c ... open(/proc/PID/fd/N) failed", openucx/ucx#4224 and #8511; once in our
+# CI). Outside dbmpi, before any of its code runs; docs/GUIDE.md (troubleshooting) gives the
+# workaround. The test then submits the job once more.
+UCX_STARTUP_RACE = ("mm_posix.c", "internal_Init_thread")
+
+
+def network_path_job(slurm, tmp_path, digits, tries: int = 2):
+    """Submit downpour.sbatch on the network path; (job, ranks, their segments, record) once
+    its 4 ranks are seen initialised and the job has ended."""
+    for attempt in range(tries):
+        job = submit(slurm, tmp_path, digits, "downpour.sbatch", sbatch=["--export=ALL,MPIR_CVAR_NOLOCAL=1"])
+        try:
+            # The ranks map their segment in MPI_Init (python -m mpi4py, before dbmpi loads) and
+            # keep it until MPI_Finalize, seconds later at the least: look while they train.
+            def initialised(job=job):
+                ranks = rank_processes(job.id)
+                mapped = {pid: shm_segments([pid]) for pid in ranks}
+                if len(ranks) == 4 and all(mapped.values()):
+                    return ranks, mapped
+                ended = [r for r in job.records() if r.get("JobState") not in ("PENDING", "RUNNING", None)]
+                return "ended" if ended else None
+            seen = wait_for(initialised, 180, lambda job=job: f"ranks {rank_processes(job.id)}; {job.context()}",
+                            poll=0.2)
+            (record,) = job.wait(300)
+        finally:
+            slurm.command("scancel", job.id, check=False)
+        if seen != "ended":
+            return job, *seen, record
+        if attempt + 1 == tries or not all(marker in job.log() for marker in UCX_STARTUP_RACE):
+            raise AssertionError(f"the job ended before its ranks were seen: {job.context()}")
+        warnings.warn(f"UCX startup race in MPI_Init, job {job.id} submitted again", stacklevel=1)
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.timeout(420)
 def test_downpour_job_on_the_network_path(slurm, tmp_path, digits):
     """sbatch --export=ALL,MPIR_CVAR_NOLOCAL=1: MPICH uses its network module between the
@@ -207,19 +243,7 @@ def test_downpour_job_on_the_network_path(slurm, tmp_path, digits):
     test_scancel_stops_the_ranks_cleanly_and_leaves_nothing_behind)."""
     from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
 
-    job = submit(slurm, tmp_path, digits, "downpour.sbatch", sbatch=["--export=ALL,MPIR_CVAR_NOLOCAL=1"])
-    try:
-        # The ranks map their segment in MPI_Init (python -m mpi4py, before dbmpi loads) and
-        # keep it until MPI_Finalize, seconds later at the least: look while they train.
-        def initialised():
-            ranks = rank_processes(job.id)
-            mapped = {pid: shm_segments([pid]) for pid in ranks}
-            return len(ranks) == 4 and all(mapped.values()) and (ranks, mapped)
-        ranks, mapped = wait_for(initialised, 180, lambda: f"ranks {rank_processes(job.id)}; {job.context()}",
-                                 poll=0.2)
-        (record,) = job.wait(300)
-    finally:
-        slurm.command("scancel", job.id, check=False)
+    job, ranks, mapped, record = network_path_job(slurm, tmp_path, digits)
     for cmd, env in ranks.values():
         assert env.get("MPIR_CVAR_NOLOCAL") == "1", cmd
     segments = [segment for found in mapped.values() for segment in found]
