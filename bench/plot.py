@@ -88,6 +88,13 @@ def network():
     fig.savefig(OUT / "network_busy_shard.png", dpi=120)
 
 
+def log_axis_at(ax, values, labels):
+    """A logarithmic x axis labelled at the measured values only."""
+    ax.set_xscale("log")
+    ax.set_xticks(values, labels)
+    ax.minorticks_off()
+
+
 def scale():
     """Cluster scale (bench/scale.py): checkpoint GB/s against S, RSS against the plan and
     against N, the coordinator's rate against portions, failover times against W."""
@@ -127,10 +134,8 @@ def scale():
                 axes[1].plot([r["n_params"] / 2**20 for r in mine], [r["rss_vs_plan"] for r in mine], marker,
                              label=role)
         axes[1].axhspan(0.9, 1.1, color="0.9")
-        axes[1].set_xscale("log")
         sizes = sorted({r["n_params"] / 2**20 for r in memory})
-        axes[1].set_xticks(sizes, [f"{m:.0f}" for m in sizes])
-        axes[1].minorticks_off()
+        log_axis_at(axes[1], sizes, [f"{m:.0f}" for m in sizes])
         axes[1].set_xlabel("parameters (M)")
         axes[1].set_ylabel("peak RSS / dbmpi plan")
         axes[1].set_title("every rank's peak RSS against its plan", fontsize=9)
@@ -145,10 +150,8 @@ def scale():
             if key in coordinator[0]:
                 axes[2].plot(x, [r[key] for r in coordinator], "o-", label=label)
         axes[2].axhline(10000, color="0.5", ls=":", label="target 10,000/s")
-        axes[2].set_xscale("log")
         axes[2].set_yscale("log")
-        axes[2].set_xticks(x, [f"{n:,}" for n in x])
-        axes[2].minorticks_off()
+        log_axis_at(axes[2], x, [f"{n:,}" for n in x])
         axes[2].set_xlabel("portions per batch")
         axes[2].set_ylabel("portions/s")
         axes[2].set_title("Sandblaster's coordinator", fontsize=9)

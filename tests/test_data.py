@@ -551,16 +551,21 @@ def test_a_label_out_of_range_is_named_by_the_scan_and_by_the_read_that_meets_it
         assert len(y) == 3 and (y >= 0).all() and (y < 3).all()
 
 
+def image_file(tmp_path, n: int, cols: int):
+    """A data set of n random 8 x cols images (labels all 0): (its path, the training x)."""
+    path = tmp_path / "images.h5"
+    tx = np.random.default_rng(2).random((n, 8, cols, 1), dtype=np.float32)
+    data.write_dataset(path, tx, np.zeros(n, np.int32), tx[:10], np.zeros(10, np.int32),
+                       attrs={"source": "test", "n_classes": 2})
+    return path, tx
+
+
 @pytest.mark.parametrize("rows", [(0, 4), (4, 8), (2, 3)])
 def test_a_band_of_input_rows_reads_only_the_band_where_the_rest_spans_a_page(tmp_path, rows):
     """A partition split by rows reads its band of each example, not whole examples (HDF5's
     64 KiB sieve would read whole ones: 8x here for one row in eight), where the rest of an
     example spans a page or more (rows of 1 KiB here: 4 or 7 of 8 left out)."""
-    path = tmp_path / "images.h5"
-    rng = np.random.default_rng(2)
-    tx = rng.random((3000, 8, 256, 1), dtype=np.float32)
-    data.write_dataset(path, tx, np.zeros(3000, np.int32), tx[:10], np.zeros(10, np.int32),
-                       attrs={"source": "test", "n_classes": 2})
+    path, tx = image_file(tmp_path, 3000, 256)
     with data.open_dataset(path) as ds:
         before = bytes_read()
         x, y = ds.load("train", 500, 2500, rows=rows)
@@ -574,11 +579,7 @@ def test_a_band_of_small_examples_is_cut_from_whole_ones_read_in_bounded_chunks(
     """Below a page of other rows per example, reading each band alone costs a read call per
     example and saves no disk reads: whole examples are read, CHUNK_BYTES at a time."""
     monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # 8 examples of 512 bytes a chunk
-    path = tmp_path / "images.h5"
-    rng = np.random.default_rng(2)
-    tx = rng.random((1000, 8, 16, 1), dtype=np.float32)
-    data.write_dataset(path, tx, np.zeros(1000, np.int32), tx[:10], np.zeros(10, np.int32),
-                       attrs={"source": "test", "n_classes": 2})
+    path, tx = image_file(tmp_path, 1000, 16)
     with data.open_dataset(path) as ds:
         for start, stop, rows in ((3, 998, (2, 5)), (0, 1, (0, 8)), (7, 7, (1, 2)), (100, 117, (7, 8))):
             before = bytes_read()

@@ -403,9 +403,10 @@ class PartitionedNetwork:
 def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan):
     """What a worker rank trains: (model, its canonical parameter ranges, the input rows it
     reads or None for whole examples). The whole network when the replica has one rank
-    (allocated and initialised here: the one role of a run that holds the full vector)."""
+    (allocated here: the one role of a run that holds the full vector; not initialised, as
+    its values come from the shards at its first fetch, before anything reads them)."""
     if plan.n_partitions == 1:
-        return network.allocate(), [(0, network.n_params)], None
+        return network.allocate(initialise=False), [(0, network.n_params)], None
     model = PartitionedNetwork(network, comm, plan)
     rows = model.input_rows
     if rows == (0, network.input_shape[0]):
