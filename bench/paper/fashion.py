@@ -33,8 +33,10 @@ WARM_STEPS = 300
 WARM_LR = 0.02
 # Settings of the methods (all: the 784-512-512-10 MLP of the configs, batch 128 unless said).
 SGD_LR, SGD_MOMENTUM = 0.02, 0.9          # the single-replica baseline (configs/mlp_fashion.toml)
-DOWNPOUR_SGD_LR = 0.1                     # shard-side plain SGD (no momentum at the shards)
-ADAGRAD_LR = 0.03                         # shard-side Adagrad (configs/downpour_fashion.toml)
+# Downpour's methods: the optimizer the shards apply and its learning rate (R = 2 replicas).
+DOWNPOUR = {"downpour_sgd": ("sgd", 0.1),            # plain SGD at the shards
+            "downpour_adagrad": ("adagrad", 0.03),   # configs/downpour_fashion.toml
+            "downpour_momentum": ("momentum", 0.02)}  # heavy-ball momentum 0.9 at the shards
 LBFGS_BATCH, LBFGS_PORTION, LBFGS_HISTORY = 6000, 500, 10   # configs/sandblaster_fashion.toml
 EVAL_EVERY_STEPS = 200                    # test-set evaluations (SGD, Downpour replica 0, torch SGD)
 EVAL_EVERY_ITERATIONS = 2                 # test-set evaluations (Sandblaster, torch L-BFGS)
@@ -43,6 +45,7 @@ METHODS = {
     "sgd": "single-replica SGD (dbmpi)",
     "downpour_sgd": "Downpour SGD",
     "downpour_adagrad": "Downpour + Adagrad",
+    "downpour_momentum": "Downpour + momentum",
     "sandblaster": "Sandblaster L-BFGS",
     "torch_sgd": "PyTorch SGD",
     "torch_lbfgs": "PyTorch L-BFGS",
@@ -55,10 +58,8 @@ def settings() -> dict:
             "warmstart": {"how": "Downpour R=1 S=1, train.optimizer=sgd (plain SGD at the shard)",
                           "steps": WARM_STEPS, "batch": 128, "learning_rate": WARM_LR},
             "sgd": {"learning_rate": SGD_LR, "momentum": SGD_MOMENTUM, "batch": 128},
-            "downpour_sgd": {"optimizer": "sgd (shard)", "learning_rate": DOWNPOUR_SGD_LR, "batch": 128,
-                             "n_fetch": 1, "n_push": 1},
-            "downpour_adagrad": {"optimizer": "adagrad (shard)", "learning_rate": ADAGRAD_LR, "batch": 128,
-                                 "n_fetch": 1, "n_push": 1},
+            **{method: {"optimizer": f"{optimizer} (shard)", "learning_rate": lr, "batch": 128,
+                        "n_fetch": 1, "n_push": 1} for method, (optimizer, lr) in DOWNPOUR.items()},
             "sandblaster": {"batch": LBFGS_BATCH, "portion": LBFGS_PORTION, "history": LBFGS_HISTORY,
                             "push_every": 4, "line_search": "Wolfe (c1 1e-4, c2 0.9)"},
             "torch_sgd": {"learning_rate": SGD_LR, "momentum": SGD_MOMENTUM, "batch": 128},
@@ -130,8 +131,8 @@ def run_method(method: str, warm: dict, budget_s: float, replicas: int = 2, shar
                 "--set", "train.epochs=1000", "--set", f"train.learning_rate={SGD_LR}",
                 "--set", f"train.momentum={SGD_MOMENTUM}", "--set", f"train.eval_every={EVAL_EVERY_STEPS}"]
         ranks, layout = None, {"ranks": 1, "blas_threads": threads}
-    elif method in ("downpour_sgd", "downpour_adagrad"):
-        optimizer, lr = ("sgd", DOWNPOUR_SGD_LR) if method == "downpour_sgd" else ("adagrad", ADAGRAD_LR)
+    elif method in DOWNPOUR:
+        optimizer, lr = DOWNPOUR[method]
         args = ["train", CONFIGS["downpour"], *common, "--resume", ckpt, "--set", "train.epochs=1000",
                 "--set", f"train.n_replicas={replicas}", "--set", f"train.n_shards={shards}",
                 "--set", f'train.optimizer="{optimizer}"', "--set", f"train.learning_rate={lr}",

@@ -21,6 +21,7 @@ import fashion  # noqa: E402
 from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
 STYLE = {"sgd": ("k", "-"), "downpour_sgd": ("C0", "-"), "downpour_adagrad": ("C3", "-"),
+         "downpour_momentum": ("C1", "-"),
          "sandblaster": ("C2", "-"), "torch_sgd": ("k", ":"), "torch_lbfgs": ("C2", ":")}
 
 
@@ -38,7 +39,7 @@ def main() -> None:
 
     runs = {}
     runs["sgd"] = fashion.run_method("sgd", warm, budget, threads=args.threads)
-    for method in ("downpour_sgd", "downpour_adagrad", "sandblaster"):
+    for method in (*fashion.DOWNPOUR, "sandblaster"):
         runs[method] = fashion.run_method(method, warm, budget, replicas=args.replicas, shards=1)
         print(f"fig4: {method} {runs[method]['final_accuracy']:.4f}", file=sys.stderr, flush=True)
     skipped = None

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion  # noqa: E402
 from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
-METHODS = ("downpour_sgd", "downpour_adagrad", "sandblaster")
-COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "sandblaster": "C2"}
+METHODS = (*fashion.DOWNPOUR, "sandblaster")
+COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "downpour_momentum": "C1", "sandblaster": "C2"}
 
 
 def main() -> None:
