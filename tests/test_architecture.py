@@ -48,6 +48,7 @@ MPI_FREE_MODULES = sorted({
     "dbmpi.algorithms.sgd",
     "dbmpi.algorithms.replica",
     "dbmpi.algorithms.coordinator",
+    "dbmpi.ps.staleness",
     "dbmpi.evaluation",
     "dbmpi.plot",
 })
