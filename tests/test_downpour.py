@@ -78,6 +78,24 @@ def test_two_replicas_two_shards_train_digits(tmp_path, optimizer, lr):
     assert "final test accuracy" in result.stdout
 
 
+def test_staleness_aware_shards_train_and_record_their_step_scale(tmp_path):
+    """Two replicas and two shards with staleness_aware: the run trains, and each shard's
+    record says how stale the pushes it applied were and how much their steps were scaled."""
+    run_dir = tmp_path / "run"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", run_dir, "--set", "train.staleness_aware=true",
+                       "--set", "train.learning_rate=0.05", "--set", "train.epochs=20",
+                       "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["staleness_aware"] is True and summary["test_accuracy"] >= 0.9, summary
+    shards = sorted((r for r in records(run_dir) if r["kind"] == "shard"), key=lambda r: r["shard"])
+    assert [r["shard"] for r in shards] == [0, 1]
+    for shard in shards:  # two replicas: pushes are mostly 0 to 2 updates stale
+        assert 0 < shard["mean_step_scale"] <= 1 and shard["mean_staleness"] >= 0, shard
+    assert summary["mean_step_scale_by_shard"] == [r["mean_step_scale"] for r in shards]
+    assert "staleness_aware = true" in (run_dir / "config.toml").read_text()
+
+
 def test_each_rank_writes_its_own_metrics_and_the_split_final_evaluation_is_dbmpi_evaluate(tmp_path):
     """Every rank appends to its own metrics file (nothing gathered at the end), its final
     record with its peak memory; the finished replicas split the test set (pieces of
