@@ -317,7 +317,7 @@ class ReplicaLoop:
                               "test_loss": test_loss, "test_accuracy": test_acc})
             self.say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
             if warning := self.divergence.observe(step, test_loss):
-                emit(warning, self.metrics.log)
+                emit({**warning, "rank": self.seat.rank, "replica": self.seat.replica}, self.metrics.log)
 
     def replica_record(self, step: int, elapsed: float) -> dict:
         """The `replica` record: what this worker did over the whole run."""
