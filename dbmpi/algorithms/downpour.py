@@ -483,4 +483,7 @@ def _finish(ctx: RunContext, final_path, workers, shards, failed, metrics, say,
     say(f"one update merged at most {summary['max_merged_pushes']} pushes"
         + (f"; {summary['checkpoints']} checkpoint(s) stalled updates at most "
            f"{1e3 * summary['checkpoint_stall_s_max']:.1f} ms" if summary["checkpoints"] else ""))
+    if tcfg["staleness_aware"]:
+        say(f"staleness-aware shards: pushes {summary['mean_staleness_by_shard']} updates stale on average, "
+            f"mean step scale {summary['mean_step_scale_by_shard']}")
     return summary
