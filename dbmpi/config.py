@@ -219,6 +219,9 @@ TRAIN_FIELDS = {
     # Downpour: the most pushes a shard may hold undrained before a replica that pushed waits
     # for it (none: twice the worker ranks), so a backlog never becomes one giant update.
     "max_push_backlog": Field(optional(positive_int), None),
+    # Downpour: the shards scale each update's step by 1 / the mean staleness of the pushes
+    # it merges (Zhang et al. 2016; dbmpi.ps.staleness).
+    "staleness_aware": Field(boolean, False),
     # Sandblaster L-BFGS: batch_size examples per batch (all of the training set when
     # larger), cut into portions; `iterations` L-BFGS iterations (the budget).
     "iterations": Field(optional(positive_int), None),
@@ -249,7 +252,7 @@ TRAIN_KEY_ALGORITHMS = {
     **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "checkpoint_every", "checkpoint_every_s",
                      "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
     **dict.fromkeys(("n_fetch", "n_push", "warmstart_steps", "local_learning_rate", "max_rejected_fraction",
-                     "max_push_backlog"), ("downpour",)),
+                     "max_push_backlog", "staleness_aware"), ("downpour",)),
     **dict.fromkeys(("iterations", "portion_size", "history", "wolfe_c1", "wolfe_c2", "max_line_search",
                      "tolerance", "backup_tasks", "weight_decay", "push_every"), ("sandblaster",)),
 }

@@ -46,8 +46,10 @@ MPI_FREE_MODULES = sorted({
     "dbmpi.algorithms.optimizers",
     "dbmpi.algorithms.minibatches",
     "dbmpi.algorithms.sgd",
+    "dbmpi.algorithms.divergence",
     "dbmpi.algorithms.replica",
     "dbmpi.algorithms.coordinator",
+    "dbmpi.ps.staleness",
     "dbmpi.evaluation",
     "dbmpi.plot",
 })

@@ -209,3 +209,24 @@ def test_a_non_finite_final_test_loss_sets_the_final_checkpoint_aside(tmp_path):
 def test_the_coordinator_imports_without_mpi4py():
     code = "import sys, dbmpi.algorithms.coordinator; sys.exit(3 if 'mpi4py' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+
+
+class ClimbingTestLoss(FakeSpace):
+    """A space whose test loss falls, then climbs and stays up (one value per test)."""
+
+    LOSSES = [1.0, 0.5, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6]
+
+    def test(self, point):
+        loss = self.LOSSES[min(self.calls.count("test"), len(self.LOSSES) - 1)]
+        super().test(point)
+        return loss, 0.5
+
+
+def test_a_climbing_test_loss_warns_once_and_the_run_finishes(tmp_path, capsys):
+    summary, records, _, _ = coordinate(tmp_path, "run", ClimbingTestLoss([(0, N_EXAMPLES)]), "train.iterations=6",
+                                        "train.tolerance=0", "train.eval_every=1")
+    warnings = [r for r in records if r["kind"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["iteration"] == 5  # tests at 1..6: 1.0, 0.5, then 3 above 0.75
+    err = capsys.readouterr().err
+    assert err.count("dbmpi: warning:") == 1 and "at iteration 5" in err and "optimizer lbfgs)" in err
+    assert summary["status"] == "budget" and summary["failure"] is None

@@ -37,6 +37,7 @@ def test_digits_trains_with_each_optimizer(tmp_path, optimizer, lr):
     evals = [r for r in records if r["kind"] == "eval"]
     assert train[-1]["step"] == summary["steps"] and evals[-1]["step"] == summary["steps"]
     assert train[-1]["loss"] < train[0]["loss"] / 3
+    assert "warning" not in result.stderr and not [r for r in records if r["kind"] == "warning"]
     assert all(r["samples_per_s"] > 0 and r["time"] >= 0 for r in train)
     # The resolved config is a complete config that trains again as it is.
     from dbmpi import config
@@ -82,6 +83,22 @@ def test_divergence_is_reported(tmp_path):
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["failure"] in result.stderr
+
+
+def test_a_too_high_learning_rate_warns_once_and_the_run_goes_on(tmp_path):
+    """Momentum at 0.3 on digits: the test loss reaches 0.48 by epoch 7, then climbs past
+    1.2 (tests/test_divergence.py, CLIMBING): one warning line, one record, exit 0."""
+    run_dir = tmp_path / "run"
+    result = dbmpi("train", ROOT / "configs/mlp_digits.toml", "--run-dir", run_dir,
+                   "--set", "train.learning_rate=0.3", "--set", "train.epochs=30",
+                   "--set", f"data.path={tmp_path / 'digits.h5'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dbmpi: warning:")]
+    assert len(lines) == 1 and result.stderr.count("dbmpi: warning") == 1, result.stderr
+    assert "optimizer momentum, learning rate 0.3" in lines[0] and "docs/CONFIG.md" in lines[0]
+    warnings = [r for r in read_metrics(run_dir) if r["kind"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["message"] in lines[0]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow

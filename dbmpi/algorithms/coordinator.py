@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dbmpi import config as configuration
+from dbmpi.algorithms.divergence import DivergenceWatch, emit
 from dbmpi.algorithms.lbfgs import LBFGS, NotFinite, VectorSpace, X
 from dbmpi.io.checkpoint import checkpoint_name
 from dbmpi.io.rundir import RunDirectory, peak_rss_bytes
@@ -75,6 +76,7 @@ class Coordinator:
         self.started = time.perf_counter()
         self.earlier_s = 0.0  # seconds trained before a resume, so times continue
         self.failure: str | None = None  # why the training diverged
+        self.divergence = DivergenceWatch("lbfgs", None, unit="iteration")  # non-finite: a failure instead
         self.status = "budget"
         self.iteration = 0  # iterations this run, from where it started
         self.iterations: list[dict] = []  # the iteration records
@@ -210,6 +212,8 @@ class Coordinator:
                           "time_s": round(self.elapsed(), 4), "test_loss": test_loss,
                           "test_accuracy": test_accuracy})
         self.say(f"[lbfgs] iteration {iteration:>5}  test accuracy {test_accuracy:.4f}")
+        if self.failure is None and (warning := self.divergence.observe(iteration, test_loss)):
+            emit(warning, self.run_dir.log)
         return self.failure is None
 
     def conclude(self) -> None:

@@ -162,7 +162,8 @@ def _serve(ctx: RunContext, windows: ParameterWindows, liveness: Liveness, metri
     record and hand shard 0 their totals (O(1))."""
     topo, layout = ctx.topo, ctx.layout
     role = topo.role
-    shard = Shard(windows, role.shard, *_initial_slice(ctx, role.shard))
+    shard = Shard(windows, role.shard, *_initial_slice(ctx, role.shard),
+                  staleness_aware=ctx.tcfg["staleness_aware"])
     checkpointer = ShardCheckpointer(ctx.cfg, ctx.network, layout, topo, shard, ctx.run_path, liveness)
     topo.world.Barrier()  # every shard has published its initial slice
     liveness.start()
@@ -216,6 +217,7 @@ def _shard_record(topo, stats, checkpointer, metrics) -> dict:
             "busy_s": round(stats.busy_s, 3), "wall_s": round(stats.wall_s, 3),
             "merged_histogram": {bucket_label(b): n for b, n in enumerate(stats.merged_histogram) if n},
             "max_merged": stats.max_merged,
+            "mean_staleness": round(stats.mean_staleness, 3), "mean_step_scale": round(stats.mean_step_scale, 4),
             "checkpoints_written": checkpointer.written, "checkpoints": checkpoints,
             "peak_rss_bytes": peak_rss_bytes(), "n_replicas": topo.layout.n_replicas,
             "bucket_labels": [bucket_label(b) for b in range(N_BUCKETS)], "run_started": started}
@@ -225,6 +227,7 @@ def _shard_totals(record: dict) -> dict:
     """What the summary needs of a shard's record: O(1) numbers (a histogram of N_BUCKETS)."""
     return {"shard": record["shard"], "updates": record["updates"], "dropped": record["dropped"],
             "merged_histogram": record["merged_histogram"], "max_merged": record["max_merged"],
+            "mean_staleness": record["mean_staleness"], "mean_step_scale": record["mean_step_scale"],
             "checkpoints": len(record["checkpoints"]),
             "stall_s_max": max((c.get("stall_s", 0.0) for c in record["checkpoints"]), default=0.0)}
 
@@ -464,6 +467,9 @@ def _finish(ctx: RunContext, final_path, workers, shards, failed, metrics, say,
         "checkpoints": shards[0]["checkpoints"] if shards else 0,
         "checkpoint_stall_s_max": max((s["stall_s_max"] for s in shards), default=0.0),
         "mean_staleness": mean([r["mean_staleness"] for r in workers if r["mean_staleness"] is not None]),
+        "staleness_aware": tcfg["staleness_aware"],
+        "mean_step_scale_by_shard": [s["mean_step_scale"] for s in shards],
+        "mean_staleness_by_shard": [s["mean_staleness"] for s in shards],
         "failed_replicas": failed,
         "final_checkpoint": final_path.name if final_path is not None else None,
         "test_loss": test_loss, "test_accuracy": test_acc, "test_examples": test_rows,
@@ -477,4 +483,7 @@ def _finish(ctx: RunContext, final_path, workers, shards, failed, metrics, say,
     say(f"one update merged at most {summary['max_merged_pushes']} pushes"
         + (f"; {summary['checkpoints']} checkpoint(s) stalled updates at most "
            f"{1e3 * summary['checkpoint_stall_s_max']:.1f} ms" if summary["checkpoints"] else ""))
+    if tcfg["staleness_aware"]:
+        say(f"staleness-aware shards: pushes {summary['mean_staleness_by_shard']} updates stale on average, "
+            f"mean step scale {summary['mean_step_scale_by_shard']}")
     return summary

@@ -28,9 +28,13 @@ class Optimizer(ABC):
         self.learning_rate = learning_rate
         self.state: dict[str, np.ndarray] = {}
 
+    def begin_update(self) -> None:  # noqa: B027 (a hook; SGD, momentum, Adagrad need none)
+        """Called once before the parts of one update are stepped (a shard's chunks)."""
+
     @abstractmethod
-    def step(self, params: np.ndarray, grad: np.ndarray, at: slice = EVERYWHERE) -> None:
-        """Update `params` (the part `at` of the vector) in place from `grad`."""
+    def step(self, params: np.ndarray, grad: np.ndarray, at: slice = EVERYWHERE, scale: float = 1.0) -> None:
+        """Update `params` (the part `at` of the vector) in place from `grad`; `scale`
+        multiplies this update's learning rate (a shard's staleness-aware step)."""
 
 
 class SGD(Optimizer):
@@ -38,8 +42,8 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def step(self, params, grad, at=EVERYWHERE):
-        kernels.sgd_step(params, grad, self.learning_rate)
+    def step(self, params, grad, at=EVERYWHERE, scale=1.0):
+        kernels.sgd_step(params, grad, self.learning_rate * scale)
 
 
 class Momentum(Optimizer):
@@ -52,8 +56,8 @@ class Momentum(Optimizer):
         self.momentum = momentum
         self.state["velocity"] = np.zeros(size, dtype=np.float32)
 
-    def step(self, params, grad, at=EVERYWHERE):
-        kernels.momentum_step(params, grad, self.state["velocity"][at], self.learning_rate, self.momentum)
+    def step(self, params, grad, at=EVERYWHERE, scale=1.0):
+        kernels.momentum_step(params, grad, self.state["velocity"][at], self.learning_rate * scale, self.momentum)
 
 
 class Adagrad(Optimizer):
@@ -66,8 +70,8 @@ class Adagrad(Optimizer):
         self.eps = eps
         self.state["accum"] = np.full(size, initial, dtype=np.float32)
 
-    def step(self, params, grad, at=EVERYWHERE):
-        kernels.adagrad_step(params, grad, self.state["accum"][at], self.learning_rate, self.eps)
+    def step(self, params, grad, at=EVERYWHERE, scale=1.0):
+        kernels.adagrad_step(params, grad, self.state["accum"][at], self.learning_rate * scale, self.eps)
 
 
 def make_optimizer(train: dict, size: int) -> Optimizer:

@@ -41,6 +41,7 @@ import numpy as np
 
 from dbmpi import config as configuration
 from dbmpi import kernels
+from dbmpi.algorithms.divergence import DivergenceWatch, emit
 from dbmpi.algorithms.minibatches import Budget, Minibatches, SplitMinibatches
 from dbmpi.evaluation import mean_score, score
 from dbmpi.io.rundir import peak_rss_bytes
@@ -129,6 +130,7 @@ class ReplicaLoop:
         # Replica 0 evaluates its copy as it goes; with partitions, all of them take part.
         self.eval_every = (configuration.eval_interval(tcfg, self.budget.steps_per_epoch)
                            if seat.replica == 0 else None)
+        self.divergence = DivergenceWatch(tcfg["optimizer"], tcfg["learning_rate"])  # replica 0's lead
         # Every partition of a replica shuffles with the replica's seed (and, resumed, the
         # step it resumes at): the same examples.
         self.batches = data.minibatches(self.batch, tcfg["seed"] + 7919 * seat.replica + 104729 * first_step)
@@ -314,6 +316,8 @@ class ReplicaLoop:
             self.metrics.log({"kind": "eval", "source": "replica 0", "step": step,
                               "test_loss": test_loss, "test_accuracy": test_acc})
             self.say(f"[{phase}] step {step:>7}  test accuracy {test_acc:.4f} (replica 0's copy)")
+            if warning := self.divergence.observe(step, test_loss):
+                emit({**warning, "rank": self.seat.rank, "replica": self.seat.replica}, self.metrics.log)
 
     def replica_record(self, step: int, elapsed: float) -> dict:
         """The `replica` record: what this worker did over the whole run."""

@@ -15,6 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dbmpi import data as datasets
+from dbmpi.algorithms.divergence import DivergenceWatch, emit
 from dbmpi.algorithms.minibatches import Budget, Minibatches
 from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
@@ -100,6 +101,7 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
     optimizer = None if fused else make_optimizer(tcfg, network.n_params)
     lr = tcfg["learning_rate"]
+    watch = DivergenceWatch(tcfg["optimizer"], lr)
 
     say(network.summary())
     planned = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if total is not None else "no step limit")
@@ -144,6 +146,8 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
                          "time_s": round(time.perf_counter() - started, 4),
                          "test_loss": test_loss, "test_accuracy": test_acc})
                 say(f"step {step:>7}{of}  test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+                if warning := watch.observe(step, test_loss):
+                    emit(warning, run.log)
             if last:
                 break
     elapsed = time.perf_counter() - started

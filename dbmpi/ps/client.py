@@ -9,9 +9,11 @@ replicas, shards and workers):
   staleness of a push (the shard's version at the push minus the version at the fetch) is
   exact up to the updates the shard published during the fetch itself;
 - a push is its `Accumulate(SUM)` into the inbox, completed at the next push or fetch,
-  flushed, then one `exchange` on the control block that adds one to PUSHES and returns
-  VERSION and ABSORBED beside it (dbmpi.ps.control): the data is in the inbox before PUSHES
-  says so, and the push's staleness and the shard's backlog come back with the count. At a
+  flushed, then one `exchange` on the control block that adds one to PUSHES and the
+  shard version the gradient was computed from to FETCHED, and returns VERSION and ABSORBED
+  beside them (dbmpi.ps.control): the data is in the inbox before PUSHES says so, the
+  push's staleness and the shard's backlog come back with the count, and the shard can
+  measure the staleness of what it drains (dbmpi.ps.staleness). At a
   fetch the exchange goes out with the fetch's reads, so a step that pushes and fetches
   waits for two round trips per shard: the push's data, then the count and the fetch. The
   operations to all shards are issued before any is waited for.
@@ -33,7 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 from dbmpi import kernels
-from dbmpi.ps.control import N_BUCKETS, PUSH, Slot, staleness_bucket
+from dbmpi.ps.control import N_BUCKETS, PUSH_SLOTS, Slot, push_amounts, staleness_bucket
 from dbmpi.ps.windows import NO_ORIGIN, ParameterWindows
 from dbmpi.runtime.layout import Segment
 
@@ -85,7 +87,8 @@ class ShardClient:
         # pushes (of anyone) the shard had counted before this worker's first one (-1: none yet).
         self.histograms = np.zeros((len(self.shards), N_BUCKETS), np.int64)
         self.first_push_after = np.full(len(self.shards), -1, np.int64)
-        self._exchanged = np.zeros((len(self.shards), PUSH.size), np.int64)
+        self._exchanged = np.zeros((len(self.shards), PUSH_SLOTS), np.int64)
+        self._amounts = push_amounts(len(self.shards))  # each shard's exchange origin
         self._pending = False
         windows.lock_shards()
 
@@ -155,15 +158,16 @@ class ShardClient:
         inbox, control = self.windows.inbox, self.windows.block
         for rank in self.ranks:
             inbox.Flush(rank)  # the data is in the inbox before the counter says so
+        self._amounts[:, Slot.FETCHED] = self.versions  # what the pushed gradient was computed from
         for i, rank in enumerate(self.ranks):
-            control.start_exchange(rank, Slot.VERSION, PUSH, self._exchanged[i])
+            control.start_exchange(rank, Slot.VERSION, self._amounts[i], self._exchanged[i])
         return True
 
     def _end_count(self) -> None:
         """Record the counted push: its staleness, the shards' first-push counts, and wait
         while a shard's backlog exceeds the bound."""
         for i, rank in enumerate(self.ranks):
-            version, before, absorbed = (int(v) for v in self._exchanged[i])
+            version, before, absorbed = (int(v) for v in self._exchanged[i, :Slot.FETCHED])
             staleness = version - int(self.versions[i])
             self.staleness.append(staleness)
             self.histograms[i, staleness_bucket(staleness)] += 1

@@ -21,9 +21,11 @@ across them. Ordering between a push's data and its count comes from the flush: 
 flushes its accumulate into the inbox before it adds to PUSHES, so a shard that reads the
 count finds the data (dbmpi.ps.client).
 
-A push's count is one `exchange` over VERSION, PUSHES and ABSORBED: it adds one to PUSHES
-and returns all three (the shard's version for the push's staleness, the pushes before it,
-and what the shard has drained, for the backlog bound): one round trip per shard and push.
+A push's count is one `exchange` over VERSION, PUSHES, ABSORBED and FETCHED: it adds one to
+PUSHES and the shard version its worker last fetched to FETCHED, and returns the old values
+(the shard's version for the push's staleness, the pushes before it, and what the shard has
+drained, for the backlog bound): one round trip per shard and push. FETCHED lets the shard
+measure the mean staleness of the pushes each drain merges (dbmpi.ps.staleness).
 What used to be counted per push at the shard (the staleness histogram, the pushes by
 replica) is counted by each worker and reported in its records.
 """
@@ -40,30 +42,42 @@ N_BUCKETS = 16  # histograms: 0, 1, 2-3, 4-7, ..., >= 2**14
 class Slot(IntEnum):
     """Fixed slots of a shard's control block."""
 
-    # The parameter server (on every shard); VERSION, PUSHES, ABSORBED stay consecutive (PUSH).
+    # The parameter server (on every shard); VERSION, PUSHES, ABSORBED, FETCHED stay consecutive
+    # (a push's exchange, push_amounts).
     VERSION = 0  # updates the shard applied
     PUSHES = 1  # pushes completed into the inbox (a worker adds 1 after its data is flushed)
     ABSORBED = 2  # the PUSHES count as of the shard's last drain: PUSHES - ABSORBED is the backlog
-    WORKERS_DONE = 3  # workers that finished for good (in Downpour counted by shard 0)
-    WORKERS_FAILED = 4  # workers shard 0 declared failed (they count as finished)
-    REJECTED = 5  # pushes replicas withheld because the gradient was not finite
-    DROPPED = 6  # drains in which the shard dropped a chunk because it was not finite
-    DRAINS = 7  # drains that found data
-    SHARD_BEAT = 8  # this shard's heartbeat, bumped from its own loops
+    FETCHED = 3  # the sum over counted pushes of the VERSION their worker had fetched (staleness)
+    WORKERS_DONE = 4  # workers that finished for good (in Downpour counted by shard 0)
+    WORKERS_FAILED = 5  # workers shard 0 declared failed (they count as finished)
+    REJECTED = 6  # pushes replicas withheld because the gradient was not finite
+    DROPPED = 7  # drains in which the shard dropped a chunk because it was not finite
+    DRAINS = 8  # drains that found data
+    SHARD_BEAT = 9  # this shard's heartbeat, bumped from its own loops
     # The run protocol (read on shard 0)
-    CHECKPOINTS = 9  # checkpoints the lead has asked for
-    STOPS = 10  # stop requests (signals) any rank has relayed
-    WARMED = 11  # 1 once replica 0 has finished warmstart: the other replicas start
-    VERDICT = 12  # how the run ends, set by shard 0 once everything is written
-    RELEASED = 13  # ranks that read a FAILED verdict and are leaving
-    REPLICAS_FAILED = 14  # replicas declared failed, by whichever shard declared them
-    HEARTBEATS = 15  # first heartbeat slot of the workers this shard watches (heartbeat_home)
+    CHECKPOINTS = 10  # checkpoints the lead has asked for
+    STOPS = 11  # stop requests (signals) any rank has relayed
+    WARMED = 12  # 1 once replica 0 has finished warmstart: the other replicas start
+    VERDICT = 13  # how the run ends, set by shard 0 once everything is written
+    RELEASED = 14  # ranks that read a FAILED verdict and are leaving
+    REPLICAS_FAILED = 15  # replicas declared failed, by whichever shard declared them
+    HEARTBEATS = 16  # first heartbeat slot of the workers this shard watches (heartbeat_home)
 
 
 N_FIXED = int(Slot.HEARTBEATS)  # the slots before the heartbeats: what read_fixed returns
-# A push's exchange: add one to PUSHES, read VERSION and ABSORBED beside it.
-PUSH = np.array([0, 1, 0], np.int64)
-assert (Slot.VERSION, Slot.PUSHES, Slot.ABSORBED) == (0, 1, 2)
+# A push's exchange spans VERSION .. FETCHED: it adds one to PUSHES and the version the worker
+# fetched to FETCHED, and reads VERSION and ABSORBED beside them.
+PUSH_SLOTS = int(Slot.FETCHED) - int(Slot.VERSION) + 1
+assert (Slot.VERSION, Slot.PUSHES, Slot.ABSORBED, Slot.FETCHED) == (0, 1, 2, 3)
+
+
+def push_amounts(n_shards: int) -> np.ndarray:
+    """The origin of a push's exchange per shard, (n_shards, PUSH_SLOTS): one for PUSHES;
+    the caller writes each shard's fetched version into column Slot.FETCHED before a push."""
+    amounts = np.zeros((n_shards, PUSH_SLOTS), np.int64)
+    amounts[:, Slot.PUSHES] = 1
+    return amounts
+
 
 VERDICT_CLEAN, VERDICT_FAILED = 1, 2  # no failure: collective teardown; else point to point only
 # A worker's heartbeat slot (on its home shard) counts its beats; these marks are added to it once.

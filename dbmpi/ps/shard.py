@@ -26,6 +26,7 @@ import numpy as np
 
 from dbmpi import kernels
 from dbmpi.ps.control import N_BUCKETS, Slot, staleness_bucket
+from dbmpi.ps.staleness import StalenessScale
 from dbmpi.ps.store import CHUNK, SERVE_PAUSE_S, ShardStore
 from dbmpi.ps.windows import ParameterWindows
 from dbmpi.runtime.poll import Backoff
@@ -48,15 +49,21 @@ class ShardStats:
     # drains that found data no counted push had announced yet.
     merged_histogram: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
     max_merged: int = 0
+    # The pushes' mean staleness at the update that applied them, and the mean step scale of
+    # the updates (1 unless staleness_aware: dbmpi.ps.staleness).
+    mean_staleness: float = 0.0
+    mean_step_scale: float = 1.0
 
 
 class Shard:
     """One Downpour shard: drains its inbox and applies the update itself (the optimizer is
     the handler, as in a key-value server). `chunk`: values per chunk of the update (None:
-    the whole slice at once, for benchmarks)."""
+    the whole slice at once, for benchmarks). `staleness_aware`: scale each update's step by
+    1 / the mean staleness of the pushes it merges (dbmpi.ps.staleness)."""
 
     def __init__(self, windows: ParameterWindows, index: int, initial: np.ndarray, optimizer,
-                 poll_min_s: float = 5e-5, poll_max_s: float = SERVE_PAUSE_S, chunk: int | None = CHUNK):
+                 poll_min_s: float = 5e-5, poll_max_s: float = SERVE_PAUSE_S, chunk: int | None = CHUNK,
+                 staleness_aware: bool = False):
         self.windows = windows
         self.layout = windows.layout
         self.index = index
@@ -68,23 +75,33 @@ class Shard:
         self.stats = ShardStats(shard=index)
         self.seen = 0  # the PUSHES count at the last drain
         self.max_merged_since = 0  # the most pushes one update merged since a caller reset it
+        self.staleness = StalenessScale(staleness_aware)
+        self.version_now = 0  # updates applied (this shard's VERSION slot, which only it writes)
+        self.step_scale = 1.0
         self.store = ShardStore(windows, self.work.size, chunk)
         self.store.publish(self.work)
 
     def _counter(self, slot: int) -> int:
         return self.windows.block.read(self.me, slot)
 
+    def _announced(self) -> tuple[int, int]:
+        """(PUSHES, FETCHED) in one read (atomic per slot)."""
+        values = self.windows.block.read_slots(self.me, Slot.PUSHES, Slot.FETCHED - Slot.PUSHES + 1)
+        return int(values[0]), int(values[-1])
+
     # The loop -----------------------------------------------------------------------------
-    def step(self, announced: int | None = None) -> bool:
+    def step(self, announced: int | None = None, fetched: int | None = None) -> bool:
         """Drain once and apply the update where the gradient is finite; True if applied.
-        `announced`: the PUSHES count, when the caller just read it."""
+        `announced`, `fetched`: the PUSHES and FETCHED counts, when the caller just read them
+        (`fetched` None: the update's step scale is the last measured)."""
         if announced is None:
-            announced = self._counter(Slot.PUSHES)
+            announced, fetched = self._announced()
         merged = max(announced - self.seen, 0)  # pushes counted since the last drain
         if merged:
             self.seen = announced
             self.windows.block.add(self.me, Slot.ABSORBED, merged)  # before the drain: a
             # replica may push again now; its data lands in the next drain at the latest
+        self.step_scale = self.staleness.scale(self.version_now, announced, fetched)
         found, applied, dropped = self._update()
         if not found:  # their data came with the last drain (it lands before the count)
             return False
@@ -93,7 +110,10 @@ class Shard:
         self.max_merged_since = max(self.max_merged_since, merged)
         counts = np.zeros(Slot.DRAINS + 1, np.int64)  # one exchange from VERSION to DRAINS
         counts[Slot.DRAINS], counts[Slot.DROPPED], counts[Slot.VERSION] = 1, int(dropped), int(applied)
-        self.windows.block.exchange(self.me, 0, counts)
+        old = self.windows.block.exchange(self.me, 0, counts)
+        self.version_now = int(old[Slot.VERSION]) + int(applied)
+        if applied:
+            self.staleness.applied(self.step_scale)
         return applied
 
     def _update(self) -> tuple[bool, bool, bool]:
@@ -101,6 +121,7 @@ class Shard:
         any chunk held data, whether any was applied, whether any was dropped (not finite)."""
         store, work, drained, optimizer = self.store, self.work, self.drained, self.optimizer
         found = applied = dropped = False
+        optimizer.begin_update()
         for lo, hi in store.chunks():
             grad = drained[lo:hi]
             if store.drain_part(grad, lo):
@@ -108,23 +129,23 @@ class Shard:
                 if kernels.count_nonfinite(grad):
                     dropped = True
                 else:
-                    optimizer.step(work[lo:hi], grad, slice(lo, hi))
+                    optimizer.step(work[lo:hi], grad, slice(lo, hi), scale=self.step_scale)
                     store.publish_part(work[lo:hi], lo)
                     applied = True
             store.settle()
         return found, applied, dropped
 
-    def apply_pending(self, announced: int | None = None) -> bool:
+    def apply_pending(self, announced: int | None = None, fetched: int | None = None) -> bool:
         """One round of serving: if pushes were announced since the last drain, drain and
         apply them; True if it did. Also called from the waits of a checkpoint, so updates
         go on while one is written (a backlog never piles up into one giant step)."""
         if announced is None:
-            announced = self._counter(Slot.PUSHES)
+            announced, fetched = self._announced()
         if announced == self.seen:
             self.windows.progress()
             return False
         t0 = time.perf_counter()
-        self.step(announced)
+        self.step(announced, fetched)
         self.stats.busy_s += time.perf_counter() - t0
         return True
 
@@ -162,15 +183,15 @@ class Shard:
                     checkpoint()
                 written = int(fixed[Slot.CHECKPOINTS])
                 continue
-            if self.apply_pending(int(fixed[Slot.PUSHES])):
+            if self.apply_pending(int(fixed[Slot.PUSHES]), int(fixed[Slot.FETCHED])):
                 backoff.reset()
                 continue
             if fixed[Slot.WORKERS_DONE] + fixed[Slot.WORKERS_FAILED] >= n_workers:
                 # Workers flush every push before they count themselves done: one last
                 # look at the counter and the inbox, then stop.
-                announced = self._counter(Slot.PUSHES)
+                announced, fetched = self._announced()
                 if announced == self.seen:
-                    self.step(announced)
+                    self.step(announced, fetched)
                     while checkpoint is not None and self._counter(Slot.CHECKPOINTS) > written:
                         checkpoint()
                         written += 1
@@ -187,6 +208,7 @@ class Shard:
         s.updates, s.pushes, s.drains = int(fixed[Slot.VERSION]), int(fixed[Slot.PUSHES]), int(fixed[Slot.DRAINS])
         s.dropped, s.rejected = int(fixed[Slot.DROPPED]), int(fixed[Slot.REJECTED])
         s.workers_failed = int(fixed[Slot.WORKERS_FAILED])
+        s.mean_staleness, s.mean_step_scale = self.staleness.mean_staleness(), self.staleness.mean_scale()
 
     def close(self) -> None:
         self.store.close()

@@ -20,17 +20,17 @@ from tests.mpi import fetch_while_rising, sub_world
 N_PARAMS = 1001  # odd, so shard boundaries fall inside what would be tensors
 
 
-def run_server(comm, layout, initial, worker, chunk=None, counts=None):
-    """Shards serve with SGD at rate 1, updating in chunks of `chunk` values (None: the
-    store's default); workers run `worker(client)`, and put their client's counts() in
-    the list `counts`. Returns the final parameters (at rank 0) and the shard stats (at the
+def run_server(comm, layout, initial, worker, chunk=None, counts=None, staleness_aware=False):
+    """Shards serve with SGD at rate 1 (staleness-aware or not), updating in chunks of
+    `chunk` values (None: the store's default); workers run `worker(client)`, and put their
+    client's counts() in the list `counts`. Returns the final parameters (at rank 0) and the shard stats (at the
     shards)."""
     role = layout.role(comm.rank)
     windows = ParameterWindows(comm, layout, role.shard if role.is_shard else None)
     my_slice, stats, result = None, None, None
     if role.is_shard:
         lo, hi = layout.shard_ranges[role.shard]
-        shard = Shard(windows, role.shard, initial[lo:hi], SGD(hi - lo, 1.0),
+        shard = Shard(windows, role.shard, initial[lo:hi], SGD(hi - lo, 1.0), staleness_aware=staleness_aware,
                       **({"chunk": chunk} if chunk else {}))
         comm.Barrier()
         stats = shard.serve()
@@ -127,6 +127,59 @@ def test_concurrent_fetch_returns_values_elements_held():
         np.testing.assert_array_equal(final, np.full(N_PARAMS, n_pushes, np.float32))
     if comm.rank == 1:
         assert fetches >= 1
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("staleness_aware", [False, True])
+def test_a_stale_replicas_push_is_applied_with_a_smaller_step(staleness_aware):
+    """Replica 0 fetches before each of its 4 pushes of ones and waits for it to be applied
+    (staleness 0: step 1); replica 1 fetched version 0 and pushes ones after them
+    (staleness 4): staleness-aware shards apply it with step 1/4, plain ones with step 1."""
+    comm = sub_world(4)
+    if comm is None:
+        return
+    layout = Layout(N_PARAMS, 2, 2)
+    role = layout.role(comm.rank)
+    workers = comm.Split(0 if role.is_worker else MPI.UNDEFINED, comm.rank)
+    n_fresh = 4
+    ones = np.ones(N_PARAMS, np.float32)
+
+    def wait_for_version(windows, version):
+        deadline = time.monotonic() + 60
+        while any(windows.block.read(rank, Slot.VERSION) < version for rank in layout.shard_ranks):
+            assert time.monotonic() < deadline, "the shards did not apply the push"
+            time.sleep(0.001)
+
+    def worker(client, windows):
+        seen = np.empty(N_PARAMS, np.float32)
+        client.fetch(seen)  # version 0 for both replicas
+        workers.Barrier()
+        if client.replica == 0:
+            for i in range(n_fresh):
+                client.fetch(seen)
+                assert client.push(ones)
+                client.finish_push()
+                wait_for_version(windows, i + 1)
+        workers.Barrier()
+        if client.replica == 1:
+            assert client.push(ones)
+            client.finish_push()
+            assert client.staleness == [n_fresh] * len(client.shards)
+        return None
+
+    final, stats, _ = run_server(comm, layout, np.zeros(N_PARAMS, np.float32), worker,
+                                 staleness_aware=staleness_aware)
+    stale_step = 1 / n_fresh if staleness_aware else 1.0
+    if comm.rank == 0:
+        np.testing.assert_array_equal(final, np.full(N_PARAMS, -(n_fresh + stale_step), np.float32))
+    if stats is not None:
+        assert stats.updates == n_fresh + 1
+        assert stats.mean_staleness == pytest.approx(n_fresh / (n_fresh + 1))  # 0, 0, 0, 0, 4
+        assert stats.mean_step_scale == pytest.approx((n_fresh + stale_step) / (n_fresh + 1))
+    if workers != MPI.COMM_NULL:
+        workers.Free()
     comm.Free()
 
 
