@@ -3,7 +3,8 @@
 One BLAS thread throughout (set before numpy loads). Each figure is the median of several
 timed repeats after warm-up; ratios compare numbers taken in the same run, because this
 machine is shared and absolute times drift. Prints one JSON object per measurement and, as
-the last line, the summary: {"dense_vs_sgemm", "local_vs_sgemm", "mlp_step_speedup_vs_torch"}.
+the last line, the summary: {"dense_vs_sgemm", "local_vs_sgemm", "mlp_step_over_sgemms" (the
+fused step's time over its sgemms' alone), "mlp_step_speedup_vs_torch"}.
 
     python bench/kernels.py [--quick]
 """
@@ -17,6 +18,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas as scipy_blas  # noqa: E402
@@ -138,54 +140,136 @@ units = 10
 """
 
 
+def mlp_data(n=128, n_batches=16):
+    """The MLP benchmark's 16 random batches (784 inputs, 10 classes)."""
+    rng = np.random.default_rng(2)
+    return (rng.random((n_batches, n, 784)).astype(np.float32),
+            rng.integers(0, 10, (n_batches, n)).astype(np.int32))
+
+
+class Cycle:
+    """Hands out the batches' indices in turn, so a timed step never repeats one batch."""
+
+    def __init__(self, n):
+        self.n, self.i = n, -1
+
+    def __call__(self):
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
 def bench_mlp_step(repeats):
     """One SGD step (forward, loss, backward, update) of 784-512-512-10 at batch 128.
 
     Both sides cycle through the same 16 random batches with a small learning rate, so
     neither memorises a batch into denormal-sized gradients (which slow any CPU down).
     """
-    n, lr, n_batches = 128, 1e-3, 16
-    rng = np.random.default_rng(2)
-    xs = rng.random((n_batches, n, 784)).astype(np.float32)
-    ys = rng.integers(0, 10, (n_batches, n)).astype(np.int32)
-    net = Network.from_string(MLP)
-    counter = iter(range(10**12))
+    lr = 1e-3
+    xs, ys = mlp_data()
+    net, turn = Network.from_string(MLP), Cycle(len(xs))
 
     def fused():
-        i = next(counter) % n_batches
+        i = turn()
         net.sgd_step(xs[i], ys[i], lr)
 
     def unfused():
-        i = next(counter) % n_batches
+        i = turn()
         net.loss_and_grad(xs[i], ys[i])
         kernels.sgd_step(net.params, net.grad, lr)
 
     fused_ms = timeit(fused, repeats, inner=20) * 1e3
     unfused_ms = timeit(unfused, repeats, inner=20) * 1e3
-    record = {"bench": "mlp_step", "batch": n, "layers": [784, 512, 512, 10],
+    record = {"bench": "mlp_step", "batch": xs.shape[1], "layers": [784, 512, 512, 10],
               "dbmpi_fused_ms": fused_ms, "dbmpi_unfused_ms": unfused_ms,
               "torch_ms": None, "torch_version": None, "speedup_vs_torch": None}
-    try:
-        import torch
-    except ImportError:
+    torch_step = torch_mlp(xs, ys, lr)
+    if torch_step is None:
         return emit(record)
-    torch.set_num_threads(1)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    txs, tys = torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64))
-
-    def torch_step():
-        i = next(counter) % n_batches
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(txs[i]), tys[i]).backward()
-        opt.step()
-
+    import torch
     torch_ms = timeit(torch_step, repeats, inner=20) * 1e3
     record.update(torch_ms=torch_ms, torch_version=torch.__version__,
                   torch_threads=torch.get_num_threads(), speedup_vs_torch=torch_ms / fused_ms,
                   unfused_speedup_vs_torch=torch_ms / unfused_ms)
+    return emit(record)
+
+
+def torch_mlp(xs, ys, lr, phases=4):
+    """PyTorch's step on the same batches, cut after `phases` of (forward, loss, backward,
+    update), so that timing each prefix gives each phase's time; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    txs, tys, turn = torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64)), Cycle(len(xs))
+
+    def step():
+        i = turn()
+        opt.zero_grad(set_to_none=True)
+        out = model(txs[i])  # with autograd's bookkeeping, as in the whole step
+        if phases > 1:
+            out = loss_fn(out, tys[i])
+        if phases > 2:
+            out.backward()
+        if phases > 3:
+            opt.step()
+
+    return step
+
+
+def dbmpi_phases(repeats):
+    """Milliseconds of each part of dbmpi's fused step, each timed alone on the state a step
+    leaves: per layer its forward and its backward with the update fused (lr), the loss,
+    and the bare sgemms of the same shapes (scipy's sgemm: the library the kernels link)."""
+    lr, xs, ys = 1e-3, *mlp_data()
+    net = Network.from_string(MLP)
+    net.sgd_step(xs[0], ys[0], lr)
+    inputs = [xs[0]]
+    for layer in net.layers:
+        inputs.append(layer.forward(inputs[-1]))
+    out = {"loss": timeit(lambda: net.output.loss(ys[0], want_grad=True), repeats, 50)}
+    gy, gemms = net.output.glogits, 0.0
+    for index in range(len(net.layers) - 1, -1, -1):
+        # Every layer below has parameters, so all but the first compute an input gradient.
+        layer, need_gx = net.layers[index], index > 0
+        out[f"{layer.name}.forward"] = timeit(partial(layer.forward, inputs[index]), repeats, 20)
+        backward = partial(layer.backward, gy, need_gx, lr)
+        out[f"{layer.name}.backward"] = timeit(backward, repeats, 20)
+        gy = backward()
+        gemms += layer_sgemms(layer, inputs[index], need_gx, repeats)
+    out["sgemms_alone"] = gemms
+    return {k: v * 1e3 for k, v in out.items()}
+
+
+def layer_sgemms(layer, x, need_gx, repeats):
+    """Seconds of a dense layer's sgemms alone (forward; input gradient when needed; weight
+    gradient), on copies of its arrays."""
+    x = x.reshape(len(x), -1)
+    w = layer.params["W"].copy()
+    y, gz = np.empty((len(x), layer.units), np.float32), np.ones((len(x), layer.units), np.float32)
+    gx, gw = np.empty_like(x), np.empty_like(w)
+    total = timeit(lambda: col_major_gemm(y, x, w, False, True), repeats, 20)
+    total += timeit(lambda: col_major_gemm(gw, gz, x, True, False), repeats, 20)
+    if need_gx:
+        total += timeit(lambda: col_major_gemm(gx, gz, w, False, False), repeats, 20)
+    return total
+
+
+def bench_mlp_phases(repeats):
+    """Where each step's time goes: dbmpi's parts (dbmpi_phases) and PyTorch's phases (each
+    the difference of timed prefixes: forward, + loss, + backward, + update)."""
+    record = {"bench": "mlp_step_phases", "dbmpi_ms": dbmpi_phases(repeats), "torch_ms": None}
+    xs, ys = mlp_data()
+    prefixes = [torch_mlp(xs, ys, 1e-3, k) for k in (1, 2, 3, 4)]
+    if prefixes[0] is not None:
+        t = [0.0] + [timeit(step, repeats, inner=20) * 1e3 for step in prefixes]
+        record["torch_ms"] = {name: t[k + 1] - t[k]
+                              for k, name in enumerate(("forward", "loss", "backward", "update"))}
     return emit(record)
 
 
@@ -202,9 +286,11 @@ def main():
         dense = bench_dense(repeats)
         local = bench_local(repeats)
         mlp = bench_mlp_step(repeats)
+        phases = bench_mlp_phases(repeats)
     print(json.dumps({"dense_vs_sgemm": round(dense["ratio"], 3),
                       "dense_vs_same_blas_sgemm": round(dense["ratio_vs_same_blas"], 3),
                       "local_vs_sgemm": round(local["ratio"], 3),
+                      "mlp_step_over_sgemms": round(mlp["dbmpi_fused_ms"] / phases["dbmpi_ms"]["sgemms_alone"], 3),
                       "mlp_step_speedup_vs_torch": None if mlp["speedup_vs_torch"] is None
                       else round(mlp["speedup_vs_torch"], 3)}))
 
