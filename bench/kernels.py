@@ -158,11 +158,34 @@ class Cycle:
         return self.i
 
 
+def rounds(fns, repeats, inner=20):
+    """Seconds per call of each of `fns` (name -> callable), timed in interleaved rounds (each
+    round times every one for `inner` calls), so that load from other processes on this
+    shared machine falls on all of them alike: name -> list of per-round seconds."""
+    for fn in fns.values():
+        for _ in range(max(2, inner)):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return samples
+
+
+def median_ratio(num, den):
+    """Median over rounds of num[i] / den[i] (two lists from one `rounds`)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
 def bench_mlp_step(repeats):
     """One SGD step (forward, loss, backward, update) of 784-512-512-10 at batch 128.
 
     Both sides cycle through the same 16 random batches with a small learning rate, so
     neither memorises a batch into denormal-sized gradients (which slow any CPU down).
+    The speedups are medians of per-round ratios (see `rounds`).
     """
     lr = 1e-3
     xs, ys = mlp_data()
@@ -177,19 +200,21 @@ def bench_mlp_step(repeats):
         net.loss_and_grad(xs[i], ys[i])
         kernels.sgd_step(net.params, net.grad, lr)
 
-    fused_ms = timeit(fused, repeats, inner=20) * 1e3
-    unfused_ms = timeit(unfused, repeats, inner=20) * 1e3
-    record = {"bench": "mlp_step", "batch": xs.shape[1], "layers": [784, 512, 512, 10],
-              "dbmpi_fused_ms": fused_ms, "dbmpi_unfused_ms": unfused_ms,
-              "torch_ms": None, "torch_version": None, "speedup_vs_torch": None}
+    fns = {"fused": fused, "unfused": unfused}
     torch_step = torch_mlp(xs, ys, lr)
+    if torch_step is not None:
+        fns["torch"] = torch_step
+    t = rounds(fns, repeats)
+    record = {"bench": "mlp_step", "batch": xs.shape[1], "layers": [784, 512, 512, 10],
+              "dbmpi_fused_ms": statistics.median(t["fused"]) * 1e3,
+              "dbmpi_unfused_ms": statistics.median(t["unfused"]) * 1e3,
+              "torch_ms": None, "torch_version": None, "speedup_vs_torch": None}
     if torch_step is None:
         return emit(record)
     import torch
-    torch_ms = timeit(torch_step, repeats, inner=20) * 1e3
-    record.update(torch_ms=torch_ms, torch_version=torch.__version__,
-                  torch_threads=torch.get_num_threads(), speedup_vs_torch=torch_ms / fused_ms,
-                  unfused_speedup_vs_torch=torch_ms / unfused_ms)
+    record.update(torch_ms=statistics.median(t["torch"]) * 1e3, torch_version=torch.__version__,
+                  torch_threads=torch.get_num_threads(), speedup_vs_torch=median_ratio(t["torch"], t["fused"]),
+                  unfused_speedup_vs_torch=median_ratio(t["torch"], t["unfused"]))
     return emit(record)
 
 
@@ -222,54 +247,72 @@ def torch_mlp(xs, ys, lr, phases=4):
     return step
 
 
-def dbmpi_phases(repeats):
-    """Milliseconds of each part of dbmpi's fused step, each timed alone on the state a step
-    leaves: per layer its forward and its backward with the update fused (lr), the loss,
-    and the bare sgemms of the same shapes (scipy's sgemm: the library the kernels link)."""
+def dbmpi_phases():
+    """Name -> callable of each part of dbmpi's fused step, on the state a step leaves: per
+    layer its forward and its backward with the update fused (lr), the loss, the bare sgemms
+    of the same shapes (scipy's sgemm: the library the kernels link), and the whole step."""
     lr, xs, ys = 1e-3, *mlp_data()
-    net = Network.from_string(MLP)
+    net, turn = Network.from_string(MLP), Cycle(len(xs))
     net.sgd_step(xs[0], ys[0], lr)
     inputs = [xs[0]]
     for layer in net.layers:
         inputs.append(layer.forward(inputs[-1]))
-    out = {"loss": timeit(lambda: net.output.loss(ys[0], want_grad=True), repeats, 50)}
-    gy, gemms = net.output.glogits, 0.0
+    fns = {"loss": partial(net.output.loss, ys[0], want_grad=True)}
+    gy = net.output.glogits
     for index in range(len(net.layers) - 1, -1, -1):
         # Every layer below has parameters, so all but the first compute an input gradient.
         layer, need_gx = net.layers[index], index > 0
-        out[f"{layer.name}.forward"] = timeit(partial(layer.forward, inputs[index]), repeats, 20)
-        backward = partial(layer.backward, gy, need_gx, lr)
-        out[f"{layer.name}.backward"] = timeit(backward, repeats, 20)
-        gy = backward()
-        gemms += layer_sgemms(layer, inputs[index], need_gx, repeats)
-    out["sgemms_alone"] = gemms
-    return {k: v * 1e3 for k, v in out.items()}
+        fns[f"{layer.name}.forward"] = partial(layer.forward, inputs[index])
+        fns[f"{layer.name}.backward"] = partial(layer.backward, gy, need_gx, lr)
+        gy = fns[f"{layer.name}.backward"]()
+        fns[f"{layer.name}.sgemms"] = layer_sgemms(layer, inputs[index], need_gx)
+
+    def step():
+        i = turn()
+        net.sgd_step(xs[i], ys[i], lr)
+
+    fns["step"] = step
+    return fns
 
 
-def layer_sgemms(layer, x, need_gx, repeats):
-    """Seconds of a dense layer's sgemms alone (forward; input gradient when needed; weight
-    gradient), on copies of its arrays."""
+def layer_sgemms(layer, x, need_gx):
+    """A dense layer's sgemms alone (forward; input gradient when needed; weight gradient),
+    on copies of its arrays, as one callable."""
     x = x.reshape(len(x), -1)
     w = layer.params["W"].copy()
     y, gz = np.empty((len(x), layer.units), np.float32), np.ones((len(x), layer.units), np.float32)
     gx, gw = np.empty_like(x), np.empty_like(w)
-    total = timeit(lambda: col_major_gemm(y, x, w, False, True), repeats, 20)
-    total += timeit(lambda: col_major_gemm(gw, gz, x, True, False), repeats, 20)
-    if need_gx:
-        total += timeit(lambda: col_major_gemm(gx, gz, w, False, False), repeats, 20)
-    return total
+
+    def sgemms():
+        col_major_gemm(y, x, w, False, True)
+        col_major_gemm(gw, gz, x, True, False)
+        if need_gx:
+            col_major_gemm(gx, gz, w, False, False)
+
+    return sgemms
 
 
 def bench_mlp_phases(repeats):
-    """Where each step's time goes: dbmpi's parts (dbmpi_phases) and PyTorch's phases (each
-    the difference of timed prefixes: forward, + loss, + backward, + update)."""
-    record = {"bench": "mlp_step_phases", "dbmpi_ms": dbmpi_phases(repeats), "torch_ms": None}
+    """Where each step's time goes, in ms: dbmpi's parts (dbmpi_phases; "other" is the step
+    less its parts: Python, argument checks, the batch's trip through the caches) and
+    PyTorch's phases (per round, the differences of timed prefixes: forward, + loss, +
+    backward, + update). Everything is timed in the same interleaved rounds."""
+    fns = dbmpi_phases()
     xs, ys = mlp_data()
     prefixes = [torch_mlp(xs, ys, 1e-3, k) for k in (1, 2, 3, 4)]
     if prefixes[0] is not None:
-        t = [0.0] + [timeit(step, repeats, inner=20) * 1e3 for step in prefixes]
-        record["torch_ms"] = {name: t[k + 1] - t[k]
+        fns.update({f"torch{k}": step for k, step in enumerate(prefixes, 1)})
+    t = rounds(fns, repeats)
+    ms = {name: statistics.median(v) * 1e3 for name, v in t.items() if not name.startswith("torch")}
+    ms["sgemms"] = sum(v for name, v in ms.items() if name.endswith(".sgemms"))
+    ms["other"] = ms["step"] - sum(v for name, v in ms.items() if name.endswith((".forward", ".backward", "loss")))
+    record = {"bench": "mlp_step_phases", "dbmpi_ms": ms, "torch_ms": None}
+    if prefixes[0] is not None:
+        cuts = [[0.0] * repeats] + [t[f"torch{k}"] for k in (1, 2, 3, 4)]
+        record["torch_ms"] = {name: statistics.median(b - a for a, b in zip(cuts[k], cuts[k + 1], strict=True)) * 1e3
                               for k, name in enumerate(("forward", "loss", "backward", "update"))}
+        record["torch_ms"]["step"] = statistics.median(t["torch4"]) * 1e3
+        record["step_speedup_vs_torch"] = median_ratio(t["torch4"], t["step"])
     return emit(record)
 
 
@@ -290,7 +333,7 @@ def main():
     print(json.dumps({"dense_vs_sgemm": round(dense["ratio"], 3),
                       "dense_vs_same_blas_sgemm": round(dense["ratio_vs_same_blas"], 3),
                       "local_vs_sgemm": round(local["ratio"], 3),
-                      "mlp_step_over_sgemms": round(mlp["dbmpi_fused_ms"] / phases["dbmpi_ms"]["sgemms_alone"], 3),
+                      "mlp_step_over_sgemms": round(phases["dbmpi_ms"]["step"] / phases["dbmpi_ms"]["sgemms"], 3),
                       "mlp_step_speedup_vs_torch": None if mlp["speedup_vs_torch"] is None
                       else round(mlp["speedup_vs_torch"], 3)}))
 
