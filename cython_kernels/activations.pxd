@@ -75,10 +75,44 @@ cdef extern from *:
             y[i] = 1.0f / (dbmpi_exp_neg(v) + one);
         }
     }
+
+    /* gz = y > 0 ? gy : 0. Both loads happen on every element, so gcc turns the choice into
+       a blend and vectorises the loop; Cython's `a if c else b` loads gy only under a branch,
+       which on a ReLU layer's random signs mispredicts about half the time (about 0.1 ms of
+       a 128 x 512 backward pass). Same values as the branch: NaN in y gives 0. gz may be gy. */
+    static inline void dbmpi_relu_grad(const float *y, const float *gy, float *gz, Py_ssize_t n)
+    {
+        Py_ssize_t i;
+        if (gz == gy) {
+            for (i = 0; i < n; i++) {
+                float g = gz[i];
+                gz[i] = y[i] > 0.0f ? g : 0.0f;
+            }
+        } else {
+            for (i = 0; i < n; i++) {
+                float g = gy[i];
+                gz[i] = y[i] > 0.0f ? g : 0.0f;
+            }
+        }
+    }
+
+    /* sum[j] += row[j] in float64. `restrict` tells gcc the float64 sums and the float32
+       row do not overlap (Python builds extensions with -fno-strict-aliasing, so the types
+       alone do not), which lets the loop vectorise instead of storing and reloading each
+       sum; every sum still adds the rows in the same order, so the result is unchanged. */
+    static inline void dbmpi_add_row_f64(double *restrict sum, const float *restrict row,
+                                         Py_ssize_t n)
+    {
+        Py_ssize_t j;
+        for (j = 0; j < n; j++)
+            sum[j] += (double)row[j];
+    }
     #endif
     """
     float dbmpi_exp_neg(float v) noexcept nogil
     void dbmpi_sigmoid_inplace(float* y, Py_ssize_t n) noexcept nogil
+    void dbmpi_relu_grad(const float* y, const float* gy, float* gz, Py_ssize_t n) noexcept nogil
+    void dbmpi_add_row_f64(double* sum, const float* row, Py_ssize_t n) noexcept nogil
 
 cdef enum:
     ACT_IDENTITY = 0
@@ -107,8 +141,9 @@ cdef inline void activation_grad(int act, const float* y, const float* gy, float
     """gz = gy * f'(z), with f'(z) written in terms of y = f(z)."""
     cdef Py_ssize_t i
     if act == ACT_IDENTITY:
-        for i in range(n):
-            gz[i] = gy[i]
+        if gz != gy:
+            for i in range(n):
+                gz[i] = gy[i]
     elif act == ACT_SIGMOID:
         for i in range(n):
             gz[i] = gy[i] * y[i] * (1.0 - y[i])
@@ -116,5 +151,4 @@ cdef inline void activation_grad(int act, const float* y, const float* gy, float
         for i in range(n):
             gz[i] = gy[i] * (1.0 - y[i] * y[i])
     elif act == ACT_RELU:
-        for i in range(n):
-            gz[i] = gy[i] if y[i] > 0 else 0.0
+        dbmpi_relu_grad(y, gy, gz, n)

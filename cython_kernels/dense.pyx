@@ -12,7 +12,7 @@ from libc.string cimport memcpy
 
 from blas cimport gemm
 from checks cimport check_array, check_shape, check_activation
-from activations cimport activate, activation_grad
+from activations cimport activate, activation_grad, dbmpi_add_row_f64
 
 cnp.import_array()
 
@@ -83,14 +83,15 @@ def dense_backward(x, w, y, gy, gz, gw, gb, gx=None, activation="identity",
         raise MemoryError()
     cdef int i, j
     cdef float* row
+    cdef Py_ssize_t at
     with nogil:
-        activation_grad(act, py, pgy, pgz, <Py_ssize_t>n * n_out)
+        # One pass over gz, a row at a time: its bias sums are added while the row is in L1.
+        for i in range(n):
+            at = <Py_ssize_t>i * n_out
+            activation_grad(act, py + at, pgy + at, pgz + at, n_out)
+            dbmpi_add_row_f64(bias_sum, pgz + at, n_out)
         if pgx != NULL:
             gemm(False, False, n, n_in, n_out, 1.0, pgz, n_out, pw, n_in, 0.0, pgx, n_in)
-        for i in range(n):
-            row = pgz + <Py_ssize_t>i * n_out
-            for j in range(n_out):
-                bias_sum[j] += row[j]
         for j in range(n_out):
             # Not beta * gb when beta is 0: stale NaN in an overwritten gb must not survive.
             if accumulate:

@@ -79,6 +79,32 @@ def test_backward_scale_accumulate_and_fused_update(rng):
     assert_close(gx_fused, gx, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("n_out", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_relu_backward_values_and_bias_sums(rng, n_out, in_place):
+    # What the ReLU gradient and the bias sums are, exactly, element by element: gz = gy
+    # where y > 0 and 0 elsewhere (y = 0, y = NaN, and gy = inf/NaN masked by y <= 0), gz
+    # written over gy or into its own array, and gb the float64 sum of gz's rows in order,
+    # at row lengths through the vectorised loops and their tails.
+    n, n_in = 9, 2
+    x, w = randn(rng, n, n_in), randn(rng, n_out, n_in)
+    y = np.abs(randn(rng, n, n_out))
+    y[rng.random((n, n_out)) < 0.5] = 0.0
+    y[0, 0], y[-1, -1] = np.nan, -0.0
+    gy = randn(rng, n, n_out)
+    gy[0, -1] = np.inf if y[0, -1] <= 0 else gy[0, -1]
+    gy[-1, 0] = np.nan if y[-1, 0] <= 0 else gy[-1, 0]
+    expected = np.where(y > 0, gy, np.float32(0.0))
+    gz = gy.copy() if in_place else np.full_like(gy, np.nan)
+    gw, gb = np.empty_like(w), np.empty(n_out, np.float32)
+    dense_backward(x, w, y, gz if in_place else gy, gz, gw, gb, None, "relu")
+    np.testing.assert_array_equal(gz, expected)
+    bias = np.zeros(n_out)
+    for row in expected.astype(np.float64):
+        bias += row
+    np.testing.assert_array_equal(gb, bias.astype(np.float32))
+
 def good_args(rng):
     x, w, b = randn(rng, 3, 4), randn(rng, 5, 4), randn(rng, 5)
     return dict(x=x, w=w, b=b, y=np.empty((3, 5), np.float32))
