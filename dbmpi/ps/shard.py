@@ -62,6 +62,7 @@ class Shard:
         self.index = index
         self.me = windows.comm.rank
         self.optimizer = optimizer  # the handler: applies a drained gradient to the slice
+        self.step_scale = 1.0  # multiplies the optimizer's learning rate for the next update
         self.work = np.array(initial, dtype=np.float32, copy=True)  # private working copy
         self.drained = np.empty_like(self.work)
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
@@ -101,6 +102,7 @@ class Shard:
         any chunk held data, whether any was applied, whether any was dropped (not finite)."""
         store, work, drained, optimizer = self.store, self.work, self.drained, self.optimizer
         found = applied = dropped = False
+        optimizer.begin_update()
         for lo, hi in store.chunks():
             grad = drained[lo:hi]
             if store.drain_part(grad, lo):
@@ -108,7 +110,7 @@ class Shard:
                 if kernels.count_nonfinite(grad):
                     dropped = True
                 else:
-                    optimizer.step(work[lo:hi], grad, slice(lo, hi))
+                    optimizer.step(work[lo:hi], grad, slice(lo, hi), scale=self.step_scale)
                     store.publish_part(work[lo:hi], lo)
                     applied = True
             store.settle()
