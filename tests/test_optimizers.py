@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dbmpi import config
-from dbmpi.algorithms.optimizers import EVERYWHERE, make_optimizer, resumed_updates
+from dbmpi.algorithms.optimizers import EVERYWHERE, make_optimizer, resume_state, resumed_updates
 from tests.conftest import assert_close, randn
 
 N = 1000
@@ -115,3 +115,35 @@ def test_agrees_with_torch_optim(rng, name):
         tp.grad = torch.from_numpy(g.copy())
         opt.step()
     assert_close(p, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("new_cuts", [[0, 150, 700], [0, 700], [0, 100, 400, 800]], ids=["same-S", "S=1", "S=3"])
+def test_a_shard_resumes_its_state_from_a_sliced_checkpoint(tmp_path, rng, name, new_cuts):
+    """A checkpoint written by 2 shards (slices [0, 150) and [150, 700) of the test model
+    cut at 150 and 700, then the rest): each new shard's optimizer, with the same S or
+    another, holds the checkpoint's state over its own range and the old shards' count."""
+    from dbmpi.io.checkpoint import open_checkpoint
+    from dbmpi.model import Network
+    from tests.models import LOCAL_DENSE
+    from tests.test_checkpoint import write_sliced
+
+    network = Network.from_string(LOCAL_DENSE)
+    n = network.n_params
+    template = make_optimizer(train_table(name), n)
+    vectors = {"params": network.params.copy()}
+    vectors.update({f"{name}/{key}": randn(rng, n) for key in template.state})
+    old_cuts, counts = [0, 150, 700, n], [41, 40, 39]
+    path = write_sliced(tmp_path, network.tensors, vectors, old_cuts,
+                        state={"step": 12, "shard_versions": counts, "optimizer_updates": counts})
+    bounds = [*new_cuts, n]
+    with open_checkpoint(path) as ckpt:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            optimizer = make_optimizer(train_table(name), hi - lo)
+            assert resume_state(optimizer, ckpt, lo, hi)
+            for key, value in optimizer.state.items():
+                np.testing.assert_array_equal(value, vectors[f"{name}/{key}"][lo:hi])
+            spanned = [c for c, a, b in zip(counts, old_cuts[:-1], old_cuts[1:], strict=True) if a < hi and lo < b]
+            assert optimizer.updates == min(spanned)
+            other = make_optimizer(train_table("adagrad"), hi - lo)  # another optimizer's state: fresh
+            assert not resume_state(other, ckpt, lo, hi) and other.updates == 0

@@ -142,6 +142,22 @@ def resumed_updates(counts: list[int] | None, slices: list[dict], lo: int, hi: i
     return int(min(overlapping, default=0))
 
 
+def resume_state(optimizer: Optimizer, ckpt, lo: int, hi: int) -> bool:
+    """Load `optimizer`'s state for canonical range [lo, hi) from an open checkpoint: each
+    of its vectors the checkpoint holds (`<name>/<key>`, read over this range only) and, with
+    them, its update count (resumed_updates). True if any state was restored (a checkpoint
+    of another optimizer, or of parameters only, leaves it fresh)."""
+    held = set(ckpt.vectors())
+    restored = False
+    for key, value in optimizer.state.items():
+        if f"{optimizer.name}/{key}" in held:
+            ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
+            restored = True
+    if restored:
+        optimizer.updates = resumed_updates((ckpt.state or {}).get("optimizer_updates"), ckpt.slices, lo, hi)
+    return restored
+
+
 def make_optimizer(train: dict, size: int) -> Optimizer:
     """The optimizer a validated [train] table asks for, over a vector of `size` values."""
     kind, lr = train["optimizer"], train["learning_rate"]
