@@ -87,12 +87,12 @@ def bench_replicas(work, data, steps, cores):
 
 
 # (c): each shard optimizer at the learning rate its sweep (--sweep) picked for R = 2, S = 1.
-SHARD_OPTIMIZERS = {"sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.03, "adam": 0.001,
+SHARD_OPTIMIZERS = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.02, "adagrad": 0.03, "adam": 0.001,
                     "adamw": 0.001}
-TORCH_LR = 0.02  # PyTorch SGD momentum 0.9: the best of its sweep
-SWEEP = {"sgd": (0.05, 0.1), "momentum": (0.01, 0.02), "nesterov": (0.01, 0.02), "adagrad": (0.03, 0.06),
-         "adam": (0.0005, 0.001, 0.002), "adamw": (0.001,)}
-TORCH_SWEEP = (0.01, 0.02, 0.05)
+TORCH_LR = 0.05  # PyTorch SGD momentum 0.9: the best of its sweep (0.01, 0.02, 0.05)
+SWEEP = {"adam": (0.001, 0.002), "nesterov": (0.01, 0.02), "momentum": (0.01,), "sgd": (0.1,),
+         "adagrad": (0.05,)}
+TORCH_SWEEP = (0.02, 0.05)
 
 
 def downpour_time_to_accuracy(work, data, optimizer, lr, epochs, eval_every, extra=()):
@@ -113,23 +113,27 @@ def steps_to(records, target):
                 None)
 
 
-def bench_time_to_accuracy(work, data, epochs, eval_every, cores):
-    runs = {}
-    common = [f"data.path={data}", f"train.epochs={epochs}", f"train.eval_every={eval_every}"]
+def bench_time_to_accuracy(work, data, epochs, eval_every, cores, cap=2.0):
+    """(c). PyTorch first: every dbmpi run is stopped by a time budget of `cap` times its
+    time to TARGET (a run that has not reached TARGET by then reports None)."""
+    runs = {"torch_sgd": torch_time_to_accuracy(data, epochs, eval_every, cores, TORCH_LR)}
+    budget = [f"train.time_budget_s={cap * runs['torch_sgd'][0]:.0f}"] if runs["torch_sgd"][0] else []
+    common = [f"data.path={data}", f"train.epochs={epochs}", f"train.eval_every={eval_every}", *budget]
     summary, records = dbmpi_train(ROOT / "configs/mlp_fashion.toml", work / "c-single", common, threads=cores)
     runs["single_sgd"] = (time_to(records, TARGET), summary["test_accuracy"], summary["wall_time_s"],
                           steps_to(records, TARGET))
     for optimizer, lr in SHARD_OPTIMIZERS.items():
         runs[f"downpour_{optimizer}_r2"] = downpour_time_to_accuracy(work, data, optimizer, lr, 2 * epochs,
-                                                                     eval_every)
-    runs["torch_sgd"] = torch_time_to_accuracy(data, epochs, eval_every, cores, TORCH_LR)
+                                                                     eval_every, budget)
     for name, (t, acc, wall, steps) in runs.items():
         emit({"bench": "time_to_accuracy", "run": name, "target": TARGET, "seconds": t, "steps": steps,
-              "final_test_accuracy": acc, "wall_s": wall, "cores": cores})
+              "final_test_accuracy": acc, "wall_s": wall, "cores": cores, "load_after": os.getloadavg()[0],
+              "lr": {"torch_sgd": TORCH_LR, "single_sgd": "config (momentum, 0.02)"}.get(
+                  name, SHARD_OPTIMIZERS.get(name.split("_")[1]))})
     return runs
 
 
-def bench_sweep(work, data, cores, budget_s=70.0):
+def bench_sweep(work, data, cores, budget_s=90.0):
     """The learning-rate sweeps behind SHARD_OPTIMIZERS and TORCH_LR (one run at a time)."""
     cap = [f"train.time_budget_s={budget_s}"]
     for lr in TORCH_SWEEP:
@@ -141,11 +145,16 @@ def bench_sweep(work, data, cores, budget_s=70.0):
             t, acc, wall, steps = downpour_time_to_accuracy(work, data, optimizer, lr, 24, 150, cap)
             emit({"bench": "sweep", "run": f"downpour_{optimizer}_r2", "lr": lr, "seconds": t, "steps": steps,
                   "final_test_accuracy": acc, "wall_s": wall})
+    for rhythm in (2,):  # fetch and push every 2 steps
+        extra = [*cap, f"train.n_fetch={rhythm}", f"train.n_push={rhythm}"]
+        t, acc, wall, steps = downpour_time_to_accuracy(work, data, "adam", 0.001, 24, 150, extra)
+        emit({"bench": "sweep", "run": "downpour_adam_r2", "lr": 0.001, "n_fetch": rhythm, "n_push": rhythm,
+              "seconds": t, "steps": steps, "final_test_accuracy": acc, "wall_s": wall})
 
 
 def torch_time_to_accuracy(data, epochs, eval_every, cores, lr):
-    """PyTorch SGD momentum 0.9 on the same MLP, batch and data with `cores` threads: (seconds
-    to TARGET or None, final accuracy, wall, steps to TARGET or None)."""
+    """PyTorch SGD momentum 0.9 on the same MLP, batch and data with `cores` threads, until
+    TARGET or `epochs`: (seconds to TARGET or None, last accuracy, wall, steps to TARGET or None)."""
     try:
         import torch
     except ImportError:
@@ -166,7 +175,7 @@ def torch_time_to_accuracy(data, epochs, eval_every, cores, lr):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(0)
-    start, step, reached, reached_step = time.perf_counter(), 0, None, None
+    start, step = time.perf_counter(), 0
     for _ in range(int(np.ceil(epochs))):
         order = torch.from_numpy(rng.permutation(len(x)))
         for i in range(0, len(x) - 127, 128):
@@ -178,11 +187,11 @@ def torch_time_to_accuracy(data, epochs, eval_every, cores, lr):
             if step % eval_every == 0:
                 with torch.no_grad():
                     acc = (model(tx).argmax(1) == ty).float().mean().item()
-                if acc >= TARGET and reached is None:
-                    reached, reached_step = time.perf_counter() - start, step
+                if acc >= TARGET:
+                    return (time.perf_counter() - start, acc, time.perf_counter() - start, step)
     with torch.no_grad():
         acc = (model(tx).argmax(1) == ty).float().mean().item()
-    return (reached, acc, time.perf_counter() - start, reached_step)
+    return (None, acc, time.perf_counter() - start, None)
 
 
 def speech_config(work, steps):
