@@ -115,21 +115,26 @@ def steps_to(records, target):
 
 def bench_time_to_accuracy(work, data, epochs, eval_every, cores, cap=2.0):
     """(c). PyTorch first: every dbmpi run is stopped by a time budget of `cap` times its
-    time to TARGET (a run that has not reached TARGET by then reports None)."""
-    runs = {"torch_sgd": torch_time_to_accuracy(data, epochs, eval_every, cores, TORCH_LR)}
+    time to TARGET (a run that has not reached TARGET by then reports None). Each run's
+    record is printed as it ends, with the load average then (other jobs share the cores)."""
+    runs = {}
+
+    def record(name, lr, result):
+        runs[name] = result
+        t, acc, wall, steps = result
+        emit({"bench": "time_to_accuracy", "run": name, "target": TARGET, "seconds": t, "steps": steps,
+              "final_test_accuracy": acc, "wall_s": wall, "cores": cores, "lr": lr,
+              "load_1min_after": round(os.getloadavg()[0], 2)})
+
+    record("torch_sgd", TORCH_LR, torch_time_to_accuracy(data, epochs, eval_every, cores, TORCH_LR))
     budget = [f"train.time_budget_s={cap * runs['torch_sgd'][0]:.0f}"] if runs["torch_sgd"][0] else []
     common = [f"data.path={data}", f"train.epochs={epochs}", f"train.eval_every={eval_every}", *budget]
     summary, records = dbmpi_train(ROOT / "configs/mlp_fashion.toml", work / "c-single", common, threads=cores)
-    runs["single_sgd"] = (time_to(records, TARGET), summary["test_accuracy"], summary["wall_time_s"],
-                          steps_to(records, TARGET))
+    record("single_sgd", "config (momentum 0.9, 0.02)",
+           (time_to(records, TARGET), summary["test_accuracy"], summary["wall_time_s"], steps_to(records, TARGET)))
     for optimizer, lr in SHARD_OPTIMIZERS.items():
-        runs[f"downpour_{optimizer}_r2"] = downpour_time_to_accuracy(work, data, optimizer, lr, 2 * epochs,
-                                                                     eval_every, budget)
-    for name, (t, acc, wall, steps) in runs.items():
-        emit({"bench": "time_to_accuracy", "run": name, "target": TARGET, "seconds": t, "steps": steps,
-              "final_test_accuracy": acc, "wall_s": wall, "cores": cores, "load_after": os.getloadavg()[0],
-              "lr": {"torch_sgd": TORCH_LR, "single_sgd": "config (momentum, 0.02)"}.get(
-                  name, SHARD_OPTIMIZERS.get(name.split("_")[1]))})
+        record(f"downpour_{optimizer}_r2", lr,
+               downpour_time_to_accuracy(work, data, optimizer, lr, 2 * epochs, eval_every, budget))
     return runs
 
 
