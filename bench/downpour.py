@@ -14,7 +14,7 @@ Every run is the real command line (`mpiexec -n N dbmpi train ...`) in a subproc
 come from the runs' own metrics. Prints one JSON object per measurement, and last:
 {"samples_per_s_by_replicas", "time_to_88_vs_torch", ...}.
 
-    python bench/downpour.py [--quick] [--skip-speech] [--cores N] [--sweep]
+    python bench/downpour.py [--quick] [--skip-speech] [--skip-throughput] [--cores N] [--sweep]
 """
 import argparse
 import json
@@ -246,6 +246,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test of the script)")
     parser.add_argument("--skip-speech", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true", help="leave out (b)")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--sweep", action="store_true", help="the learning-rate sweeps of (c) only")
     args = parser.parse_args()
@@ -258,7 +259,7 @@ def main():
         if args.sweep:
             return bench_sweep(work, fashion, args.cores)
         steps = 100 if args.quick else 400
-        by_replicas, single = bench_replicas(work, fashion, steps, args.cores)
+        by_replicas, single = ({}, None) if args.skip_throughput else bench_replicas(work, fashion, steps, args.cores)
         runs = bench_time_to_accuracy(work, fashion, 1 if args.quick else 12, 200 if args.quick else 150,
                                       args.cores)
         if not args.skip_speech:
