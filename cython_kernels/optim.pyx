@@ -80,6 +80,57 @@ def adagrad_step(param, grad, accum, float lr, float eps=1e-8):
             pp[i] -= lr * gi / (sqrtf(pa[i]) + eps)
 
 
+def nesterov_step(param, grad, velocity, float lr, float momentum):
+    """Nesterov momentum as PyTorch writes it: velocity = momentum * velocity + grad;
+    param -= lr * (grad + momentum * velocity), in one pass over memory."""
+    cdef cnp.ndarray p = _vec(param, "param", True)
+    cdef cnp.ndarray g = _vec(grad, "grad")
+    cdef cnp.ndarray v = _vec(velocity, "velocity", True)
+    cdef Py_ssize_t n = p.shape[0], i
+    _same_length(g, "grad", n)
+    _same_length(v, "velocity", n)
+    cdef float* pp = <float*>cnp.PyArray_DATA(p)
+    cdef float* pg = <float*>cnp.PyArray_DATA(g)
+    cdef float* pv = <float*>cnp.PyArray_DATA(v)
+    cdef float gi, vi
+    with nogil:
+        for i in range(n):
+            gi = pg[i]
+            vi = momentum * pv[i] + gi
+            pv[i] = vi
+            pp[i] -= lr * (gi + momentum * vi)
+
+
+def adam_step(param, grad, m, v, float step_size, float beta1, float beta2, float inv_sqrt_bc2,
+              float eps, float decay=1.0):
+    """Fused Adam(W) in one pass over memory, PyTorch's formulation:
+    param *= decay (AdamW's decoupled weight decay, 1 - lr * weight_decay; 1 for Adam);
+    m = beta1 m + (1 - beta1) grad; v = beta2 v + (1 - beta2) grad**2;
+    param -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps), where the caller folds the
+    bias corrections in: step_size = lr / (1 - beta1**t), inv_sqrt_bc2 = 1 / sqrt(1 - beta2**t)."""
+    cdef cnp.ndarray p = _vec(param, "param", True)
+    cdef cnp.ndarray g = _vec(grad, "grad")
+    cdef cnp.ndarray a = _vec(m, "m", True)
+    cdef cnp.ndarray b = _vec(v, "v", True)
+    cdef Py_ssize_t n = p.shape[0], i
+    _same_length(g, "grad", n)
+    _same_length(a, "m", n)
+    _same_length(b, "v", n)
+    cdef float* pp = <float*>cnp.PyArray_DATA(p)
+    cdef float* pg = <float*>cnp.PyArray_DATA(g)
+    cdef float* pm = <float*>cnp.PyArray_DATA(a)
+    cdef float* pv = <float*>cnp.PyArray_DATA(b)
+    cdef float gi, mi, vi, one_b1 = 1.0 - beta1, one_b2 = 1.0 - beta2
+    with nogil:
+        for i in range(n):
+            gi = pg[i]
+            mi = beta1 * pm[i] + one_b1 * gi
+            vi = beta2 * pv[i] + one_b2 * gi * gi
+            pm[i] = mi
+            pv[i] = vi
+            pp[i] = pp[i] * decay - step_size * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps)
+
+
 cdef double _dot_f64(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
     """Products and sums in float64 (BLAS dsdot may multiply in float32); four
     independent accumulators so the adds pipeline instead of waiting on each other."""

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
 OUTPUT_LAYERS = ("softmax", "logistic")
 ALGORITHMS = ("sgd", "downpour", "sandblaster")
-OPTIMIZERS = ("sgd", "momentum", "adagrad")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,12 @@ TRAIN_FIELDS = {
     "adagrad_eps": Field(positive_float, 1e-8),
     # Adagrad accumulators start here, so the first steps are not huge.
     "adagrad_initial": Field(nonnegative_number, 0.1),
+    # Adam and AdamW (PyTorch's defaults): moment decay rates, the denominator's epsilon;
+    # AdamW's decoupled weight decay (params *= 1 - learning_rate * adamw_weight_decay).
+    "adam_beta1": Field(unit_interval, 0.9),
+    "adam_beta2": Field(unit_interval, 0.999),
+    "adam_eps": Field(positive_float, 1e-8),
+    "adamw_weight_decay": Field(nonnegative_number, 0.01),
     "batch_size": Field(positive_int, 128),
     "epochs": Field(optional(positive_float), None),
     "steps": Field(optional(positive_int), None),
@@ -246,8 +252,9 @@ SECTIONS = {"model": MODEL_FIELDS, "data": DATA_FIELDS, "train": TRAIN_FIELDS}
 # setting never silently does nothing; the resolved config leaves them out.
 _SGD_LIKE, _DISTRIBUTED = ("sgd", "downpour"), ("downpour", "sandblaster")
 TRAIN_KEY_ALGORITHMS = {
-    **dict.fromkeys(("optimizer", "learning_rate", "momentum", "adagrad_eps", "adagrad_initial", "epochs",
-                     "steps", "seed", "log_every"), _SGD_LIKE),
+    **dict.fromkeys(("optimizer", "learning_rate", "momentum", "adagrad_eps", "adagrad_initial", "adam_beta1",
+                     "adam_beta2", "adam_eps", "adamw_weight_decay", "epochs", "steps", "seed", "log_every"),
+                    _SGD_LIKE),
     "fused_update": ("sgd",),
     **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "checkpoint_every", "checkpoint_every_s",
                      "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
@@ -256,7 +263,12 @@ TRAIN_KEY_ALGORITHMS = {
     **dict.fromkeys(("iterations", "portion_size", "history", "wolfe_c1", "wolfe_c2", "max_line_search",
                      "tolerance", "backup_tasks", "weight_decay", "push_every"), ("sandblaster",)),
 }
-TRAIN_KEY_OPTIMIZER = {"momentum": "momentum", "adagrad_eps": "adagrad", "adagrad_initial": "adagrad"}
+TRAIN_KEY_OPTIMIZER = {
+    "momentum": ("momentum", "nesterov"),
+    **dict.fromkeys(("adagrad_eps", "adagrad_initial"), ("adagrad",)),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "adam_eps"), ("adam", "adamw")),
+    "adamw_weight_decay": ("adamw",),
+}
 
 
 def why_not_read(key: str, train: dict) -> str | None:
@@ -264,9 +276,10 @@ def why_not_read(key: str, train: dict) -> str | None:
     algorithms = TRAIN_KEY_ALGORITHMS.get(key)
     if algorithms is not None and train["algorithm"] not in algorithms:
         return f"not read by algorithm \"{train['algorithm']}\" (only by {' and '.join(algorithms)})"
-    optimizer = TRAIN_KEY_OPTIMIZER.get(key)
-    if optimizer is not None and train["optimizer"] != optimizer:
-        return f"not read by optimizer \"{train['optimizer']}\" (only by \"{optimizer}\")"
+    optimizers = TRAIN_KEY_OPTIMIZER.get(key)
+    if optimizers is not None and train["optimizer"] not in optimizers:
+        readers = " and ".join(f'"{name}"' for name in optimizers)
+        return f"not read by optimizer \"{train['optimizer']}\" (only by {readers})"
     return None
 
 

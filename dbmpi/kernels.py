@@ -17,6 +17,7 @@ try:
     from dbmpi._kernels.local import local_backward, local_forward
     from dbmpi._kernels.optim import (
         adagrad_step,
+        adam_step,
         axpy,
         axpy_count_nonfinite,
         copy,
@@ -24,6 +25,7 @@ try:
         dot,
         momentum_step,
         multiply,
+        nesterov_step,
         scale,
         sgd_step,
     )
@@ -37,6 +39,7 @@ ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu")
 __all__ = [
     "ACTIVATIONS",
     "adagrad_step",
+    "adam_step",
     "axpy",
     "axpy_count_nonfinite",
     "copy",
@@ -53,6 +56,7 @@ __all__ = [
     "logistic_ova_loss",
     "momentum_step",
     "multiply",
+    "nesterov_step",
     "scale",
     "sgd_step",
     "softmax_xent_loss",

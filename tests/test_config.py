@@ -123,6 +123,18 @@ SANDBLASTER = GOOD.replace('algorithm = "sgd"\nlearning_rate = 0.1\nepochs = 1',
                            'algorithm = "sandblaster"\niterations = 5')
 
 
+def test_adam_keys_are_read_by_adam_and_checked(tmp_path):
+    adamw = GOOD.replace('"sgd"', '"downpour"') + 'optimizer = "adamw"\nadam_beta2 = 0.99\nadamw_weight_decay = 0.1\n'
+    train = config.load(write(tmp_path, adamw))["train"]
+    assert (train["adam_beta1"], train["adam_beta2"], train["adamw_weight_decay"]) == (0.9, 0.99, 0.1)
+    adam = adamw.replace('"adamw"', '"adam"')
+    with pytest.raises(ConfigError, match='train.adamw_weight_decay: not read by optimizer "adam" '
+                                          r'\(only by "adamw"\); remove it'):
+        config.load(write(tmp_path, adam))
+    with pytest.raises(ConfigError, match=r"train.adam_beta1: must be a number in \[0, 1\), got 1.0"):
+        config.load(write(tmp_path, adamw), ["train.adam_beta1=1.0"])
+
+
 @pytest.mark.parametrize("algorithm,line,words", [
     ("sgd", "weight_decay = 10", 'not read by algorithm "sgd" (only by sandblaster)'),
     ("sgd", "iterations = 5", 'not read by algorithm "sgd" (only by sandblaster)'),
@@ -130,7 +142,9 @@ SANDBLASTER = GOOD.replace('algorithm = "sgd"\nlearning_rate = 0.1\nepochs = 1',
     ("sgd", "n_fetch = 2", 'not read by algorithm "sgd" (only by downpour)'),
     ("sgd", "staleness_aware = true", 'not read by algorithm "sgd" (only by downpour)'),
     ("sandblaster", "staleness_aware = true", 'not read by algorithm "sandblaster" (only by downpour)'),
-    ("sgd", "momentum = 0.5", 'not read by optimizer "sgd" (only by "momentum")'),
+    ("sgd", "momentum = 0.5", 'not read by optimizer "sgd" (only by "momentum" and "nesterov")'),
+    ("sgd", "adam_beta1 = 0.8", 'not read by optimizer "sgd" (only by "adam" and "adamw")'),
+    ("sgd", "adamw_weight_decay = 0.1", 'not read by optimizer "sgd" (only by "adamw")'),
     ("downpour", "fused_update = false", 'not read by algorithm "downpour" (only by sgd)'),
     ("sandblaster", "learning_rate = 0.1", 'not read by algorithm "sandblaster" (only by sgd and downpour)'),
     ("sandblaster", "epochs = 3", 'not read by algorithm "sandblaster" (only by sgd and downpour)'),

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import require_fashion
@@ -669,3 +670,43 @@ def test_a_run_that_diverges_at_once_fails_without_a_checkpoint(tmp_path):
     assert summary["status"] == "diverged" and summary["pushes_rejected"] > 0
     assert "stopped early" not in summary["failure"]
     assert not list_checkpoints(run_dir / "checkpoints")
+
+
+@pytest.mark.parametrize("optimizer,lr,keys", [("nesterov", 0.02, ["velocity"]), ("adam", 0.003, ["m", "v"]),
+                                               ("adamw", 0.003, ["m", "v"])])
+def test_shard_optimizer_state_is_checkpointed_and_resumed_with_another_s(tmp_path, optimizer, lr, keys):
+    """Each shard keeps its optimizer's state (and Adam's update count t, recorded per shard
+    as optimizer_updates: the updates it applied, equal to shard_versions in a fresh run);
+    a run resumed with S = 3 from a checkpoint of S = 2 starts from that state: its shards'
+    counts go on from the old ones and the loss continues where it left off."""
+    from dbmpi.algorithms.optimizers import resumed_updates
+    from dbmpi.io.checkpoint import list_checkpoints, open_checkpoint
+
+    sets = ["--set", f"data.path={tmp_path / 'digits.h5'}", "--set", f"train.optimizer={optimizer}",
+            "--set", f"train.learning_rate={lr}"]
+    first = tmp_path / "first"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", first, "--set", "train.steps=150", *sets, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = [r for r in records(first) if r["kind"] == "train"]
+    [path] = list_checkpoints(first / "checkpoints")  # the final one (50 warmstart + 150 steps)
+    with open_checkpoint(path) as ckpt:
+        assert sorted(ckpt.vectors()) == sorted([f"{optimizer}/{k}" for k in keys] + ["params"])
+        old = ckpt.state["optimizer_updates"]
+        assert old == ckpt.state["shard_versions"] and min(old) > 0
+        old_slices = ckpt.slices
+        assert np.abs(ckpt.read_range(f"{optimizer}/{keys[-1]}", 0, ckpt.n_params)).max() > 0
+
+    resumed = tmp_path / "resumed"
+    result, _ = launch(4, "train", CONFIG, "--run-dir", resumed, "--set", "train.steps=300",
+                       "--set", "train.n_replicas=1", "--set", "train.n_shards=3", *sets,
+                       "--resume", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in records(resumed) if r["kind"] == "train"]
+    assert train[0]["loss"] < 0.7 * fresh[0]["loss"]  # continues, not a fresh start
+    [again] = list_checkpoints(resumed / "checkpoints")
+    with open_checkpoint(again) as ckpt:
+        assert len(ckpt.slices) == 3
+        start = [resumed_updates(old, old_slices, s["lo"], s["hi"]) for s in ckpt.slices]
+        applied = ckpt.state["shard_versions"]
+        assert ckpt.state["optimizer_updates"] == [a + b for a, b in zip(start, applied, strict=True)]
+    assert json.loads((resumed / "summary.json").read_text())["test_accuracy"] >= 0.85

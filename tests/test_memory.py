@@ -40,7 +40,8 @@ def test_the_constants_are_the_codes():
     windows = (ROOT / "dbmpi/ps/windows.py").read_text()
     assert re.search(rf"^ALIGN_VALUES = {WINDOW_ALIGN}$", windows, re.M)
     for name, vectors in OPTIMIZER_STATE.items():
-        tcfg = {"optimizer": name, "learning_rate": 0.1, "momentum": 0.9, "adagrad_eps": 1e-8, "adagrad_initial": 0.1}
+        tcfg = {"optimizer": name, "learning_rate": 0.1, "momentum": 0.9, "adagrad_eps": 1e-8, "adagrad_initial": 0.1,
+                "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "adamw_weight_decay": 0.01}
         state = make_optimizer(tcfg, 10).state
         assert sum(v.size for v in state.values()) == 10 * vectors
     assert padded(1) == WINDOW_ALIGN and padded(WINDOW_ALIGN + 1) == 2 * WINDOW_ALIGN

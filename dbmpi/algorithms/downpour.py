@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dbmpi import data as datasets
-from dbmpi.algorithms.optimizers import make_optimizer
+from dbmpi.algorithms.optimizers import make_optimizer, resume_state
 from dbmpi.algorithms.replica import ReplicaData, ReplicaLoop, Seat, mean
 from dbmpi.algorithms.run import RunContext, prepare_run, run_committed, set_aside
 from dbmpi.algorithms.sgd import EXIT_DIVERGED, DivergedError
@@ -196,9 +196,8 @@ def _initial_slice(ctx: RunContext, k: int) -> tuple:
     if resumed:
         with open_checkpoint(resumed["path"], verify=False) as ckpt:
             initial = ckpt.read_range("params", lo, hi)
-            for key, value in optimizer.state.items():
-                if f"{optimizer.name}/{key}" in resumed["vectors"]:
-                    ckpt.read_range(f"{optimizer.name}/{key}", lo, hi, out=value)
+            if not resumed.get("parameters_only"):
+                resume_state(optimizer, ckpt, lo, hi)
     return initial, optimizer
 
 

@@ -128,24 +128,29 @@ class ShardCheckpoints:
 
     def write(self, vectors: list[tuple[str, np.ndarray]], *, step: int = 0, algorithm: str = "",
               config_text: str = "", layout: dict | None = None, state: dict | None = None,
-              version: int | None = None) -> Path | None:
+              version: int | None = None, updates: int | None = None) -> Path | None:
         """`vectors`: (name in the file, this shard's slice), the same names in the same order
         on every shard; `step` the same on every shard. Every shard writes its slice file;
         shard 0 then writes the top-level file with its keyword arguments. `version` (the
         update count of the shard's snapshot) is given by every shard or none: shard 0
-        records the list as the state's `shard_versions`. Shard 0 returns the path. Raises
+        records the list as the state's `shard_versions`; likewise `updates` (the updates its
+        optimizer had applied at the snapshot, since the first run: Adam's t) as
+        `optimizer_updates`. Shard 0 returns the path. Raises
         SliceLost on shard 0 if another shard fails before its slice is written."""
         lo, _ = self.shard_ranges[self.index]
         record = self.progress.run(partial(write_slice, self.directory, step, self.index, len(self.shard_ranks),
                                            lo, vectors))
-        record["version"] = version
+        record["version"], record["updates"] = version, updates
         if self.index != 0:
             send(self.comm, record, self.shard_ranks[0], Tag.SLICE, self.progress.wait)
             return None
         records = [record] + [self._receive_record(k) for k in range(1, len(self.shard_ranks))]
         versions = [r.pop("version") for r in records]
+        updates_all = [r.pop("updates") for r in records]
         if version is not None:
             state = dict(state or {}, shard_versions=versions)
+        if updates is not None:
+            state = dict(state or {}, optimizer_updates=updates_all)
         path = self.directory / checkpoint_name(step)
         self.progress.run(partial(write_checkpoint, path, self.tensors, records, algorithm=algorithm, step=step,
                                   config_text=config_text, layout=layout or {}, state=state))
@@ -186,22 +191,22 @@ class ShardCheckpointer:
     def written(self) -> list[str]:
         return self.files.written
 
-    def _take(self, step: int, write: Callable[[list, int], None]) -> None:
-        """Snapshot this shard's slices, then `write(snapshot, version)` while serving."""
+    def _take(self, step: int, write: Callable[[list, int, int], None]) -> None:
+        """Snapshot this shard's slices, then `write(snapshot, version, updates)` while serving."""
         began, shard = time.perf_counter(), self.shard
         self.progress.begin()
         shard.max_merged_since = 0
         version = shard.version()
-        write(shard.snapshot(), version)
+        write(shard.snapshot(), version, shard.optimizer.updates)
         self.progress.serve_now()  # closes the stall measurement
         self.records.append({"step": step, "version": version, "updates_during": shard.version() - version,
                              "stall_s": round(self.progress.stall_s, 4),
                              "duration_s": round(time.perf_counter() - began, 4),
                              "max_merged_during": shard.max_merged_since})
 
-    def _stream(self, vectors, version: int, step: int) -> None:
+    def _stream(self, vectors, version: int, updates: int, step: int) -> None:
         """Shards but 0: write this shard's snapshot as its slice file of checkpoint `step`."""
-        self.files.write(vectors, step=step, version=version)
+        self.files.write(vectors, step=step, version=version, updates=updates)
 
     def obey(self) -> None:
         """Shards but 0, while serving: write a snapshot's slice file for every order shard 0 gave."""
@@ -235,11 +240,12 @@ class ShardCheckpointer:
             for k in range(1, self.layout.n_shards):
                 send(world, state["step"], self.layout.shard_rank(k), Tag.CKPT_ORDER, self.progress.wait)
 
-        def write(vectors, version) -> None:
+        def write(vectors, version, updates) -> None:
             try:
                 self.last = self.files.write(vectors, step=state["step"], algorithm="downpour",
                                              config_text=configuration.dumps(self.cfg),
-                                             layout=self.layout.to_dict(), state=state, version=version)
+                                             layout=self.layout.to_dict(), state=state, version=version,
+                                             updates=updates)
             except SliceLost as lost:  # e.g. the sender died mid-transfer
                 self.liveness.shard_lost(lost.shard, lost.what)
 

@@ -77,7 +77,7 @@ class Shard:
         self.max_merged_since = 0  # the most pushes one update merged since a caller reset it
         self.staleness = StalenessScale(staleness_aware)
         self.version_now = 0  # updates applied (this shard's VERSION slot, which only it writes)
-        self.step_scale = 1.0
+        self.step_scale = 1.0  # multiplies the learning rate of the next update (staleness)
         self.store = ShardStore(windows, self.work.size, chunk)
         self.store.publish(self.work)
 

@@ -34,7 +34,7 @@ from dbmpi.runtime.layout import Layout, Role, human_bytes
 # (dbmpi.ps.windows.ALIGN_VALUES; tests/test_memory.py checks they agree).
 WINDOW_ALIGN = 16
 # Optimizer state vectors per parameter (dbmpi.algorithms.optimizers).
-OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1}
+OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "adam": 2, "adamw": 2}
 # Minibatches a replica holds besides its slice: the one in use and the one prefetched.
 BATCHES_HELD = 2
 # With a dense first layer and P > 1, the batch a partition joins (dbmpi.runtime.batchshare):

@@ -40,6 +40,44 @@ def test_adagrad_step_over_several_steps(rng, n):
     assert_close(p, p64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", SIZES)
+def test_nesterov_step_over_several_steps(rng, n):
+    p, v = randn(rng, n), np.zeros(n, np.float32)
+    p64, v64 = p.astype(np.float64), v.astype(np.float64)
+    for _ in range(3):
+        g = randn(rng, n)
+        v64 = 0.9 * v64 + g
+        p64 -= 0.05 * (g + 0.9 * v64)
+        kernels.nesterov_step(p, g, v, 0.05, 0.9)
+    assert_close(v, v64, rtol=1e-5, atol=1e-6)
+    assert_close(p, p64, rtol=1e-5, atol=1e-6)
+
+
+def adam_reference(p, m, v, g, t, lr, b1, b2, eps, wd):
+    """Adam(W) in float64, as torch.optim.AdamW documents it (wd = 0: Adam)."""
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_step_over_several_steps(rng, n, wd):
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    p = randn(rng, n)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    p64, m64, v64 = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
+    for t in range(1, 5):
+        g = randn(rng, n)
+        p64, m64, v64 = adam_reference(p64, m64, v64, g.astype(np.float64), t, lr, b1, b2, eps, wd)
+        kernels.adam_step(p, g, m, v, lr / (1 - b1 ** t), b1, b2, 1 / np.sqrt(1 - b2 ** t), eps, 1 - lr * wd)
+    assert_close(m, m64, rtol=1e-5, atol=1e-6)
+    assert_close(v, v64, rtol=1e-5, atol=1e-6)
+    assert_close(p, p64, rtol=1e-5, atol=1e-5)
+
+
 def test_dot_accumulates_in_float64():
     # 2**25 ones: a float32 accumulator stalls at 2**24, float64 is exact.
     x = np.ones(2**25, np.float32)
@@ -89,6 +127,9 @@ def test_count_nonfinite():
     (lambda a, b: kernels.sgd_step(a.astype(np.float64), b, 0.1), "param"),
     (lambda a, b: kernels.adagrad_step(a, b, b[::2].copy(), 0.1), "accum"),
     (lambda a, b: kernels.momentum_step(a, b, np.zeros((2, 5), np.float32), 0.1, 0.9), "velocity"),
+    (lambda a, b: kernels.nesterov_step(a, b, np.zeros(9, np.float32), 0.1, 0.9), "velocity"),
+    (lambda a, b: kernels.adam_step(a, b, np.zeros(10, np.float32), b[::2].copy(), 0.1, 0.9, 0.999, 1.0, 1e-8), "v"),
+    (lambda a, b: kernels.adam_step(a, b, np.zeros(9, np.float32), a.copy(), 0.1, 0.9, 0.999, 1.0, 1e-8), "m"),
     (lambda a, b: kernels.dot(a, b[::-1]), "y"),
     (lambda a, b: kernels.axpy(1.0, a[None], b), "x"),
     (lambda a, b: kernels.multiply(a, b, np.empty(9, np.float32)), "out"),
