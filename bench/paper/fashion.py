@@ -36,7 +36,8 @@ SGD_LR, SGD_MOMENTUM = 0.02, 0.9          # the single-replica baseline (configs
 # Downpour's methods: the optimizer the shards apply and its learning rate (R = 2 replicas).
 DOWNPOUR = {"downpour_sgd": ("sgd", 0.1),            # plain SGD at the shards
             "downpour_adagrad": ("adagrad", 0.03),   # configs/downpour_fashion.toml
-            "downpour_momentum": ("momentum", 0.02)}  # heavy-ball momentum 0.9 at the shards
+            "downpour_nesterov": ("nesterov", 0.02),  # Nesterov momentum 0.9 at the shards
+            "downpour_adam": ("adam", 0.001)}        # rates: docs/CONFIG.md, "Choosing the learning rate"
 LBFGS_BATCH, LBFGS_PORTION, LBFGS_HISTORY = 6000, 500, 10   # configs/sandblaster_fashion.toml
 EVAL_EVERY_STEPS = 200                    # test-set evaluations (SGD, Downpour replica 0, torch SGD)
 EVAL_EVERY_ITERATIONS = 2                 # test-set evaluations (Sandblaster, torch L-BFGS)
@@ -45,7 +46,8 @@ METHODS = {
     "sgd": "single-replica SGD (dbmpi)",
     "downpour_sgd": "Downpour SGD",
     "downpour_adagrad": "Downpour + Adagrad",
-    "downpour_momentum": "Downpour + momentum",
+    "downpour_nesterov": "Downpour + Nesterov",
+    "downpour_adam": "Downpour + Adam",
     "sandblaster": "Sandblaster L-BFGS",
     "torch_sgd": "PyTorch SGD",
     "torch_lbfgs": "PyTorch L-BFGS",

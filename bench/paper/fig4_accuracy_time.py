@@ -21,7 +21,7 @@ import fashion  # noqa: E402
 from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
 STYLE = {"sgd": ("k", "-"), "downpour_sgd": ("C0", "-"), "downpour_adagrad": ("C3", "-"),
-         "downpour_momentum": ("C1", "-"),
+         "downpour_nesterov": ("C1", "-"), "downpour_adam": ("C4", "-"),
          "sandblaster": ("C2", "-"), "torch_sgd": ("k", ":"), "torch_lbfgs": ("C2", ":")}
 
 

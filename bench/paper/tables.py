@@ -80,7 +80,7 @@ def fig5(r):
         over = " (oversubscribed)" if t["oversubscribed"] else ""
         tt = "not reached" if t["time_to_target_s"] is None else f"{t['time_to_target_s']:.1f}"
         label = {"sgd": "single-replica SGD", "downpour_sgd": "Downpour SGD", "downpour_adagrad": "Downpour + Adagrad",
-                 "downpour_momentum": "Downpour + momentum",
+                 "downpour_nesterov": "Downpour + Nesterov", "downpour_adam": "Downpour + Adam",
                  "sandblaster": "Sandblaster L-BFGS"}[t["method"]]
         print(f"| {label} | {t['cores']} | {t['replicas'] or 1} | {t['ranks']}{over} | {tt} | "
               f"{t['final_accuracy']:.4f} |")
