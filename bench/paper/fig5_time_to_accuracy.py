@@ -27,7 +27,8 @@ import fashion  # noqa: E402
 from common import FIGURES, machine, output_name, pyplot, write_result  # noqa: E402
 
 METHODS = (*fashion.DOWNPOUR, "sandblaster")
-COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "downpour_nesterov": "C1", "downpour_adam": "C4", "sandblaster": "C2"}
+COLORS = {"sgd": "k", "downpour_sgd": "C0", "downpour_adagrad": "C3", "downpour_nesterov": "C1",
+          "downpour_adam": "C4", "sandblaster": "C2"}
 
 
 def main() -> None:
