@@ -17,12 +17,12 @@ without MPI (when the machine has 2); speedup_p2_vs_p1_2threads compares with it
 partition: the bytes sent and received per step (the network's counters, and the plan's
 figure times the batch) and, from a separate instrumented pass, the seconds spent inside
 MPI (communication plus waiting for the other partitions): the exchange time the step
-exposes. Every P > 1 is measured twice, with the exchanges overlapped behind compute (the
-default, "pP") and without ("pP_no_overlap": each exchange completes before its layer
-computes), so the gain of the overlap is measured in the same run.
+exposes. Every P > 1 is measured twice: as PartitionedNetwork runs by default ("pP": each
+exchange completes before its layer computes) and with the exchanges overlapped behind
+compute ("pP_overlap", overlap=True), so the overlap's effect is measured in the same run.
 
 Prints one JSON object per measurement and, last, the summary {"speedup_p2_local",
-"speedup_p2_speech", "speedup_p2_no_overlap_local", "exposed_exchange_ms_p2_local", ...};
+"speedup_p2_speech", "speedup_p2_overlap_local", "exposed_exchange_ms_p2_local", ...};
 appends them to bench/results/model_parallel.jsonl.
 
     python bench/model_parallel.py [--quick] [--partitions 1,2] [--models local,speech]
@@ -249,7 +249,7 @@ def _partitions_here(bench, network, usable, x):
     parts = {}
     for p in usable:
         if bench.comms[p] != bench.MPI.COMM_NULL:
-            for overlap in ((True, False) if p > 1 else (True,)):
+            for overlap in ((False, True) if p > 1 else (False,)):
                 part = PartitionedNetwork(network, bench.comms[p], overlap=overlap)
                 r0, r1 = part.input_rows
                 parts[p, overlap] = (part, np.ascontiguousarray(x[:, r0:r1]))
@@ -322,8 +322,8 @@ def _summarize(cases, samples, detail, common, skipped, emit):
     summary = {"batch": common["batch"], "n_params": common["n_params"], "steps": common["steps"],
                "repeats": common["repeats"],
                "step_ms": {}, "speedup": {}, "speedup_vs_p1_2threads": {}, "bytes_per_step": {},
-               "mpi_ms": {}, "step_ms_no_overlap": {}, "speedup_no_overlap": {},
-               "mpi_ms_no_overlap": {}, "skipped": skipped}
+               "mpi_ms": {}, "step_ms_overlap": {}, "speedup_overlap": {},
+               "mpi_ms_overlap": {}, "skipped": skipped}
     for label, p, threads, overlap in cases:
         ms = median_ms[label]
         record = {"bench": "model_parallel", **common, "partitions": p, "blas_threads": threads,
@@ -335,10 +335,10 @@ def _summarize(cases, samples, detail, common, skipped, emit):
             d = detail[p, overlap]
             record.update(d, bytes_agree=d["bytes_sent"] == d["plan_bytes_sent"]
                           and d["bytes_received"] == d["plan_bytes_received"])
-            if not overlap:
-                summary["step_ms_no_overlap"][str(p)] = round(ms, 3)
-                summary["speedup_no_overlap"][str(p)] = None if p1_ms is None else round(p1_ms / ms, 3)
-                summary["mpi_ms_no_overlap"][str(p)] = d["mpi_ms"]
+            if overlap:
+                summary["step_ms_overlap"][str(p)] = round(ms, 3)
+                summary["speedup_overlap"][str(p)] = None if p1_ms is None else round(p1_ms / ms, 3)
+                summary["mpi_ms_overlap"][str(p)] = d["mpi_ms"]
                 emit(record)
                 continue
             summary["step_ms"][str(p)] = round(ms, 3)
@@ -360,12 +360,12 @@ def bench_model(bench, key, args, cores, emit):
     usable, skipped = _usable_partitions(network, args.partitions)
     parts = _partitions_here(bench, network, usable, x)
 
-    # Cases: (label, P, BLAS threads, overlap); P > 1 also without overlap; the 2-thread
+    # Cases: (label, P, BLAS threads, overlap); P > 1 also with overlap; the 2-thread
     # P = 1 reference when there are 2 cores.
-    cases = [(f"p{p}", p, 1, True) for p in usable]
-    cases += [(f"p{p}_no_overlap", p, 1, False) for p in usable if p > 1]
+    cases = [(f"p{p}", p, 1, False) for p in usable]
+    cases += [(f"p{p}_overlap", p, 1, True) for p in usable if p > 1]
     if 1 in usable and cores >= 2:
-        cases.append(("p1_2threads", 1, 2, True))
+        cases.append(("p1_2threads", 1, 2, False))
     if not cases:
         return {"batch": batch, "n_params": network.n_params, "skipped": skipped} if bench.rank == 0 else None
 
@@ -411,10 +411,10 @@ def main(args):
         m = models.get(key) or {}
         result[f"speedup_p2_{key}"] = m.get("speedup", {}).get("2")
         result[f"speedup_p2_vs_p1_2threads_{key}"] = m.get("speedup_vs_p1_2threads", {}).get("2")
-        result[f"speedup_p2_no_overlap_{key}"] = m.get("speedup_no_overlap", {}).get("2")
+        result[f"speedup_p2_overlap_{key}"] = m.get("speedup_overlap", {}).get("2")
         # Exposed exchange time per step (ms in MPI, the slowest partition's), overlapped and not.
         exposed = {}
-        for name, field in (("overlap", "mpi_ms"), ("no_overlap", "mpi_ms_no_overlap")):
+        for name, field in (("no_overlap", "mpi_ms"), ("overlap", "mpi_ms_overlap")):
             mpi_ms = m.get(field, {}).get("2")
             exposed[name] = max(mpi_ms) if mpi_ms else None
         result[f"exposed_exchange_ms_p2_{key}"] = exposed

@@ -13,11 +13,13 @@ assembles each block's input and sends back its input gradient:
 - an output layer split by classes computes its loss with an `Allreduce` of the per-example
   max and sum of exponentials (softmax), or of the loss alone (one-vs-all logistic).
 
-With overlap (the default) the halo exchanges run behind compute: a local or l2pool block
+With overlap=True the halo exchanges run behind compute: a local or l2pool block
 computes the rows its own input covers while its halo rows travel and the border rows after
 (or, when the next layer's partitions need some of its rows, those first, then the rest
 while they travel), and a local block sends its input gradient's halo rows back before it
-computes its weight gradients. The rows computed are the same, so are the results.
+computes its weight gradients. The rows computed are the same, so are the results. It is
+off by default: on the machines measured it did not make the step faster
+(docs/BENCHMARKS.md, "Exchanges overlapped with compute").
 
 The partition's parameters live in one local vector: its canonical ranges concatenated in
 canonical order (dbmpi.parallel.partition.PartitionPlan.param_ranges), which is also what it fetches
@@ -64,12 +66,12 @@ class PartitionedNetwork:
 
     Every method that runs the model (forward, loss, loss_and_grad, evaluate) is collective
     over `comm`: all partitions call it with the same batch, each with the input rows
-    `input_rows` of it. Construction is local (no communication). overlap=False runs every
-    exchange to completion before the layer computes (the reference for bench/model_parallel.py).
+    `input_rows` of it. Construction is local (no communication). By default every exchange
+    completes before its layer computes; overlap=True computes behind them (same results).
     """
 
     def __init__(self, network: Network, comm: MPI.Intracomm, plan: PartitionPlan | None = None,
-                 overlap: bool = True):
+                 overlap: bool = False):
         self.network = network
         self.comm = comm
         self.n_partitions = comm.size

@@ -228,7 +228,7 @@ def test_overlapped_exchanges_give_the_same_results_bit_for_bit(name, n_partitio
         return
     model = MODELS[name]()
     plain = PartitionedNetwork(perturbed(model), comm, overlap=False)
-    over = PartitionedNetwork(perturbed(model), comm)
+    over = PartitionedNetwork(perturbed(model), comm, overlap=True)
     assert over.overlap and not plain.overlap
     # The models reorder rows somewhere at these P (the test is not vacuous).
     modes = {o.mode for orders in comm.allgather(over.orders) for o in orders if o is not None}
