@@ -16,10 +16,14 @@ machine. The second reference, step(P = 1, one rank, 2 BLAS threads), is the sam
 without MPI (when the machine has 2); speedup_p2_vs_p1_2threads compares with it. Also per
 partition: the bytes sent and received per step (the network's counters, and the plan's
 figure times the batch) and, from a separate instrumented pass, the seconds spent inside
-MPI (communication plus waiting for the other partitions).
+MPI (communication plus waiting for the other partitions): the exchange time the step
+exposes. Every P > 1 is measured twice: as PartitionedNetwork runs by default ("pP": each
+exchange completes before its layer computes) and with the exchanges overlapped behind
+compute ("pP_overlap", overlap=True), so the overlap's effect is measured in the same run.
 
 Prints one JSON object per measurement and, last, the summary {"speedup_p2_local",
-"speedup_p2_speech", ...}; appends them to bench/results/model_parallel.jsonl.
+"speedup_p2_speech", "speedup_p2_overlap_local", "exposed_exchange_ms_p2_local", ...};
+appends them to bench/results/model_parallel.jsonl.
 
     python bench/model_parallel.py [--quick] [--partitions 1,2] [--models local,speech]
         [--steps K] [--repeats R] [--batch N] [--no-record]   (re-launches itself under mpiexec)
@@ -238,21 +242,23 @@ def _usable_partitions(network, partitions):
 
 
 def _partitions_here(bench, network, usable, x):
-    """P -> (partition, its input rows of the batch), on the ranks of P's communicator."""
+    """(P, overlap) -> (partition, its input rows of the batch), on the ranks of P's
+    communicator; P > 1 with and without overlapped exchanges."""
     from dbmpi.model.partitioned import PartitionedNetwork
 
     parts = {}
     for p in usable:
         if bench.comms[p] != bench.MPI.COMM_NULL:
-            part = PartitionedNetwork(network, bench.comms[p])
-            r0, r1 = part.input_rows
-            parts[p] = (part, np.ascontiguousarray(x[:, r0:r1]))
+            for overlap in ((False, True) if p > 1 else (False,)):
+                part = PartitionedNetwork(network, bench.comms[p], overlap=overlap)
+                r0, r1 = part.input_rows
+                parts[p, overlap] = (part, np.ascontiguousarray(x[:, r0:r1]))
     return parts
 
 
 def _run_case(bench, parts, labels, case, steps, warmup):
-    _, p, threads = case
-    part, rows = parts.get(p, (None, None))
+    _, p, threads, overlap = case
+    part, rows = parts.get((p, overlap), (None, None))
     return bench.time_case(part, rows, labels, steps, warmup, threads)
 
 
@@ -270,7 +276,7 @@ def _sample_cases(bench, run, cases, args, name, batch, skipped):
         progress(f"{name}: batch {batch}, {steps} step(s) x {repeats} repeats per case "
                  f"{[c[0] for c in cases]}" + (f"; skipped P {list(skipped)}" if skipped else ""))
 
-    samples = {label: [] for label, _, _ in cases}
+    samples = {case[0]: [] for case in cases}
     for rep in range(repeats):
         for case in (cases if rep % 2 == 0 else cases[::-1]):
             seconds = run(case, steps, 1)
@@ -282,20 +288,22 @@ def _sample_cases(bench, run, cases, args, name, batch, skipped):
     return steps, repeats, samples
 
 
-def _instrumented_detail(bench, parts, usable, labels, steps, batch):
+def _instrumented_detail(bench, parts, cases, labels, steps, batch):
     """Bytes and time in MPI per partition, from an instrumented pass after the timed ones
-    (P -> figures, on rank 0)."""
+    ((P, overlap) -> figures, on rank 0)."""
     detail = {}
-    for p in usable:
+    for _, p, threads, overlap in cases:
+        if threads != 1:
+            continue
         result = None
-        if p in parts:
-            part, rows = parts[p]
+        if (p, overlap) in parts:
+            part, rows = parts[p, overlap]
             result = part.comm.gather(instrumented_pass(part, rows, labels, steps), root=0)
         bench.idle_barrier()
         if bench.rank == 0:
-            plan = parts[p][0].plan
+            plan = parts[p, overlap][0].plan
             plan_bytes = [plan.bytes_per_example(q) for q in range(p)]
-            detail[p] = {
+            detail[p, overlap] = {
                 "n_params_per_partition": [plan.n_params_of(q) for q in range(p)],
                 "bytes_sent": [r[2] for r in result],
                 "bytes_received": [r[3] for r in result],
@@ -314,17 +322,25 @@ def _summarize(cases, samples, detail, common, skipped, emit):
     summary = {"batch": common["batch"], "n_params": common["n_params"], "steps": common["steps"],
                "repeats": common["repeats"],
                "step_ms": {}, "speedup": {}, "speedup_vs_p1_2threads": {}, "bytes_per_step": {},
-               "mpi_ms": {}, "skipped": skipped}
-    for label, p, threads in cases:
+               "mpi_ms": {}, "step_ms_overlap": {}, "speedup_overlap": {},
+               "mpi_ms_overlap": {}, "skipped": skipped}
+    for label, p, threads, overlap in cases:
         ms = median_ms[label]
         record = {"bench": "model_parallel", **common, "partitions": p, "blas_threads": threads,
+                  "overlap": overlap,
                   "step_ms": ms, "step_ms_samples": [round(1e3 * s, 3) for s in samples[label]],
                   "speedup": None if p1_ms is None else p1_ms / ms,
                   "speedup_vs_p1_2threads": None if threads2_ms is None else threads2_ms / ms}
         if threads == 1:
-            d = detail[p]
+            d = detail[p, overlap]
             record.update(d, bytes_agree=d["bytes_sent"] == d["plan_bytes_sent"]
                           and d["bytes_received"] == d["plan_bytes_received"])
+            if overlap:
+                summary["step_ms_overlap"][str(p)] = round(ms, 3)
+                summary["speedup_overlap"][str(p)] = None if p1_ms is None else round(p1_ms / ms, 3)
+                summary["mpi_ms_overlap"][str(p)] = d["mpi_ms"]
+                emit(record)
+                continue
             summary["step_ms"][str(p)] = round(ms, 3)
             summary["speedup"][str(p)] = None if p1_ms is None else round(p1_ms / ms, 3)
             summary["speedup_vs_p1_2threads"][str(p)] = (None if threads2_ms is None
@@ -344,16 +360,18 @@ def bench_model(bench, key, args, cores, emit):
     usable, skipped = _usable_partitions(network, args.partitions)
     parts = _partitions_here(bench, network, usable, x)
 
-    # Cases: (label, P, BLAS threads); the 2-thread P = 1 reference when there are 2 cores.
-    cases = [(f"p{p}", p, 1) for p in usable]
+    # Cases: (label, P, BLAS threads, overlap); P > 1 also with overlap; the 2-thread
+    # P = 1 reference when there are 2 cores.
+    cases = [(f"p{p}", p, 1, False) for p in usable]
+    cases += [(f"p{p}_overlap", p, 1, True) for p in usable if p > 1]
     if 1 in usable and cores >= 2:
-        cases.append(("p1_2threads", 1, 2))
+        cases.append(("p1_2threads", 1, 2, False))
     if not cases:
         return {"batch": batch, "n_params": network.n_params, "skipped": skipped} if bench.rank == 0 else None
 
     run = functools.partial(_run_case, bench, parts, labels)
     steps, repeats, samples = _sample_cases(bench, run, cases, args, name, batch, skipped)
-    detail = _instrumented_detail(bench, parts, usable, labels, steps, batch)
+    detail = _instrumented_detail(bench, parts, cases, labels, steps, batch)
     if bench.rank != 0:
         return None
     common = {"model": name, "ranks": bench.world.size, "cores": cores, "batch": batch,
@@ -393,6 +411,13 @@ def main(args):
         m = models.get(key) or {}
         result[f"speedup_p2_{key}"] = m.get("speedup", {}).get("2")
         result[f"speedup_p2_vs_p1_2threads_{key}"] = m.get("speedup_vs_p1_2threads", {}).get("2")
+        result[f"speedup_p2_overlap_{key}"] = m.get("speedup_overlap", {}).get("2")
+        # Exposed exchange time per step (ms in MPI, the slowest partition's), overlapped and not.
+        exposed = {}
+        for name, field in (("no_overlap", "mpi_ms"), ("overlap", "mpi_ms_overlap")):
+            mpi_ms = m.get(field, {}).get("2")
+            exposed[name] = max(mpi_ms) if mpi_ms else None
+        result[f"exposed_exchange_ms_p2_{key}"] = exposed
     result.update(models=models, partitions=args.partitions, cpu_count=os.cpu_count(), cores_rank0=cores,
                   ranks=bench.world.size, mpi=env["mpi"], loadavg_start=env["loadavg"],
                   loadavg_end=[round(v, 2) for v in os.getloadavg()])

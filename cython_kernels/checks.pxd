@@ -52,6 +52,15 @@ cdef inline void check_positive(long value, str name) except *:
         raise ValueError(f"{name}: must be positive, got {value}")
 
 
+cdef inline int check_band(long start, long stop, long rows) except -1:
+    """Validate a band [start, stop) of output rows (stop = -1: to the last row); return stop."""
+    if stop == -1:
+        stop = rows
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows: band [{start}, {stop}) is not within the {rows} output rows")
+    return stop
+
+
 cdef inline int check_activation(object activation) except -1:
     """Map an activation name (or code) to its code: 0 identity, 1 sigmoid, 2 tanh, 3 relu."""
     if activation == "identity" or activation == 0:

@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
 from blas cimport gemm
-from checks cimport check_array, check_disjoint, check_shape, check_positive, check_activation
+from checks cimport check_array, check_band, check_disjoint, check_shape, check_positive, check_activation
 from activations cimport activate, activation_grad
 
 cnp.import_array()
@@ -65,10 +65,14 @@ cdef tuple _geometry(cnp.ndarray ax, int kernel, int stride):
     return ((h - kernel) // stride + 1, (w - kernel) // stride + 1)
 
 
-def local_forward(x, w, b, y, int kernel, int stride, activation="identity"):
+def local_forward(x, w, b, y, int kernel, int stride, activation="identity",
+                  int row_start=0, int row_stop=-1):
     """y[N, OH, OW, F] = f(patch @ w[oh, ow].T + b[oh, ow]) at every output position; returns y.
 
     x (N, H, W, C); w (OH, OW, F, k*k*C) with patch order (dy, dx, c); b (OH, OW, F).
+    Only output rows [row_start, row_stop) are computed (stop -1: the last; the other rows
+    of y are left alone), reading only their receptive input rows: model parallelism
+    computes the rows it can while halo rows are still in flight.
     """
     cdef cnp.ndarray ax = check_array(x, "x", 4, cnp.NPY_FLOAT32)
     cdef cnp.ndarray aw = check_array(w, "w", 4, cnp.NPY_FLOAT32)
@@ -83,6 +87,7 @@ def local_forward(x, w, b, y, int kernel, int stride, activation="identity"):
     check_shape(aw, "w", (oh_n, ow_n, f, p))
     check_shape(ab, "b", (oh_n, ow_n, f))
     check_shape(ay, "y", (n, oh_n, ow_n, f))
+    row_stop = check_band(row_start, row_stop, oh_n)
     cdef float* px = <float*>cnp.PyArray_DATA(ax)
     cdef float* pw = <float*>cnp.PyArray_DATA(aw)
     cdef float* pb = <float*>cnp.PyArray_DATA(ab)
@@ -93,8 +98,9 @@ def local_forward(x, w, b, y, int kernel, int stride, activation="identity"):
     cdef Py_ssize_t ldy = <Py_ssize_t>oh_n * ow_n * f
     cdef Py_ssize_t pos
     cdef int i, oh, ow
+    cdef Py_ssize_t band = <Py_ssize_t>(row_stop - row_start) * ow_n * f
     with nogil:
-        for oh in range(oh_n):
+        for oh in range(row_start, row_stop):
             for ow in range(ow_n):
                 pos = <Py_ssize_t>oh * ow_n + ow
                 _gather(px, patch, n, h, wd, c, kernel, oh * stride, ow * stride)
@@ -102,13 +108,18 @@ def local_forward(x, w, b, y, int kernel, int stride, activation="identity"):
                     memcpy(py + i * ldy + pos * f, pb + pos * f, f * sizeof(float))
                 gemm(False, True, n, f, p, 1.0, patch, p, pw + pos * f * p, p,
                      1.0, py + pos * f, <int>ldy)
-        activate(act, py, <Py_ssize_t>n * ldy)
+        if band == ldy:
+            activate(act, py, <Py_ssize_t>n * ldy)
+        else:
+            for i in range(n):
+                activate(act, py + i * ldy + <Py_ssize_t>row_start * ow_n * f, band)
     free(patch)
     return y
 
 
 def local_backward(x, w, y, gy, gz, gw, gb, gx=None, kernel=None, stride=None,
-                   activation="identity", float scale=1.0, bint accumulate=False):
+                   activation="identity", float scale=1.0, bint accumulate=False,
+                   bint params=True):
     """Backward of local_forward, given gy = dL/dy. kernel and stride are required.
 
     gz (N, OH, OW, F) receives dL/dz (z = pre-activation); it may be gy itself.
@@ -116,6 +127,9 @@ def local_backward(x, w, y, gy, gz, gw, gb, gx=None, kernel=None, stride=None,
     is scatter-added into its patch (overlapping patches add up). All of gx is computed
     before gw is written, so gw may be w itself (fused update, scale = -lr,
     accumulate = True). gx must not share memory with x, w or gz (ValueError).
+    With params=False gw and gb are left alone (only gz and gx are computed): model
+    parallelism sends gx's halo rows back first and computes the parameter gradients, in a
+    second call with gx=None and gy = gz, activation "identity", while they travel.
     gw[pos] = accumulate * gw[pos] + scale * gz_pos.T @ patch(pos) and
     gb[pos] = accumulate * gb[pos] + scale * sum over the batch of gz_pos (float64 sums).
     Returns gx.
@@ -183,7 +197,7 @@ def local_backward(x, w, y, gy, gz, gw, gb, gx=None, kernel=None, stride=None,
                          pw + pos * f * p, p, 0.0, patch, p)
                     _scatter_add(pgx, patch, n, h, wd, c, k, oh * s, ow * s)
         # Pass 2: parameter gradients (or the fused update) position by position.
-        for oh in range(oh_n):
+        for oh in range(oh_n if params else 0):
             for ow in range(ow_n):
                 pos = <Py_ssize_t>oh * ow_n + ow
                 _gather(px, patch, n, h, wd, c, k, oh * s, ow * s)

@@ -15,7 +15,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-from checks cimport check_array, check_disjoint, check_shape, check_positive
+from checks cimport check_array, check_band, check_disjoint, check_shape, check_positive
 
 cnp.import_array()
 
@@ -30,8 +30,12 @@ cdef tuple _geometry(cnp.ndarray ax, int size, int stride):
     return ((h - size) // stride + 1, (w - size) // stride + 1)
 
 
-def l2pool_forward(x, y, int size, int stride, float eps=1e-6):
-    """y[N, OH, OW, C] = sqrt(eps + sum over the window of x^2); returns y."""
+def l2pool_forward(x, y, int size, int stride, float eps=1e-6, int row_start=0, int row_stop=-1):
+    """y[N, OH, OW, C] = sqrt(eps + sum over the window of x^2); returns y.
+
+    Only output rows [row_start, row_stop) are computed (stop -1: the last; the other rows
+    of y are left alone): model parallelism computes first the rows its peers need.
+    """
     cdef cnp.ndarray ax = check_array(x, "x", 4, cnp.NPY_FLOAT32)
     cdef cnp.ndarray ay = check_array(y, "y", 4, cnp.NPY_FLOAT32, True)
     if not eps >= 0:
@@ -40,6 +44,7 @@ def l2pool_forward(x, y, int size, int stride, float eps=1e-6):
     oh_n, ow_n = _geometry(ax, size, stride)
     cdef Py_ssize_t n = ax.shape[0], h = ax.shape[1], w = ax.shape[2], c = ax.shape[3]
     check_shape(ay, "y", (n, oh_n, ow_n, c))
+    row_stop = check_band(row_start, row_stop, oh_n)
     cdef float* px = <float*>cnp.PyArray_DATA(ax)
     cdef float* py = <float*>cnp.PyArray_DATA(ay)
     cdef double* acc = <double*>malloc(max(c, 1) * sizeof(double))
@@ -51,7 +56,7 @@ def l2pool_forward(x, y, int size, int stride, float eps=1e-6):
     cdef float v
     with nogil:
         for i in range(n):
-            for oh in range(oh_n):
+            for oh in range(row_start, row_stop):
                 for ow in range(ow_n):
                     memset(acc, 0, c * sizeof(double))
                     for dy in range(size):

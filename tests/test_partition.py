@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from dbmpi.model import Network
-from dbmpi.parallel.partition import PartitionError, PartitionPlan, receptive_rows
+from dbmpi.parallel.partition import (
+    BandOrder,
+    PartitionError,
+    PartitionPlan,
+    band_orders,
+    receptive_rows,
+    sent_rows,
+)
 from tests.models import DENSE_ON_IMAGE, MIXED_UNEVEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +219,53 @@ def test_receptive_rows_match_the_layers(name):
             assert changed.tolist() == expected, (layer.name, i)
         for r in range(base.shape[1]):
             assert set(range(*receptive_rows(layer, r, r + 1))) == row_inputs(layer, r)
+
+
+def _rows(bands):
+    return [r for a, b in bands for r in range(a, b)]
+
+
+def test_band_orders_compute_every_owned_row_once_in_a_valid_order(case):
+    """Overlapped exchanges reorder a block's rows, never drop or repeat one: interior rows
+    read only rows the partition owns (the rest read a halo row); with "sent", the rows the
+    next layer's partitions receive come first."""
+    network, plan = case
+    for p in range(plan.n_partitions):
+        orders = band_orders(network, plan, p)
+        assert len(orders) == len(network.layers)
+        for index, (layer, order) in enumerate(zip(network.layers, orders, strict=True)):
+            if order is None:
+                continue
+            assert plan.n_partitions > 1 and layer.kind in ("local", "l2pool")
+            part = plan.layers[index].parts[p]
+            a, b = part.owned
+            assert sorted(_rows(order.before + order.after)) == list(range(b - a))
+            assert order.before and order.after
+            if order.mode == "interior":
+                c0, c1 = part.own_input
+                for r in _rows(order.before):
+                    lo, hi = receptive_rows(layer, a + r, a + r + 1)
+                    assert c0 <= lo and hi <= c1
+                for r in _rows(order.after):
+                    lo, hi = receptive_rows(layer, a + r, a + r + 1)
+                    assert lo < c0 or hi > c1
+            else:
+                assert order.mode == "sent" and not part.halo
+                wanted = {r - a for q in plan.layers[index + 1].parts if q.partition != p
+                          for src, r0, r1 in q.halo if src == p for r in range(r0, r1)}
+                assert set(_rows(order.before)) == wanted
+
+
+def test_band_orders_of_the_image_model_by_hand():
+    """image_local at P = 2: l2pool 1 (12 rows, 6 each) computes first the 4 rows the other
+    partition's lcn reads; local 2 (8 rows, 4 each) computes the 2 rows its own input covers
+    while the 2 halo rows travel."""
+    network = NETWORKS["image"]
+    plan = PartitionPlan.for_network(network, 2)
+    assert band_orders(network, plan, 0) == (
+        None, BandOrder("sent", ((2, 6),), ((0, 2),)), None,
+        BandOrder("interior", ((0, 2),), ((2, 4),)), None, None, None)
+    assert band_orders(network, plan, 1)[1] == BandOrder("sent", ((0, 4),), ((4, 6),))
+    assert band_orders(network, plan, 1)[3] == BandOrder("interior", ((2, 4),), ((0, 2),))
+    assert sent_rows(plan, 1, 0) == ((2, 6),) and sent_rows(plan, 6, 0) == ()
+    assert band_orders(network, PartitionPlan.for_network(network, 1), 0) == (None,) * 7

@@ -162,21 +162,45 @@ class LocallyConnected(Layer):
         return 2 * r * c * f * self.patch
 
     def forward(self, x):
+        return self.forward_rows(x, 0, self.output_shape[0])
+
+    def forward_rows(self, x, r0: int, r1: int):
+        """Output rows [r0, r1) of forward(x) into self.y, the other rows left alone: model
+        parallelism computes the rows its own input covers while the halo rows travel."""
         self.x = x
         self.y = self._buffer("y", (x.shape[0],) + self.output_shape)
         kernels.local_forward(x, self.params["W"], self.params["b"], self.y,
-                              self.kernel, self.stride, self.activation)
+                              self.kernel, self.stride, self.activation, r0, r1)
         return self.y
+
+    def _param_targets(self, lr):
+        """(gW, gb, scale, accumulate): the gradients, or with lr the parameters (fused SGD)."""
+        if lr is None:
+            return self.grads["W"], self.grads["b"], 1.0, False
+        return self.params["W"], self.params["b"], -lr, True
 
     def backward(self, gy, need_gx, lr=None):
         gx = self._buffer("gx", self.x.shape) if need_gx else None
-        if lr is None:
-            gw, gb, scale, acc = self.grads["W"], self.grads["b"], 1.0, False
-        else:
-            gw, gb, scale, acc = self.params["W"], self.params["b"], -lr, True
+        gw, gb, scale, acc = self._param_targets(lr)
         kernels.local_backward(self.x, self.params["W"], self.y, gy, gy, gw, gb, gx,
                                self.kernel, self.stride, self.activation, scale, acc)
         return gx
+
+    def backward_input(self, gy):
+        """backward(gy, True)'s first half: returns dL/dx and leaves dL/dz in gy, so that the
+        input gradient can travel while backward_params(gy) computes the rest."""
+        gx = self._buffer("gx", self.x.shape)
+        kernels.local_backward(self.x, self.params["W"], self.y, gy, gy, self.grads["W"],
+                               self.grads["b"], gx, self.kernel, self.stride, self.activation,
+                               params=False)
+        return gx
+
+    def backward_params(self, gz, lr=None):
+        """backward's second half: the parameter gradients (with lr, the fused SGD update)
+        from the dL/dz that backward_input left."""
+        gw, gb, scale, acc = self._param_targets(lr)
+        kernels.local_backward(self.x, self.params["W"], self.y, gz, gz, gw, gb, None,
+                               self.kernel, self.stride, "identity", scale, acc)
 
 
 class L2Pool(Layer):
@@ -198,9 +222,14 @@ class L2Pool(Layer):
         return 2 * math.prod(self.output_shape) * self.size * self.size
 
     def forward(self, x):
+        return self.forward_rows(x, 0, self.output_shape[0])
+
+    def forward_rows(self, x, r0: int, r1: int):
+        """Output rows [r0, r1) of forward(x) into self.y, the other rows left alone (model
+        parallelism computes first the rows its peers need)."""
         self.x = x
         self.y = self._buffer("y", (x.shape[0],) + self.output_shape)
-        kernels.l2pool_forward(x, self.y, self.size, self.stride, self.eps)
+        kernels.l2pool_forward(x, self.y, self.size, self.stride, self.eps, r0, r1)
         return self.y
 
     def backward(self, gy, need_gx, lr=None):

@@ -13,6 +13,14 @@ assembles each block's input and sends back its input gradient:
 - an output layer split by classes computes its loss with an `Allreduce` of the per-example
   max and sum of exponentials (softmax), or of the loss alone (one-vs-all logistic).
 
+With overlap=True the halo exchanges run behind compute: a local or l2pool block
+computes the rows its own input covers while its halo rows travel and the border rows after
+(or, when the next layer's partitions need some of its rows, those first, then the rest
+while they travel), and a local block sends its input gradient's halo rows back before it
+computes its weight gradients. The rows computed are the same, so are the results. It is
+off by default: on the machines measured it did not make the step faster
+(docs/BENCHMARKS.md, "Exchanges overlapped with compute").
+
 The partition's parameters live in one local vector: its canonical ranges concatenated in
 canonical order (dbmpi.parallel.partition.PartitionPlan.param_ranges), which is also what it fetches
 from and pushes to the shards.
@@ -26,9 +34,31 @@ from mpi4py import MPI
 
 from dbmpi.model.layers import LAYER_TYPES, Layer
 from dbmpi.model.network import Network
-from dbmpi.parallel.partition import SOFTMAX_BYTES, PartitionPlan
+from dbmpi.parallel.partition import SOFTMAX_BYTES, PartitionPlan, band_orders
 
 OUTPUT_KINDS = ("softmax", "logistic")
+
+
+class _Exchange:
+    """A posted exchange of rows with the other partitions: its requests, the receive
+    buffers with the rows (start, stop) they fill, and the send buffers kept alive."""
+
+    def __init__(self, receiving: bool):
+        self.receiving = receiving
+        self.requests: list = []
+        self.landing: list[tuple[np.ndarray, int, int]] = []
+        self.sending: list[np.ndarray] = []
+
+    def finish(self, target: np.ndarray, offset: int, add: bool = False) -> None:
+        """Wait for every transfer, then put (or with add, add) each received piece into
+        its rows of `target`, whose first row is row `offset`."""
+        MPI.Request.Waitall(self.requests)
+        for buf, a, b in self.landing:
+            if add:
+                target[:, a - offset:b - offset] += buf
+            else:
+                target[:, a - offset:b - offset] = buf
+        self.landing, self.sending = [], []
 
 
 class PartitionedNetwork:
@@ -36,10 +66,12 @@ class PartitionedNetwork:
 
     Every method that runs the model (forward, loss, loss_and_grad, evaluate) is collective
     over `comm`: all partitions call it with the same batch, each with the input rows
-    `input_rows` of it. Construction is local (no communication).
+    `input_rows` of it. Construction is local (no communication). By default every exchange
+    completes before its layer computes; overlap=True computes behind them (same results).
     """
 
-    def __init__(self, network: Network, comm: MPI.Intracomm, plan: PartitionPlan | None = None):
+    def __init__(self, network: Network, comm: MPI.Intracomm, plan: PartitionPlan | None = None,
+                 overlap: bool = False):
         self.network = network
         self.comm = comm
         self.n_partitions = comm.size
@@ -76,6 +108,9 @@ class PartitionedNetwork:
             self.layers.append(block)
         self.output = self.layers[-1]
         self.class_range = self.plan.layers[-1].parts[p].owned
+        self.overlap = overlap and self.n_partitions > 1
+        self.orders = (band_orders(network, self.plan, p) if self.overlap
+                       else (None,) * len(self.layers))
         if network.allocated:  # a whole model given: its values
             self.load_canonical(network.params)
         else:  # the structure only (a run): its own ranges' initial values, drawn directly
@@ -149,20 +184,54 @@ class PartitionedNetwork:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The owned logits (N, classes owned) of a batch; collective over the replica."""
         x = self._shape_input(x)
-        for index, block in enumerate(self.layers):
+        started = None  # the next layer's halo exchange, when a layer started it early
+        for index in range(len(self.layers)):
+            pending = None
             if index > 0:
-                x = self._gather_input(index, x)
-            x = self._owned(index, block.forward(x))
+                x, pending = self._gather_input(index, x, started)
+            x, started = self._compute(index, x, pending)
         return x
 
-    def _gather_input(self, index: int, below: np.ndarray) -> np.ndarray:
-        """Assemble layer `index`'s input from the owned output of the layer below."""
+    def _gather_input(self, index: int, below: np.ndarray, started=None):
+        """Layer `index`'s input assembled from the owned output of the layer below, and its
+        halo exchange when still in flight (overlap; else None)."""
         lplan = self.plan.layers[index]
         if self.n_partitions == 1:
-            return below if below.flags.c_contiguous else np.ascontiguousarray(below)
+            return (below if below.flags.c_contiguous else np.ascontiguousarray(below)), None
         if lplan.input_split == "units":
-            return self._allgather(index, below)
-        return self._exchange_halo(index, below)
+            return self._allgather(index, below), None
+        pending = started if started is not None else self._post_halo(index, below)
+        x = self._assemble(index, below)
+        if self.overlap:
+            return x, pending
+        pending.finish(x, lplan.parts[self.partition].needed[0])
+        return x, None
+
+    def _compute(self, index: int, x: np.ndarray, pending):
+        """Layer `index`'s owned output from input x, finishing its halo exchange `pending`
+        as late as its band order allows; returns it and the next layer's exchange when it
+        started that one (band order "sent")."""
+        block, order = self.layers[index], self.orders[index]
+        n0 = self.plan.layers[index].parts[self.partition].needed[0]
+        if order is None or order.mode == "sent":
+            if pending is not None and pending.receiving:
+                pending.finish(x, n0)
+                pending = None
+            if order is None:
+                y = block.forward(x)
+                if pending is not None:  # only sends left to complete
+                    pending.finish(x, n0)
+                return self._owned(index, y), None
+        for r0, r1 in order.before:
+            block.forward_rows(x, r0, r1)
+        started = None
+        if order.mode == "sent":
+            started = self._post_halo(index + 1, block.y)
+        if pending is not None:
+            pending.finish(x, n0)
+        for r0, r1 in order.after:
+            block.forward_rows(x, r0, r1)
+        return block.y, started
 
     def _unit_blocks(self, index: int) -> list[tuple[int, int]]:
         return [part.own_input for part in self.plan.layers[index].parts]
@@ -193,35 +262,41 @@ class PartitionedNetwork:
                      for src, a, b in part.halo if src == p)
         return receive, send
 
-    def _exchange_halo(self, index: int, below: np.ndarray) -> np.ndarray:
-        lplan = self.plan.layers[index]
-        part = lplan.parts[self.partition]
-        n = below.shape[0]
+    def _post(self, index: int, rows: np.ndarray, offset: int, incoming, outgoing) -> _Exchange:
+        """Post the receives of the `incoming` pieces and the sends of the `outgoing` pieces
+        (partition, start row, stop row) of `rows`, whose first row is row `offset`."""
+        n = rows.shape[0]
+        exchange = _Exchange(bool(incoming))
+        for q, a, b in incoming:
+            buf = np.empty((n, b - a) + rows.shape[2:], np.float32)
+            exchange.requests.append(self.comm.Irecv(buf, source=q, tag=index))
+            exchange.landing.append((buf, a, b))
+            self.bytes_received += 4 * buf.size
+        for q, a, b in outgoing:
+            buf = np.ascontiguousarray(rows[:, a - offset:b - offset])
+            exchange.requests.append(self.comm.Isend(buf, dest=q, tag=index))
+            exchange.sending.append(buf)  # alive until the sends complete
+            self.bytes_sent += 4 * buf.size
+        return exchange
+
+    def _post_halo(self, index: int, below: np.ndarray) -> _Exchange:
+        """Start layer `index`'s halo exchange from the owned output of the layer below."""
+        receive, send = self._peer_pieces(index)
+        own = self.plan.layers[index].parts[self.partition].own_input
+        return self._post(index, below, own[0], receive, send)
+
+    def _assemble(self, index: int, below: np.ndarray) -> np.ndarray:
+        """Layer `index`'s input buffer with the owned rows of the layer below in place (the
+        halo rows land when the exchange finishes)."""
+        part = self.plan.layers[index].parts[self.partition]
         n0, n1 = part.needed
         c0, c1 = part.own_input
-        receive, send = self._peer_pieces(index)
-        if not receive and (n0, n1) == (c0, c1) and below.flags.c_contiguous:
-            x = below
-        else:
-            x = self.layers[index]._buffer("assembled", (n, n1 - n0) + below.shape[2:])
-            o0, o1 = max(n0, c0), min(n1, c1)
-            if o0 < o1:
-                x[:, o0 - n0:o1 - n0] = below[:, o0 - c0:o1 - c0]
-        requests, landing = [], []
-        for q, a, b in receive:
-            buf = np.empty((n, b - a) + below.shape[2:], np.float32)
-            requests.append(self.comm.Irecv(buf, source=q, tag=index))
-            landing.append((buf, a, b))
-            self.bytes_received += 4 * buf.size
-        for q, a, b in send:
-            buf = np.ascontiguousarray(below[:, a - c0:b - c0])
-            requests.append(self.comm.Isend(buf, dest=q, tag=index))
-            landing.append((buf, None, None))  # keep the send buffer alive until Waitall
-            self.bytes_sent += 4 * buf.size
-        MPI.Request.Waitall(requests)
-        for buf, a, b in landing:
-            if a is not None:
-                x[:, a - n0:b - n0] = buf
+        if not part.halo and (n0, n1) == (c0, c1) and below.flags.c_contiguous:
+            return below
+        x = self.layers[index]._buffer("assembled", (below.shape[0], n1 - n0) + below.shape[2:])
+        o0, o1 = max(n0, c0), min(n1, c1)
+        if o0 < o1:
+            x[:, o0 - n0:o1 - n0] = below[:, o0 - c0:o1 - c0]
         return x
 
     # Loss ---------------------------------------------------------------------------------
@@ -299,23 +374,33 @@ class PartitionedNetwork:
                 full[:, a - n0:b - n0] = g
                 full[:, b - n0:] = 0.0
                 g = full
-            gx = block.backward(g, lplan.need_input_grad)
             if not lplan.need_input_grad:
+                block.backward(g, False)
                 break
-            g = self._return_gradient(index, gx)
+            if self._overlaps_return(index):
+                # The halo rows of the input gradient travel while the weight gradients compute.
+                gx = block.backward_input(g)
+                exchange = self._post_return(index, gx)
+                block.backward_params(g)
+                g = self._land_return(index, gx, exchange)
+            else:
+                g = self._return_gradient(index, block.backward(g, True))
+
+    def _overlaps_return(self, index: int) -> bool:
+        return (self.overlap and self.plan.layers[index].input_split == "rows"
+                and hasattr(self.layers[index], "backward_input"))
 
     def _return_gradient(self, index: int, gx: np.ndarray) -> np.ndarray:
         """dL/d(owned output of the layer below) from every partition's input gradient."""
         if self.n_partitions == 1:
             return gx
-        lplan = self.plan.layers[index]
-        below = self.layers[index - 1]
-        below_part = self.plan.layers[index - 1].parts[self.partition]
-        a, b = below_part.owned
-        shape = (gx.shape[0], b - a) + below.output_shape[1:]
-        if lplan.input_split == "units":
-            return self._reduce_scatter(index, gx, shape)
-        return self._return_halo(index, gx, shape)
+        if self.plan.layers[index].input_split == "units":
+            return self._reduce_scatter(index, gx, self._below_shape(index, gx))
+        return self._land_return(index, gx, self._post_return(index, gx))
+
+    def _below_shape(self, index: int, gx: np.ndarray) -> tuple[int, ...]:
+        a, b = self.plan.layers[index - 1].parts[self.partition].owned
+        return (gx.shape[0], b - a) + self.layers[index - 1].output_shape[1:]
 
     def _reduce_scatter(self, index: int, gx: np.ndarray, shape) -> np.ndarray:
         n = gx.shape[0]
@@ -332,15 +417,21 @@ class PartitionedNetwork:
         self.bytes_received += 4 * g.size * (self.n_partitions - 1)
         return g
 
-    def _return_halo(self, index: int, gx: np.ndarray, shape) -> np.ndarray:
+    def _post_return(self, index: int, gx: np.ndarray) -> _Exchange:
+        """Start sending the halo rows' gradients back to their owners (the pieces received
+        forward) and receiving those of the rows sent (to be added)."""
+        receive, send = self._peer_pieces(index)
+        needed = self.plan.layers[index].parts[self.partition].needed
+        return self._post(index, gx, needed[0], send, receive)
+
+    def _land_return(self, index: int, gx: np.ndarray, exchange: _Exchange) -> np.ndarray:
+        """The gradient of the owned output below: gx's owned rows plus what came back."""
         part = self.plan.layers[index].parts[self.partition]
-        n = gx.shape[0]
         n0, n1 = part.needed
         c0, c1 = part.own_input
-        receive, send = self._peer_pieces(index)
-        if not receive and not send and (n0, n1) == (c0, c1):
+        if not exchange.requests and (n0, n1) == (c0, c1):
             return gx  # the block read exactly its own rows: nothing to return or add
-        g = self.layers[index - 1]._buffer("gy_below", shape)
+        g = self.layers[index - 1]._buffer("gy_below", self._below_shape(index, gx))
         o0, o1 = max(n0, c0), min(n1, c1)
         if o0 < o1:
             g[:, :o0 - c0] = 0.0
@@ -348,22 +439,7 @@ class PartitionedNetwork:
             g[:, o1 - c0:] = 0.0
         else:
             g[...] = 0.0
-        # The pieces I received forward go back; the pieces I sent come back to be added.
-        requests, landing = [], []
-        for q, a, b in send:
-            buf = np.empty((n, b - a) + shape[2:], np.float32)
-            requests.append(self.comm.Irecv(buf, source=q, tag=index))
-            landing.append((buf, a, b))
-            self.bytes_received += 4 * buf.size
-        for q, a, b in receive:
-            buf = np.ascontiguousarray(gx[:, a - n0:b - n0])
-            requests.append(self.comm.Isend(buf, dest=q, tag=index))
-            landing.append((buf, None, None))
-            self.bytes_sent += 4 * buf.size
-        MPI.Request.Waitall(requests)
-        for buf, a, b in landing:
-            if a is not None:
-                g[:, a - c0:b - c0] += buf
+        exchange.finish(g, c0, add=True)
         return g
 
     # Prediction ---------------------------------------------------------------------------

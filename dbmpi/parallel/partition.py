@@ -111,6 +111,79 @@ def receptive_rows(layer, r0: int, r1: int) -> tuple[int, int]:
     raise ValueError(f"{layer.kind} is not a spatial layer")
 
 
+BANDED = ("local", "l2pool")  # kinds whose block can compute any band of its output rows
+
+
+@dataclass(frozen=True)
+class BandOrder:
+    """The order in which a partition computes its block of one spatial layer's output rows
+    when exchanges overlap compute (rows relative to the block's first owned row).
+
+    mode "interior": `before` are the rows its own input rows cover, computed while the
+    halo rows travel; `after` the border rows, computed once they are in. Mode "sent":
+    `before` are the rows the next layer's other partitions need, computed first so their
+    exchange can start; `after` the rest, computed while it travels.
+    """
+
+    mode: str
+    before: tuple[tuple[int, int], ...]
+    after: tuple[tuple[int, int], ...]
+
+
+def _complement(bands, stop: int) -> tuple[tuple[int, int], ...]:
+    """The rows of [0, stop) outside `bands` (sorted, disjoint), as bands."""
+    rest, start = [], 0
+    for a, b in bands:
+        if start < a:
+            rest.append((start, a))
+        start = b
+    if start < stop:
+        rest.append((start, stop))
+    return tuple(rest)
+
+
+def interior_rows(layer, part) -> tuple[int, int]:
+    """The band of `part`'s owned output rows of spatial `layer` whose receptive rows all lie
+    in its own block of the input, relative to its first owned row; empty: (0, 0)."""
+    a, b = part.owned
+    c0, c1 = part.own_input
+    inside = [r for r in range(a, b) if c0 <= receptive_rows(layer, r, r + 1)[0]
+              and receptive_rows(layer, r, r + 1)[1] <= c1]  # contiguous: receptive rows grow with r
+    return (inside[0] - a, inside[-1] + 1 - a) if inside else (0, 0)
+
+
+def sent_rows(plan, index: int, partition: int) -> tuple[tuple[int, int], ...]:
+    """The rows of layer `index`'s owned output that the next layer's other partitions
+    receive from `partition` as halo, relative to its first owned row, merged."""
+    if index + 1 >= len(plan.layers) or plan.layers[index + 1].input_split != "rows":
+        return ()
+    a = plan.layers[index].parts[partition].owned[0]
+    return tuple((r0 - a, r1 - a) for r0, r1 in _merge(
+        (r0, r1) for part in plan.layers[index + 1].parts for q, r0, r1 in part.halo if q == partition))
+
+
+def band_orders(network, plan, partition: int) -> tuple[BandOrder | None, ...]:
+    """Per layer, how `partition` orders its rows to overlap the exchanges (None: the whole
+    block at once). A local or l2pool block with halo rows to receive computes its interior
+    first; one whose output other partitions need computes their rows first."""
+    orders: list[BandOrder | None] = []
+    for index, (layer, lplan) in enumerate(zip(network.layers, plan.layers, strict=True)):
+        order = None
+        if layer.kind in BANDED and plan.n_partitions > 1:
+            part = lplan.parts[partition]
+            rows = part.owned[1] - part.owned[0]
+            if part.halo:
+                band = interior_rows(layer, part)
+                if band[0] < band[1]:
+                    order = BandOrder("interior", (band,), _complement((band,), rows))
+            else:
+                sent = sent_rows(plan, index, partition)
+                if sent and sent != ((0, rows),):
+                    order = BandOrder("sent", sent, _complement(sent, rows))
+        orders.append(order)
+    return tuple(orders)
+
+
 def _merge(ranges) -> list[tuple[int, int]]:
     merged: list[list[int]] = []
     for a, b in sorted(r for r in ranges if r[1] > r[0]):
@@ -293,4 +366,5 @@ def plan_for(train: dict, network) -> PartitionPlan:
     return PartitionPlan.for_network(network, train.get("n_partitions", 1))
 
 
-__all__ = ["LayerPart", "LayerPlan", "PartitionError", "PartitionPlan", "plan_for", "receptive_rows"]
+__all__ = ["BandOrder", "LayerPart", "LayerPlan", "PartitionError", "PartitionPlan", "band_orders",
+           "interior_rows", "plan_for", "receptive_rows", "sent_rows"]

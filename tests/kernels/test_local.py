@@ -257,3 +257,78 @@ def test_rejects_bad_activation_and_missing_geometry():
         local_backward(**_bwd_args(), kernel=3)
     with pytest.raises(TypeError):
         local_forward(*_fwd_args().values())
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_forward_bands_in_any_order_give_the_whole_output(act):
+    """Model parallelism computes a block's rows in bands (interior first, border after):
+    together they are exactly the whole forward, and a band leaves the other rows alone."""
+    rng = np.random.default_rng(7)
+    n, h, wd, c, f, k, s = 3, 11, 7, 2, 3, 3, 2  # 5 output rows
+    x, w, b = make(rng, n, h, wd, c, f, k, s, act)
+    whole = run_forward(x, w, b, k, s, act)
+    y = np.full_like(whole, np.nan)
+    for r0, r1 in [(2, 4), (0, 2), (4, 5), (3, 3)]:
+        local_forward(x, w, b, y, k, s, act, r0, r1)
+    assert np.array_equal(y, whole)
+    y = np.full_like(whole, np.nan)
+    local_forward(x, w, b, y, k, s, act, row_start=1, row_stop=3)
+    assert np.array_equal(y[:, 1:3], whole[:, 1:3])
+    assert np.isnan(y[:, :1]).all() and np.isnan(y[:, 3:]).all()
+
+
+def test_forward_band_reads_only_its_receptive_rows():
+    """Rows 1-2 of a 3x3/1 layer read input rows 1-4: the others may be garbage (halo rows
+    still in flight)."""
+    rng = np.random.default_rng(8)
+    x, w, b = make(rng, 2, 7, 6, 2, 3, 3, 1)
+    whole = run_forward(x, w, b, 3, 1, "tanh")
+    partial = x.copy()
+    partial[:, 0] = np.nan
+    partial[:, 5:] = np.nan
+    y = np.empty_like(whole)
+    local_forward(partial, w, b, y, 3, 1, "tanh", 1, 3)
+    assert np.array_equal(y[:, 1:3], whole[:, 1:3])
+
+
+@pytest.mark.parametrize("band", [(-1, 2), (2, 1), (0, 6), (6, 6)])
+def test_forward_rejects_a_band_outside_the_output(band):
+    rng = np.random.default_rng(9)
+    x, w, b = make(rng, 1, 7, 6, 1, 2, 3, 1)  # 5 output rows
+    y = np.empty((1, 5, 4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"rows: band"):
+        local_forward(x, w, b, y, 3, 1, "identity", *band)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("lr", [None, 0.1])
+def test_backward_in_two_calls_equals_one(act, lr):
+    """params=False computes gz and gx only; a second call from gz (identity, gx None)
+    gives the parameter gradients: together bit for bit one call's (the fused update too)."""
+    rng = np.random.default_rng(10)
+    n, h, wd, c, f, k, s = 3, 8, 7, 2, 3, 3, 2
+    x, w, b = make(rng, n, h, wd, c, f, k, s, act)
+    y = run_forward(x, w, b, k, s, act)
+    gy = randn(rng, *y.shape)
+    if lr is None:
+        gz, gw, gb, gx = run_backward(x, w, y, gy.copy(), k, s, act)
+        targets = np.full_like(w, np.nan), np.full(w.shape[:3], np.nan, np.float32)
+        scale, acc = 1.0, False
+    else:
+        w_fused, b_fused = w.copy(), b.copy()
+        local_backward(x, w_fused, y, gy.copy(), np.empty_like(y), w_fused, b_fused, None,
+                       k, s, act, -lr, True)
+        targets = w.copy(), b.copy()
+        scale, acc = -lr, True
+    g = gy.copy()
+    split_gx = np.full_like(x, np.nan)
+    untouched = np.full_like(w, np.nan), np.full(w.shape[:3], np.nan, np.float32)
+    local_backward(x, w if lr is None else targets[0], y, g, g, *untouched, split_gx, k, s, act,
+                   params=False)
+    assert np.isnan(untouched[0]).all() and np.isnan(untouched[1]).all()
+    local_backward(x, targets[0], y, g, g, *targets, None, k, s, "identity", scale, acc)
+    if lr is None:
+        assert np.array_equal(split_gx, gx) and np.array_equal(g, gz)
+        assert np.array_equal(targets[0], gw) and np.array_equal(targets[1], gb)
+    else:
+        assert np.array_equal(targets[0], w_fused) and np.array_equal(targets[1], b_fused)

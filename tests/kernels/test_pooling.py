@@ -155,3 +155,31 @@ def test_rejects_negative_eps():
         l2pool_forward(**_fwd_args(), size=3, stride=2, eps=-1e-3)
     with pytest.raises(ValueError, match="^eps:"):
         l2pool_forward(**_fwd_args(), size=3, stride=2, eps=float("nan"))
+
+
+def test_forward_bands_give_the_whole_output():
+    """Bands of output rows (any order) are exactly the whole forward; a band leaves the
+    other rows alone and reads only its own windows."""
+    rng = np.random.default_rng(11)
+    x = randn(rng, 2, 9, 7, 3)
+    whole = np.empty((2, 4, 3, 3), np.float32)
+    l2pool_forward(x, whole, 3, 2)
+    y = np.full_like(whole, np.nan)
+    for r0, r1 in [(3, 4), (0, 1), (1, 3)]:
+        l2pool_forward(x, y, 3, 2, 1e-6, r0, r1)
+    assert np.array_equal(y, whole)
+    partial = x.copy()
+    partial[:, :2] = np.nan  # rows 1-2 read input rows 2-6 only
+    partial[:, 7:] = np.nan
+    y = np.full_like(whole, np.nan)
+    l2pool_forward(partial, y, 3, 2, row_start=1, row_stop=3)
+    assert np.array_equal(y[:, 1:3], whole[:, 1:3])
+    assert np.isnan(y[:, 0]).all() and np.isnan(y[:, 3]).all()
+
+
+@pytest.mark.parametrize("band", [(-1, 1), (3, 2), (0, 5)])
+def test_forward_rejects_a_band_outside_the_output(band):
+    x = np.ones((1, 9, 7, 1), np.float32)
+    y = np.empty((1, 4, 3, 1), np.float32)
+    with pytest.raises(ValueError, match=r"rows: band"):
+        l2pool_forward(x, y, 3, 2, 1e-6, *band)
