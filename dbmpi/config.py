@@ -205,6 +205,9 @@ TRAIN_FIELDS = {
     "n_shards": Field(positive_int, 1),
     "n_replicas": Field(positive_int, 1),
     "n_partitions": Field(positive_int, 1),
+    # Model parallelism: compute a spatial layer's interior rows while its halo rows travel
+    # (same results; off by default: it measured no faster on shared memory, docs/BENCHMARKS.md).
+    "overlap_exchanges": Field(boolean, False),
     "n_fetch": Field(positive_int, 1),
     "n_push": Field(positive_int, 1),
     "warmstart_steps": Field(nonnegative_int, 0),
@@ -256,8 +259,8 @@ TRAIN_KEY_ALGORITHMS = {
                      "adam_beta2", "adam_eps", "adamw_weight_decay", "epochs", "steps", "seed", "log_every"),
                     _SGD_LIKE),
     "fused_update": ("sgd",),
-    **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "checkpoint_every", "checkpoint_every_s",
-                     "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
+    **dict.fromkeys(("n_shards", "n_replicas", "n_partitions", "overlap_exchanges", "checkpoint_every",
+                     "checkpoint_every_s", "checkpoint_keep", "replica_timeout_s"), _DISTRIBUTED),
     **dict.fromkeys(("n_fetch", "n_push", "warmstart_steps", "local_learning_rate", "max_rejected_fraction",
                      "max_push_backlog", "staleness_aware"), ("downpour",)),
     **dict.fromkeys(("iterations", "portion_size", "history", "wolfe_c1", "wolfe_c2", "max_line_search",

@@ -139,6 +139,7 @@ def test_adam_keys_are_read_by_adam_and_checked(tmp_path):
     ("sgd", "weight_decay = 10", 'not read by algorithm "sgd" (only by sandblaster)'),
     ("sgd", "iterations = 5", 'not read by algorithm "sgd" (only by sandblaster)'),
     ("sgd", "history = 3", 'not read by algorithm "sgd" (only by sandblaster)'),
+    ("sgd", "overlap_exchanges = true", 'not read by algorithm "sgd" (only by downpour and sandblaster)'),
     ("sgd", "n_fetch = 2", 'not read by algorithm "sgd" (only by downpour)'),
     ("sgd", "staleness_aware = true", 'not read by algorithm "sgd" (only by downpour)'),
     ("sandblaster", "staleness_aware = true", 'not read by algorithm "sandblaster" (only by downpour)'),

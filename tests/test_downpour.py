@@ -349,13 +349,15 @@ def test_partitioned_replicas_train_like_whole_ones(tmp_path):
 
 def test_partitioned_spatial_model_reads_its_rows_and_honours_a_time_budget(tmp_path):
     """A locally connected model split by rows: each partition reads only the input rows
-    its first layer needs, and a time budget ends both partitions of a replica together."""
+    its first layer needs, and a time budget ends both partitions of a replica together;
+    with its halo exchanges behind compute (overlap_exchanges; the plain order and the
+    bit-identity of the two: tests/mpi/test_model_parallel.py)."""
     config = tmp_path / "local.toml"
     config.write_text(SPATIAL_DIGITS)
     run_dir = tmp_path / "run"
     result, elapsed = launch(6, "train", config, "--run-dir", run_dir, "--set", "train.steps=1000000",
                              "--set", "train.time_budget_s=5", "--set", "train.eval_every=10",
-                             cwd=tmp_path)
+                             "--set", "train.overlap_exchanges=true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert elapsed < 90
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -127,7 +127,7 @@ def _load_replica_data(ctx: RunContext) -> ReplicaData:
     for replica 0 the test set."""
     replica, partition, network = ctx.topo.role.replica, ctx.topo.role.partition, ctx.network
     n_parts = ctx.layout.n_partitions
-    model, ranges, rows = worker_model(network, ctx.topo.replica, ctx.plan)
+    model, ranges, rows = worker_model(network, ctx.topo.replica, ctx.plan, ctx.tcfg["overlap_exchanges"])
     with datasets.open_dataset(ctx.cfg["data"]["path"]) as dataset:
         start, stop = dataset.shard_range("train", replica, ctx.layout.n_replicas)
         bounds = None

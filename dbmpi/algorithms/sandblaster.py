@@ -469,7 +469,8 @@ class Replica:
         self.cfg, self.layout, self.topo, self.signals = ctx.cfg, ctx.layout, ctx.topo, ctx.stop
         self.replica, self.partition = self.topo.role.replica, self.topo.role.partition
         self.lead = self.partition == 0
-        self.model, ranges, self.rows = worker_model(ctx.network, self.topo.replica, ctx.plan)
+        self.model, ranges, self.rows = worker_model(ctx.network, self.topo.replica, ctx.plan,
+                                                     ctx.tcfg["overlap_exchanges"])
         self.client = ShardClient(windows, self.replica, ranges)
         self.accrual = Accrual(self.model.n_params)
         self.factor, self.fixed_delay = FAULTS.slowdown(self.replica), FAULTS.portion_delay_s

@@ -476,14 +476,15 @@ class PartitionedNetwork:
         return total / n, correct / n
 
 
-def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan):
+def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan, overlap: bool = False):
     """What a worker rank trains: (model, its canonical parameter ranges, the input rows it
     reads or None for whole examples). The whole network when the replica has one rank
     (allocated here: the one role of a run that holds the full vector; not initialised, as
-    its values come from the shards at its first fetch, before anything reads them)."""
+    its values come from the shards at its first fetch, before anything reads them).
+    `overlap`: the partitions' halo exchanges run behind compute ([train] overlap_exchanges)."""
     if plan.n_partitions == 1:
         return network.allocate(initialise=False), [(0, network.n_params)], None
-    model = PartitionedNetwork(network, comm, plan)
+    model = PartitionedNetwork(network, comm, plan, overlap=overlap)
     rows = model.input_rows
     if rows == (0, network.input_shape[0]):
         rows = None  # a dense first layer reads whole examples
