@@ -19,27 +19,16 @@ import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import timeit  # noqa: E402  (the same timing rule as the kernel benchmarks)
 
 N = 128
 LAYERS = [(784, 512), (512, 512), (512, 10)]  # (inputs, units)
 SCIPY = "scipy's OpenBLAS (dbmpi's kernels)"
-
-
-def timeit(fn, repeats, inner=20):
-    """Median seconds per call over `repeats` timings of `inner` calls, after warm-up."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 def bundled(package, pattern):
@@ -111,7 +100,7 @@ def measure(calls, repeats):
     """Total ms of the calls and each one's GFLOP/s."""
     total, gflops = 0.0, {}
     for label, flops, fn in calls:
-        seconds = timeit(fn, repeats)
+        seconds = timeit(fn, repeats, inner=20)
         total += seconds
         gflops[label] = round(flops / seconds / 1e9, 1)
     return {"sgemm_step_ms": round(total * 1e3, 3), "gflops": gflops}
