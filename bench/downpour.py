@@ -5,7 +5,8 @@
 (c) time to 88% test accuracy on Fashion-MNIST for single-replica SGD and Downpour R = 2
     (S = 1, 3 ranks) with each shard optimizer at its tuned learning rate (SHARD_OPTIMIZERS),
     against PyTorch CPU SGD (momentum 0.9, its own tuned rate) on the same MLP, batch, data
-    and cores when torch is installed. `--sweep` runs the learning-rate sweeps these rates
+    and cores when torch is installed; and Downpour with staleness-aware shards
+    (STALENESS_AWARE). `--sweep` runs the learning-rate sweeps these rates
     came from instead (each Downpour run capped by a time budget).
 (d) the speech model (42M parameters) on synthetic data: steps/s per replica and the bytes
     each replica fetches and pushes per step.
@@ -89,6 +90,9 @@ def bench_replicas(work, data, steps, cores):
 # (c): each shard optimizer at the learning rate its sweep (--sweep) picked for R = 2, S = 1.
 SHARD_OPTIMIZERS = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.02, "adagrad": 0.03, "adam": 0.001,
                     "adamw": 0.001}
+# (c) also: staleness-aware shards (train.staleness_aware) with this optimizer and rate (its
+# steps are scaled by 1 / staleness, about 0.7 at R = 2, so the rate is raised by about 1 / 0.7).
+STALENESS_AWARE = ("nesterov", 0.03)
 TORCH_LR = 0.05  # PyTorch SGD momentum 0.9: the best of its sweep (0.01, 0.02, 0.05)
 SWEEP = {"adam": (0.001, 0.002), "nesterov": (0.01, 0.02), "momentum": (0.01,), "sgd": (0.1,),
          "adagrad": (0.05,)}
@@ -135,6 +139,10 @@ def bench_time_to_accuracy(work, data, epochs, eval_every, cores, cap=2.0):
     for optimizer, lr in SHARD_OPTIMIZERS.items():
         record(f"downpour_{optimizer}_r2", lr,
                downpour_time_to_accuracy(work, data, optimizer, lr, 2 * epochs, eval_every, budget))
+    optimizer, lr = STALENESS_AWARE
+    record(f"downpour_{optimizer}_staleness_aware_r2", lr,
+           downpour_time_to_accuracy(work, data, optimizer, lr, 2 * epochs, eval_every,
+                                     [*budget, "train.staleness_aware=true"]))
     return runs
 
 
