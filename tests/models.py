@@ -219,3 +219,23 @@ def network(text: str) -> Network:
 def mixed_spatial(output: str = "softmax") -> str:
     """MIXED_SPATIAL with the output layer ``output`` ("softmax" or "logistic")."""
     return MIXED_SPATIAL.replace("{output}", output)
+
+# Local 3x3/2 relu -> l2pool 2/1 -> softmax 4 on 13x9x2: the banded passes (tests/model/test_layers.py).
+SPATIAL_BANDS = """
+[model]
+input_shape = [13, 9, 2]
+seed = 4
+[[model.layers]]
+type = "local"
+filters = 3
+kernel = 3
+stride = 2
+activation = "relu"
+[[model.layers]]
+type = "l2pool"
+size = 2
+stride = 1
+[[model.layers]]
+type = "softmax"
+units = 4
+"""

@@ -5,25 +5,7 @@ import numpy as np
 import pytest
 
 from dbmpi.model import Network
-
-SPATIAL = """
-[model]
-input_shape = [13, 9, 2]
-seed = 4
-[[model.layers]]
-type = "local"
-filters = 3
-kernel = 3
-stride = 2
-activation = "relu"
-[[model.layers]]
-type = "l2pool"
-size = 2
-stride = 1
-[[model.layers]]
-type = "softmax"
-units = 4
-"""
+from tests.models import SPATIAL_BANDS as SPATIAL
 
 
 @pytest.fixture
