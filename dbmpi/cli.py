@@ -126,10 +126,11 @@ def _check_rank_memory(cfg: dict) -> None:
     `dbmpi plan` reports, less the interpreter, which differs a little from rank to rank)
     need more memory than this machine has: the same verdict on every rank, one line
     instead of a MemoryError traceback."""
-    from dbmpi.model import Network
+    from dbmpi.model.loader import build_model
     from dbmpi.runtime.layout import require_memory
 
-    ranks = _memory_model(cfg, Network(cfg["model"], allocate=False), baseline=0).ranks()
+    model = build_model(cfg["model"], allocate=False, threads=cfg["train"]["threads"])
+    ranks = _memory_model(cfg, model, baseline=0).ranks()
     biggest = max(ranks, key=lambda mem: mem.own)
     require_memory(biggest.own, f"rank {biggest.rank} ({biggest.role}): its buffers (dbmpi plan)")
 
@@ -164,12 +165,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from dbmpi.model import Network
+    from dbmpi.model.loader import build_model
 
     cfg = configuration.load(args.config, args.set, require_train=False)
-    network = Network(cfg["model"], allocate=False)
+    network = build_model(cfg["model"], allocate=False)
     print(network.summary())
-    print(f"forward: {network.flops_per_example() / 1e6:.2f} MFLOP per example")
+    if hasattr(network, "flops_per_example"):
+        print(f"forward: {network.flops_per_example() / 1e6:.2f} MFLOP per example")
     if args.tensors:
         for tensor in network.tensors:
             print(f"  {tensor.name:<20} {str(tensor.shape):<24} offset {tensor.offset:>12,}  size {tensor.size:>12,}")
@@ -177,13 +179,13 @@ def cmd_model(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from dbmpi.model import Network
+    from dbmpi.model.loader import build_model
     from dbmpi.runtime.layout import layout_for
     from dbmpi.runtime.memory import describe as describe_memory
     from dbmpi.runtime.memory import interpreter_baseline
 
     cfg = configuration.load(args.config, args.set)
-    network = Network(cfg["model"], allocate=False)
+    network = build_model(cfg["model"], allocate=False, threads=cfg["train"]["threads"])
     tcfg = cfg["train"]
     if tcfg["algorithm"] == "sgd":
         print(network.summary())

@@ -1,6 +1,7 @@
 """Run configurations: TOML files validated against a schema, with defaults filled in.
 
-A config has three tables: [model] (input shape, seed, [[model.layers]]), [data] (the HDF5
+A config has three tables: [model] (input shape, seed, and either [[model.layers]] or a
+Python model: `python = "pkg.module:factory"` with its [model.args]), [data] (the HDF5
 dataset file) and [train] (algorithm and its settings). Every key is checked: an unknown
 key, a missing field, a wrong type or a value out of range raises ConfigError naming the
 key (`model.layers[2].units`), so a typo never silently falls back to a default.
@@ -129,6 +130,16 @@ def every_or_epoch(key, value):
     return value
 
 
+def argument_table(key, value):
+    """[model.args]: keyword arguments for a Python model's factory (any TOML values)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table of keyword arguments ([model.args]), got {value!r}")
+    for name in value:
+        if not name.isidentifier():
+            raise ConfigError(f"{key}.{name}: not a Python keyword argument name")
+    return dict(value)
+
+
 def optional(check):
     def maybe(key, value):
         return None if value is None else check(key, value)
@@ -165,7 +176,10 @@ MODEL_FIELDS = {
     "name": Field(string, "model"),
     "input_shape": Field(shape, required=True),
     "seed": Field(nonnegative_int, 0),
-    "layers": Field(None, required=True),  # checked by _check_layers
+    "layers": Field(None),  # checked by _check_layers; required unless `python` is given
+    # A Python model instead of layers: "pkg.module:factory" or "file.py:factory" (dbmpi.model.loader).
+    "python": Field(optional(string), None),
+    "args": Field(argument_table, {}),  # the factory's keyword arguments
 }
 DATA_FIELDS = {
     "path": Field(string, required=True),
@@ -363,7 +377,7 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
     if "model" not in raw:
         raise ConfigError("model: missing (required table [model])")
     resolved = {"model": _check_table("model", raw["model"], MODEL_FIELDS)}
-    resolved["model"]["layers"] = _check_layers(raw["model"]["layers"])
+    _check_model_kind(raw["model"], resolved["model"])
     for section in ("data", "train"):
         if section in raw:
             resolved[section] = _check_table(section, raw[section], SECTIONS[section])
@@ -373,6 +387,29 @@ def validate(raw: dict, *, require_train: bool = True) -> dict:
     if train is not None:
         _check_train(raw["train"], train)
     return resolved
+
+
+def _check_model_kind(given: dict, model: dict) -> None:
+    """Layers or a Python model, not both; [model.args] only for a Python model."""
+    if model["python"] is None:
+        if given.get("args"):
+            raise ConfigError("model.args: only read with model.python (a Python model's factory arguments)")
+        if given.get("layers") is None:
+            raise ConfigError("model.layers: missing (required: [[model.layers]] tables, or model.python "
+                              "naming a Python model)")
+        model["layers"] = _check_layers(given["layers"])
+        return
+    if given.get("layers") is not None:
+        raise ConfigError("model.layers: give [[model.layers]] or model.python, not both")
+    if ":" not in model["python"]:
+        raise ConfigError(f"model.python: expected \"package.module:function\" or \"file.py:function\", "
+                          f"got {model['python']!r}")
+    model["layers"] = None
+
+
+def is_python_model(model: dict) -> bool:
+    """Whether a validated [model] table names a Python model (not layers)."""
+    return model.get("python") is not None
 
 
 def _check_train(given: dict, train: dict) -> None:
@@ -489,6 +526,11 @@ def _join_paths(config: dict, base: str) -> None:
     for key in DATA_PATHS if isinstance(data, dict) else ():
         if isinstance(data.get(key), str) and data[key]:
             data[key] = os.path.normpath(os.path.join(base, data[key]))
+    model = config.get("model")
+    python = model.get("python") if isinstance(model, dict) else None
+    if isinstance(python, str) and python.rpartition(":")[0].endswith(".py"):  # a file, not a module
+        origin, _, attr = python.rpartition(":")
+        model["python"] = f"{os.path.normpath(os.path.join(base, origin))}:{attr}"
 
 
 def load(path: str | Path, overrides: list[str] | None = None, *, require_train: bool = True) -> dict:
@@ -525,6 +567,8 @@ def _toml_scalar(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_scalar(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -542,11 +586,17 @@ def dumps(config: dict) -> str:
     lines = []
     for section, table in config.items():
         arrays = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
         lines.append(f"[{section}]")
         for key, value in table.items():
-            if key not in arrays and value is not None and _written(section, key, config):
+            if key not in arrays and key not in tables and value is not None and _written(section, key, config):
                 lines.append(f"{key} = {_toml_scalar(value)}")
         lines.append("")
+        for key, items in tables.items():
+            if items:
+                lines.append(f"[{section}.{key}]")
+                lines.extend(f"{k} = {_toml_scalar(v)}" for k, v in items.items())
+                lines.append("")
         for key, items in arrays.items():
             for item in items:
                 lines.append(f"[[{section}.{key}]]")

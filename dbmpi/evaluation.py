@@ -13,7 +13,7 @@ import numpy as np
 from dbmpi import config as configuration
 from dbmpi.data import DatasetError, check_fits, open_dataset
 from dbmpi.io.checkpoint import open_checkpoint
-from dbmpi.model import Network
+from dbmpi.model.loader import build_model
 
 
 def log_probabilities(logits: np.ndarray, output: str) -> np.ndarray:
@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         raw = configuration.parse_toml(ckpt.config_text, str(checkpoint))
         raw.pop("train", None)  # only the model and the data matter here
         cfg = configuration.validate(raw, require_train=False)
-        network = Network(cfg["model"])
+        network = build_model(cfg["model"])
         ckpt.check_network(network)
         network.params[:] = ckpt.read_range("params", 0, network.n_params)
         step, algorithm = ckpt.step, ckpt.algorithm
@@ -60,7 +60,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         x, y = dataset.load(split)
         groups = dataset.groups(split)
     log_probs = np.empty((len(x), network.n_classes))
-    output = network.layers[-1].kind
+    output = network.output_kind
     for start in range(0, len(x), batch_size):
         log_probs[start:start + batch_size] = log_probabilities(network.forward(x[start:start + batch_size]), output)
     loss, accuracy = network.evaluate(x, y, batch_size)

@@ -44,8 +44,9 @@ from dbmpi.io.checkpoint import (
     open_checkpoint,
 )
 from dbmpi.io.rundir import RunDirectory, RunDirectoryError
-from dbmpi.model import Network
-from dbmpi.parallel.partition import PartitionPlan
+from dbmpi.model import Model
+from dbmpi.model.loader import build_model
+from dbmpi.parallel.partition import PartitionPlan, plan_for
 from dbmpi.runtime.comm import Comm, abort_on_error, agree
 from dbmpi.runtime.layout import Layout, LayoutError, layout_for
 from dbmpi.runtime.memory import DataSize, MemoryModel, current_peak_rss
@@ -60,7 +61,7 @@ def _silent(_msg: str) -> None:
     pass
 
 
-def resolve_resume(resume: str | None, run_path: Path, network: Network, skip: tuple[str, ...] = ()) -> dict | None:
+def resolve_resume(resume: str | None, run_path: Path, network: Model, skip: tuple[str, ...] = ()) -> dict | None:
     """The checkpoint a run resumes from, checked before anything starts: its structure
     (format 2: the slice files are there and fit; each shard hashes the slices it reads,
     `verify_own_range`) or, for the single-file format 1, every checksum; and the model.
@@ -98,7 +99,7 @@ def verify_own_range(resumed: dict | None, layout: Layout, rank: int) -> str | N
     return f"{resumed['path']}: corrupt: {problems[0]}" if problems else None
 
 
-def resume_verified(comm: Comm, resume: str | None, run_path: Path, network: Network, layout: Layout, root: int,
+def resume_verified(comm: Comm, resume: str | None, run_path: Path, network: Model, layout: Layout, root: int,
                     say: Callable[[str], None], parameters_only: bool = False) -> dict | None:
     """resolve_resume on `root`, then every shard verifies its own range (verify_own_range),
     all agreed: a bad checksum found by any shard is one CheckpointError on every rank, or,
@@ -123,7 +124,7 @@ def resume_verified(comm: Comm, resume: str | None, run_path: Path, network: Net
         skip.append(resumed["path"])
 
 
-def prepare_and_check_data(cfg: dict, network: Network) -> dict:
+def prepare_and_check_data(cfg: dict, network: Model) -> dict:
     """On the root: prepare a built-in source if needed, open the file, check it fits."""
     from dbmpi.algorithms.sgd import open_training_data
 
@@ -154,7 +155,7 @@ class RunContext:
     """One rank's view of a prepared run (see the module docstring)."""
 
     cfg: dict
-    network: Network
+    network: Model
     layout: Layout
     plan: PartitionPlan
     comm: Comm
@@ -190,11 +191,13 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
     """Everything checked and agreed before the run commits (see the module docstring).
     `coordinator`: the layout has one, and it is the root; `parameters_only`: a resumed
     checkpoint gives only its parameters (its state is dropped, the run directory is new)."""
-    network = Network(cfg["model"], allocate=False)  # the structure: each role allocates its own part
+    # The structure: each role allocates its own part. A Python model that cannot be made
+    # is one agreed error (the same factory fails the same way on every rank).
+    network = build_model(cfg["model"], allocate=False, threads=cfg["train"]["threads"])
     layout = layout_for(cfg["train"], network.n_params, coordinator=coordinator)
     # Same verdicts on every rank, before any collective: the partition plan (a P the model
     # cannot be split into) and the world size.
-    plan = PartitionPlan.for_network(network, layout.n_partitions)
+    plan = plan_for(cfg["train"], network)
     layout.check_world(comm.size)
     root = layout.coordinator_rank if coordinator else 0
     data_info = agree(comm, lambda: prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)

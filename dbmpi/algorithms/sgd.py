@@ -21,7 +21,8 @@ from dbmpi.algorithms.optimizers import make_optimizer
 from dbmpi.config import ConfigError, eval_interval
 from dbmpi.data import check_fits
 from dbmpi.io.rundir import RunDirectory, peak_rss_bytes
-from dbmpi.model import Network
+from dbmpi.model import Model
+from dbmpi.model.loader import build_model
 
 
 class DivergedError(RuntimeError):
@@ -33,7 +34,7 @@ class DivergedError(RuntimeError):
 EXIT_DIVERGED = 3
 
 
-def open_training_data(data_cfg: dict, network: Network) -> datasets.Dataset:
+def open_training_data(data_cfg: dict, network: Model) -> datasets.Dataset:
     """Open the config's dataset (preparing a built-in source on demand) and check it fits."""
     path = data_cfg["path"]
     if data_cfg.get("source") and not Path(path).exists():
@@ -65,7 +66,7 @@ def initial_parameters(cfg: dict, path) -> np.ndarray:
     """The parameters of checkpoint `path`, checked (checksums, tensors) against the config's model."""
     from dbmpi.io.checkpoint import open_checkpoint
 
-    network = Network(cfg["model"])
+    network = build_model(cfg["model"], threads=cfg["train"]["threads"])
     with open_checkpoint(path) as ckpt:
         ckpt.check_network(network)
         return ckpt.read_range("params", 0, network.n_params)
@@ -75,7 +76,7 @@ def prepare(cfg: dict, init=None) -> tuple:
     """Everything a run needs, checked before its run directory exists (no half-made run on
     bad input): the network (with the parameters of checkpoint `init` if given) and the
     train and test splits in memory. Returns the `prepared` argument of train()."""
-    network = Network(cfg["model"])
+    network = build_model(cfg["model"], threads=cfg["train"]["threads"])
     if init is not None:
         network.params[:] = initial_parameters(cfg, init)
     with open_training_data(cfg["data"], network) as dataset:
@@ -98,7 +99,9 @@ def _loop(tcfg, network, train_x, train_y, test_x, test_y, run, say):
     steps_per_epoch = budget.steps_per_epoch
     total = budget.steps if budget.limited else None
     eval_every = eval_interval(tcfg, steps_per_epoch)
-    fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"]
+    # The update fused into the backward GEMMs: built-in networks (a model without sgd_step
+    # takes the optimizer's separate step).
+    fused = tcfg["optimizer"] == "sgd" and tcfg["fused_update"] and hasattr(network, "sgd_step")
     optimizer = None if fused else make_optimizer(tcfg, network.n_params)
     lr = tcfg["learning_rate"]
     watch = DivergenceWatch(tcfg["optimizer"], lr)

@@ -442,7 +442,13 @@ def prepare_synthetic(out, *, config=None, input_shape=None, n_classes=None,
         from dbmpi import config as configuration
 
         model = configuration.load(config, require_train=False)["model"]
-        input_shape, n_classes = model["input_shape"], model["layers"][-1]["units"]
+        if model.get("layers") is None:  # a Python model: its outputs are known once it is made
+            from dbmpi.model.loader import build_model
+
+            n_classes = build_model(model, allocate=False).n_classes
+        else:
+            n_classes = model["layers"][-1]["units"]
+        input_shape = model["input_shape"]
     elif input_shape is None or n_classes is None:
         raise dataset_error(out, "synthetic: needs a config (--config FILE) or both input_shape and "
                                  "n_classes (--input-shape 440 --classes 8192)")
@@ -907,6 +913,6 @@ def check_fits(dataset, network, path) -> None:
             f"model.input_shape: {list(network.input_shape)} does not match the examples of "
             f"{path}, which have shape {list(dataset.input_shape)}")
     if dataset.n_classes > network.n_classes:
-        raise ConfigError(
-            f"model.layers[{len(network.layers) - 1}].units: {network.n_classes} outputs but "
-            f"{path} has {dataset.n_classes} classes")
+        key = (f"model.layers[{len(network.layers) - 1}].units" if hasattr(network, "layers") else
+               "model.python")
+        raise ConfigError(f"{key}: {network.n_classes} outputs but {path} has {dataset.n_classes} classes")

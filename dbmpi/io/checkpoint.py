@@ -518,6 +518,8 @@ class Checkpoint:
         try:
             model = configuration.parse_toml(self.config_text).get("model")
             model = configuration.validate({"model": model}, require_train=False)["model"]
+            if configuration.is_python_model(model):  # not made here: the tensors' names are what is stored
+                return set()
             return {t.name for t in Network(model, allocate=False).tensors}
         except (configuration.ConfigError, TypeError, KeyError):
             return set()

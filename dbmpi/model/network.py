@@ -9,7 +9,6 @@ model; it is never reallocated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,8 @@ import numpy as np
 from dbmpi import config as configuration
 from dbmpi.config import ConfigError
 from dbmpi.model.layers import LAYER_TYPES, Layer, Output
+from dbmpi.model.protocol import Tensor
 from dbmpi.runtime.layout import require_memory
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One parameter tensor's place in the canonical vector."""
-
-    name: str  # "<layer>.<tensor>", e.g. "dense0.W"
-    layer: int
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
 
 # Values drawn per step of initial_values (8 MiB of float64 scratch).
 INIT_CHUNK = 1 << 20
@@ -59,7 +44,11 @@ def _normalise_input_shape(input_shape) -> tuple[int, ...]:
 
 
 class Network:
-    """Layers, their parameters in one flat vector, and minibatch loss/gradient/prediction."""
+    """Layers, their parameters in one flat vector, and minibatch loss/gradient/prediction:
+    the built-in implementation of the model protocol (dbmpi.model.protocol.Model), and the
+    only one dbmpi can split across partitions."""
+
+    partitionable = True
 
     def __init__(self, model: dict, allocate: bool = True):
         """Build from a validated [model] table (see dbmpi.config). Without `allocate`, only
@@ -76,6 +65,7 @@ class Network:
             shape = layer.output_shape
         self.output: Output = self.layers[-1]
         self.n_classes = self.output.units
+        self.output_kind = self.output.kind  # "softmax" or "logistic"
 
         self.tensors: list[Tensor] = []
         offset = 0

@@ -219,6 +219,10 @@ class PartitionPlan:
 
     @classmethod
     def for_network(cls, network, n_partitions: int) -> PartitionPlan:
+        """The plan of a model across `n_partitions`. A model dbmpi cannot split (a Python
+        model) has one partition: a plan without layer plans, the whole vector its block."""
+        if not getattr(network, "partitionable", True):
+            return cls.whole(network, n_partitions)
         _check_partitions(network, n_partitions)
         P = n_partitions
         layers: list[LayerPlan] = []
@@ -286,6 +290,16 @@ class PartitionPlan:
             input_ranges = ((0, network.input_shape[0]),) * P
         return cls(P, network.n_params, tuple(network.input_shape), tuple(layers), input_ranges)
 
+    @classmethod
+    def whole(cls, model, n_partitions: int = 1) -> PartitionPlan:
+        """One partition holding the whole model (refused for more: it cannot be split)."""
+        if n_partitions != 1:
+            raise PartitionError(f"train.n_partitions: {n_partitions} partitions, but a Python model "
+                                 "(model.python) trains as one partition per replica: dbmpi splits only "
+                                 "[[model.layers]] networks; set train.n_partitions = 1")
+        shape = tuple(model.input_shape)
+        return cls(1, model.n_params, shape, (), ((0, shape[0]),))
+
     # Queries ------------------------------------------------------------------------------
     def _check(self, partition: int) -> None:
         if not 0 <= partition < self.n_partitions:
@@ -299,6 +313,8 @@ class PartitionPlan:
     def param_ranges(self, partition: int) -> list[tuple[int, int]]:
         """The partition's canonical parameter ranges, sorted, adjacent ones merged."""
         self._check(partition)
+        if not self.layers:  # a whole model (PartitionPlan.whole)
+            return [(0, self.n_params)]
         return _merge(r for layer in self.layers for r in layer.parts[partition].param_ranges)
 
     def n_params_of(self, partition: int) -> int:
