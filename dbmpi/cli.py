@@ -311,7 +311,7 @@ def cmd_inspect(args) -> int:
                 raise CheckpointError(f"{ckpt.path}: no tensor {name!r} in /{vector} "
                                       f"(tensors: {', '.join(found)})")
             with np.printoptions(threshold=args.limit, linewidth=100, precision=6):
-                print(f"/{vector}/{name.replace('.', '/')} {found[name].shape} float32")
+                print(f"{found[name].name} {found[name].shape} float32")
                 print(found[name][()])
             return 0
         print(f"checkpoint {ckpt.path}")
@@ -322,9 +322,9 @@ def cmd_inspect(args) -> int:
             print(f"  slice {record['file']} [{record['lo']:,}, {record['hi']:,})")
         print(f"  {'tensor':<34} {'shape':<22} {'dtype':<8} {'min':>11} {'max':>11} {'mean':>11} {'std':>11}")
         for vector in ckpt.vectors():
-            for name, ds in ckpt.tensor_datasets(vector):
+            for _name, ds in ckpt.tensor_datasets(vector):
                 values = ds[()]
-                print(f"  /{vector}/{name.replace('.', '/'):<{33 - len(vector)}} {str(ds.shape):<22} "
+                print(f"  {ds.name:<34} {str(ds.shape):<22} "
                       f"{str(ds.dtype):<8} {values.min():>11.4g} {values.max():>11.4g} "
                       f"{values.mean(dtype=np.float64):>11.4g} {values.std(dtype=np.float64):>11.4g}")
         print("  state: " + json.dumps(ckpt.state, sort_keys=True))
@@ -336,21 +336,57 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write a checkpoint's tensors to an .npz file (names like params/dense0/W)."""
+    """Write a checkpoint's tensors to an .npz file (names like params/dense0/W), or with
+    --format torch its parameters as a state_dict."""
     import numpy as np
 
     from dbmpi.io.atomic import atomic_path
     from dbmpi.io.checkpoint import open_checkpoint
 
+    if args.format == "torch":
+        return _export_torch(args)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".npz"))
     with open_checkpoint(args.checkpoint) as ckpt:
-        arrays = {f"{vector}/{name.replace('.', '/')}": ds[()]
+        arrays = {ds.name[1:]: ds[()]
                   for vector in ckpt.vectors() for name, ds in ckpt.tensor_datasets(vector)}
         arrays["step"] = np.array(ckpt.step)
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
     print(f"wrote {out} ({len(arrays) - 1} tensors)")
+    return 0
+
+
+def _export_torch(args) -> int:
+    """The checkpoint's parameters as a torch state_dict file (torch.save). A PyTorch model's
+    checkpoint gives its module's whole state_dict (its factory is imported and called, so
+    buffers are there too and `load_state_dict` accepts it as it is); any other model's, a
+    dict of its tensors by their dbmpi names."""
+    from dbmpi.io.atomic import atomic_path
+    from dbmpi.io.checkpoint import open_checkpoint
+
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--format torch: needs torch, which is not installed (pip install 'dbmpi[torch]')") from None
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".pt"))
+    with open_checkpoint(args.checkpoint) as ckpt:
+        raw = configuration.parse_toml(ckpt.config_text, str(args.checkpoint))
+        model_cfg = configuration.validate({"model": raw.get("model")}, require_train=False)["model"]
+        if configuration.is_python_model(model_cfg):
+            from dbmpi.model.loader import build_model
+
+            model = build_model(model_cfg)
+            ckpt.check_network(model)
+            model.params[:] = ckpt.read_range("params", 0, model.n_params)
+            if not hasattr(model, "state_dict"):
+                raise UsageError(f"--format torch: {model_cfg['python']} is not a PyTorch model; use --format npz")
+            state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        else:
+            state = {name: torch.from_numpy(ds[()]) for name, ds in ckpt.tensor_datasets("params")}
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    print(f"wrote {out} ({len(state)} tensors, a state_dict for torch.load)")
     return 0
 
 
@@ -485,10 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="check every tensor's SHA-256")
     inspect.set_defaults(func=cmd_inspect)
 
-    export = sub.add_parser("export", help="export a checkpoint's tensors")
+    export = sub.add_parser("export", help="export a checkpoint's tensors",
+                            description="npz: every vector's tensors (params/<layer>/<tensor>, optimizer "
+                                        "state too); torch: the parameters as a state_dict file (torch.save) "
+                                        "that a PyTorch model's module.load_state_dict accepts.")
     export.add_argument("checkpoint")
-    export.add_argument("--format", choices=["npz"], default="npz")
-    export.add_argument("--out", help="output file (default: the checkpoint's name with .npz)")
+    export.add_argument("--format", choices=["npz", "torch"], default="npz")
+    export.add_argument("--out", help="output file (default: the checkpoint's name with .npz or .pt)")
     export.set_defaults(func=cmd_export)
 
     plot = sub.add_parser("plot", help="draw a run's loss, accuracy and staleness as a PNG",

@@ -65,9 +65,20 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:09d}.h5"
 
 
+# The group of tensors whose name has no dot (a PyTorch module's own parameters: "scale").
+TOP_GROUP = "_"
+
+
 def _tensor_path(vector: str, tensor_name: str) -> str:
-    layer, tname = tensor_name.split(".", 1)
-    return f"/{vector}/{layer}/{tname}"
+    """/<vector>/<first part>/<rest>: "dense0.W" -> /params/dense0/W, a torch name
+    "features.0.weight" -> /params/features/0.weight, "scale" -> /params/_/scale."""
+    layer, _, tname = tensor_name.partition(".")
+    return f"/{vector}/{layer}/{tname}" if tname else f"/{vector}/{TOP_GROUP}/{layer}"
+
+
+def _tensor_name(group: str, dataset: str) -> str:
+    """The tensor name of /<vector>/<group>/<dataset> (the inverse of _tensor_path)."""
+    return dataset if group == TOP_GROUP else f"{group}.{dataset}"
 
 
 def slice_directory(step: int) -> str:
@@ -362,7 +373,7 @@ class Checkpoint:
             if not isinstance(group, h5py.Group):
                 raise CheckpointError(f"{self.path}: damaged checkpoint: /{vector}/{layer_name} is not a layer group")
             for tname, ds in group.items():
-                out.append((f"{layer_name}.{tname}", ds, self._offset(ds)))
+                out.append((_tensor_name(layer_name, tname), ds, self._offset(ds)))
         return [(name, ds) for name, ds, _ in sorted(out, key=lambda item: item[2])]
 
     def _offset(self, ds) -> int:
@@ -497,11 +508,11 @@ class Checkpoint:
             problems = self.verify_range(0, self.n_params)
         for vector in self.vectors():
             total = 0
-            for name, ds in self.tensor_datasets(vector):
+            for _name, ds in self.tensor_datasets(vector):
                 if self.format_version == SINGLE_FILE_VERSION:
                     digest = hashlib.sha256(np.ascontiguousarray(ds[()], dtype=np.float32).tobytes()).hexdigest()
                     if digest != ds.attrs.get("sha256"):
-                        problems.append(f"/{vector}/{name.replace('.', '/')}: checksum mismatch")
+                        problems.append(f"{ds.name}: checksum mismatch")
                 total += ds.size
             if total != self.n_params:
                 missing = sorted(self._model_tensors() - {name for name, _ in self.tensor_datasets(vector)})
