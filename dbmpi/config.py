@@ -483,6 +483,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = copy.deepcopy(raw)
     if isinstance(raw.get("train"), dict):
         _set_aside(raw["train"], overrides)
+    # A Python model given with --set replaces the file's model: its layers, or its factory's
+    # arguments (--set model.args.KEY=... gives the new factory's).
+    if isinstance(raw.get("model"), dict) and any(item.partition("=")[0].strip() == "model.python"
+                                                   for item in overrides):
+        raw["model"].pop("layers", None)
+        raw["model"].pop("args", None)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.learning_rate=0.1")
