@@ -55,6 +55,18 @@ def require_fashion():
         pytest.skip(f"{FASHION_DIR} missing (apt-get install dataset-fashion-mnist)")
 
 
+def require_torch():
+    """torch, for the tests of Python models; skip without it, unless CI demands it
+    (DBMPI_REQUIRE_TORCH=1: .ci/run installs it)."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("DBMPI_REQUIRE_TORCH") == "1":
+            pytest.fail("torch missing: pip install torch==2.13.0 (the CPU build)")
+        pytest.skip("torch not installed (pip install 'dbmpi[torch]')", allow_module_level=True)
+    return torch
+
+
 def _mapped_shm_names() -> set[str]:
     """Names of /dev/shm files some process has mapped or open now."""
     names = set()

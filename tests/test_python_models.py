@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import require_torch
 from tests.test_downpour import launch, mpiexec, records
 from tests.test_failover import supervised_training, verified_checkpoints, wait_until_training
 
-torch = pytest.importorskip("torch")
+torch = require_torch()
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_CONFIG = ROOT / "configs/downpour_digits_torch.toml"

@@ -14,8 +14,9 @@ from dbmpi import config as configuration
 from dbmpi.config import ConfigError
 from dbmpi.model.loader import build_model
 from dbmpi.parallel.partition import PartitionError, PartitionPlan
+from tests.conftest import require_torch
 
-torch = pytest.importorskip("torch")
+torch = require_torch()
 nn = torch.nn
 
 ROOT = Path(__file__).resolve().parents[2]
