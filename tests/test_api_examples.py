@@ -52,6 +52,8 @@ def test_numpy_model_initial_values_depend_on_the_seed_alone():
     a, b = make(hidden=8, seed=1).allocate(), make(hidden=8, seed=1).allocate()
     assert np.array_equal(a.params, b.params) and a.params.any()
     assert np.array_equal(a.initial_values(100, 600), a.params[100:600])
+    unallocated = make(hidden=8, seed=1)  # as a parameter-server shard asks: no allocate() first
+    assert np.array_equal(unallocated.initial_values(0, unallocated.n_params), a.params)
     assert not np.array_equal(make(hidden=8, seed=2).allocate().params, a.params)
 
 
