@@ -276,6 +276,21 @@ def test_model_parallel_job_runs_to_completion(slurm, tmp_path, digits):
 
 
 @pytest.mark.timeout(300)
+def test_a_pytorch_model_job_runs_to_completion(slurm, tmp_path, digits):
+    """downpour.sbatch unchanged, with a config naming a PyTorch CNN ([model] python)."""
+    from tests.conftest import require_torch
+
+    require_torch()
+    job = submit(slurm, tmp_path, digits, "downpour.sbatch",
+                 env={"DBMPI_CONFIG": str(ROOT / "configs/downpour_digits_torch.toml")})
+    (record,) = job.wait(240)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", job.context()
+    summary = json.loads((job.run_dir() / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.95 and summary["layout"]["world_size"] == 4, summary
+    assert "(torch Sequential)" in job.log(), job.context()
+
+
+@pytest.mark.timeout(300)
 def test_sandblaster_job_runs_to_completion(slurm, tmp_path, digits):
     job = submit(slurm, tmp_path, digits, "sandblaster.sbatch", "--set", "train.iterations=25")
     (record,) = job.wait(240)
