@@ -172,3 +172,18 @@ def test_a_bad_python_model_is_one_line_on_every_rank(tmp_path, case):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - start < 120
+
+
+def test_single_replica_sgd_trains_a_torch_model(tmp_path):
+    """The one-process baseline (no MPI) with the same config: the optimizer's own step (no
+    fused update for a Python model), an evaluation per epoch, a summary."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dbmpi", "train", str(TORCH_CONFIG), "--run-dir", str(run_dir),
+                             "--set", data(tmp_path), "--set", "train.algorithm=sgd", "--set", "train.epochs=4",
+                             "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algorithm"] == "sgd" and summary["optimizer"] == "adam" and summary["test_accuracy"] >= 0.9
+    evals = [r for r in records(run_dir) if r["kind"] == "eval"]
+    assert len(evals) >= 4 and evals[-1]["test_accuracy"] == summary["test_accuracy"]
