@@ -16,7 +16,7 @@ import numpy as np
 from dbmpi import config as configuration
 from dbmpi.config import ConfigError
 from dbmpi.model.layers import LAYER_TYPES, Layer, Output
-from dbmpi.model.protocol import Tensor
+from dbmpi.model.protocol import Tensor, evaluate_in_batches, predict_in_batches
 from dbmpi.runtime.layout import require_memory
 
 # Values drawn per step of initial_values (8 MiB of float64 scratch).
@@ -223,22 +223,17 @@ class Network:
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Predicted class of each example (int32)."""
-        out = np.empty(len(x), dtype=np.int32)
-        for start in range(0, len(x), batch_size):
-            out[start:start + batch_size] = self.forward(x[start:start + batch_size]).argmax(axis=1)
-        return out
+        return predict_in_batches(self.forward, x, batch_size)
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
         """(mean loss, accuracy) over a dataset, in batches."""
-        total, correct, n = 0.0, 0, len(x)
-        if n == 0:
-            raise ValueError("x: cannot evaluate on an empty set")
-        for start in range(0, n, batch_size):
-            xb, yb = self._check_batch(x[start:start + batch_size], labels[start:start + batch_size])
-            logits = self.forward(xb)
-            total += self.output.loss(yb, want_grad=False, scale=1.0)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-        return total / n, correct / n
+        return evaluate_in_batches(self._score_batch, x, labels, batch_size)
+
+    def _score_batch(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """(loss sum, correct predictions) of one batch."""
+        x, labels = self._check_batch(x, labels)
+        right = int(np.count_nonzero(self.forward(x).argmax(axis=1) == labels))
+        return self.output.loss(labels, want_grad=False, scale=1.0), right
 
     # Description --------------------------------------------------------------------------
     def flops_per_example(self) -> int:

@@ -34,6 +34,7 @@ from mpi4py import MPI
 
 from dbmpi.model.layers import LAYER_TYPES, Layer
 from dbmpi.model.network import Network
+from dbmpi.model.protocol import evaluate_in_batches
 from dbmpi.parallel.partition import SOFTMAX_BYTES, PartitionPlan, band_orders
 
 OUTPUT_KINDS = ("softmax", "logistic")
@@ -464,16 +465,13 @@ class PartitionedNetwork:
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
         """(mean loss, accuracy) over a dataset, in batches; collective over the replica."""
-        n = len(x)
-        if n == 0:
-            raise ValueError("x: cannot evaluate on an empty set")
-        total, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            yb = np.ascontiguousarray(labels[start:start + batch_size], dtype=np.int32)
-            z = self.forward(x[start:start + batch_size])
-            total += self._loss(yb, want_grad=False, scale=1.0)
-            correct += int(np.count_nonzero(self._argmax(z) == yb))
-        return total / n, correct / n
+        return evaluate_in_batches(self._score_batch, x, labels, batch_size)
+
+    def _score_batch(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """(loss sum, correct predictions) of one batch; collective over the replica."""
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
+        z = self.forward(x)
+        return self._loss(labels, want_grad=False, scale=1.0), int(np.count_nonzero(self._argmax(z) == labels))
 
 
 def worker_model(network: Network, comm: MPI.Intracomm, plan: PartitionPlan, overlap: bool = False):

@@ -108,6 +108,28 @@ class Model(Protocol):
         """A few lines that describe the model (what `dbmpi model` prints)."""
 
 
+def predict_in_batches(forward, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The argmax class (int32) of `forward`'s logits over `x`, a batch at a time."""
+    out = np.empty(len(x), dtype=np.int32)
+    for start in range(0, len(x), batch_size):
+        out[start:start + batch_size] = forward(x[start:start + batch_size]).argmax(axis=1)
+    return out
+
+
+def evaluate_in_batches(score_batch, x: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over a data set: `score_batch(xb, yb)` gives a batch's (loss
+    sum, correct predictions)."""
+    n = len(x)
+    if n == 0:
+        raise ValueError("x: cannot evaluate on an empty set")
+    total, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        loss_sum, right = score_batch(x[start:start + batch_size], labels[start:start + batch_size])
+        total += loss_sum
+        correct += right
+    return total / n, correct / n
+
+
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-example cross-entropy of softmax(logits) (float64), for FlatModel.evaluate."""
     z = logits.astype(np.float64)
@@ -188,22 +210,16 @@ class FlatModel:
         return float(softmax_cross_entropy(self.forward(x), np.asarray(labels)).mean())
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        out = np.empty(len(x), dtype=np.int32)
-        for start in range(0, len(x), batch_size):
-            out[start:start + batch_size] = self.forward(x[start:start + batch_size]).argmax(axis=1)
-        return out
+        return predict_in_batches(self.forward, x, batch_size)
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
-        n = len(x)
-        if n == 0:
-            raise ValueError("x: cannot evaluate on an empty set")
-        total, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            yb = np.asarray(labels[start:start + batch_size])
-            logits = self.forward(x[start:start + batch_size])
-            total += float(softmax_cross_entropy(logits, yb).sum())
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-        return total / n, correct / n
+        return evaluate_in_batches(self._score_batch, x, labels, batch_size)
+
+    def _score_batch(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        labels = np.asarray(labels)
+        logits = self.forward(x)
+        right = int(np.count_nonzero(logits.argmax(axis=1) == labels))
+        return float(softmax_cross_entropy(logits, labels).sum()), right
 
     # Description ------------------------------------------------------------------------
     def summary(self) -> str:
@@ -214,4 +230,5 @@ class FlatModel:
         return "\n".join(rows)
 
 
-__all__ = ["FlatModel", "Model", "Tensor", "softmax_cross_entropy", "tensors_of"]
+__all__ = ["FlatModel", "Model", "Tensor", "evaluate_in_batches", "predict_in_batches", "softmax_cross_entropy",
+           "tensors_of"]
