@@ -187,3 +187,21 @@ def test_single_replica_sgd_trains_a_torch_model(tmp_path):
     assert summary["algorithm"] == "sgd" and summary["optimizer"] == "adam" and summary["test_accuracy"] >= 0.9
     evals = [r for r in records(run_dir) if r["kind"] == "eval"]
     assert len(evals) >= 4 and evals[-1]["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_plan_and_model_describe_a_torch_model(tmp_path):
+    """`dbmpi plan` and `dbmpi model` read a Python model's config like a built-in one's:
+    the tensors in named_parameters() order, the rank layout, each rank's memory."""
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "dbmpi", *map(str, args)], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    described = run("model", TORCH_CONFIG, "--tensors")
+    assert "(torch Sequential): input (8, 8, 1), 10 classes, 38,282 parameters" in described
+    assert described.index("0.weight") < described.index("2.weight") < described.index("9.bias")
+    planned = run("plan", TORCH_CONFIG, "-n", "4", "--set", data(tmp_path), "--json")
+    assert "2 replica(s) x 1 partition(s) + 2 shard(s) = 4 ranks; 38,282 parameters" in planned
+    memory = json.loads(planned.strip().splitlines()[-1])["memory"]
+    assert len(memory) == 4 and all(rank["resident"] > 0 for rank in memory)
