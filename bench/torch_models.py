@@ -5,7 +5,7 @@ training it, all on the same cores, and the adapter's cost per step.
     make_cnn (28x28x1 inputs, widths CNN_ARGS), batch BATCH per worker, Adam at each
     contender's own rate (RATES, from --sweep), for three contenders:
     - dbmpi Downpour, R = 2 replicas, S = 1 shard (3 ranks on 2 cores: one fewer rank than
-      S = 2, and a 201K-parameter model's Adam update is small work for one shard): the
+      S = 2, and a 203K-parameter model's Adam update is little work for one shard): the
       real `mpiexec -n 3 python -m mpi4py -m dbmpi train CONFIG` in a subprocess;
     - PyTorch DistributedDataParallel, gloo backend, 2 processes of 1 thread, each its half
       of the training set (so each step averages 2 x BATCH examples);
