@@ -205,3 +205,43 @@ def test_plan_and_model_describe_a_torch_model(tmp_path):
     assert "2 replica(s) x 1 partition(s) + 2 shard(s) = 4 ranks; 38,282 parameters" in planned
     memory = json.loads(planned.strip().splitlines()[-1])["memory"]
     assert len(memory) == 4 and all(rank["resident"] > 0 for rank in memory)
+
+
+def write_small_checkpoint(tmp_path, config_text, model):
+    """A format-2 checkpoint of `model` (values 0, 1, 2, ...) whose config is `config_text`."""
+    from dbmpi.io.checkpoint import write_checkpoint, write_slice
+
+    values = np.arange(model.n_params, dtype=np.float32)
+    slices = [write_slice(tmp_path, 3, 0, 1, 0, [("params", values)])]
+    return write_checkpoint(tmp_path / "ckpt-000000003.h5", model.tensors, slices, algorithm="downpour", step=3,
+                            config_text=config_text, layout={}), values
+
+
+def test_export_torch_of_a_builtin_network_and_of_a_model_that_is_not_torch(tmp_path):
+    """A built-in network's checkpoint exports its tensors by their dbmpi names; a numpy
+    model's cannot be a torch state_dict: one line, exit 2, no file."""
+    from dbmpi import config as configuration
+    from dbmpi.model import Network
+    from dbmpi.model.loader import build_model
+
+    text = (ROOT / "configs/mlp_digits.toml").read_text()
+    builtin = Network.from_string(text)
+    path, values = write_small_checkpoint(tmp_path, text, builtin)
+    out = subprocess.run([sys.executable, "-m", "dbmpi", "export", str(path), "--format", "torch"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    state = torch.load(path.with_suffix(".pt"))
+    assert list(state) == [t.name for t in builtin.tensors]
+    np.testing.assert_array_equal(state["dense0.W"].numpy().ravel(), values[:builtin.tensors[0].size])
+
+    numpy_model = (f'[model]\ninput_shape = [8, 8, 1]\npython = "{ROOT}/examples/numpy_softmax.py:make_model"\n'
+                   '[model.args]\nhidden = 4\n')
+    (tmp_path / "other").mkdir()
+    model = build_model(configuration.validate(configuration.parse_toml(numpy_model), require_train=False)["model"])
+    path, _ = write_small_checkpoint(tmp_path / "other", numpy_model, model)
+    out = subprocess.run([sys.executable, "-m", "dbmpi", "export", str(path), "--format", "torch"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"dbmpi: error: --format torch: {ROOT}/examples/numpy_softmax.py:make_model is not a PyTorch model; "
+        "use --format npz"], out.stderr
+    assert not path.with_suffix(".pt").exists()
