@@ -102,7 +102,6 @@ def _train_distributed(args, cfg, say) -> int:
 
     comm = MPI.COMM_WORLD
     require_thread_support()  # a launch setting, refused the same way on every rank
-    _check_rank_memory(cfg)  # same verdict on every rank, before any allocation or collective
     # Every rank must agree on the run directory: the lead's timestamp decides.
     default = str(RunDirectory.default_path(args.config)) if comm.rank == 0 else None
     run_path = Path(args.run_dir or cfg["train"]["run_dir"] or comm.bcast(default, root=0))
@@ -119,20 +118,6 @@ def _train_distributed(args, cfg, say) -> int:
         say(f"final test accuracy {summary['test_accuracy']:.4f} on the shards' parameters "
             f"({summary['wall_time_s']:.1f} s); summary in {run_path / 'summary.json'}")
     return 0
-
-
-def _check_rank_memory(cfg: dict) -> None:
-    """Refuse a distributed run whose biggest rank's buffers (dbmpi.runtime.memory: what
-    `dbmpi plan` reports, less the interpreter, which differs a little from rank to rank)
-    need more memory than this machine has: the same verdict on every rank, one line
-    instead of a MemoryError traceback."""
-    from dbmpi.model.loader import build_model
-    from dbmpi.runtime.layout import require_memory
-
-    model = build_model(cfg["model"], allocate=False, threads=cfg["train"]["threads"])
-    ranks = _memory_model(cfg, model, baseline=0).ranks()
-    biggest = max(ranks, key=lambda mem: mem.own)
-    require_memory(biggest.own, f"rank {biggest.rank} ({biggest.role}): its buffers (dbmpi plan)")
 
 
 def _memory_model(cfg: dict, network, baseline: int):
@@ -381,6 +366,8 @@ def _export_torch(args) -> int:
             model.params[:] = ckpt.read_range("params", 0, model.n_params)
             if not hasattr(model, "state_dict"):
                 raise UsageError(f"--format torch: {model_cfg['python']} is not a PyTorch model; use --format npz")
+            # Copies: the parameters are views of one flat storage, which torch.save would
+            # otherwise write whole, each tensor a view into it.
             state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         else:
             state = {name: torch.from_numpy(ds[()]) for name, ds in ckpt.tensor_datasets("params")}

@@ -4,7 +4,8 @@ API (both `downpour.run` and `sandblaster.run` are these two calls around their 
 
 - `prepare_run(cfg, run_path, comm, say, resume, ...) -> RunContext`: builds the network's
   structure (no parameter vector: each role allocates only what it holds), the layout and
-  the partition plan, checks the world size, then on the root rank (rank 0, or
+  the partition plan, checks the world size and that every rank's buffers fit in this
+  machine's memory (`check_rank_memory`), then on the root rank (rank 0, or
   `root` given: Sandblaster's coordinator) prepares and checks the data, resolves `resume`
   and makes the run directory. Each of those steps is agreed (dbmpi.runtime.comm.agree): it
   raises the same AGREED_ERRORS error on every rank, so bad input ends every rank with the
@@ -48,7 +49,7 @@ from dbmpi.model import Model
 from dbmpi.model.loader import build_model
 from dbmpi.parallel.partition import PartitionPlan, plan_for
 from dbmpi.runtime.comm import Comm, abort_on_error, agree
-from dbmpi.runtime.layout import Layout, LayoutError, layout_for
+from dbmpi.runtime.layout import Layout, LayoutError, layout_for, require_memory
 from dbmpi.runtime.memory import DataSize, MemoryModel, current_peak_rss
 from dbmpi.runtime.signals import StopRequest
 from dbmpi.runtime.topology import Topology
@@ -132,6 +133,17 @@ def prepare_and_check_data(cfg: dict, network: Model) -> dict:
         return {"n_train": dataset.n_train, "n_test": dataset.n_test}
 
 
+def check_rank_memory(cfg: dict, network: Model, layout: Layout, plan: PartitionPlan) -> None:
+    """Refuse a run whose biggest rank's buffers (dbmpi.runtime.memory: what `dbmpi plan`
+    reports, less the interpreter, which differs a little from rank to rank) need more
+    memory than this machine has: the same verdict on every rank, before anything is
+    allocated, one line instead of a MemoryError traceback."""
+    data = DataSize.of_file(cfg["data"]["path"])
+    ranks = MemoryModel(layout, network, cfg["train"], plan, data, 0).ranks()
+    biggest = max(ranks, key=lambda mem: mem.own)
+    require_memory(biggest.own, f"rank {biggest.rank} ({biggest.role}): its buffers (dbmpi plan)")
+
+
 def make_run_directory(cfg: dict, run_path: Path, layout: Layout, resume: bool = False, rank: int = 0) -> RunDirectory:
     """The run directory with the resolved config and the layout (refused if it holds a run
     and this is not a resume); its metrics file is world rank `rank`'s (the root's)."""
@@ -199,6 +211,7 @@ def prepare_run(cfg: dict, run_path: Path, comm: Comm, say: Callable[[str], None
     # cannot be split into) and the world size.
     plan = plan_for(cfg["train"], network)
     layout.check_world(comm.size)
+    check_rank_memory(cfg, network, layout, plan)
     root = layout.coordinator_rank if coordinator else 0
     data_info = agree(comm, lambda: prepare_and_check_data(cfg, network), AGREED_ERRORS, root=root)
     resumed = resume_verified(comm, resume, Path(run_path), network, layout, root, say, parameters_only)

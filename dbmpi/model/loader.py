@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from dbmpi.config import ConfigError
+from dbmpi.config import ConfigError, is_python_model
 from dbmpi.model.network import Network
 
 PROTOCOL_MEMBERS = ("tensors", "n_params", "n_classes", "input_shape", "allocate", "initial_values",
@@ -27,7 +27,7 @@ def build_model(model: dict, *, allocate: bool = True, threads: int = 1):
     """The model of a validated [model] table. Without `allocate`, only what a role needs to
     plan and describe it (for a Python model: made, but no flat vectors yet). `threads`: the
     torch threads of this rank (train.threads; torch would take every core otherwise)."""
-    if model.get("python") is None:
+    if not is_python_model(model):
         return Network(model, allocate=allocate)
     made = _call_factory(model, threads)
     built = _as_model(made, model)

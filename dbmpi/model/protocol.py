@@ -200,11 +200,16 @@ class FlatModel:
         return 4 * batch * self.n_classes * (2 if training else 1)
 
     # Passes -----------------------------------------------------------------------------
+    # The model's own math: what a subclass writes (a structure-only subclass, for planning or
+    # describing a model, may leave them out).
     def loss_and_grad(self, x: np.ndarray, labels: np.ndarray) -> float:
-        raise NotImplementedError
+        """Mean loss of the minibatch; write (not add) its gradient into `grad`."""
+        raise NotImplementedError(f"{type(self).__name__}.loss_and_grad: a FlatModel subclass writes it "
+                                  "(docs/API.md)")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Logits (N, n_classes) of a batch, no gradient."""
+        raise NotImplementedError(f"{type(self).__name__}.forward: a FlatModel subclass writes it (docs/API.md)")
 
     def loss(self, x: np.ndarray, labels: np.ndarray) -> float:
         return float(softmax_cross_entropy(self.forward(x), np.asarray(labels)).mean())

@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from dbmpi.model.protocol import FlatModel, tensors_of
 
 
+def _targets(labels: np.ndarray) -> torch.Tensor:
+    """Class labels as cross_entropy takes them (int64)."""
+    return torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
 class TorchModelError(ValueError):
     """A module the adapter cannot train (no parameters, wrong output shape)."""
 
@@ -55,12 +60,12 @@ class TorchModel(FlatModel):
     def _output_classes(self) -> int:
         """Run two zero examples through the module: its logits must be (2, classes)."""
         self.module.eval()
+        probe = self._inputs(np.zeros((2,) + self.input_shape, np.float32))
         with torch.no_grad():
             try:
-                out = self.module(self._inputs(np.zeros((2,) + self.input_shape, np.float32)))
+                out = self.module(probe)
             except Exception as exc:  # noqa: BLE001 - any error of the user's module, said in one line
-                raise TorchModelError(f"{type(self.module).__name__} fails on input of shape "
-                                      f"{tuple(self._inputs(np.zeros((2,) + self.input_shape)).shape)} "
+                raise TorchModelError(f"{type(self.module).__name__} fails on input of shape {tuple(probe.shape)} "
                                       f"(model.input_shape {list(self.input_shape)}): "
                                       f"{type(exc).__name__}: {exc}") from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
@@ -91,8 +96,7 @@ class TorchModel(FlatModel):
         """Mean cross-entropy of the batch; its gradient lands in `grad` (zeroed first)."""
         self.grad.fill(0.0)
         self.module.train()
-        logits = self.module(self._inputs(x))
-        loss = F.cross_entropy(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        loss = F.cross_entropy(self.module(self._inputs(x)), _targets(labels))
         loss.backward()
         return float(loss.detach())
 
@@ -104,8 +108,7 @@ class TorchModel(FlatModel):
     def loss(self, x: np.ndarray, labels: np.ndarray) -> float:
         self.module.eval()
         with torch.no_grad():
-            logits = self.module(self._inputs(x))
-            return float(F.cross_entropy(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64))))
+            return float(F.cross_entropy(self.module(self._inputs(x)), _targets(labels)))
 
     # Description -------------------------------------------------------------------------
     def activation_bytes(self, batch: int, training: bool = True) -> int:

@@ -9,7 +9,9 @@ import pytest
 from dbmpi import kernels
 from dbmpi.model import FlatModel, Network, tensors_of
 
-SPATIAL = """
+# A 3x3/2 local layer on 7x6x2 input: the start of SPATIAL, and with a softmax the model of
+# test_local_w_patch_order_is_dy_dx_c.
+LOCAL_3X3 = """
 [model]
 input_shape = [7, 6, 2]
 [[model.layers]]
@@ -18,6 +20,9 @@ filters = 3
 kernel = 3
 stride = 2
 activation = "identity"
+"""
+
+SPATIAL = LOCAL_3X3 + """
 [[model.layers]]
 type = "l2pool"
 size = 2
@@ -92,19 +97,7 @@ def test_dense_w_is_units_by_inputs_over_the_row_major_rows_cols_maps_flattening
 
 
 def test_local_w_patch_order_is_dy_dx_c(rng):
-    net = randomised(Network.from_string("""
-        [model]
-        input_shape = [7, 6, 2]
-        [[model.layers]]
-        type = "local"
-        filters = 3
-        kernel = 3
-        stride = 2
-        activation = "identity"
-        [[model.layers]]
-        type = "softmax"
-        units = 2
-    """), rng)
+    net = randomised(Network.from_string(LOCAL_3X3 + '[[model.layers]]\ntype = "softmax"\nunits = 2\n'), rng)
     k, s, maps = 3, 2, 2
     x = rng.standard_normal((4, 7, 6, 2)).astype(np.float32)
     w, b = net.named_params()["local0.W"], net.named_params()["local0.b"]
