@@ -35,16 +35,25 @@ def test_numpy_model_gradient_matches_finite_differences(rng, hidden):
     loss = model.loss_and_grad(x, labels)
     assert np.isclose(loss, model.loss(x, labels), rtol=1e-5)
     analytic, start = model.grad.copy(), model.params.copy()
-    numeric = np.empty_like(analytic, dtype=np.float64)
+    numeric = np.full_like(analytic, np.nan, dtype=np.float64)
     eps = 1e-2  # float32 model: a large step, its error is O(eps^2) for a smooth loss
+    active = [out > 0 for out in model._activations(x)[1:-1]]  # the hidden ReLUs' pattern
+
+    def loss_at(value):
+        """The loss with parameter i at `value`, or None if a hidden ReLU switched (a kink
+        inside the step: the difference quotient is not the derivative there)."""
+        model.params[i] = value
+        same = all(np.array_equal(out > 0, a) for out, a in zip(model._activations(x)[1:-1], active, strict=True))
+        return model.loss(x, labels) if same else None
+
     for i in range(model.n_params):
-        model.params[i] = start[i] + eps
-        plus = model.loss(x, labels)
-        model.params[i] = start[i] - eps
-        minus = model.loss(x, labels)
+        plus, minus = loss_at(start[i] + eps), loss_at(start[i] - eps)
         model.params[i] = start[i]
-        numeric[i] = (plus - minus) / (2 * eps)
-    assert np.abs(analytic - numeric).max() < 2e-3 * max(1.0, np.abs(numeric).max())
+        if plus is not None and minus is not None:
+            numeric[i] = (plus - minus) / (2 * eps)
+    checked = ~np.isnan(numeric)
+    assert checked.mean() > 0.5, checked.mean()  # most parameters: a step crosses few kinks
+    assert np.abs(analytic - numeric)[checked].max() < 2e-3 * max(1.0, np.abs(numeric[checked]).max())
 
 
 def test_numpy_model_initial_values_depend_on_the_seed_alone():
